@@ -1,0 +1,1 @@
+"""The results store: the farm's system of record (SQLite by default, any SQLAlchemy URL)."""

@@ -1,0 +1,82 @@
+"""Plain records the store reads and writes (no SQL types leak out of results/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefarm.domain import CampaignStatus, MeasureSettings, TaskStatus
+
+
+@dataclass
+class CampaignRecord:
+    """A submitted campaign; its spec is kept verbatim so a restart can resume it."""
+
+    campaign_id: str
+    name: str
+    spec_yaml: str
+    status: CampaignStatus
+    created_at: float  # unix seconds
+    finished_at: float | None = None
+    conversions_run: int = 0
+    conversions_cached: int = 0
+
+
+@dataclass
+class TaskRecord:
+    """One measurement task: a variant (model x backend x scheme) on one device."""
+
+    task_id: str
+    campaign_id: str
+    model: str
+    backend: str
+    scheme: str
+    device_id: str
+    device_name: str
+    artifact_sha256: str
+    artifact_size: int
+    artifact_name: str
+    eval_sha256: str | None
+    eval_size: int
+    settings: MeasureSettings
+    options: dict[str, str] = field(default_factory=dict)
+    # Selector the device was chosen by (agents must still match it).
+    selector: dict[str, str] = field(default_factory=dict)
+    # Identity of the measurement, independent of the campaign: equal keys measure the
+    # same artifact on the same device with the same settings (used for reuse).
+    measure_key: str = ""
+    status: TaskStatus = TaskStatus.PENDING
+    attempt: int = 0
+    lease_id: str | None = None
+    agent_id: str | None = None
+    lease_expires_at: float | None = None
+    # The result row that answers this task (its own, or a reused earlier one).
+    result_id: int | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass
+class ArtifactRecord:
+    """A content-addressed artifact and the step that produced it."""
+
+    key: str  # hash of the step's inputs: source hash, tool + version, parameters
+    sha256: str
+    size_bytes: int
+    kind: str  # "onnx", "gguf", "eval-npz", ...
+    name: str
+    provenance: dict[str, Any]
+    created_at: float
+
+
+@dataclass
+class DeviceSeen:
+    """The last registration and heartbeat of an agent on a device."""
+
+    agent_id: str
+    agent_name: str
+    device_id: str
+    capabilities: dict[str, Any]
+    labels: dict[str, str]
+    registered_at: float
+    last_heartbeat: float
