@@ -52,6 +52,7 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
     TASKS_REUSED_FIELD_NUMBER: builtins.int
     CONVERSIONS_RUN_FIELD_NUMBER: builtins.int
     CONVERSIONS_CACHED_FIELD_NUMBER: builtins.int
+    WARNINGS_FIELD_NUMBER: builtins.int
     campaign_id: builtins.str
     tasks_total: builtins.int
     tasks_reused: builtins.int
@@ -59,6 +60,10 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
     conversions_run: builtins.int
     """Conversion steps run now, and those found already in the artifact store."""
     conversions_cached: builtins.int
+    @property
+    def warnings(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """Work that cannot run, e.g. "no online device has backend 'openvino' (extra: openvino)"."""
+
     def __init__(
         self,
         *,
@@ -67,8 +72,9 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
         tasks_reused: builtins.int = ...,
         conversions_run: builtins.int = ...,
         conversions_cached: builtins.int = ...,
+        warnings: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["campaign_id", b"campaign_id", "conversions_cached", b"conversions_cached", "conversions_run", b"conversions_run", "tasks_reused", b"tasks_reused", "tasks_total", b"tasks_total"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["campaign_id", b"campaign_id", "conversions_cached", b"conversions_cached", "conversions_run", b"conversions_run", "tasks_reused", b"tasks_reused", "tasks_total", b"tasks_total", "warnings", b"warnings"]) -> None: ...
 
 global___SubmitCampaignResponse = SubmitCampaignResponse
 

@@ -1,0 +1,120 @@
+"""The interface every measuring backend implements."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from edgefarm.domain import MeasureSettings
+from edgefarm.errors import MissingExtra, ModelLoadError, TaskError
+
+# Seed of the generator that synthesizes inputs when a task has no eval data.
+SYNTHETIC_INPUT_SEED = 0
+
+# Longest backend error message kept in a ModelLoadError.
+_MAX_MESSAGE_CHARS = 500
+
+
+class Backend(ABC):
+    """One runtime that loads a model file and runs it, in the measuring child process.
+
+    Lifecycle: ``load`` once, ``make_inputs`` once, then ``run_once`` for every
+    warm-up and timed iteration, and ``predict`` over the eval set for accuracy.
+    """
+
+    NAME: ClassVar[str]
+    MODULE: ClassVar[str] = ""  # the importable module the backend needs ("" = none)
+    EXTRA: ClassVar[str] = ""  # the pip extra of edgefarm that installs MODULE
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ()  # pip distributions that provide MODULE
+
+    @classmethod
+    def require(cls) -> ModuleType:
+        """Import and return :attr:`MODULE`, or raise :class:`MissingExtra`."""
+        if importlib.util.find_spec(cls.MODULE) is None:
+            raise MissingExtra(cls.EXTRA, cls.MODULE)
+        return importlib.import_module(cls.MODULE)
+
+    @classmethod
+    def installed_version(cls) -> str | None:
+        """The runtime's version when installed here, else None; imports nothing heavy."""
+        if importlib.util.find_spec(cls.MODULE) is None:
+            return None
+        for dist in cls.DISTRIBUTIONS or (cls.MODULE,):
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "unknown"
+
+    @abstractmethod
+    def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
+        """Load the model; raise :class:`ModelLoadError` when it cannot be loaded."""
+
+    @abstractmethod
+    def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> Any:
+        """The fixed input of every timed iteration.
+
+        The first ``batch_size`` eval examples when given, else a seeded synthetic
+        batch shaped like the model's declared input.
+        """
+
+    @abstractmethod
+    def run_once(self, inputs: Any) -> None:
+        """Run one inference on ``inputs`` (one timed iteration)."""
+
+    def timed_call(self, inputs: Any) -> Callable[[], object]:
+        """A no-argument callable doing exactly one ``run_once``, for the timing loop.
+
+        Backends may override it to hand the loop the runtime's own call and so
+        save a Python frame per iteration.
+        """
+        return functools.partial(self.run_once, inputs)
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """The model's outputs (logits) for ``batch``, one row per example."""
+
+    @abstractmethod
+    def version(self) -> str:
+        """The runtime's version."""
+
+    @abstractmethod
+    def environment(self) -> dict[str, str]:
+        """What the runtime ran with: version, devices, threads, optimization level."""
+
+
+def check_model_file(model_path: Path) -> int:
+    """Cheap checks before a native loader sees the file; returns its size in bytes."""
+    if not model_path.is_file():
+        raise ModelLoadError(f"model file not found: {model_path}")
+    size = model_path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"model file is empty: {model_path}")
+    return size
+
+
+def one_line(message: str) -> str:
+    """A backend's (often multi-line) error message squeezed onto one short line."""
+    text = " ".join(message.split())
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
+    return text
+
+
+def check_options(backend: str, options: dict[str, str], known: frozenset[str]) -> None:
+    """Reject option keys the backend does not understand (a typo must not go unnoticed)."""
+    unknown = sorted(set(options) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise TaskError(
+            f"unknown {backend} option(s): {', '.join(unknown)} (known options: {allowed})"
+        )

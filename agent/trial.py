@@ -1,0 +1,191 @@
+"""One trial in a fresh child process: ``python -m agent.trial REQUEST_JSON RESULT_JSON``.
+
+The request JSON holds ``backend``, ``scheme``, ``model_path``, ``eval_path`` (or
+null), ``settings`` (a :class:`MeasureSettings` dict), ``options`` and
+``compute_accuracy``. The child loads the model, times it and, when asked and eval
+data is given, computes accuracy over the whole eval set. It writes the result JSON
+and exits:
+
+- 0: ``{"ok": true, "trial": {...}, "accuracy": {...}, "backend_version",
+  "environment", "model_size_bytes"}``;
+- 3: a typed task error, ``{"ok": false, "error_kind": ..., "error_message": ...}``
+  (a missing backend extra is reported as ``backend_unavailable``);
+- 4: any other exception, as ``error_kind`` ``task_error``;
+- 2: wrong command line (no result file is written).
+
+Thread-count environment variables (``OMP_NUM_THREADS`` ...) are set by the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.accuracy import classification_accuracy
+from agent.backends import get_backend
+from agent.backends.base import Backend
+from agent.evaldata import load_eval_data, load_eval_inputs
+from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
+from edgefarm.domain import MeasureSettings, TrialOutcome
+from edgefarm.errors import BackendUnavailable, MissingExtra, TaskError
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_TASK_ERROR = 3
+EXIT_UNEXPECTED = 4
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """What the parent asks one measuring child to do."""
+
+    backend: str
+    scheme: str
+    model_path: Path
+    eval_path: Path | None
+    settings: MeasureSettings
+    options: dict[str, str] = field(default_factory=dict)
+    compute_accuracy: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as a JSON-ready dict."""
+        return {
+            "backend": self.backend,
+            "scheme": self.scheme,
+            "model_path": str(self.model_path),
+            "eval_path": str(self.eval_path) if self.eval_path is not None else None,
+            "settings": self.settings.to_dict(),
+            "options": dict(self.options),
+            "compute_accuracy": self.compute_accuracy,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrialRequest:
+        """Parse a request dict (as written by :meth:`to_json`)."""
+        eval_path = data.get("eval_path")
+        return cls(
+            backend=str(data["backend"]),
+            scheme=str(data["scheme"]),
+            model_path=Path(data["model_path"]),
+            eval_path=Path(eval_path) if eval_path else None,
+            settings=MeasureSettings(**data["settings"]),
+            options={str(k): str(v) for k, v in (data.get("options") or {}).items()},
+            compute_accuracy=bool(data.get("compute_accuracy", False)),
+        )
+
+
+def path_size_bytes(path: Path) -> int:
+    """Size on disk of a model: the file, or every file under a model directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def run_trial(request: TrialRequest) -> dict[str, Any]:
+    """Load, time and (optionally) score one model; the success result dict."""
+    settings = request.settings
+    backend = get_backend(request.backend)()
+    eval_batch = (
+        load_eval_inputs(request.eval_path, settings.batch_size)
+        if request.eval_path is not None
+        else None
+    )
+
+    rss_before = current_rss_bytes()
+    started = time.perf_counter()
+    backend.load(request.model_path, settings, request.options)
+    load_time_s = time.perf_counter() - started
+    rss_after = current_rss_bytes()
+
+    inputs = backend.make_inputs(eval_batch, settings.batch_size)
+    timing = time_iterations(backend.timed_call(inputs), settings)
+    trial = TrialOutcome(
+        samples_ms=timing.samples_ms,
+        warmup_iterations=settings.warmup_iterations,
+        duration_s=timing.duration_s,
+        load_time_s=load_time_s,
+        peak_rss_bytes=peak_rss_bytes(),  # before the accuracy pass loads the eval set
+        load_rss_delta_bytes=rss_after - rss_before,
+        valid=timing.valid,
+        invalid_reason=timing.invalid_reason,
+    )
+
+    accuracy: dict[str, float] = {}
+    if request.compute_accuracy and request.eval_path is not None:
+        accuracy = _score(backend, request.eval_path, settings.batch_size)
+
+    return {
+        "ok": True,
+        "trial": asdict(trial),
+        "accuracy": accuracy,
+        "backend_version": backend.version(),
+        "environment": backend.environment(),
+        "model_size_bytes": path_size_bytes(request.model_path),
+    }
+
+
+def _score(backend: Backend, eval_path: Path, batch_size: int) -> dict[str, float]:
+    """Accuracy over the whole eval set, predicted ``batch_size`` examples at a time.
+
+    The last batch is padded to ``batch_size`` (models may have a fixed batch).
+    """
+    data = load_eval_data(eval_path)
+    n = len(data)
+    outputs = []
+    for start in range(0, n, batch_size):
+        batch = data.inputs[start : start + batch_size]
+        real = len(batch)
+        if real < batch_size:
+            pad = np.repeat(batch[-1:], batch_size - real, axis=0)
+            batch = np.concatenate([batch, pad])
+        outputs.append(np.asarray(backend.predict(batch))[:real])
+    return classification_accuracy(np.concatenate(outputs), data.labels, data.reference)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` atomically: the parent sees the whole file or none."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(payload, out)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one trial as asked by the request file; write the result file; the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m agent.trial REQUEST_JSON RESULT_JSON", file=sys.stderr)
+        return EXIT_USAGE
+    request_path, result_path = Path(args[0]), Path(args[1])
+    code = EXIT_OK
+    try:
+        request = TrialRequest.from_json(json.loads(request_path.read_text(encoding="utf-8")))
+        result = run_trial(request)
+    except TaskError as err:
+        code = EXIT_TASK_ERROR
+        result = {"ok": False, "error_kind": err.kind, "error_message": str(err)}
+    except MissingExtra as err:
+        code = EXIT_TASK_ERROR
+        result = {"ok": False, "error_kind": BackendUnavailable.kind, "error_message": str(err)}
+    except Exception as err:
+        traceback.print_exc()
+        code = EXIT_UNEXPECTED
+        result = {
+            "ok": False,
+            "error_kind": TaskError.kind,
+            "error_message": f"{type(err).__name__}: {err}",
+        }
+    _write_json(result_path, result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

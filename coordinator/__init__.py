@@ -1,0 +1,1 @@
+"""The edgefarm coordinator: campaigns, scheduling, leases and result intake."""

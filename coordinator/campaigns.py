@@ -1,0 +1,207 @@
+"""Campaign planning: a spec becomes prepared variants and one task per device.
+
+A task is one variant (model x backend x scheme) on one device. Devices are the
+online agents' devices that match one of the spec's selectors and have the
+variant's backend installed. A task whose measurement already exists (same
+artifact, device, backend options and settings) is answered from the store
+unless the campaign asks to measure afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.preparation import PreparationStats, PreparedSource, Preparer
+from coordinator.scheduler import AgentSession, Scheduler
+from coordinator.spec import CampaignSpec
+from edgefarm.domain import ArtifactRef, CampaignStatus, MeasureSettings, TaskStatus
+from edgefarm.errors import UsageError
+from edgefarm.selectors import matches
+from results.records import CampaignRecord, TaskRecord
+
+log = logging.getLogger(__name__)
+
+# Which extra provides each backend, for "missing extra" warnings.
+BACKEND_EXTRAS = {
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "llama-cpp": "llama-cpp",
+    "mlx": "mlx",
+    "qai-hub": "qai-hub",
+    "noop": "agent",
+}
+
+
+@dataclass
+class SubmitOutcome:
+    """What submitting a campaign produced."""
+
+    campaign_id: str
+    tasks_total: int
+    tasks_reused: int
+    conversions_run: int
+    conversions_cached: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DeviceChoice:
+    """A device picked for a campaign, with the selector that picked it."""
+
+    device_id: str
+    device_name: str
+    backends: set[str]
+    selector: dict[str, str]
+
+
+def measure_key(artifact: ArtifactRef, eval_data: ArtifactRef | None, backend: str,
+                options: dict[str, str], device_id: str, settings: MeasureSettings) -> str:
+    """Identity of a measurement, independent of the campaign asking for it."""
+    blob = json.dumps(
+        {
+            "artifact": artifact.sha256,
+            "eval": eval_data.sha256 if eval_data else None,
+            "backend": backend,
+            "options": options,
+            "device": device_id,
+            "settings": settings.to_dict(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def choose_devices(spec: CampaignSpec, sessions: list[AgentSession]) -> list[DeviceChoice]:
+    """Online devices matching a selector; the first selector to match wins."""
+    chosen: dict[str, DeviceChoice] = {}
+    for selector in spec.selectors():
+        for session in sessions:
+            if not matches(selector, session.facts):
+                continue
+            choice = chosen.get(session.device_id)
+            if choice is None:
+                choice = chosen[session.device_id] = DeviceChoice(
+                    session.device_id, session.device_name, set(), selector
+                )
+            if choice.selector == selector:
+                choice.backends |= set(session.capabilities.backends)
+    return list(chosen.values())
+
+
+class CampaignPlanner:
+    """Turns submitted specs into stored campaigns and queued tasks."""
+
+    def __init__(self, scheduler: Scheduler, preparer: Preparer) -> None:
+        self.scheduler = scheduler
+        self.preparer = preparer
+
+    async def submit(self, spec: CampaignSpec, spec_text: str, spec_path: Path,
+                     fresh: bool = False) -> SubmitOutcome:
+        """Prepare every variant (on Ray), create the tasks and queue them."""
+        store = self.scheduler.store
+        devices = choose_devices(spec, self.scheduler.online_sessions())
+        if not devices:
+            raise UsageError(
+                f"campaign '{spec.name}': no online device matches its device selectors "
+                f"{spec.selectors()}"
+            )
+        warnings = _missing_backend_warnings(spec, devices)
+        stats = PreparationStats()
+        settings = spec.measure_settings()
+        spec_dir = spec_path.parent
+        sources: dict[str, PreparedSource] = {}
+        for model in spec.models:
+            prepared = await self.preparer.source(model.name, model.source, spec_dir, stats)
+            sources[model.name] = await self.preparer.attach_files(
+                prepared, _file_path(model.eval, spec_dir), _file_path(model.calibration, spec_dir)
+            )
+        variants = spec.variants()
+        wanted = [v for v in variants if any(v.backend in d.backends for d in devices)]
+        artifacts = await self.preparer.variants(
+            [(sources[v.model.name], v.backend, v.scheme) for v in wanted], stats
+        )
+        campaign_id = "c-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        tasks: list[TaskRecord] = []
+        failures: list[tuple[TaskRecord, Exception]] = []
+        reused = 0
+        for variant, artifact in zip(wanted, artifacts, strict=True):
+            source = sources[variant.model.name]
+            for device in devices:
+                if variant.backend not in device.backends:
+                    continue
+                ref = artifact if isinstance(artifact, ArtifactRef) else source.model
+                task = TaskRecord(
+                    task_id="t-" + uuid.uuid4().hex[:16],
+                    campaign_id=campaign_id,
+                    model=variant.model.name,
+                    backend=variant.backend,
+                    scheme=variant.scheme,
+                    device_id=device.device_id,
+                    device_name=device.device_name,
+                    artifact_sha256=ref.sha256,
+                    artifact_size=ref.size_bytes,
+                    artifact_name=ref.name,
+                    eval_sha256=source.eval_data.sha256 if source.eval_data else None,
+                    eval_size=source.eval_data.size_bytes if source.eval_data else 0,
+                    settings=settings,
+                    options=dict(variant.options),
+                    selector=dict(device.selector),
+                    measure_key=measure_key(ref, source.eval_data, variant.backend,
+                                            variant.options, device.device_id, settings),
+                    created_at=now + len(tasks) * 1e-6,
+                )
+                if isinstance(artifact, Exception):
+                    failures.append((task, artifact))
+                elif not fresh and (found := store.find_reusable_result(task.measure_key)):
+                    task.status, task.result_id = TaskStatus.REUSED, found
+                    reused += 1
+                tasks.append(task)
+        if not tasks:
+            raise UsageError(f"campaign '{spec.name}': no task can run; " + "; ".join(warnings))
+        store.create_campaign(
+            CampaignRecord(
+                campaign_id=campaign_id,
+                name=spec.name,
+                spec_yaml=spec_text,
+                status=CampaignStatus.RUNNING,
+                created_at=now,
+                conversions_run=stats.run,
+                conversions_cached=stats.cached,
+            ),
+            tasks,
+        )
+        for task, error in failures:
+            kind = getattr(error, "kind", "conversion_error")
+            store.record_failure(task, kind, f"conversion to {task.scheme} failed: {error}")
+            task.status = TaskStatus.FAILED
+        self.scheduler.add_tasks(tasks)
+        self.scheduler.check_campaign(campaign_id)
+        log.info("campaign %s: %d tasks (%d reused)", campaign_id, len(tasks), reused)
+        return SubmitOutcome(campaign_id, len(tasks), reused, stats.run, stats.cached, warnings)
+
+
+def _file_path(ref: str | None, spec_dir: Path) -> Path | None:
+    if not ref:
+        return None
+    kind, _, rest = ref.partition(":")
+    return (spec_dir / (rest if kind == "file" else ref)).expanduser()
+
+
+def _missing_backend_warnings(spec: CampaignSpec, devices: list[DeviceChoice]) -> list[str]:
+    warnings = []
+    for backend in sorted({v.backend for v in spec.variants()}):
+        lacking = [d.device_name for d in devices if backend not in d.backends]
+        if lacking:
+            extra = BACKEND_EXTRAS.get(backend, backend)
+            warnings.append(
+                f"backend '{backend}' is not installed on {', '.join(sorted(lacking))} "
+                f"(install the agent with the '{extra}' extra); its tasks skip those devices"
+            )
+    return warnings

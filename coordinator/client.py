@@ -1,0 +1,106 @@
+"""A synchronous client of the Control service, for the CLI and tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from edgefarm.errors import AuthError, ConnectionFailed, EdgefarmError, UsageError
+from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
+
+_USER_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: UsageError,
+    grpc.StatusCode.NOT_FOUND: UsageError,
+    grpc.StatusCode.FAILED_PRECONDITION: UsageError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthError,
+    grpc.StatusCode.UNAVAILABLE: ConnectionFailed,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ConnectionFailed,
+}
+
+
+def _translate(error: grpc.RpcError, address: str) -> EdgefarmError:
+    code = error.code()  # type: ignore[attr-defined]
+    details = error.details()  # type: ignore[attr-defined]
+    cls = _USER_ERRORS.get(code, EdgefarmError)
+    if cls is ConnectionFailed:
+        return ConnectionFailed(f"coordinator {address} unreachable ({code.name})")
+    return cls(details or code.name)
+
+
+class ControlClient:
+    """Calls the coordinator's Control service; gRPC errors become EdgefarmErrors."""
+
+    def __init__(self, address: str, token: str, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.token = token
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address)
+        self.stub = control_pb2_grpc.ControlStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, spec_yaml: str, spec_name: str, fresh: bool = False,
+               timeout_s: float = 1800.0) -> control_pb2.SubmitCampaignResponse:
+        """Submit a campaign (waits while its variants are prepared)."""
+        try:
+            return self.stub.SubmitCampaign(
+                control_pb2.SubmitCampaignRequest(token=self.token, spec_yaml=spec_yaml,
+                                                  spec_name=spec_name, fresh=fresh),
+                timeout=timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address) from None
+
+    def watch(self, campaign_id: str) -> Iterator[control_pb2.CampaignProgress]:
+        """Progress snapshots until the campaign finishes."""
+        try:
+            yield from self.stub.WatchCampaign(
+                control_pb2.WatchCampaignRequest(token=self.token, campaign_id=campaign_id)
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address) from None
+
+    def list_campaigns(self, limit: int = 50) -> list[control_pb2.CampaignSummary]:
+        """Campaigns, newest first."""
+        try:
+            reply = self.stub.ListCampaigns(
+                control_pb2.ListCampaignsRequest(token=self.token, limit=limit),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address) from None
+        return list(reply.campaigns)
+
+    def list_devices(self) -> list[control_pb2.DeviceStatus]:
+        """The fleet."""
+        try:
+            reply = self.stub.ListDevices(control_pb2.ListDevicesRequest(token=self.token),
+                                          timeout=self.timeout_s)
+        except grpc.RpcError as error:
+            raise _translate(error, self.address) from None
+        return list(reply.devices)
+
+    def results(self, campaign_id: str = "", model: str = "", backend: str = "",
+                device: str = "", limit: int = 0) -> list[dict[str, Any]]:
+        """Stored result rows."""
+        try:
+            reply = self.stub.QueryResults(
+                control_pb2.QueryResultsRequest(token=self.token, campaign_id=campaign_id,
+                                                model=model, backend=backend, device=device,
+                                                limit=limit),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address) from None
+        return [json.loads(row) for row in reply.rows_json]

@@ -1,0 +1,206 @@
+"""The Control gRPC service: what the CLI calls (campaigns, devices, results)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from coordinator.campaigns import CampaignPlanner
+from coordinator.gateway import token_ok
+from coordinator.scheduler import Scheduler
+from coordinator.spec import CampaignSpec
+from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
+from edgefarm.errors import EdgefarmError, SpecError, UsageError
+from inventory.fleet import FleetDevice, load_inventory, merge_fleet
+from inventory.model import LiveAgent
+from protos.convert import capabilities_to_pb
+from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
+from results.store import ResultsStore
+
+log = logging.getLogger(__name__)
+
+
+def live_agents_from_store(store: ResultsStore) -> list[LiveAgent]:
+    """Every agent the store has seen; without a coordinator none counts as online."""
+    return live_agents(None, store)
+
+
+def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAgent]:
+    """Every agent ever seen, with its live state."""
+    agents = []
+    for seen in store.list_devices_seen():
+        session = scheduler.sessions.get(seen.agent_id) if scheduler else None
+        caps = dict(seen.capabilities)
+        device_name = str(caps.pop("device_name", "") or seen.device_id)
+        fields = DeviceCapabilities.__dataclass_fields__
+        capabilities = DeviceCapabilities(**{k: v for k, v in caps.items() if k in fields})
+        agents.append(
+            LiveAgent(
+                agent_id=seen.agent_id,
+                agent_name=seen.agent_name,
+                device_id=seen.device_id,
+                device_name=session.device_name if session else device_name,
+                capabilities=session.capabilities if session else capabilities,
+                labels=session.labels if session else dict(seen.labels),
+                online=bool(session and session.connected),
+                busy=bool(session and session.lease_id),
+                last_heartbeat=session.last_heartbeat if session else seen.last_heartbeat,
+            )
+        )
+    return agents
+
+
+class ControlService(control_pb2_grpc.ControlServicer):
+    """Serves the CLI."""
+
+    def __init__(self, planner: CampaignPlanner, token: str, inventory_path: Path | None,
+                 missing_after_s: float) -> None:
+        self.planner = planner
+        self.scheduler = planner.scheduler
+        self.store = planner.scheduler.store
+        self.token = token
+        self.inventory_path = inventory_path
+        self.missing_after_s = missing_after_s
+
+    async def _check(self, token: str, context: grpc.aio.ServicerContext) -> None:
+        if not token_ok(self.token, token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid fleet token")
+
+    async def SubmitCampaign(  # noqa: N802
+        self, request: control_pb2.SubmitCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.SubmitCampaignResponse:
+        """Validate, prepare and queue a campaign."""
+        await self._check(request.token, context)
+        source = request.spec_name or "<spec>"
+        try:
+            spec = CampaignSpec.from_text(request.spec_yaml, source)
+            outcome = await self.planner.submit(
+                spec, request.spec_yaml, Path(source).resolve(), fresh=request.fresh
+            )
+        except (SpecError, UsageError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except EdgefarmError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        return control_pb2.SubmitCampaignResponse(
+            campaign_id=outcome.campaign_id,
+            tasks_total=outcome.tasks_total,
+            tasks_reused=outcome.tasks_reused,
+            conversions_run=outcome.conversions_run,
+            conversions_cached=outcome.conversions_cached,
+            warnings=outcome.warnings,
+        )
+
+    def _progress(self, campaign_id: str, message: str) -> control_pb2.CampaignProgress:
+        campaign = self.store.get_campaign(campaign_id)
+        counts = self.store.campaign_counts(campaign_id)
+        done = counts.get(TaskStatus.DONE, 0) + counts.get(TaskStatus.REUSED, 0)
+        status = str(campaign.status) if campaign else "unknown"
+        return control_pb2.CampaignProgress(
+            campaign_id=campaign_id,
+            status=status,
+            tasks_total=counts.get("total", 0),
+            tasks_done=done,
+            tasks_failed=counts.get(TaskStatus.FAILED, 0),
+            tasks_running=counts.get(TaskStatus.ASSIGNED, 0),
+            finished=status in {"done", "failed"},
+            message=message,
+        )
+
+    async def WatchCampaign(  # noqa: N802
+        self, request: control_pb2.WatchCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[control_pb2.CampaignProgress]:
+        """A snapshot now and after every event, until the campaign finishes."""
+        await self._check(request.token, context)
+        campaign = self.store.get_campaign(request.campaign_id)
+        if campaign is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no campaign {request.campaign_id}")
+        assert campaign is not None
+        queue = self.scheduler.watch(campaign.campaign_id)
+        try:
+            snapshot = self._progress(campaign.campaign_id, "")
+            yield snapshot
+            while not snapshot.finished:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    message = event.message
+                except TimeoutError:
+                    message = ""
+                snapshot = self._progress(campaign.campaign_id, message)
+                yield snapshot
+        finally:
+            self.scheduler.unwatch(campaign.campaign_id, queue)
+
+    async def ListCampaigns(  # noqa: N802
+        self, request: control_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListCampaignsResponse:
+        """Campaigns, newest first."""
+        await self._check(request.token, context)
+        out = []
+        for c in self.store.list_campaigns(limit=request.limit or 50):
+            counts = self.store.campaign_counts(c.campaign_id)
+            out.append(
+                control_pb2.CampaignSummary(
+                    campaign_id=c.campaign_id,
+                    name=c.name,
+                    status=str(c.status),
+                    created_unix=c.created_at,
+                    tasks_total=counts.get("total", 0),
+                    tasks_done=sum(counts.get(s, 0) for s in FINISHED_TASK_STATUSES)
+                    - counts.get(TaskStatus.FAILED, 0),
+                    tasks_failed=counts.get(TaskStatus.FAILED, 0),
+                )
+            )
+        return control_pb2.ListCampaignsResponse(campaigns=out)
+
+    def fleet(self) -> list[FleetDevice]:
+        """Declared devices merged with live registrations."""
+        declared = load_inventory(self.inventory_path).devices
+        agents = live_agents(self.scheduler, self.store)
+        return merge_fleet(declared, agents, time.time(), self.missing_after_s)
+
+    async def ListDevices(  # noqa: N802
+        self, request: control_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListDevicesResponse:
+        """The fleet with each device's state."""
+        await self._check(request.token, context)
+        out = []
+        for d in self.fleet():
+            status = control_pb2.DeviceStatus(
+                name=d.name,
+                device_id=d.device_id or "",
+                state=d.state,
+                last_heartbeat_unix=d.last_heartbeat or 0.0,
+                agents=d.agents,
+                labels=d.labels,
+                declared=d.declared,
+            )
+            if d.capabilities is not None:
+                status.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
+            out.append(status)
+        return control_pb2.ListDevicesResponse(devices=out)
+
+    async def QueryResults(  # noqa: N802
+        self, request: control_pb2.QueryResultsRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.QueryResultsResponse:
+        """Stored rows as JSON."""
+        await self._check(request.token, context)
+        if request.campaign_id:
+            campaign = self.store.get_campaign(request.campaign_id)
+            if campaign is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no campaign {request.campaign_id}")
+            assert campaign is not None
+            rows = self.store.results_for_campaign(campaign.campaign_id)
+        else:
+            rows = self.store.query_results(
+                model=request.model or None,
+                backend=request.backend or None,
+                device=request.device or None,
+                limit=request.limit or None,
+            )
+        return control_pb2.QueryResultsResponse(rows_json=[json.dumps(r) for r in rows])

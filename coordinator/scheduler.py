@@ -1,0 +1,448 @@
+"""The scheduler: matches pending tasks to idle agents under leases.
+
+It owns the live state of the fleet (sessions, leases, busy devices) and writes
+every state change of a task to the store, so a restarted coordinator can rebuild
+it. It knows nothing of gRPC: each connected agent has an outbox queue of domain
+messages, which the gateway turns into protobuf (and unit tests read directly).
+
+Rules:
+- a task runs only on an agent of its device that has its backend and matches its
+  selector;
+- never two measurements at once on one device (several agents may share a host);
+- a lease is renewed by the agent's heartbeats; an expired lease puts the task back
+  in the queue (or fails it after ``max_attempts``);
+- a result is accepted only under the task's current, unexpired lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from edgefarm.domain import (
+    FINISHED_TASK_STATUSES,
+    ArtifactRef,
+    Assignment,
+    CampaignStatus,
+    DeviceCapabilities,
+    MeasurementResult,
+    TaskStatus,
+)
+from edgefarm.errors import LeaseExpired
+from edgefarm.selectors import device_facts, matches
+from results.records import DeviceSeen, TaskRecord
+from results.store import ResultsStore
+
+log = logging.getLogger(__name__)
+
+# Liveness tunables (seconds); the coordinator's command line can override them.
+HEARTBEAT_INTERVAL_S = 2.0
+LEASE_DURATION_S = 15.0
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class AssignMessage:
+    """Down the stream: work under a lease."""
+
+    assignment: Assignment
+    lease_expires_at: float
+
+
+@dataclass(frozen=True)
+class AckMessage:
+    """Down the stream: whether a result was accepted."""
+
+    task_id: str
+    attempt: int
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CancelMessage:
+    """Down the stream: stop working on a task."""
+
+    task_id: str
+    lease_id: str
+
+
+OutboundMessage = AssignMessage | AckMessage | CancelMessage
+
+
+@dataclass
+class Lease:
+    """Ownership of one task attempt by one agent until ``expires_at``."""
+
+    lease_id: str
+    task_id: str
+    agent_id: str
+    device_id: str
+    attempt: int
+    expires_at: float
+
+
+@dataclass
+class AgentSession:
+    """A registered agent and its live connection state."""
+
+    agent_id: str
+    name: str
+    device_name: str
+    capabilities: DeviceCapabilities
+    labels: dict[str, str]
+    session_token: str
+    registered_at: float
+    last_heartbeat: float
+    facts: dict[str, set[str]] = field(default_factory=dict)
+    connected: bool = False
+    outbox: asyncio.Queue[OutboundMessage] = field(default_factory=asyncio.Queue)
+    lease_id: str | None = None
+
+    @property
+    def device_id(self) -> str:
+        """The physical device this agent measures on."""
+        return self.capabilities.device_id
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Something happened in a campaign (for watchers)."""
+
+    campaign_id: str
+    message: str
+
+
+def agent_id_for(name: str, device_id: str) -> str:
+    """A stable agent id: the same agent re-registering keeps its id (and leases)."""
+    return "ag-" + hashlib.sha256(f"{name}\0{device_id}".encode()).hexdigest()[:12]
+
+
+class Scheduler:
+    """Live fleet state and task dispatch. All methods run on one event loop."""
+
+    def __init__(
+        self,
+        store: ResultsStore,
+        *,
+        lease_duration_s: float = LEASE_DURATION_S,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        max_attempts: int = MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.lease_duration_s = lease_duration_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_attempts = max_attempts
+        self.clock = clock
+        self.sessions: dict[str, AgentSession] = {}
+        self.pending: list[TaskRecord] = []
+        self.leases: dict[str, Lease] = {}  # task_id -> lease
+        self.busy_devices: dict[str, str] = {}  # device_id -> task_id
+        self.tasks: dict[str, TaskRecord] = {}  # unfinished tasks by id
+        self.progress: dict[str, tuple[int, int]] = {}  # task_id -> (trial, trials)
+        self._watchers: dict[str, list[asyncio.Queue[ProgressEvent]]] = {}
+
+    # ----- agents -------------------------------------------------------------
+
+    def register(
+        self, name: str, device_name: str, labels: dict[str, str], caps: DeviceCapabilities
+    ) -> AgentSession:
+        """Record a (re-)registration; an agent keeps its id across reconnects."""
+        now = self.clock()
+        agent_id = agent_id_for(name, caps.device_id)
+        old = self.sessions.get(agent_id)
+        session = AgentSession(
+            agent_id=agent_id,
+            name=name,
+            device_name=device_name,
+            capabilities=caps,
+            labels=dict(labels),
+            session_token=secrets.token_hex(16),
+            registered_at=now,
+            last_heartbeat=now,
+            facts=device_facts(caps, labels, device_name),
+            lease_id=next(
+                (lease.lease_id for lease in self.leases.values() if lease.agent_id == agent_id),
+                None,
+            ),
+        )
+        if old is not None and old.connected:
+            # A second registration under the same name replaces the first stream.
+            old.connected = False
+        self.sessions[agent_id] = session
+        self.store.upsert_device_seen(
+            DeviceSeen(
+                agent_id=agent_id,
+                agent_name=name,
+                device_id=caps.device_id,
+                capabilities=_caps_dict(caps, device_name),
+                labels=dict(labels),
+                registered_at=now,
+                last_heartbeat=now,
+            )
+        )
+        log.info("agent %s (%s) registered on device %s", name, agent_id, caps.device_id)
+        return session
+
+    def authenticate(self, agent_id: str, session_token: str) -> AgentSession | None:
+        """The session for a Hello or artifact request, if the credential is right."""
+        session = self.sessions.get(agent_id)
+        if session is None or not secrets.compare_digest(session.session_token, session_token):
+            return None
+        return session
+
+    def connect(self, session: AgentSession) -> asyncio.Queue[OutboundMessage]:
+        """Bind a stream to the session; returns the queue the stream should drain."""
+        session.outbox = asyncio.Queue()
+        session.connected = True
+        session.last_heartbeat = self.clock()
+        self.dispatch()
+        return session.outbox
+
+    def disconnect(self, session: AgentSession) -> None:
+        """The stream ended. Its lease, if any, runs on until it expires."""
+        if self.sessions.get(session.agent_id) is session:
+            session.connected = False
+            log.info("agent %s disconnected", session.name)
+
+    def heartbeat(self, session: AgentSession, task_id: str, lease_id: str) -> None:
+        """Liveness; renews the lease of the task the agent says it holds."""
+        now = self.clock()
+        session.last_heartbeat = now
+        self.store.touch_device(session.agent_id, now)
+        lease = self.leases.get(task_id) if task_id else None
+        if lease is not None and lease.lease_id == lease_id and lease.expires_at >= now:
+            lease.expires_at = now + self.lease_duration_s
+
+    def report_progress(self, session: AgentSession, task_id: str, trial: int, trials: int) -> None:
+        """Progress of a trial; counts as a heartbeat for the lease."""
+        lease = self.leases.get(task_id)
+        if lease is not None and lease.agent_id == session.agent_id:
+            self.heartbeat(session, task_id, lease.lease_id)
+            self.progress[task_id] = (trial, trials)
+
+    # ----- tasks --------------------------------------------------------------
+
+    def add_tasks(self, tasks: list[TaskRecord]) -> None:
+        """Queue new tasks (already written to the store) and dispatch."""
+        for task in tasks:
+            if task.status in FINISHED_TASK_STATUSES:
+                continue
+            self.tasks[task.task_id] = task
+            self.pending.append(task)
+        self.dispatch()
+
+    def restore(self, tasks: list[TaskRecord]) -> None:
+        """Rebuild state after a restart: pending tasks queue up again; assigned ones
+        keep their lease for one more lease period so that an agent finishing them
+        can still deliver its result."""
+        now = self.clock()
+        for task in tasks:
+            self.tasks[task.task_id] = task
+            if task.status == TaskStatus.ASSIGNED and task.lease_id and task.agent_id:
+                self.leases[task.task_id] = Lease(
+                    lease_id=task.lease_id,
+                    task_id=task.task_id,
+                    agent_id=task.agent_id,
+                    device_id=task.device_id,
+                    attempt=task.attempt,
+                    expires_at=now + self.lease_duration_s,
+                )
+                self.busy_devices[task.device_id] = task.task_id
+            else:
+                self.pending.append(task)
+        log.info("restored %d unfinished tasks", len(tasks))
+
+    def dispatch(self) -> None:
+        """Hand pending tasks to idle, connected, matching agents."""
+        if not self.pending:
+            return
+        for session in list(self.sessions.values()):
+            if not session.connected or session.lease_id is not None:
+                continue
+            if session.device_id in self.busy_devices:
+                continue
+            task = self._first_task_for(session)
+            if task is not None:
+                self._assign(task, session)
+
+    def _first_task_for(self, session: AgentSession) -> TaskRecord | None:
+        for task in self.pending:
+            if task.device_id != session.device_id:
+                continue
+            if task.backend not in session.capabilities.backends:
+                continue
+            if task.selector and not matches(task.selector, session.facts):
+                continue
+            return task
+        return None
+
+    def _assign(self, task: TaskRecord, session: AgentSession) -> None:
+        now = self.clock()
+        self.pending.remove(task)
+        attempt = task.attempt + 1
+        lease = Lease(
+            lease_id=uuid.uuid4().hex,
+            task_id=task.task_id,
+            agent_id=session.agent_id,
+            device_id=session.device_id,
+            attempt=attempt,
+            expires_at=now + self.lease_duration_s,
+        )
+        self.leases[task.task_id] = lease
+        self.busy_devices[session.device_id] = task.task_id
+        session.lease_id = lease.lease_id
+        task.status, task.attempt = TaskStatus.ASSIGNED, attempt
+        task.lease_id, task.agent_id, task.lease_expires_at = lease.lease_id, session.agent_id, lease.expires_at
+        self.store.update_task(
+            task.task_id,
+            status=TaskStatus.ASSIGNED,
+            attempt=attempt,
+            lease_id=lease.lease_id,
+            agent_id=session.agent_id,
+            lease_expires_at=lease.expires_at,
+        )
+        assignment = Assignment(
+            task_id=task.task_id,
+            attempt=attempt,
+            lease_id=lease.lease_id,
+            campaign_id=task.campaign_id,
+            model=task.model,
+            backend=task.backend,
+            scheme=task.scheme,
+            artifact=ArtifactRef(task.artifact_sha256, task.artifact_size, task.artifact_name),
+            eval_data=ArtifactRef(task.eval_sha256, task.eval_size, "eval.npz")
+            if task.eval_sha256
+            else None,
+            settings=task.settings,
+            options=dict(task.options),
+        )
+        session.outbox.put_nowait(AssignMessage(assignment, lease.expires_at))
+        self._notify(task, f"{_label(task)} -> {session.name} (attempt {attempt})")
+
+    def accept_result(self, session: AgentSession, result: MeasurementResult) -> AckMessage:
+        """Store a result if it comes under the task's current, unexpired lease."""
+        now = self.clock()
+        lease = self.leases.get(result.task_id)
+        task = self.tasks.get(result.task_id)
+        reason = ""
+        if task is None or lease is None:
+            reason = "no lease in force for this task"
+        elif lease.lease_id != result.lease_id or lease.attempt != result.attempt:
+            reason = "lease superseded"
+        elif lease.agent_id != session.agent_id:
+            reason = "lease held by another agent"
+        elif lease.expires_at < now:
+            reason = "lease expired"
+        if reason or task is None or lease is None:
+            log.warning("refused result for %s from %s: %s", result.task_id, session.name, reason)
+            return AckMessage(result.task_id, result.attempt, False, reason)
+        self.store.ingest_result(task, result, session.device_name)
+        self._release(lease)
+        task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
+        del self.tasks[task.task_id]
+        outcome = "done" if result.ok else f"failed ({result.error_kind}: {result.error_message})"
+        self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
+        self._check_campaign(task.campaign_id)
+        self.dispatch()
+        return AckMessage(result.task_id, result.attempt, True)
+
+    def expire_leases(self) -> int:
+        """Re-queue (or fail) tasks whose lease ran out; returns how many expired."""
+        now = self.clock()
+        expired = [lease for lease in self.leases.values() if lease.expires_at < now]
+        for lease in expired:
+            task = self.tasks[lease.task_id]
+            self._release(lease)
+            holder = self.sessions.get(lease.agent_id)
+            if holder is not None and holder.connected:
+                holder.outbox.put_nowait(CancelMessage(lease.task_id, lease.lease_id))
+            if task.attempt >= self.max_attempts:
+                error = LeaseExpired(f"lease expired {task.attempt} times; giving up")
+                self.store.record_failure(task, error.kind, str(error))
+                task.status = TaskStatus.FAILED
+                del self.tasks[task.task_id]
+                self._notify(task, f"{_label(task)}: failed ({error})")
+                self._check_campaign(task.campaign_id)
+            else:
+                task.status, task.lease_id, task.agent_id = TaskStatus.PENDING, None, None
+                self.store.update_task(
+                    task.task_id, status=TaskStatus.PENDING, lease_id=None, agent_id=None
+                )
+                self.pending.insert(0, task)
+                self._notify(task, f"{_label(task)}: lease expired, re-queued")
+        if expired:
+            self.dispatch()
+        return len(expired)
+
+    def _release(self, lease: Lease) -> None:
+        self.leases.pop(lease.task_id, None)
+        self.progress.pop(lease.task_id, None)
+        if self.busy_devices.get(lease.device_id) == lease.task_id:
+            del self.busy_devices[lease.device_id]
+        holder = self.sessions.get(lease.agent_id)
+        if holder is not None and holder.lease_id == lease.lease_id:
+            holder.lease_id = None
+
+    # ----- campaigns ----------------------------------------------------------
+
+    def _check_campaign(self, campaign_id: str) -> None:
+        counts = self.store.campaign_counts(campaign_id)
+        open_tasks = counts.get(TaskStatus.PENDING, 0) + counts.get(TaskStatus.ASSIGNED, 0)
+        if open_tasks:
+            return
+        status = CampaignStatus.FAILED if counts.get(TaskStatus.FAILED, 0) else CampaignStatus.DONE
+        self.store.set_campaign_status(campaign_id, status, finished_at=self.clock())
+        self._publish(ProgressEvent(campaign_id, f"campaign {status}"))
+
+    def check_campaign(self, campaign_id: str) -> None:
+        """Mark a campaign finished if no task is open (e.g. everything was reused)."""
+        self._check_campaign(campaign_id)
+
+    def watch(self, campaign_id: str) -> asyncio.Queue[ProgressEvent]:
+        """Subscribe to a campaign's events."""
+        queue: asyncio.Queue[ProgressEvent] = asyncio.Queue()
+        self._watchers.setdefault(campaign_id, []).append(queue)
+        return queue
+
+    def unwatch(self, campaign_id: str, queue: asyncio.Queue[ProgressEvent]) -> None:
+        """Drop a subscription."""
+        queues = self._watchers.get(campaign_id, [])
+        if queue in queues:
+            queues.remove(queue)
+
+    def _notify(self, task: TaskRecord, message: str) -> None:
+        self._publish(ProgressEvent(task.campaign_id, message))
+
+    def _publish(self, event: ProgressEvent) -> None:
+        for queue in self._watchers.get(event.campaign_id, []):
+            queue.put_nowait(event)
+
+    def running_tasks(self, campaign_id: str) -> int:
+        """Tasks of a campaign under a lease now."""
+        return sum(1 for lease in self.leases.values() if self._campaign_of(lease) == campaign_id)
+
+    def _campaign_of(self, lease: Lease) -> str:
+        task = self.tasks.get(lease.task_id)
+        return task.campaign_id if task else ""
+
+    def online_sessions(self) -> list[AgentSession]:
+        """Agents with a live stream."""
+        return [s for s in self.sessions.values() if s.connected]
+
+
+def _label(task: TaskRecord) -> str:
+    return f"{task.model}/{task.backend}/{task.scheme} on {task.device_name}"
+
+
+def _caps_dict(caps: DeviceCapabilities, device_name: str) -> dict[str, object]:
+    data: dict[str, object] = asdict(caps)
+    data["device_name"] = device_name
+    return data

@@ -1,0 +1,317 @@
+"""The campaign spec: which models, backends, schemes and devices to sweep, and how to measure.
+
+Parsed from YAML with pydantic; every model forbids unknown fields, so a typo is an
+error. Every problem is a one-line :class:`~edgefarm.errors.SpecError`
+``FILE:LINE: field.path: problem``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from edgefarm.domain import MeasureSettings
+from edgefarm.selectors import parse_selector
+from edgefarm.yamlfile import FieldError, load_file, validate
+
+# Schemes each backend accepts; None: any scheme (not yet pinned down for that backend).
+BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
+    "onnxruntime": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"),
+    "noop": ("none",),
+    "openvino": None,
+    "llama-cpp": None,
+    "mlx": None,
+    "qai-hub": None,
+}
+KNOWN_BACKENDS = tuple(BACKEND_SCHEMES)
+
+SOURCE_KINDS = ("builtin", "file", "hf")
+
+_CAMPAIGN_NAME = re.compile(r"^[a-z0-9._-]+$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SCHEME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_BUILTIN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_HF_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(/[^@\s]+)?(@[\w./-]+)?$")
+_DEFAULTS = MeasureSettings()
+
+
+def _scalar_text(value: Any) -> Any:
+    """YAML numbers and booleans written as option values become text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _to_options(value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {key: _scalar_text(item) for key, item in value.items()}
+    return value
+
+
+def _to_selector(value: Any) -> Any:
+    if value is None:
+        return {}
+    if isinstance(value, dict | list | str):
+        return parse_selector(value)
+    return value
+
+
+Options = Annotated[dict[str, str], BeforeValidator(_to_options)]
+SelectorField = Annotated[dict[str, str], BeforeValidator(_to_selector)]
+
+
+def resolve_file_ref(ref: str, base_dir: Path) -> Path:
+    """The path of a ``file:PATH`` reference, relative to ``base_dir`` (the spec's folder)."""
+    return (base_dir / ref.removeprefix("file:")).expanduser()
+
+
+def _check_file_ref(ref: str, info: ValidationInfo) -> None:
+    """When loading from a file (``base_dir`` in context), the referenced file must exist."""
+    base_dir = (info.context or {}).get("base_dir")
+    if base_dir is not None and not resolve_file_ref(ref, Path(base_dir)).is_file():
+        raise ValueError(f"file not found: {resolve_file_ref(ref, Path(base_dir))}")
+
+
+class ModelEntry(BaseModel):
+    """A model to sweep and where it comes from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    source: str
+    eval: str | None = None
+    calibration: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """``builtin``, ``file`` or ``hf``."""
+        return self.source.partition(":")[0]
+
+    @property
+    def ref(self) -> str:
+        """The source without its kind prefix (builtin name, relative path or HF repo)."""
+        return self.source.partition(":")[2]
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _MODEL_NAME.match(value):
+            raise ValueError(
+                f"invalid model name {value!r} (use letters, digits, '.', '_' and '-')"
+            )
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _check_source(cls, value: str, info: ValidationInfo) -> str:
+        kind, sep, ref = value.partition(":")
+        good = sep and (
+            (kind == "builtin" and _BUILTIN.match(ref))
+            or (kind == "file" and ref.strip())
+            or (kind == "hf" and _HF_REPO.match(ref))
+        )
+        if not good:
+            raise ValueError(
+                f"invalid model source {value!r} "
+                "(expected 'builtin:NAME', 'file:PATH' or 'hf:ORG/REPO')"
+            )
+        if kind == "file":
+            _check_file_ref(value, info)
+        return value
+
+    @field_validator("eval", "calibration")
+    @classmethod
+    def _check_data_file(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("file:") or not value[5:].strip():
+            raise ValueError(f"invalid data reference {value!r} (expected 'file:PATH')")
+        _check_file_ref(value, info)
+        return value
+
+
+class BackendEntry(BaseModel):
+    """A backend, the quantization schemes to try on it, and options for the agent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    schemes: list[str] = Field(min_length=1)
+    options: Options = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value not in BACKEND_SCHEMES:
+            raise ValueError(
+                f"unknown backend {value!r} (expected one of {', '.join(KNOWN_BACKENDS)})"
+            )
+        return value
+
+
+class DeviceEntry(BaseModel):
+    """Which devices to measure on: a selector (empty matches every device)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    selector: SelectorField = Field(default_factory=dict)
+
+
+class Measurement(BaseModel):
+    """How to measure; every field defaults to :class:`MeasureSettings`' default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    warmup_iterations: int = Field(_DEFAULTS.warmup_iterations, ge=0, strict=True)
+    min_iterations: int = Field(_DEFAULTS.min_iterations, gt=0, strict=True)
+    max_iterations: int = Field(_DEFAULTS.max_iterations, gt=0, strict=True)
+    min_duration_s: float = Field(_DEFAULTS.min_duration_s, gt=0)
+    max_duration_s: float = Field(_DEFAULTS.max_duration_s, gt=0)
+    trials: int = Field(_DEFAULTS.trials, gt=0, strict=True)
+    threads: int = Field(_DEFAULTS.threads, gt=0, strict=True)
+    batch_size: int = Field(_DEFAULTS.batch_size, gt=0, strict=True)
+    timeout_s: float = Field(_DEFAULTS.timeout_s, gt=0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model x backend x scheme combination to prepare and measure."""
+
+    model: ModelEntry
+    backend: str
+    scheme: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+class CampaignSpec(BaseModel):
+    """A campaign: the sweep of models x backends x schemes over selected devices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    models: list[ModelEntry] = Field(min_length=1)
+    backends: list[BackendEntry] = Field(min_length=1)
+    devices: list[DeviceEntry] = Field(default_factory=lambda: [DeviceEntry()], min_length=1)
+    measurement: Measurement = Field(default_factory=Measurement)
+
+    @classmethod
+    def load(cls, path: Path) -> CampaignSpec:
+        """Read and validate a spec file; ``file:`` references must exist next to it."""
+        return load_file(cls, path, context={"base_dir": path.parent})
+
+    @classmethod
+    def from_text(cls, text: str, source: str, base_dir: Path | None = None) -> CampaignSpec:
+        """Validate spec YAML; ``source`` names it in errors. With ``base_dir``,
+        ``file:`` references are checked to exist relative to it."""
+        context = {"base_dir": base_dir} if base_dir is not None else None
+        return validate(cls, text, source, context=context)
+
+    def measure_settings(self) -> MeasureSettings:
+        """The measurement settings every task of this campaign uses."""
+        return MeasureSettings(**self.measurement.model_dump())
+
+    def variants(self) -> list[Variant]:
+        """Every variant, in spec order: models, then backends, then schemes."""
+        return [
+            Variant(model=model, backend=backend.name, scheme=scheme, options=dict(backend.options))
+            for model in self.models
+            for backend in self.backends
+            for scheme in backend.schemes
+        ]
+
+    def selectors(self) -> list[dict[str, str]]:
+        """The device selectors, in spec order."""
+        return [dict(device.selector) for device in self.devices]
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _CAMPAIGN_NAME.match(value):
+            raise ValueError(
+                f"invalid campaign name {value!r} (use lowercase letters, digits, '.', '_', '-')"
+            )
+        return value
+
+    @field_validator("devices", "measurement", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return [{}] if info.field_name == "devices" else {}
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> CampaignSpec:
+        """Checks across entries; they run once every field is valid on its own."""
+        _unique_models(self.models)
+        _known_schemes(self.backends)
+        _bounds(self.measurement)
+        return self
+
+
+def _unique_models(models: list[ModelEntry]) -> None:
+    first: dict[str, int] = {}
+    for index, model in enumerate(models):
+        if model.name in first:
+            raise FieldError(
+                ("models", index, "name"),
+                f"duplicate model name {model.name!r} (also models[{first[model.name]}])",
+            )
+        first[model.name] = index
+
+
+def _known_schemes(backends: list[BackendEntry]) -> None:
+    seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+    for index, backend in enumerate(backends):
+        allowed = BACKEND_SCHEMES[backend.name]
+        for position, scheme in enumerate(backend.schemes):
+            loc = ("backends", index, "schemes", position)
+            if allowed is not None and scheme not in allowed:
+                raise FieldError(
+                    loc,
+                    f"unknown scheme {scheme!r} for {backend.name} "
+                    f"(expected one of {', '.join(allowed)})",
+                )
+            if allowed is None and not _SCHEME.match(scheme):
+                raise FieldError(loc, f"invalid scheme name {scheme!r}")
+            if scheme in backend.schemes[:position]:
+                raise FieldError(loc, f"scheme {scheme!r} is listed twice")
+        key = (backend.name, tuple(sorted(backend.options.items())))
+        if key in seen:
+            raise FieldError(
+                ("backends", index),
+                f"backend {backend.name!r} is listed twice with the same options "
+                f"(also backends[{seen[key]}])",
+            )
+        seen[key] = index
+
+
+def _bounds(measurement: Measurement) -> None:
+    if measurement.min_iterations > measurement.max_iterations:
+        raise FieldError(
+            ("measurement", "min_iterations"),
+            f"min_iterations ({measurement.min_iterations}) is above "
+            f"max_iterations ({measurement.max_iterations})",
+        )
+    if measurement.min_duration_s > measurement.max_duration_s:
+        raise FieldError(
+            ("measurement", "min_duration_s"),
+            f"min_duration_s ({measurement.min_duration_s}) is above "
+            f"max_duration_s ({measurement.max_duration_s})",
+        )

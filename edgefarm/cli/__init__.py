@@ -1,0 +1,1 @@
+"""The ``edgefarm`` command line: one module per command group, loaded lazily."""

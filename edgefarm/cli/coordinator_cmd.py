@@ -1,0 +1,53 @@
+"""``edgefarm coordinator serve``: the coordinator daemon."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from edgefarm.cli.options import home_option, store_option, token_option, verbose_option
+from edgefarm.home import default_store_url, edgefarm_home
+from edgefarm.logging_setup import configure_logging
+
+
+@click.group()
+def coordinator() -> None:
+    """Run the coordinator daemon."""
+
+
+@coordinator.command()
+@click.option("--listen", default="127.0.0.1:50051", show_default=True, metavar="ADDR",
+              help="Address to serve gRPC on (port 0 picks a free port).")
+@store_option
+@token_option
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of declared devices.")
+@click.option("--lease", "lease_s", type=float, default=None,
+              help="Lease duration in seconds (default 15).")
+@click.option("--heartbeat", "heartbeat_s", type=float, default=None,
+              help="Agent heartbeat interval in seconds (default 2).")
+@home_option
+@verbose_option
+def serve(listen: str, store_url: str | None, token: str, inventory: str | None,
+          lease_s: float | None, heartbeat_s: float | None, home: str | None,
+          verbose: int) -> None:
+    """Serve agents and the CLI; uses the Ray cluster in RAY_ADDRESS or starts a local one."""
+    from coordinator.server import CoordinatorConfig, serve as run_server
+
+    configure_logging(verbose + 1)
+    base = edgefarm_home(home)
+    config = CoordinatorConfig(listen=listen, store_url=store_url or default_store_url(base),
+                               home=base, token=token,
+                               inventory=Path(inventory) if inventory else None)
+    overrides: dict[str, float] = {}
+    if lease_s is not None:
+        overrides["lease_duration_s"] = lease_s
+    if heartbeat_s is not None:
+        overrides["heartbeat_interval_s"] = heartbeat_s
+    if overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)  # type: ignore[arg-type]
+    asyncio.run(run_server(config))

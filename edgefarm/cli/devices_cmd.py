@@ -1,0 +1,63 @@
+"""``edgefarm devices list``: declared devices merged with live registrations."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from edgefarm.cli.options import home_option, store_option, token_option
+from edgefarm.home import default_store_url, edgefarm_home
+
+
+@click.group()
+def devices() -> None:
+    """Show the device fleet."""
+
+
+@devices.command(name="list")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Ask a running coordinator (live state). Default: read the store.")
+@token_option
+@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
+              help="YAML file of declared devices (store mode).")
+@click.option("--json", "as_json", is_flag=True)
+@store_option
+@home_option
+def list_devices(coordinator: str | None, token: str, inventory: str | None, as_json: bool,
+                 store_url: str | None, home: str | None) -> None:
+    """Each device's state (online, busy, missing, never seen), last heartbeat, capabilities."""
+    from inventory.fleet import FleetDevice, fleet_to_json, render_fleet_table
+
+    fleet: list[FleetDevice]
+    if coordinator:
+        from coordinator.client import ControlClient
+        from protos.convert import capabilities_from_pb
+
+        with ControlClient(coordinator, token) as client:
+            fleet = [
+                FleetDevice(
+                    name=d.name, device_id=d.device_id or None, state=d.state,
+                    last_heartbeat=d.last_heartbeat_unix or None, agents=list(d.agents),
+                    labels=dict(d.labels),
+                    capabilities=capabilities_from_pb(d.capabilities)
+                    if d.HasField("capabilities") else None,
+                    declared=d.declared,
+                )
+                for d in client.list_devices()
+            ]
+    else:
+        from coordinator.control import live_agents_from_store
+        from inventory.fleet import load_inventory, merge_fleet
+        from results.store import ResultsStore
+
+        with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+            agents = live_agents_from_store(store)
+        declared = load_inventory(Path(inventory) if inventory else None).devices
+        fleet = merge_fleet(declared, agents, time.time(), missing_after_s=30.0)
+    if as_json:
+        click.echo(json.dumps(fleet_to_json(fleet), indent=2))
+    else:
+        click.echo(render_fleet_table(fleet))

@@ -1,0 +1,284 @@
+"""Conversion between domain records and table rows (plain dicts; no SQL here).
+
+JSON columns hold Python objects here: :class:`results.schema.JSONText` encodes them.
+
+A results row is built from the task it answers and the agent's
+:class:`~edgefarm.domain.MeasurementResult`. Its ``trials_detail`` column is a list with
+one dict per trial, *without* the samples (they are all in ``samples_ms``, in trial
+order); each dict has ``iterations`` (its sample count, so ``samples_ms`` can be split
+back into trials), ``median_ms``, ``warmup_iterations``, ``duration_s``, ``load_time_s``,
+``peak_rss_bytes``, ``load_rss_delta_bytes``, ``valid`` and ``invalid_reason``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Mapping
+from typing import Any
+
+from edgefarm.domain import (
+    CampaignStatus,
+    MeasurementResult,
+    MeasureSettings,
+    TaskStatus,
+    TrialOutcome,
+)
+from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
+
+TASK_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TaskRecord))
+CAMPAIGN_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(CampaignRecord))
+
+# A database row as read (SQLAlchemy's RowMapping is keyed by names or columns).
+RowLike = Mapping[Any, Any]
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, or ``None`` when it is missing, NaN or infinite."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def settings_from_dict(data: Mapping[str, Any] | None) -> MeasureSettings:
+    """Rebuild settings, ignoring keys this version does not know."""
+    known = {f.name for f in dataclasses.fields(MeasureSettings)}
+    return MeasureSettings(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+# ---------------------------------------------------------------------------- campaigns
+
+
+def campaign_to_row(c: CampaignRecord) -> dict[str, Any]:
+    """Row values for a campaign."""
+    row = dataclasses.asdict(c)
+    row["status"] = CampaignStatus(c.status).value
+    return row
+
+
+def campaign_fields_to_values(fields: Mapping[str, object]) -> dict[str, Any]:
+    """Column values for a partial campaign update; ValueError on an unknown field."""
+    unknown = set(fields) - CAMPAIGN_FIELDS
+    if unknown:
+        raise ValueError(f"not CampaignRecord fields: {', '.join(sorted(unknown))}")
+    values = dict(fields)
+    if "status" in values:
+        values["status"] = CampaignStatus(str(values["status"])).value
+    return values
+
+
+def row_to_campaign(row: RowLike) -> CampaignRecord:
+    """A campaign record from its row."""
+    return CampaignRecord(
+        campaign_id=row["campaign_id"],
+        name=row["name"],
+        spec_yaml=row["spec_yaml"],
+        status=CampaignStatus(row["status"]),
+        created_at=row["created_at"],
+        finished_at=row["finished_at"],
+        conversions_run=row["conversions_run"],
+        conversions_cached=row["conversions_cached"],
+    )
+
+
+# -------------------------------------------------------------------------------- tasks
+
+
+def task_to_row(t: TaskRecord, now: float) -> dict[str, Any]:
+    """Row values for a new task; zero ``created_at`` / ``updated_at`` become ``now``."""
+    row = task_fields_to_values(
+        {f.name: getattr(t, f.name) for f in dataclasses.fields(TaskRecord)}
+    )
+    row["created_at"] = t.created_at or now
+    row["updated_at"] = t.updated_at or row["created_at"]
+    return row
+
+
+def task_fields_to_values(fields: Mapping[str, object]) -> dict[str, Any]:
+    """Column values for (some) TaskRecord fields; ValueError on an unknown field."""
+    unknown = set(fields) - TASK_FIELDS
+    if unknown:
+        raise ValueError(f"not TaskRecord fields: {', '.join(sorted(unknown))}")
+    values = dict(fields)
+    if "settings" in values:
+        settings = values["settings"]
+        values["settings"] = (
+            settings.to_dict() if isinstance(settings, MeasureSettings) else settings
+        )
+    if "status" in values:
+        values["status"] = TaskStatus(str(values["status"])).value
+    for key in ("options", "selector"):
+        if key in values and values[key] is None:
+            values[key] = {}
+    return values
+
+
+def row_to_task(row: RowLike) -> TaskRecord:
+    """A task record from its row."""
+    return TaskRecord(
+        task_id=row["task_id"],
+        campaign_id=row["campaign_id"],
+        model=row["model"],
+        backend=row["backend"],
+        scheme=row["scheme"],
+        device_id=row["device_id"],
+        device_name=row["device_name"],
+        artifact_sha256=row["artifact_sha256"],
+        artifact_size=row["artifact_size"],
+        artifact_name=row["artifact_name"],
+        eval_sha256=row["eval_sha256"],
+        eval_size=row["eval_size"],
+        settings=settings_from_dict(row["settings"]),
+        options=dict(row["options"] or {}),
+        selector=dict(row["selector"] or {}),
+        measure_key=row["measure_key"],
+        status=TaskStatus(row["status"]),
+        attempt=row["attempt"],
+        lease_id=row["lease_id"],
+        agent_id=row["agent_id"],
+        lease_expires_at=row["lease_expires_at"],
+        result_id=row["result_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def trial_detail(t: TrialOutcome) -> dict[str, Any]:
+    """One ``trials_detail`` entry: a trial without its samples."""
+    return {
+        "iterations": len(t.samples_ms),
+        "median_ms": finite_or_none(statistics.median(t.samples_ms)) if t.samples_ms else None,
+        "warmup_iterations": t.warmup_iterations,
+        "duration_s": finite_or_none(t.duration_s),
+        "load_time_s": finite_or_none(t.load_time_s),
+        "peak_rss_bytes": t.peak_rss_bytes,
+        "load_rss_delta_bytes": t.load_rss_delta_bytes,
+        "valid": t.valid,
+        "invalid_reason": t.invalid_reason,
+    }
+
+
+def _task_columns(task: TaskRecord) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "campaign_id": task.campaign_id,
+        "model": task.model,
+        "backend": task.backend,
+        "scheme": task.scheme,
+        "artifact_sha256": task.artifact_sha256,
+        "eval_sha256": task.eval_sha256,
+        "measure_key": task.measure_key,
+        "settings": task.settings.to_dict(),
+    }
+
+
+def result_to_row(
+    task: TaskRecord, result: MeasurementResult, device_name: str, now: float
+) -> dict[str, Any]:
+    """The results row for an agent's result of ``task`` (without ``result_id``)."""
+    lat = result.latency
+    return {
+        **_task_columns(task),
+        "attempt": result.attempt,
+        "backend_version": result.backend_version,
+        "device_id": result.device_id or task.device_id,
+        "device_name": device_name,
+        "agent_id": result.agent_id,
+        "ok": result.ok,
+        "valid": result.valid,
+        "invalid_reason": result.invalid_reason,
+        "error_kind": result.error_kind,
+        "error_message": result.error_message,
+        "trials": len(result.trials),
+        "samples_ms": result.samples_ms,
+        "trial_medians_ms": result.trial_medians_ms,
+        "lat_mean_ms": lat.mean,
+        "lat_p50_ms": lat.p50,
+        "lat_p90_ms": lat.p90,
+        "lat_p99_ms": lat.p99,
+        "lat_stdev_ms": lat.stdev,
+        "lat_cv": lat.cv,
+        "lat_min_ms": lat.min,
+        "lat_max_ms": lat.max,
+        "throughput_per_s": result.throughput_per_s,
+        "batch_size": result.batch_size,
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "load_rss_delta_bytes": result.load_rss_delta_bytes,
+        "load_time_s": result.load_time_s,
+        "model_size_bytes": result.model_size_bytes,
+        "accuracy": dict(result.accuracy),
+        "environment": dict(result.environment),
+        "trials_detail": [trial_detail(t) for t in result.trials],
+        "created_at": now,
+    }
+
+
+def failure_to_row(task: TaskRecord, kind: str, message: str, now: float) -> dict[str, Any]:
+    """A failed results row for ``task`` at its current attempt, with no measurement."""
+    failed = MeasurementResult(
+        task_id=task.task_id,
+        attempt=task.attempt,
+        lease_id=task.lease_id or "",
+        agent_id=task.agent_id or "",
+        device_id=task.device_id,
+        ok=False,
+        error_kind=kind,
+        error_message=message,
+        batch_size=task.settings.batch_size,
+    )
+    return result_to_row(task, failed, task.device_name, now)
+
+
+def decode_result_row(row: RowLike) -> dict[str, Any]:
+    """A results row as a plain dict (JSON already decoded by the column types)."""
+    out = dict(row)
+    out["ok"] = bool(out["ok"])
+    out["valid"] = bool(out["valid"])
+    return out
+
+
+# ---------------------------------------------------------------------------- artifacts
+
+
+def artifact_to_row(a: ArtifactRecord) -> dict[str, Any]:
+    """Row values for an artifact."""
+    return dataclasses.asdict(a)
+
+
+def row_to_artifact(row: RowLike) -> ArtifactRecord:
+    """An artifact record from its row."""
+    return ArtifactRecord(
+        key=row["key"],
+        sha256=row["sha256"],
+        size_bytes=row["size_bytes"],
+        kind=row["kind"],
+        name=row["name"],
+        provenance=dict(row["provenance"] or {}),
+        created_at=row["created_at"],
+    )
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def device_to_row(d: DeviceSeen) -> dict[str, Any]:
+    """Row values for a device sighting."""
+    return dataclasses.asdict(d)
+
+
+def row_to_device(row: RowLike) -> DeviceSeen:
+    """A device sighting from its row."""
+    return DeviceSeen(
+        agent_id=row["agent_id"],
+        agent_name=row["agent_name"],
+        device_id=row["device_id"],
+        capabilities=dict(row["capabilities"] or {}),
+        labels=dict(row["labels"] or {}),
+        registered_at=row["registered_at"],
+        last_heartbeat=row["last_heartbeat"],
+    )

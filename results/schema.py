@@ -1,0 +1,264 @@
+"""Tables of the results store (SQLAlchemy Core) and their versioned migrations.
+
+Only portable column types are used, so any SQLAlchemy URL works: JSON is stored as
+text (:class:`JSONText`), floats as ``Float`` (:class:`FiniteFloat`), byte counts as
+``BigInteger``, times as unix seconds. Non-finite floats (NaN, +-inf) are stored as NULL
+and read back as ``None``, both in float columns and inside JSON values.
+
+Versioning: ``meta.schema_version`` holds the version a store is at. :data:`MIGRATIONS`
+is ordered; ``MIGRATIONS[i]`` upgrades a store from version ``i`` to ``i + 1``, so a
+fresh store (version 0) runs all of them and ``SCHEMA_VERSION == len(MIGRATIONS)``.
+The table objects below always describe the *current* schema. Step 1 builds whatever
+tables are missing from them, so a later step must tolerate finding its change already
+in place on a fresh store (check with :func:`has_column`). To add v2: change the tables
+here, append ``_v2_...`` to :data:`MIGRATIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+from edgefarm.errors import SchemaVersionError
+
+metadata = sa.MetaData()
+
+
+def scrub_non_finite(value: Any) -> Any:
+    """A copy of ``value`` with NaN / +-inf floats (at any depth) replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): scrub_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_non_finite(v) for v in value]
+    return value
+
+
+class JSONText(sa.types.TypeDecorator[Any]):
+    """A JSON value stored as text; non-finite floats inside become ``null``."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        """Encode to compact JSON text (``None`` stays SQL NULL)."""
+        if value is None:
+            return None
+        return json.dumps(scrub_non_finite(value), allow_nan=False, separators=(",", ":"))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        """Decode JSON text."""
+        return None if value is None else json.loads(value)
+
+
+class FiniteFloat(sa.types.TypeDecorator[float]):
+    """A float column where NaN and +-inf are stored as NULL."""
+
+    impl = sa.Float
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> float | None:
+        """Map non-finite values to NULL."""
+        if value is None:
+            return None
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> float | None:
+        """Return a plain float (or ``None``)."""
+        return None if value is None else float(value)
+
+
+def _id() -> sa.String:
+    return sa.String(128)
+
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("campaign_id", _id(), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("spec_yaml", sa.Text, nullable=False),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("conversions_run", sa.Integer, nullable=False, default=0),
+    sa.Column("conversions_cached", sa.Integer, nullable=False, default=0),
+)
+
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    # Insertion sequence: "creation order" is (created_at, seq).
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", _id(), nullable=False, unique=True),
+    sa.Column(
+        "campaign_id",
+        _id(),
+        sa.ForeignKey("campaigns.campaign_id"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("backend", sa.String(64), nullable=False),
+    sa.Column("scheme", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(256), nullable=False),
+    sa.Column("device_name", sa.String(256), nullable=False),
+    sa.Column("artifact_sha256", sa.String(64), nullable=False),
+    sa.Column("artifact_size", sa.BigInteger, nullable=False),
+    sa.Column("artifact_name", sa.String(512), nullable=False),
+    sa.Column("eval_sha256", sa.String(64)),
+    sa.Column("eval_size", sa.BigInteger, nullable=False),
+    sa.Column("settings", JSONText, nullable=False),
+    sa.Column("options", JSONText, nullable=False),
+    sa.Column("selector", JSONText, nullable=False),
+    sa.Column("measure_key", sa.String(128), nullable=False, index=True),
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("lease_id", sa.String(128)),
+    sa.Column("agent_id", sa.String(128)),
+    sa.Column("lease_expires_at", sa.Float),
+    # The results row answering this task (no FK: results.task_id already points here).
+    sa.Column("result_id", sa.Integer),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+results = sa.Table(
+    "results",
+    metadata,
+    sa.Column("result_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", _id(), sa.ForeignKey("tasks.task_id"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("campaign_id", _id(), nullable=False, index=True),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("backend", sa.String(64), nullable=False),
+    sa.Column("backend_version", sa.String(128), nullable=False),
+    sa.Column("scheme", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(256), nullable=False, index=True),
+    sa.Column("device_name", sa.String(256), nullable=False),
+    sa.Column("agent_id", sa.String(128), nullable=False),
+    sa.Column("artifact_sha256", sa.String(64), nullable=False),
+    sa.Column("eval_sha256", sa.String(64)),
+    sa.Column("measure_key", sa.String(128), nullable=False, index=True),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("valid", sa.Boolean, nullable=False),
+    sa.Column("invalid_reason", sa.Text, nullable=False),
+    sa.Column("error_kind", sa.String(64), nullable=False),
+    sa.Column("error_message", sa.Text, nullable=False),
+    sa.Column("settings", JSONText, nullable=False),
+    sa.Column("trials", sa.Integer, nullable=False),
+    sa.Column("samples_ms", JSONText, nullable=False),
+    sa.Column("trial_medians_ms", JSONText, nullable=False),
+    sa.Column("lat_mean_ms", FiniteFloat),
+    sa.Column("lat_p50_ms", FiniteFloat),
+    sa.Column("lat_p90_ms", FiniteFloat),
+    sa.Column("lat_p99_ms", FiniteFloat),
+    sa.Column("lat_stdev_ms", FiniteFloat),
+    sa.Column("lat_cv", FiniteFloat),
+    sa.Column("lat_min_ms", FiniteFloat),
+    sa.Column("lat_max_ms", FiniteFloat),
+    sa.Column("throughput_per_s", FiniteFloat),
+    sa.Column("batch_size", sa.Integer, nullable=False),
+    sa.Column("peak_rss_bytes", sa.BigInteger, nullable=False),
+    sa.Column("load_rss_delta_bytes", sa.BigInteger, nullable=False),
+    sa.Column("load_time_s", FiniteFloat),
+    sa.Column("model_size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("accuracy", JSONText, nullable=False),
+    sa.Column("environment", JSONText, nullable=False),
+    sa.Column("trials_detail", JSONText, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("task_id", "attempt", name="uq_results_task_attempt"),
+)
+
+artifacts = sa.Table(
+    "artifacts",
+    metadata,
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(512), nullable=False),
+    sa.Column("provenance", JSONText, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+devices_seen = sa.Table(
+    "devices_seen",
+    metadata,
+    sa.Column("agent_id", sa.String(128), primary_key=True),
+    sa.Column("agent_name", sa.String(256), nullable=False),
+    sa.Column("device_id", sa.String(256), nullable=False, index=True),
+    sa.Column("capabilities", JSONText, nullable=False),
+    sa.Column("labels", JSONText, nullable=False),
+    sa.Column("registered_at", sa.Float, nullable=False),
+    sa.Column("last_heartbeat", sa.Float, nullable=False),
+)
+
+
+# --------------------------------------------------------------------------- migrations
+
+Migration = Callable[[Connection], None]
+
+
+def _v1_create_tables(conn: Connection) -> None:
+    """v0 -> v1: create every table (and index) that does not exist yet."""
+    metadata.create_all(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Migration] = [_v1_create_tables]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def has_column(conn: Connection, table: str, column: str) -> bool:
+    """Whether ``table`` already has ``column`` (for idempotent migration steps)."""
+    return any(c["name"] == column for c in sa.inspect(conn).get_columns(table))
+
+
+def read_schema_version(conn: Connection) -> int:
+    """The store's schema version; 0 for an empty database."""
+    if not sa.inspect(conn).has_table(meta.name):
+        return 0
+    value = conn.execute(
+        sa.select(meta.c.value).where(meta.c.key == "schema_version")
+    ).scalar_one_or_none()
+    return int(value) if value is not None else 0
+
+
+def _write_schema_version(conn: Connection, version: int) -> None:
+    updated = conn.execute(
+        meta.update().where(meta.c.key == "schema_version").values(value=str(version))
+    )
+    if not updated.rowcount:
+        conn.execute(meta.insert().values(key="schema_version", value=str(version)))
+
+
+def migrate(conn: Connection) -> int:
+    """Bring the store to :data:`SCHEMA_VERSION` inside the caller's transaction.
+
+    Returns the version found before migrating. Raises :class:`SchemaVersionError`
+    for a store written by a newer edgefarm.
+    """
+    found = read_schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the results store has schema version {found}, newer than this edgefarm "
+            f"understands ({SCHEMA_VERSION}): upgrade edgefarm to use it"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        MIGRATIONS[version](conn)
+        _write_schema_version(conn, version + 1)
+    return found

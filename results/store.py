@@ -1,0 +1,540 @@
+"""The results store: every campaign, task, measurement, artifact and device sighting.
+
+SQLite by default (:func:`default_url`), any SQLAlchemy URL otherwise (e.g.
+``postgresql+psycopg://user:pw@host/edgefarm``). All SQL of the store lives here; the
+tables are in :mod:`results.schema`, record <-> row conversion in :mod:`results.rows`.
+
+Result rows (:meth:`ResultsStore.get_result`, :meth:`ResultsStore.query_results`) are
+plain dicts keyed by the columns of :data:`results.schema.results`, JSON columns decoded,
+``ok`` / ``valid`` as bools and NaN measurements as ``None``.
+
+Errors: every database failure leaves the store as :class:`~edgefarm.errors.StoreError`
+with a one-line message; a store written by a newer edgefarm raises
+:class:`~edgefarm.errors.SchemaVersionError`. Programming errors stay ordinary:
+``ValueError`` for a field a record does not have, ``KeyError`` for an unknown id given
+to an update.
+
+SQLite specifics: WAL journal, ``busy_timeout`` 5000 ms, foreign keys on, and write
+transactions start with ``BEGIN IMMEDIATE`` so that a read-then-write transaction never
+fails on a lock upgrade. The store is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
+from edgefarm.errors import SchemaVersionError, StoreError, UsageError
+from results import rows, schema
+from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
+from results.schema import artifacts, campaigns, devices_seen, migrate, results, tasks
+
+logger = logging.getLogger(__name__)
+
+MIN_PREFIX_LEN = 4
+_WRITE_OPTION = "edgefarm_write"
+
+
+def default_url(home: Path) -> str:
+    """The store URL under an edgefarm home folder: ``sqlite:///{home}/results.sqlite``."""
+    return f"sqlite:///{home.expanduser()}/results.sqlite"
+
+
+class _Conflict(StoreError):
+    """A write broke a unique / foreign key constraint (handled inside the store)."""
+
+
+def _one_line(error: BaseException) -> str:
+    cause = getattr(error, "orig", None) or error
+    text = str(cause).strip() or type(cause).__name__
+    return text.splitlines()[0]
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take BEGIN away from the sqlite3 driver: _sqlite_on_begin emits it (SQLAlchemy's
+    # documented recipe), so reads are repeatable and DDL is transactional.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout = 5000")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode and str(mode[0]).lower() not in ("wal", "memory"):
+            logger.warning("SQLite refused WAL journal mode (kept %s)", mode[0])
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get(_WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _create_engine(url: str) -> Engine:
+    """An engine for ``url`` (creating a SQLite file's folder); StoreError when invalid."""
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError as e:
+        raise StoreError(f"invalid results store URL {url!r}: {_one_line(e)}") from e
+    backend = parsed.get_backend_name()
+    kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            try:
+                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the folder of {database}: {e}") from e
+    else:
+        kwargs["pool_pre_ping"] = True
+        if backend == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+            kwargs["connect_args"] = {"connect_timeout": 10}
+    safe = parsed.render_as_string(hide_password=True)
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
+        raise StoreError(f"cannot use results store URL {safe}: {_one_line(e)}") from e
+    if backend == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+class ResultsStore:
+    """The farm's system of record. Open with :meth:`open`; use as a context manager."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        """Wrap an engine whose schema is already current (use :meth:`open`)."""
+        self._engine = engine
+        self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._url = url
+        self._safe_url = engine.url.render_as_string(hide_password=True)
+        self._closed = False
+
+    # ---------------------------------------------------------------------- lifecycle
+
+    @classmethod
+    def open(cls, url: str) -> ResultsStore:
+        """Open (creating or migrating) the store at a SQLAlchemy URL."""
+        engine = _create_engine(url)
+        store = cls(engine, url)
+        try:
+            with store._tx(write=True) as conn:
+                found = migrate(conn)
+        except SchemaVersionError:
+            engine.dispose()
+            raise
+        except (StoreError, sa.exc.SQLAlchemyError) as e:
+            engine.dispose()
+            cause = e.__cause__ if isinstance(e, StoreError) and e.__cause__ else e
+            raise StoreError(
+                f"cannot open results store {store._safe_url}: {_one_line(cause)}"
+            ) from e
+        logger.debug("opened results store %s (schema version %d)", store._safe_url, found)
+        return store
+
+    @property
+    def url(self) -> str:
+        """The URL the store was opened with."""
+        return self._url
+
+    def close(self) -> None:
+        """Release every database connection; the store cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self._engine.dispose()
+
+    def __enter__(self) -> ResultsStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ResultsStore({self._safe_url!r})"
+
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Connection]:
+        """One transaction; database errors become StoreError (_Conflict for constraints)."""
+        if self._closed:
+            raise StoreError("the results store is closed")
+        engine = self._write_engine if write else self._engine
+        try:
+            with engine.begin() as conn:
+                yield conn
+        except sa.exc.IntegrityError as e:
+            raise _Conflict(_one_line(e)) from e
+        except sa.exc.DBAPIError as e:
+            raise StoreError(f"results store {self._safe_url}: {_one_line(e)}") from e
+
+    # ---------------------------------------------------------------------- campaigns
+
+    def create_campaign(self, c: CampaignRecord, tasks: list[TaskRecord]) -> None:
+        """Store a campaign and its tasks in one transaction.
+
+        Tasks keep the list order as their creation order; a zero ``created_at`` /
+        ``updated_at`` is stored as the current time.
+        """
+        now = time.time()
+        task_rows = [rows.task_to_row(t, now) for t in tasks]
+        try:
+            with self._tx(write=True) as conn:
+                conn.execute(campaigns.insert().values(**rows.campaign_to_row(c)))
+                if task_rows:
+                    conn.execute(schema.tasks.insert(), task_rows)  # `tasks` is the list
+        except _Conflict as e:
+            raise StoreError(f"cannot create campaign {c.campaign_id}: {e}") from e
+
+    def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
+        """The campaign with this id, or with this unique id prefix (>= 4 characters).
+
+        Raises :class:`~edgefarm.errors.UsageError` when a prefix matches several.
+        """
+        with self._tx() as conn:
+            row = (
+                conn.execute(sa.select(campaigns).where(campaigns.c.campaign_id == campaign_id))
+                .mappings()
+                .first()
+            )
+            if row is not None:
+                return rows.row_to_campaign(row)
+            if len(campaign_id) < MIN_PREFIX_LEN:
+                return None
+            matches = (
+                conn.execute(
+                    sa.select(campaigns)
+                    .where(campaigns.c.campaign_id.startswith(campaign_id, autoescape=True))
+                    .order_by(campaigns.c.created_at.desc())
+                    .limit(6)
+                )
+                .mappings()
+                .all()
+            )
+        if len(matches) > 1:
+            shown = ", ".join(m["campaign_id"] for m in matches[:5])
+            raise UsageError(f"campaign id prefix {campaign_id!r} is ambiguous: {shown}, ...")
+        return rows.row_to_campaign(matches[0]) if matches else None
+
+    def list_campaigns(self, limit: int = 50) -> list[CampaignRecord]:
+        """The newest campaigns first."""
+        stmt = (
+            sa.select(campaigns)
+            .order_by(campaigns.c.created_at.desc(), campaigns.c.campaign_id.desc())
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [rows.row_to_campaign(r) for r in conn.execute(stmt).mappings()]
+
+    def update_campaign(self, campaign_id: str, **fields: object) -> None:
+        """Set CampaignRecord fields (ValueError for others; KeyError for an unknown id)."""
+        values = rows.campaign_fields_to_values(fields)
+        if "campaign_id" in values:
+            raise ValueError("campaign_id cannot be changed")
+        if not values:
+            return
+        with self._tx(write=True) as conn:
+            done = conn.execute(
+                campaigns.update().where(campaigns.c.campaign_id == campaign_id).values(values)
+            )
+            if not done.rowcount:
+                raise KeyError(campaign_id)
+
+    def set_campaign_status(
+        self, campaign_id: str, status: CampaignStatus, finished_at: float | None = None
+    ) -> None:
+        """Set a campaign's status and finish time (KeyError for an unknown id)."""
+        self.update_campaign(campaign_id, status=status, finished_at=finished_at)
+
+    def unfinished_campaigns(self) -> list[CampaignRecord]:
+        """Campaigns still PREPARING or RUNNING, oldest first (to resume after a restart)."""
+        stmt = (
+            sa.select(campaigns)
+            .where(campaigns.c.status.in_([CampaignStatus.PREPARING, CampaignStatus.RUNNING]))
+            .order_by(campaigns.c.created_at, campaigns.c.campaign_id)
+        )
+        with self._tx() as conn:
+            return [rows.row_to_campaign(r) for r in conn.execute(stmt).mappings()]
+
+    def campaign_counts(self, campaign_id: str) -> dict[str, int]:
+        """Number of the campaign's tasks per TaskStatus value, plus ``"total"``."""
+        stmt = (
+            sa.select(tasks.c.status, sa.func.count())
+            .where(tasks.c.campaign_id == campaign_id)
+            .group_by(tasks.c.status)
+        )
+        counts = {s.value: 0 for s in TaskStatus}
+        with self._tx() as conn:
+            for status, n in conn.execute(stmt):
+                counts[status] = int(n)
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # -------------------------------------------------------------------------- tasks
+
+    def tasks_for_campaign(self, campaign_id: str) -> list[TaskRecord]:
+        """The campaign's tasks in creation order."""
+        return self._select_tasks(tasks.c.campaign_id == campaign_id)
+
+    def get_task(self, task_id: str) -> TaskRecord | None:
+        """One task, or None."""
+        found = self._select_tasks(tasks.c.task_id == task_id)
+        return found[0] if found else None
+
+    def unfinished_tasks(self) -> list[TaskRecord]:
+        """PENDING or ASSIGNED tasks of every campaign, in creation order."""
+        return self._select_tasks(tasks.c.status.in_([TaskStatus.PENDING, TaskStatus.ASSIGNED]))
+
+    def _select_tasks(self, where: sa.ColumnElement[bool]) -> list[TaskRecord]:
+        stmt = sa.select(tasks).where(where).order_by(tasks.c.created_at, tasks.c.seq)
+        with self._tx() as conn:
+            return [rows.row_to_task(r) for r in conn.execute(stmt).mappings()]
+
+    def update_task(self, task_id: str, **fields: object) -> None:
+        """Set TaskRecord fields and ``updated_at`` (now, unless given).
+
+        ValueError for a name that is not a TaskRecord field (or ``task_id``); KeyError
+        for an unknown task.
+        """
+        values = rows.task_fields_to_values(fields)
+        if "task_id" in values:
+            raise ValueError("task_id cannot be changed")
+        values.setdefault("updated_at", time.time())
+        try:
+            with self._tx(write=True) as conn:
+                done = conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(values))
+                if not done.rowcount:
+                    raise KeyError(task_id)
+        except _Conflict as e:
+            raise StoreError(f"cannot update task {task_id}: {e}") from e
+
+    # ------------------------------------------------------------------------ results
+
+    def ingest_result(
+        self, task: TaskRecord, result: MeasurementResult, device_name: str
+    ) -> tuple[int, bool]:
+        """Store an agent's result; returns ``(result_id, inserted)``.
+
+        Idempotent on ``(task_id, result.attempt)``: a repeat changes nothing and returns
+        the existing id with ``inserted`` False. The same transaction sets the task's
+        status (DONE if ``result.ok`` else FAILED) and ``result_id``; lease fields are
+        left as they are. Checking that the result's lease is current is the caller's job.
+        """
+        if result.task_id != task.task_id:
+            raise ValueError(f"result of task {result.task_id} given for task {task.task_id}")
+        now = time.time()
+        row = rows.result_to_row(task, result, device_name, now)
+        status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
+        return self._insert_result(row, status, now)
+
+    def record_failure(self, task: TaskRecord, kind: str, message: str) -> int:
+        """Store a failed row for a task that produced no result (e.g. lost leases).
+
+        Keyed by the task's current attempt and idempotent like :meth:`ingest_result`;
+        sets the task FAILED with this ``result_id``. Returns the result id.
+        """
+        now = time.time()
+        row = rows.failure_to_row(task, kind, message, now)
+        result_id, _ = self._insert_result(row, TaskStatus.FAILED, now)
+        return result_id
+
+    def _insert_result(
+        self, row: dict[str, Any], status: TaskStatus, now: float
+    ) -> tuple[int, bool]:
+        task_id, attempt = row["task_id"], row["attempt"]
+        try:
+            with self._tx(write=True) as conn:
+                existing = self._result_id_for(conn, task_id, attempt)
+                if existing is not None:
+                    return existing, False
+                inserted = conn.execute(results.insert().values(**row)).inserted_primary_key
+                if inserted is None:  # pragma: no cover - every supported dialect reports it
+                    raise StoreError("the database did not report the new result id")
+                result_id = int(inserted[0])
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.task_id == task_id)
+                    .values(status=status.value, result_id=result_id, updated_at=now)
+                )
+                return result_id, True
+        except _Conflict as e:
+            # Lost a race with a concurrent ingestion of the same attempt (or the task
+            # does not exist: then there is no row to return).
+            with self._tx() as conn:
+                existing = self._result_id_for(conn, task_id, attempt)
+            if existing is None:
+                raise StoreError(
+                    f"cannot store the result of task {task_id} attempt {attempt}: {e}"
+                ) from e
+            return existing, False
+
+    @staticmethod
+    def _result_id_for(conn: Connection, task_id: str, attempt: int) -> int | None:
+        value = conn.execute(
+            sa.select(results.c.result_id).where(
+                results.c.task_id == task_id, results.c.attempt == attempt
+            )
+        ).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def find_reusable_result(self, measure_key: str) -> int | None:
+        """The newest ok and valid result with this measure key (None for an empty key)."""
+        if not measure_key:
+            return None
+        stmt = (
+            sa.select(results.c.result_id)
+            .where(results.c.measure_key == measure_key, results.c.ok, results.c.valid)
+            .order_by(results.c.created_at.desc(), results.c.result_id.desc())
+            .limit(1)
+        )
+        with self._tx() as conn:
+            value = conn.execute(stmt).scalar_one_or_none()
+        return None if value is None else int(value)
+
+    def get_result(self, result_id: int) -> dict[str, Any] | None:
+        """One result row as a dict, or None."""
+        found = self._select_results(results.c.result_id == result_id)
+        return found[0] if found else None
+
+    def query_results(
+        self,
+        campaign_id: str | None = None,
+        model: str | None = None,
+        backend: str | None = None,
+        device: str | None = None,
+        ok: bool | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Result rows matching every given filter, newest first.
+
+        ``device`` matches ``device_id`` or ``device_name``. ``campaign_id`` matches the
+        campaign that measured the row (rows reused by later campaigns are not repeated
+        here: see :meth:`results_for_campaign`).
+        """
+        where: list[sa.ColumnElement[bool]] = []
+        if campaign_id is not None:
+            where.append(results.c.campaign_id == campaign_id)
+        if model is not None:
+            where.append(results.c.model == model)
+        if backend is not None:
+            where.append(results.c.backend == backend)
+        if device is not None:
+            where.append(sa.or_(results.c.device_id == device, results.c.device_name == device))
+        if ok is not None:
+            where.append(results.c.ok == ok)
+        return self._select_results(sa.and_(sa.true(), *where), newest_first=True, limit=limit)
+
+    def _select_results(
+        self,
+        where: sa.ColumnElement[bool],
+        newest_first: bool = False,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        order = results.c.result_id.desc() if newest_first else results.c.result_id
+        stmt = sa.select(results).where(where).order_by(order)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._tx() as conn:
+            return [rows.decode_result_row(r) for r in conn.execute(stmt).mappings()]
+
+    def results_for_campaign(self, campaign_id: str) -> list[dict[str, Any]]:
+        """The row answering each task of the campaign, in task creation order.
+
+        Each dict is the stored result row, unchanged (so ``task_id`` / ``campaign_id``
+        name the task and campaign that *measured* it), plus two keys:
+
+        - ``answers_task_id``: the task of *this* campaign that the row answers;
+        - ``reused``: True when the row was measured by another task (an earlier
+          identical measurement), i.e. ``task_id != answers_task_id``.
+
+        Tasks without a result yet are left out.
+        """
+        stmt = (
+            sa.select(results, tasks.c.task_id.label("answers_task_id"))
+            .join_from(tasks, results, tasks.c.result_id == results.c.result_id)
+            .where(tasks.c.campaign_id == campaign_id)
+            .order_by(tasks.c.created_at, tasks.c.seq)
+        )
+        out: list[dict[str, Any]] = []
+        with self._tx() as conn:
+            for r in conn.execute(stmt).mappings():
+                row = rows.decode_result_row(r)
+                row["reused"] = row["task_id"] != row["answers_task_id"]
+                out.append(row)
+        return out
+
+    # ---------------------------------------------------------------------- artifacts
+
+    def record_artifact(self, a: ArtifactRecord) -> None:
+        """Store an artifact; a key already stored is left unchanged."""
+        try:
+            with self._tx(write=True) as conn:
+                exists = conn.execute(
+                    sa.select(artifacts.c.key).where(artifacts.c.key == a.key)
+                ).first()
+                if exists is None:
+                    conn.execute(artifacts.insert().values(**rows.artifact_to_row(a)))
+        except _Conflict:
+            pass  # stored concurrently by someone else: same key, same artifact
+
+    def find_artifact(self, key: str) -> ArtifactRecord | None:
+        """The artifact stored under ``key``, or None."""
+        with self._tx() as conn:
+            row = (
+                conn.execute(sa.select(artifacts).where(artifacts.c.key == key)).mappings().first()
+            )
+        return None if row is None else rows.row_to_artifact(row)
+
+    def list_artifacts(self) -> list[ArtifactRecord]:
+        """Every artifact, oldest first."""
+        stmt = sa.select(artifacts).order_by(artifacts.c.created_at, artifacts.c.key)
+        with self._tx() as conn:
+            return [rows.row_to_artifact(r) for r in conn.execute(stmt).mappings()]
+
+    # ------------------------------------------------------------------------ devices
+
+    def upsert_device_seen(self, d: DeviceSeen) -> None:
+        """Insert or replace the sighting of agent ``d.agent_id``."""
+        values = rows.device_to_row(d)
+        for _ in range(2):  # a second round only after losing an insert race
+            try:
+                with self._tx(write=True) as conn:
+                    self._update_or_insert(conn, values)
+                return
+            except _Conflict:
+                continue
+        raise StoreError(f"cannot record agent {d.agent_id}: concurrent updates")
+
+    @staticmethod
+    def _update_or_insert(conn: Connection, values: Mapping[str, Any]) -> None:
+        key = devices_seen.c.agent_id == values["agent_id"]
+        if not conn.execute(devices_seen.update().where(key).values(**values)).rowcount:
+            conn.execute(devices_seen.insert().values(**values))
+
+    def touch_device(self, agent_id: str, at: float) -> None:
+        """Record a heartbeat of a known agent (an unknown agent is ignored)."""
+        with self._tx(write=True) as conn:
+            conn.execute(
+                devices_seen.update()
+                .where(devices_seen.c.agent_id == agent_id)
+                .values(last_heartbeat=at)
+            )
+
+    def list_devices_seen(self) -> list[DeviceSeen]:
+        """Every agent sighting, by device id then agent id."""
+        stmt = sa.select(devices_seen).order_by(devices_seen.c.device_id, devices_seen.c.agent_id)
+        with self._tx() as conn:
+            return [rows.row_to_device(r) for r in conn.execute(stmt).mappings()]
