@@ -128,7 +128,7 @@ def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
 
 
 def parse_sysctl_optional(text: str) -> list[str]:
-    """Feature names set to 1 in ``sysctl hw.optional`` output (``arm.FEAT_BF16`` -> ``feat_bf16``)."""
+    """Features set to 1 in ``sysctl hw.optional`` output (``arm.FEAT_BF16`` -> ``feat_bf16``)."""
     flags: set[str] = set()
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -199,7 +199,7 @@ def _os_release(system: str) -> str:
 
 def _cpu_info(system: str) -> tuple[str, list[str]]:
     """CPU model and flags, by platform."""
-    model, flags = "", []
+    model, flags = "", list[str]()
     if system == "Linux":
         model, flags = parse_cpuinfo(_read("/proc/cpuinfo"))
         if not model:

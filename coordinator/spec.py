@@ -178,15 +178,19 @@ class Measurement(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    warmup_iterations: int = Field(_DEFAULTS.warmup_iterations, ge=0, strict=True)
-    min_iterations: int = Field(_DEFAULTS.min_iterations, gt=0, strict=True)
-    max_iterations: int = Field(_DEFAULTS.max_iterations, gt=0, strict=True)
-    min_duration_s: float = Field(_DEFAULTS.min_duration_s, gt=0)
-    max_duration_s: float = Field(_DEFAULTS.max_duration_s, gt=0)
-    trials: int = Field(_DEFAULTS.trials, gt=0, strict=True)
-    threads: int = Field(_DEFAULTS.threads, gt=0, strict=True)
-    batch_size: int = Field(_DEFAULTS.batch_size, gt=0, strict=True)
-    timeout_s: float = Field(_DEFAULTS.timeout_s, gt=0)
+    warmup_iterations: int = Field(default=_DEFAULTS.warmup_iterations, ge=0, strict=True)
+    min_iterations: int = Field(default=_DEFAULTS.min_iterations, gt=0, strict=True)
+    max_iterations: int = Field(default=_DEFAULTS.max_iterations, gt=0, strict=True)
+    min_duration_s: float = Field(
+        default=_DEFAULTS.min_duration_s, gt=0, strict=True, allow_inf_nan=False
+    )
+    max_duration_s: float = Field(
+        default=_DEFAULTS.max_duration_s, gt=0, strict=True, allow_inf_nan=False
+    )
+    trials: int = Field(default=_DEFAULTS.trials, gt=0, strict=True)
+    threads: int = Field(default=_DEFAULTS.threads, gt=0, strict=True)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, gt=0, strict=True)
+    timeout_s: float = Field(default=_DEFAULTS.timeout_s, gt=0, strict=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class CampaignSpec(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     backends: list[BackendEntry] = Field(min_length=1)
     devices: list[DeviceEntry] = Field(default_factory=lambda: [DeviceEntry()], min_length=1)
-    measurement: Measurement = Field(default_factory=Measurement)
+    measurement: Measurement = Field(default_factory=lambda: Measurement())
 
     @classmethod
     def load(cls, path: Path) -> CampaignSpec:
@@ -303,15 +307,11 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
 
 
 def _bounds(measurement: Measurement) -> None:
-    if measurement.min_iterations > measurement.max_iterations:
-        raise FieldError(
-            ("measurement", "min_iterations"),
-            f"min_iterations ({measurement.min_iterations}) is above "
-            f"max_iterations ({measurement.max_iterations})",
-        )
-    if measurement.min_duration_s > measurement.max_duration_s:
-        raise FieldError(
-            ("measurement", "min_duration_s"),
-            f"min_duration_s ({measurement.min_duration_s}) is above "
-            f"max_duration_s ({measurement.max_duration_s})",
-        )
+    for low, high in (("min_iterations", "max_iterations"), ("min_duration_s", "max_duration_s")):
+        low_value, high_value = getattr(measurement, low), getattr(measurement, high)
+        if low_value > high_value:
+            # point at the bound the user wrote (the other may be a default)
+            where = low if low in measurement.model_fields_set else high
+            raise FieldError(
+                ("measurement", where), f"{low} ({low_value}) is above {high} ({high_value})"
+            )

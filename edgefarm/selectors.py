@@ -105,9 +105,7 @@ def os_aliases(os_name: str) -> set[str]:
     return set(_OS_ALIASES.get(lowered, {lowered} if lowered else set()))
 
 
-def device_facts(
-    capabilities: DeviceCapabilities, labels: Mapping[str, str], name: str
-) -> Facts:
+def device_facts(capabilities: DeviceCapabilities, labels: Mapping[str, str], name: str) -> Facts:
     """The facts selectors are matched against, all lowercased.
 
     Keys: os, arch (with aliases), cpu_flag, accelerator, backend, name, device_id,

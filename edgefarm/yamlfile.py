@@ -130,7 +130,21 @@ def validate(
         prefix = f"{format_path(shown)}: " if shown else ""
         raise SpecError(f"{source}:{line}: {prefix}{exc.message}") from None
     except pydantic.ValidationError as exc:
-        raise SpecError(describe_error(model_cls, exc.errors()[0], lines, source)) from None
+        error = _first_error(exc.errors())
+        raise SpecError(describe_error(model_cls, error, lines, source)) from None
+
+
+def _first_error(errors: list[Any]) -> Any:
+    """The first error, except that a missing field next to an unknown one (a typo:
+    ``nmae`` for ``name``) is reported as the unknown field, which explains both."""
+    first = errors[0]
+    if first.get("type") == "missing":
+        parent = tuple(first.get("loc", ()))[:-1]
+        for error in errors:
+            loc = tuple(error.get("loc", ()))
+            if error.get("type") == "extra_forbidden" and loc[:-1] == parent:
+                return error
+    return first
 
 
 def load_file(

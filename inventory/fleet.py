@@ -159,8 +159,10 @@ def render_fleet_table(devices: list[FleetDevice], now: float | None = None) -> 
             )
         )
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     if any(not d.declared for d in devices):
         lines.append("* not declared in the inventory")
     return "\n".join(lines)

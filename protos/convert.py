@@ -77,10 +77,8 @@ def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
     )
 
 
-def artifact_to_pb(a: ArtifactRef | None) -> common_pb2.ArtifactRef | None:
-    """Domain artifact reference -> wire (None stays None)."""
-    if a is None:
-        return None
+def artifact_to_pb(a: ArtifactRef) -> common_pb2.ArtifactRef:
+    """Domain artifact reference -> wire."""
     return common_pb2.ArtifactRef(sha256=a.sha256, size_bytes=a.size_bytes, name=a.name)
 
 

@@ -102,7 +102,10 @@ def _create_engine(url: str) -> Engine:
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
-        raise StoreError(f"cannot use results store URL {safe}: {_one_line(e)}") from e
+        hint = ""
+        if isinstance(e, ImportError) and backend == "postgresql":
+            hint = " (pip install 'edgefarm[postgres]')"
+        raise StoreError(f"cannot use results store URL {safe}: {_one_line(e)}{hint}") from e
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine, "begin", _sqlite_on_begin)
@@ -242,8 +245,6 @@ class ResultsStore:
     def update_campaign(self, campaign_id: str, **fields: object) -> None:
         """Set CampaignRecord fields (ValueError for others; KeyError for an unknown id)."""
         values = rows.campaign_fields_to_values(fields)
-        if "campaign_id" in values:
-            raise ValueError("campaign_id cannot be changed")
         if not values:
             return
         with self._tx(write=True) as conn:
@@ -263,7 +264,11 @@ class ResultsStore:
         """Campaigns still PREPARING or RUNNING, oldest first (to resume after a restart)."""
         stmt = (
             sa.select(campaigns)
-            .where(campaigns.c.status.in_([CampaignStatus.PREPARING, CampaignStatus.RUNNING]))
+            .where(
+                campaigns.c.status.in_(
+                    [CampaignStatus.PREPARING.value, CampaignStatus.RUNNING.value]
+                )
+            )
             .order_by(campaigns.c.created_at, campaigns.c.campaign_id)
         )
         with self._tx() as conn:
@@ -296,7 +301,9 @@ class ResultsStore:
 
     def unfinished_tasks(self) -> list[TaskRecord]:
         """PENDING or ASSIGNED tasks of every campaign, in creation order."""
-        return self._select_tasks(tasks.c.status.in_([TaskStatus.PENDING, TaskStatus.ASSIGNED]))
+        return self._select_tasks(
+            tasks.c.status.in_([TaskStatus.PENDING.value, TaskStatus.ASSIGNED.value])
+        )
 
     def _select_tasks(self, where: sa.ColumnElement[bool]) -> list[TaskRecord]:
         stmt = sa.select(tasks).where(where).order_by(tasks.c.created_at, tasks.c.seq)
@@ -306,12 +313,9 @@ class ResultsStore:
     def update_task(self, task_id: str, **fields: object) -> None:
         """Set TaskRecord fields and ``updated_at`` (now, unless given).
 
-        ValueError for a name that is not a TaskRecord field (or ``task_id``); KeyError
-        for an unknown task.
+        ValueError for a name that is not a TaskRecord field; KeyError for an unknown task.
         """
         values = rows.task_fields_to_values(fields)
-        if "task_id" in values:
-            raise ValueError("task_id cannot be changed")
         values.setdefault("updated_at", time.time())
         try:
             with self._tx(write=True) as conn:

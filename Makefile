@@ -1,0 +1,40 @@
+# The two README commands: `make quickstart` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+EXTRAS_RUN := coordinator,onnxruntime
+EXTRAS_TEST := coordinator,onnxruntime,postgres,dev
+
+.PHONY: quickstart test install install-dev lint typecheck protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS_RUN)]"
+
+install-dev: $(BIN)/python
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS_TEST)]"
+
+quickstart: install
+	$(BIN)/edgefarm quickstart
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy edgefarm agent coordinator results inventory protos
+
+protos:
+	$(BIN)/python protos/generate.py
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy edgefarm agent coordinator results inventory protos
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info

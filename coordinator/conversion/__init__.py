@@ -1,0 +1,1 @@
+"""Model conversion and quantization, run as Ray tasks on the coordinator."""

@@ -1,0 +1,181 @@
+"""Scheduler logic with an in-process transport: outbox queues, a fake clock, a real
+SQLite store. No sockets, no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.scheduler import AckMessage, AssignMessage, CancelMessage, Scheduler
+from edgefarm.domain import (
+    CampaignStatus,
+    DeviceCapabilities,
+    MeasurementResult,
+    MeasureSettings,
+    TaskStatus,
+    TrialOutcome,
+)
+from results.records import CampaignRecord, TaskRecord
+from results.store import ResultsStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def caps(device_id: str, backends: dict[str, str] | None = None) -> DeviceCapabilities:
+    return DeviceCapabilities(device_id=device_id, hostname=device_id, os="Linux",
+                              arch="x86_64", logical_cores=2,
+                              backends=backends if backends is not None else {"noop": "0"})
+
+
+def task(i: int, device_id: str = "dev-a", backend: str = "noop",
+         selector: dict[str, str] | None = None) -> TaskRecord:
+    return TaskRecord(
+        task_id=f"t{i}", campaign_id="c1", model="m", backend=backend, scheme="none",
+        device_id=device_id, device_name=device_id, artifact_sha256="a" * 64, artifact_size=1,
+        artifact_name="m.onnx", eval_sha256=None, eval_size=0, settings=MeasureSettings(),
+        selector=selector or {}, measure_key=f"k{i}", created_at=i,
+    )
+
+
+def ok_result(a: AssignMessage, agent_id: str) -> MeasurementResult:
+    x = a.assignment
+    trial = TrialOutcome(samples_ms=[1.0, 1.1], warmup_iterations=1, duration_s=0.1,
+                         load_time_s=0.01, peak_rss_bytes=10, load_rss_delta_bytes=1, valid=True)
+    return MeasurementResult(task_id=x.task_id, attempt=x.attempt, lease_id=x.lease_id,
+                             agent_id=agent_id, device_id="dev-a", ok=True, trials=[trial])
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Scheduler, Clock, ResultsStore]:
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    clock = Clock()
+    sched = Scheduler(store, lease_duration_s=10, max_attempts=2, clock=clock)
+    return sched, clock, store
+
+
+def start(sched: Scheduler, store: ResultsStore, tasks: list[TaskRecord]) -> None:
+    store.create_campaign(CampaignRecord("c1", "c", "", CampaignStatus.RUNNING, 0.0), tasks)
+    sched.add_tasks(tasks)
+
+
+def drain(queue) -> list:  # type: ignore[no-untyped-def]
+    out = []
+    while not queue.empty():
+        out.append(queue.get_nowait())
+    return out
+
+
+def test_one_measurement_at_a_time_per_device(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qa, qb = sched.connect(a), sched.connect(b)
+    start(sched, store, [task(1), task(2)])
+    assigned = drain(qa) + drain(qb)
+    assert len(assigned) == 1  # two agents, one host: only one measures
+    msg = assigned[0]
+    holder = a if sched.leases["t1"].agent_id == a.agent_id else b
+    ack = sched.accept_result(holder, ok_result(msg, holder.agent_id))
+    assert ack.accepted
+    assert len(drain(qa) + drain(qb)) == 1  # the next task is handed out only now
+
+
+def test_backend_and_selector_matching(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {"rack": "r1"}, caps("dev-a", {"onnxruntime": "1"}))
+    qa = sched.connect(a)
+    start(sched, store, [task(1, backend="noop"), task(2, backend="onnxruntime",
+                                                      selector={"rack": "r2"}),
+                         task(3, backend="onnxruntime", selector={"rack": "r1"})])
+    (msg,) = drain(qa)
+    assert msg.assignment.task_id == "t3"
+
+
+def test_silent_agent_lease_expires_and_task_moves(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (first,) = drain(qa)
+    qb = sched.connect(b)
+    sched.disconnect(a)  # a goes silent
+    assert drain(qb) == []  # lease still in force: nothing yet
+    clock.now += 11
+    assert sched.expire_leases() == 1
+    (second,) = drain(qb)
+    assert second.assignment.attempt == 2 and second.assignment.lease_id != first.assignment.lease_id
+    # a comes back late with a result from the expired lease: refused
+    late = sched.accept_result(a, ok_result(first, a.agent_id))
+    assert not late.accepted
+    ack = sched.accept_result(b, ok_result(second, b.agent_id))
+    assert ack.accepted
+    rows = store.query_results()
+    assert len(rows) == 1 and rows[0]["attempt"] == 2
+    assert store.get_campaign("c1").status == CampaignStatus.DONE
+
+
+def test_heartbeat_renews_lease(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    for _ in range(3):
+        clock.now += 8
+        sched.heartbeat(a, "t1", msg.assignment.lease_id)
+        assert sched.expire_leases() == 0
+    assert sched.accept_result(a, ok_result(msg, a.agent_id)).accepted
+
+
+def test_too_many_lost_leases_fail_the_task(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    for _ in range(2):
+        assert [type(m) for m in drain(qa)] in ([AssignMessage], [CancelMessage, AssignMessage])
+        clock.now += 11
+        sched.expire_leases()
+    assert store.get_task("t1").status == TaskStatus.FAILED
+    (row,) = store.query_results()
+    assert row["error_kind"] == "lease_expired"
+    assert store.get_campaign("c1").status == CampaignStatus.FAILED
+
+
+def test_duplicate_result_is_not_stored_twice(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    assert sched.accept_result(a, ok_result(msg, a.agent_id)).accepted
+    again = sched.accept_result(a, ok_result(msg, a.agent_id))
+    assert isinstance(again, AckMessage) and not again.accepted
+    assert len(store.query_results()) == 1
+
+
+def test_restore_keeps_leases_for_returning_agents(tmp_path: Path) -> None:
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    clock = Clock()
+    first = Scheduler(store, lease_duration_s=10, clock=clock)
+    a = first.register("a", "dev-a", {}, caps("dev-a"))
+    qa = first.connect(a)
+    start(first, store, [task(1), task(2)])
+    (msg,) = drain(qa)
+    # the coordinator restarts: a new scheduler rebuilds from the store
+    second = Scheduler(store, lease_duration_s=10, clock=clock)
+    second.restore(store.unfinished_tasks())
+    a2 = second.register("a", "dev-a", {}, caps("dev-a"))
+    q2 = second.connect(a2)
+    assert drain(q2) == []  # still busy with t1 under its old lease
+    assert second.accept_result(a2, ok_result(msg, a2.agent_id)).accepted
+    (nxt,) = drain(q2)  # the ack goes out via the gateway; the next task comes now
+    assert nxt.assignment.task_id == "t2"
