@@ -25,7 +25,10 @@ class ArtifactCache:
         return self.root / ref.sha256
 
     async def fetch(
-        self, stub: agent_pb2_grpc.AgentGatewayStub, agent_id: str, session_token: str,
+        self,
+        stub: agent_pb2_grpc.AgentGatewayStub,
+        agent_id: str,
+        session_token: str,
         ref: ArtifactRef,
     ) -> Path:
         """Return the local path of an artifact, downloading it if needed."""

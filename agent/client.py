@@ -80,8 +80,9 @@ class Agent:
                         ) from None
                     if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
                         raise AuthError(error.details() or "registration refused") from None
-                    log.warning("connection to %s lost: %s", self.config.coordinator,
-                                error.code().name)
+                    log.warning(
+                        "connection to %s lost: %s", self.config.coordinator, error.code().name
+                    )
                 finally:
                     self.connected.clear()
                 delay = self.backoff.next_delay()
@@ -103,16 +104,21 @@ class Agent:
         )
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.config.coordinator,
-                                             options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(
+            self.config.coordinator, options=CHANNEL_OPTIONS
+        ) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
             reply = await stub.Register(self._register_request(), timeout=REGISTER_TIMEOUT_S)
             self.stub, self.agent_id, self.session_token = stub, reply.agent_id, reply.session_token
             log.info("registered with %s as %s", self.config.coordinator, reply.agent_id)
             call = stub.Connect()
-            await call.write(agent_pb2.AgentMessage(
-                hello=agent_pb2.Hello(agent_id=reply.agent_id, session_token=reply.session_token)
-            ))
+            await call.write(
+                agent_pb2.AgentMessage(
+                    hello=agent_pb2.Hello(
+                        agent_id=reply.agent_id, session_token=reply.session_token
+                    )
+                )
+            )
             self.backoff.reset()
             while not self.outgoing.empty():  # stale progress / heartbeats
                 self.outgoing.get_nowait()
@@ -135,8 +141,13 @@ class Agent:
         kind = message.WhichOneof("body")
         if kind == "assignment":
             assignment = assignment_from_pb(message.assignment)
-            log.info("assigned %s %s/%s (attempt %d)", assignment.task_id, assignment.backend,
-                     assignment.scheme, assignment.attempt)
+            log.info(
+                "assigned %s %s/%s (attempt %d)",
+                assignment.task_id,
+                assignment.backend,
+                assignment.scheme,
+                assignment.attempt,
+            )
             self.assignments.put_nowait(assignment)
         elif kind == "ack":
             self.unacked.pop((message.ack.task_id, message.ack.attempt), None)
@@ -157,10 +168,14 @@ class Agent:
     async def _heartbeats(self, interval_s: float) -> None:
         while True:
             current = self.current
-            self.outgoing.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-                task_id=current.task_id if current else "",
-                lease_id=current.lease_id if current else "",
-            )))
+            self.outgoing.put_nowait(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(
+                        task_id=current.task_id if current else "",
+                        lease_id=current.lease_id if current else "",
+                    )
+                )
+            )
             await asyncio.sleep(interval_s)
 
     async def _work(self) -> None:
@@ -182,10 +197,17 @@ class Agent:
             self.outgoing.put_nowait(agent_pb2.AgentMessage(result=message))
 
     def _progress(self, a: Assignment, phase: str, trial: int = 0) -> None:
-        self.outgoing.put_nowait(agent_pb2.AgentMessage(progress=agent_pb2.TaskProgress(
-            task_id=a.task_id, lease_id=a.lease_id, phase=phase, trial=trial,
-            trials=a.settings.trials,
-        )))
+        self.outgoing.put_nowait(
+            agent_pb2.AgentMessage(
+                progress=agent_pb2.TaskProgress(
+                    task_id=a.task_id,
+                    lease_id=a.lease_id,
+                    phase=phase,
+                    trial=trial,
+                    trials=a.settings.trials,
+                )
+            )
+        )
 
     async def _fetch(self, a: Assignment, which: str) -> Path:
         ref = a.artifact if which == "model" else a.eval_data
@@ -196,15 +218,21 @@ class Agent:
             try:
                 return await self.cache.fetch(self.stub, self.agent_id, self.session_token, ref)
             except grpc.aio.AioRpcError as error:
-                log.warning("fetching %s failed (%s), try %d", ref.name, error.code().name,
-                            attempt + 1)
+                log.warning(
+                    "fetching %s failed (%s), try %d", ref.name, error.code().name, attempt + 1
+                )
                 await asyncio.sleep(1.0)
         raise ArtifactError(f"could not download {ref.name} after {FETCH_RETRIES} tries")
 
     async def _execute(self, a: Assignment) -> MeasurementResult:
         result = MeasurementResult(
-            task_id=a.task_id, attempt=a.attempt, lease_id=a.lease_id, agent_id=self.agent_id,
-            device_id=self.capabilities.device_id, ok=False, batch_size=a.settings.batch_size,
+            task_id=a.task_id,
+            attempt=a.attempt,
+            lease_id=a.lease_id,
+            agent_id=self.agent_id,
+            device_id=self.capabilities.device_id,
+            ok=False,
+            batch_size=a.settings.batch_size,
             environment=self.fingerprint(),
         )
         try:

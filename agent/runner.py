@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.parent_watch import PARENT_PID_ENV
 from agent.trial import TrialRequest
 from edgefarm.domain import MeasureSettings, TrialOutcome
 from edgefarm.errors import BackendCrash, TaskError, TaskTimeout, task_error_from_kind
@@ -119,7 +119,6 @@ async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[s
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=child_environment(request.settings.threads),
-        preexec_fn=_die_with_parent_preexec(),
     )
     tail = bytearray()
     assert proc.stderr is not None
@@ -192,34 +191,10 @@ def child_environment(threads: int) -> dict[str, str]:
         env[var] = str(threads)
     root = str(Path(__file__).resolve().parent.parent)  # the directory holding agent/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # The child ties its life to ours (agent.parent_watch); no preexec_fn here: running
+    # Python between fork and exec in a process with gRPC threads crashes the child.
+    env[PARENT_PID_ENV] = str(os.getpid())
     return env
-
-
-@functools.lru_cache(maxsize=1)
-def _libc_prctl() -> Any:
-    """libc's ``prctl``, resolved in the parent (never between fork and exec)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _die_with_parent_preexec() -> Callable[[], None] | None:
-    """A preexec_fn giving the child PR_SET_PDEATHSIG = SIGKILL (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = _libc_prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent:  # the agent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 def host_environment(settings: MeasureSettings) -> dict[str, str]:

@@ -34,6 +34,7 @@ from agent.backends import get_backend
 from agent.backends.base import Backend
 from agent.evaldata import load_eval_data, load_eval_inputs
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
+from agent.parent_watch import die_with_parent
 from edgefarm.domain import MeasureSettings, TrialOutcome
 from edgefarm.errors import BackendUnavailable, MissingExtra, TaskError
 
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m agent.trial REQUEST_JSON RESULT_JSON", file=sys.stderr)
         return EXIT_USAGE
     request_path, result_path = Path(args[0]), Path(args[1])
+    die_with_parent()
     code = EXIT_OK
     try:
         request = TrialRequest.from_json(json.loads(request_path.read_text(encoding="utf-8")))

@@ -60,8 +60,14 @@ class DeviceChoice:
     selector: dict[str, str]
 
 
-def measure_key(artifact: ArtifactRef, eval_data: ArtifactRef | None, backend: str,
-                options: dict[str, str], device_id: str, settings: MeasureSettings) -> str:
+def measure_key(
+    artifact: ArtifactRef,
+    eval_data: ArtifactRef | None,
+    backend: str,
+    options: dict[str, str],
+    device_id: str,
+    settings: MeasureSettings,
+) -> str:
     """Identity of a measurement, independent of the campaign asking for it."""
     blob = json.dumps(
         {
@@ -101,8 +107,9 @@ class CampaignPlanner:
         self.scheduler = scheduler
         self.preparer = preparer
 
-    async def submit(self, spec: CampaignSpec, spec_text: str, spec_path: Path,
-                     fresh: bool = False) -> SubmitOutcome:
+    async def submit(
+        self, spec: CampaignSpec, spec_text: str, spec_path: Path, fresh: bool = False
+    ) -> SubmitOutcome:
         """Prepare every variant (on Ray), create the tasks and queue them."""
         store = self.scheduler.store
         devices = choose_devices(spec, self.scheduler.online_sessions())
@@ -153,8 +160,14 @@ class CampaignPlanner:
                     settings=settings,
                     options=dict(variant.options),
                     selector=dict(device.selector),
-                    measure_key=measure_key(ref, source.eval_data, variant.backend,
-                                            variant.options, device.device_id, settings),
+                    measure_key=measure_key(
+                        ref,
+                        source.eval_data,
+                        variant.backend,
+                        variant.options,
+                        device.device_id,
+                        settings,
+                    ),
                     created_at=now + len(tasks) * 1e-6,
                 )
                 if isinstance(artifact, Exception):

@@ -50,13 +50,15 @@ class ControlClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, spec_yaml: str, spec_name: str, fresh: bool = False,
-               timeout_s: float = 1800.0) -> control_pb2.SubmitCampaignResponse:
+    def submit(
+        self, spec_yaml: str, spec_name: str, fresh: bool = False, timeout_s: float = 1800.0
+    ) -> control_pb2.SubmitCampaignResponse:
         """Submit a campaign (waits while its variants are prepared)."""
         try:
             return self.stub.SubmitCampaign(
-                control_pb2.SubmitCampaignRequest(token=self.token, spec_yaml=spec_yaml,
-                                                  spec_name=spec_name, fresh=fresh),
+                control_pb2.SubmitCampaignRequest(
+                    token=self.token, spec_yaml=spec_yaml, spec_name=spec_name, fresh=fresh
+                ),
                 timeout=timeout_s,
             )
         except grpc.RpcError as error:
@@ -85,20 +87,32 @@ class ControlClient:
     def list_devices(self) -> list[control_pb2.DeviceStatus]:
         """The fleet."""
         try:
-            reply = self.stub.ListDevices(control_pb2.ListDevicesRequest(token=self.token),
-                                          timeout=self.timeout_s)
+            reply = self.stub.ListDevices(
+                control_pb2.ListDevicesRequest(token=self.token), timeout=self.timeout_s
+            )
         except grpc.RpcError as error:
             raise _translate(error, self.address) from None
         return list(reply.devices)
 
-    def results(self, campaign_id: str = "", model: str = "", backend: str = "",
-                device: str = "", limit: int = 0) -> list[dict[str, Any]]:
+    def results(
+        self,
+        campaign_id: str = "",
+        model: str = "",
+        backend: str = "",
+        device: str = "",
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
         """Stored result rows."""
         try:
             reply = self.stub.QueryResults(
-                control_pb2.QueryResultsRequest(token=self.token, campaign_id=campaign_id,
-                                                model=model, backend=backend, device=device,
-                                                limit=limit),
+                control_pb2.QueryResultsRequest(
+                    token=self.token,
+                    campaign_id=campaign_id,
+                    model=model,
+                    backend=backend,
+                    device=device,
+                    limit=limit,
+                ),
                 timeout=self.timeout_s,
             )
         except grpc.RpcError as error:

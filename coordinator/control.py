@@ -59,8 +59,13 @@ def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAg
 class ControlService(control_pb2_grpc.ControlServicer):
     """Serves the CLI."""
 
-    def __init__(self, planner: CampaignPlanner, token: str, inventory_path: Path | None,
-                 missing_after_s: float) -> None:
+    def __init__(
+        self,
+        planner: CampaignPlanner,
+        token: str,
+        inventory_path: Path | None,
+        missing_after_s: float,
+    ) -> None:
         self.planner = planner
         self.scheduler = planner.scheduler
         self.store = planner.scheduler.store
@@ -72,7 +77,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         if not token_ok(self.token, token):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid fleet token")
 
-    async def SubmitCampaign(  # noqa: N802
+    async def SubmitCampaign(
         self, request: control_pb2.SubmitCampaignRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.SubmitCampaignResponse:
         """Validate, prepare and queue a campaign."""
@@ -112,7 +117,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             message=message,
         )
 
-    async def WatchCampaign(  # noqa: N802
+    async def WatchCampaign(
         self, request: control_pb2.WatchCampaignRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[control_pb2.CampaignProgress]:
         """A snapshot now and after every event, until the campaign finishes."""
@@ -136,7 +141,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         finally:
             self.scheduler.unwatch(campaign.campaign_id, queue)
 
-    async def ListCampaigns(  # noqa: N802
+    async def ListCampaigns(
         self, request: control_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListCampaignsResponse:
         """Campaigns, newest first."""
@@ -164,7 +169,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         agents = live_agents(self.scheduler, self.store)
         return merge_fleet(declared, agents, time.time(), self.missing_after_s)
 
-    async def ListDevices(  # noqa: N802
+    async def ListDevices(
         self, request: control_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListDevicesResponse:
         """The fleet with each device's state."""
@@ -185,7 +190,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             out.append(status)
         return control_pb2.ListDevicesResponse(devices=out)
 
-    async def QueryResults(  # noqa: N802
+    async def QueryResults(
         self, request: control_pb2.QueryResultsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.QueryResultsResponse:
         """Stored rows as JSON."""

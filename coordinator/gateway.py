@@ -20,7 +20,6 @@ from coordinator.scheduler import (
     AckMessage,
     AgentSession,
     AssignMessage,
-    CancelMessage,
     OutboundMessage,
     Scheduler,
 )
@@ -64,7 +63,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         self.artifacts = artifacts
         self.token = token
 
-    async def Register(  # noqa: N802 (gRPC method name)
+    async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RegisterResponse:
         """Check the token and protocol version; open a session."""
@@ -90,7 +89,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             coordinator_version=edgefarm.__version__,
         )
 
-    async def Connect(  # noqa: N802
+    async def Connect(
         self,
         request_iterator: AsyncIterator[agent_pb2.AgentMessage],
         context: grpc.aio.ServicerContext,
@@ -126,8 +125,9 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         async for message in request_iterator:
             kind = message.WhichOneof("body")
             if kind == "heartbeat":
-                self.scheduler.heartbeat(session, message.heartbeat.task_id,
-                                         message.heartbeat.lease_id)
+                self.scheduler.heartbeat(
+                    session, message.heartbeat.task_id, message.heartbeat.lease_id
+                )
             elif kind == "progress":
                 p = message.progress
                 self.scheduler.report_progress(session, p.task_id, p.trial, p.trials)
@@ -136,7 +136,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
                 ack = self.scheduler.accept_result(session, result)
                 session.outbox.put_nowait(ack)
 
-    async def FetchArtifact(  # noqa: N802
+    async def FetchArtifact(
         self, request: agent_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
         """Stream an artifact in chunks from the requested offset."""

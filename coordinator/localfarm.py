@@ -68,16 +68,28 @@ class LocalFarm:
         """Start (or restart) the coordinator; on restart it keeps its port."""
         if self.address:
             listen = self.address
-        cmd = [*self._cli(), "coordinator", "serve", "--listen", listen,
-               "--store", self.store_url, "--home", str(self.home), "--token", self.token]
+        cmd = [
+            *self._cli(),
+            "coordinator",
+            "serve",
+            "--listen",
+            listen,
+            "--store",
+            self.store_url,
+            "--home",
+            str(self.home),
+            "--token",
+            self.token,
+        ]
         if self.lease_s is not None:
             cmd += ["--lease", str(self.lease_s)]
         if self.heartbeat_s is not None:
             cmd += ["--heartbeat", str(self.heartbeat_s)]
         log = (self.log_dir / "coordinator.log").open("a")
         self._logs.append(log)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+        )
         self.coordinator_proc = proc
         deadline = time.monotonic() + START_TIMEOUT_S
         assert proc.stdout is not None
@@ -96,16 +108,30 @@ class LocalFarm:
 
     def start_agent(self, name: str, labels: dict[str, str] | None = None) -> None:
         """Start one agent process named ``name``."""
-        cmd = [*self._cli(), "agent", "serve", "--coordinator", self.address,
-               "--token", self.token, "--name", name,
-               "--work-dir", str(self.home / f"agent-{name}")]
+        cmd = [
+            *self._cli(),
+            "agent",
+            "serve",
+            "--coordinator",
+            self.address,
+            "--token",
+            self.token,
+            "--name",
+            name,
+            "--work-dir",
+            str(self.home / f"agent-{name}"),
+        ]
         for key, value in {**self.agent_labels, **(labels or {})}.items():
             cmd += ["--label", f"{key}={value}"]
         log = (self.log_dir / f"agent-{name}.log").open("a")
         self._logs.append(log)
         env = dict(os.environ)
         self.agent_procs[name] = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
             start_new_session=True,
         )
 
@@ -120,7 +146,9 @@ class LocalFarm:
             while time.monotonic() < deadline:
                 try:
                     online = sum(
-                        len(d.agents) for d in client.list_devices() if d.state in {"online", "busy"}
+                        len(d.agents)
+                        for d in client.list_devices()
+                        if d.state in {"online", "busy"}
                     )
                 except ConnectionFailed:
                     online = 0

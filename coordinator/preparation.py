@@ -169,8 +169,11 @@ class Preparer:
         scheme, _, rest = source.partition(":")
         if scheme == "builtin":
             key = step_key("builtin", name=rest, revision=BUILDER_REVISION, tools=self.tools)
-            names = {"model": f"{model_name}.onnx", "eval": f"{model_name}.eval.npz",
-                     "calibration": f"{model_name}.calibration.npz"}
+            names = {
+                "model": f"{model_name}.onnx",
+                "eval": f"{model_name}.eval.npz",
+                "calibration": f"{model_name}.calibration.npz",
+            }
             found = {part: self._cached(f"{key}:{part}") for part in names}
             if all(found.values()):
                 stats.cached += 1
@@ -185,15 +188,17 @@ class Preparer:
             refs = {part: self.artifacts.put_bytes(out[part], names[part]) for part in names}
             for part, ref in refs.items():
                 self._record(f"{key}:{part}", ref, part, out["provenance"])
-            return PreparedSource(refs["model"], refs["eval"], refs["calibration"],
-                                  out["provenance"])
+            return PreparedSource(
+                refs["model"], refs["eval"], refs["calibration"], out["provenance"]
+            )
         if scheme == "file":
             path = (spec_dir / rest).expanduser()
             if not path.is_file():
                 raise SpecError(f"model '{model_name}': file not found: {path}")
             ref = self.artifacts.put_file(path, path.name)
-            return PreparedSource(model=ref, eval_data=None, calibration=None,
-                                  provenance={"source": str(path)})
+            return PreparedSource(
+                model=ref, eval_data=None, calibration=None, provenance={"source": str(path)}
+            )
         if scheme == "hf":
             raise UsageError(
                 f"model '{model_name}': Hugging Face sources are not supported by the "
@@ -209,16 +214,21 @@ class Preparer:
             prepared.calibration = self.artifacts.put_file(calibration_path, "calibration.npz")
         if eval_path is not None:
             raw = self.artifacts.put_file(eval_path, "eval.npz")
-            key = step_key("reference", model=prepared.model.sha256, eval=raw.sha256,
-                           tools=self.tools)
+            key = step_key(
+                "reference", model=prepared.model.sha256, eval=raw.sha256, tools=self.tools
+            )
             found = self._cached(key)
             if found is not None:
                 prepared.eval_data = _ref(found)
             else:
                 model = self.artifacts.path(prepared.model.sha256).read_bytes()
-                data = await add_reference.remote(model, self.artifacts.path(raw.sha256).read_bytes())
+                data = await add_reference.remote(
+                    model, self.artifacts.path(raw.sha256).read_bytes()
+                )
                 prepared.eval_data = self.artifacts.put_bytes(data, "eval.npz")
-                self._record(key, prepared.eval_data, "eval", {"reference_of": prepared.model.sha256})
+                self._record(
+                    key, prepared.eval_data, "eval", {"reference_of": prepared.model.sha256}
+                )
         return prepared
 
     async def variants(
@@ -262,7 +272,9 @@ class Preparer:
             tools=self.tools,
         )
 
-    async def _convert(self, key: str, src: PreparedSource, backend: str, scheme: str) -> ArtifactRef:
+    async def _convert(
+        self, key: str, src: PreparedSource, backend: str, scheme: str
+    ) -> ArtifactRef:
         if backend != "onnxruntime":
             raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
         model = self.artifacts.path(src.model.sha256).read_bytes()

@@ -300,7 +300,11 @@ class Scheduler:
         self.busy_devices[session.device_id] = task.task_id
         session.lease_id = lease.lease_id
         task.status, task.attempt = TaskStatus.ASSIGNED, attempt
-        task.lease_id, task.agent_id, task.lease_expires_at = lease.lease_id, session.agent_id, lease.expires_at
+        task.lease_id, task.agent_id, task.lease_expires_at = (
+            lease.lease_id,
+            session.agent_id,
+            lease.expires_at,
+        )
         self.store.update_task(
             task.task_id,
             status=TaskStatus.ASSIGNED,

@@ -61,8 +61,9 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         AgentGateway(scheduler, artifacts, config.token), server
     )
     control_pb2_grpc.add_ControlServicer_to_server(
-        ControlService(planner, config.token, config.inventory,
-                       missing_after_s=3 * config.heartbeat_interval_s),
+        ControlService(
+            planner, config.token, config.inventory, missing_after_s=3 * config.heartbeat_interval_s
+        ),
         server,
     )
     port = server.add_insecure_port(config.listen)

@@ -78,7 +78,8 @@ def quantize_onnx(
     if not src.is_file():
         raise UsageError(f"source model not found: {src}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    details = _CONVERTERS[scheme](src, dst, calibration_inputs, used)
+    with _root_logging_untouched():
+        details = _CONVERTERS[scheme](src, dst, calibration_inputs, used)
     return {
         "tool": "onnxruntime",
         "tool_version": onnxruntime.__version__,
@@ -193,8 +194,7 @@ def _int4_weight(
     model = onnx.load(str(src))
     block_size, symmetric, level = int(p["block_size"]), bool(p["symmetric"]), p["accuracy_level"]
     try:
-        with _root_logging_untouched():
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as err:  # onnxruntime 1.31's module needs the onnx-ir package
         quantized = quantize_matmul_4bits_native(model, block_size, symmetric, level)
         implementation = (
@@ -309,7 +309,8 @@ def quantize_matmul_4bits_native(
 
 @contextlib.contextmanager
 def _root_logging_untouched() -> Iterator[None]:
-    """Undo the ``logging.basicConfig`` some onnxruntime modules run on import."""
+    """Undo the root-logger set-up onnxruntime's tools do (``basicConfig`` on import,
+    or module-level ``logging.warning`` calls): edgefarm leaves logging to the app."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:

@@ -19,16 +19,28 @@ def campaign() -> None:
 
 @campaign.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--coordinator", default=None, metavar="HOST:PORT",
-              help="Use this coordinator (default: start a local farm on this machine).")
+@click.option(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="Use this coordinator (default: start a local farm on this machine).",
+)
 @token_option
 @click.option("--dry-run", is_flag=True, help="Validate and show the sweep; run nothing.")
 @click.option("--fresh", is_flag=True, help="Re-measure even when identical results exist.")
 @store_option
 @home_option
 @verbose_option
-def run(spec: str, coordinator: str | None, token: str, dry_run: bool, fresh: bool,
-        store_url: str | None, home: str | None, verbose: int) -> None:
+def run(
+    spec: str,
+    coordinator: str | None,
+    token: str,
+    dry_run: bool,
+    fresh: bool,
+    store_url: str | None,
+    home: str | None,
+    verbose: int,
+) -> None:
     """Run the campaign in SPEC, show progress, print the results table.
 
     Exits non-zero when a task failed.
@@ -87,7 +99,9 @@ def list_campaigns(limit: int, store_url: str | None, home: str | None) -> None:
         for record in records:
             counts = store.campaign_counts(record.campaign_id)
             when = datetime.fromtimestamp(record.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            click.echo(f"{record.campaign_id}  {when}Z  {record.status:<9} {record.name:<20} "
-                       f"{counts.get('total', 0)} tasks, {counts.get('failed', 0)} failed")
+            click.echo(
+                f"{record.campaign_id}  {when}Z  {record.status:<9} {record.name:<20} "
+                f"{counts.get('total', 0)} tasks, {counts.get('failed', 0)} failed"
+            )
     if not records:
         click.echo("no campaigns yet")

@@ -18,29 +18,56 @@ def coordinator() -> None:
 
 
 @coordinator.command()
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, metavar="ADDR",
-              help="Address to serve gRPC on (port 0 picks a free port).")
+@click.option(
+    "--listen",
+    default="127.0.0.1:50051",
+    show_default=True,
+    metavar="ADDR",
+    help="Address to serve gRPC on (port 0 picks a free port).",
+)
 @store_option
 @token_option
-@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of declared devices.")
-@click.option("--lease", "lease_s", type=float, default=None,
-              help="Lease duration in seconds (default 15).")
-@click.option("--heartbeat", "heartbeat_s", type=float, default=None,
-              help="Agent heartbeat interval in seconds (default 2).")
+@click.option(
+    "--inventory",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file of declared devices.",
+)
+@click.option(
+    "--lease", "lease_s", type=float, default=None, help="Lease duration in seconds (default 15)."
+)
+@click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    type=float,
+    default=None,
+    help="Agent heartbeat interval in seconds (default 2).",
+)
 @home_option
 @verbose_option
-def serve(listen: str, store_url: str | None, token: str, inventory: str | None,
-          lease_s: float | None, heartbeat_s: float | None, home: str | None,
-          verbose: int) -> None:
+def serve(
+    listen: str,
+    store_url: str | None,
+    token: str,
+    inventory: str | None,
+    lease_s: float | None,
+    heartbeat_s: float | None,
+    home: str | None,
+    verbose: int,
+) -> None:
     """Serve agents and the CLI; uses the Ray cluster in RAY_ADDRESS or starts a local one."""
-    from coordinator.server import CoordinatorConfig, serve as run_server
+    from coordinator.server import CoordinatorConfig
+    from coordinator.server import serve as run_server
 
     configure_logging(verbose + 1)
     base = edgefarm_home(home)
-    config = CoordinatorConfig(listen=listen, store_url=store_url or default_store_url(base),
-                               home=base, token=token,
-                               inventory=Path(inventory) if inventory else None)
+    config = CoordinatorConfig(
+        listen=listen,
+        store_url=store_url or default_store_url(base),
+        home=base,
+        token=token,
+        inventory=Path(inventory) if inventory else None,
+    )
     overrides: dict[str, float] = {}
     if lease_s is not None:
         overrides["lease_duration_s"] = lease_s

@@ -18,16 +18,30 @@ def devices() -> None:
 
 
 @devices.command(name="list")
-@click.option("--coordinator", default=None, metavar="HOST:PORT",
-              help="Ask a running coordinator (live state). Default: read the store.")
+@click.option(
+    "--coordinator",
+    default=None,
+    metavar="HOST:PORT",
+    help="Ask a running coordinator (live state). Default: read the store.",
+)
 @token_option
-@click.option("--inventory", type=click.Path(dir_okay=False), default=None,
-              help="YAML file of declared devices (store mode).")
+@click.option(
+    "--inventory",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file of declared devices (store mode).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @store_option
 @home_option
-def list_devices(coordinator: str | None, token: str, inventory: str | None, as_json: bool,
-                 store_url: str | None, home: str | None) -> None:
+def list_devices(
+    coordinator: str | None,
+    token: str,
+    inventory: str | None,
+    as_json: bool,
+    store_url: str | None,
+    home: str | None,
+) -> None:
     """Each device's state (online, busy, missing, never seen), last heartbeat, capabilities."""
     from inventory.fleet import FleetDevice, fleet_to_json, render_fleet_table
 
@@ -39,11 +53,15 @@ def list_devices(coordinator: str | None, token: str, inventory: str | None, as_
         with ControlClient(coordinator, token) as client:
             fleet = [
                 FleetDevice(
-                    name=d.name, device_id=d.device_id or None, state=d.state,
-                    last_heartbeat=d.last_heartbeat_unix or None, agents=list(d.agents),
+                    name=d.name,
+                    device_id=d.device_id or None,
+                    state=d.state,  # type: ignore[arg-type]
+                    last_heartbeat=d.last_heartbeat_unix or None,
+                    agents=list(d.agents),
                     labels=dict(d.labels),
                     capabilities=capabilities_from_pb(d.capabilities)
-                    if d.HasField("capabilities") else None,
+                    if d.HasField("capabilities")
+                    else None,
                     declared=d.declared,
                 )
                 for d in client.list_devices()

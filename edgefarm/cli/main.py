@@ -22,8 +22,11 @@ COMMANDS = {
     "campaign": ("edgefarm.cli.campaign_cmd", "campaign", "Run and inspect sweep campaigns."),
     "results": ("edgefarm.cli.results_cmd", "results", "List, show and export stored results."),
     "devices": ("edgefarm.cli.devices_cmd", "devices", "Show the device fleet."),
-    "quickstart": ("edgefarm.cli.quickstart_cmd", "quickstart",
-                   "Run the quickstart sweep on this machine."),
+    "quickstart": (
+        "edgefarm.cli.quickstart_cmd",
+        "quickstart",
+        "Run the quickstart sweep on this machine.",
+    ),
 }
 
 

@@ -14,21 +14,33 @@ DEFAULT_COORDINATOR = "127.0.0.1:50051"
 
 def token_option(f: F) -> F:
     """--token / $EDGEFARM_TOKEN."""
-    return click.option("--token", envvar="EDGEFARM_TOKEN", default="edgefarm-local",
-                        show_default=True, help="Fleet token shared by coordinator and agents.")(f)
+    return click.option(
+        "--token",
+        envvar="EDGEFARM_TOKEN",
+        default="edgefarm-local",
+        show_default=True,
+        help="Fleet token shared by coordinator and agents.",
+    )(f)
 
 
 def home_option(f: F) -> F:
     """--home / $EDGEFARM_HOME."""
-    return click.option("--home", envvar="EDGEFARM_HOME", default=None,
-                        help="State directory (default ~/.edgefarm).")(f)
+    return click.option(
+        "--home",
+        envvar="EDGEFARM_HOME",
+        default=None,
+        help="State directory (default ~/.edgefarm).",
+    )(f)
 
 
 def store_option(f: F) -> F:
     """--store URL."""
-    return click.option("--store", "store_url", default=None,
-                        help="SQLAlchemy URL of the results store "
-                             "(default: SQLite file in the home directory).")(f)
+    return click.option(
+        "--store",
+        "store_url",
+        default=None,
+        help="SQLAlchemy URL of the results store (default: SQLite file in the home directory).",
+    )(f)
 
 
 def verbose_option(f: F) -> F:

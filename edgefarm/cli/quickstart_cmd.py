@@ -14,14 +14,20 @@ DEFAULT_SPEC = Path(__file__).resolve().parents[2] / "campaigns" / "quickstart.y
 
 
 @click.command()
-@click.option("--spec", type=click.Path(dir_okay=False), default=str(DEFAULT_SPEC),
-              show_default=True, help="Campaign to run.")
+@click.option(
+    "--spec",
+    type=click.Path(dir_okay=False),
+    default=str(DEFAULT_SPEC),
+    show_default=True,
+    help="Campaign to run.",
+)
 @click.option("--fresh", is_flag=True, help="Re-measure even when identical results exist.")
 @store_option
 @home_option
 @verbose_option
-def quickstart(spec: str, fresh: bool, store_url: str | None, home: str | None,
-               verbose: int) -> None:
+def quickstart(
+    spec: str, fresh: bool, store_url: str | None, home: str | None, verbose: int
+) -> None:
     """Start a local coordinator (local Ray) and agent on loopback, run the quickstart
     campaign on this machine, print the results and where they are stored."""
     from coordinator.localfarm import LocalFarm

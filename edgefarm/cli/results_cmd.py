@@ -13,8 +13,15 @@ from edgefarm.errors import UsageError
 from edgefarm.home import default_store_url, edgefarm_home
 
 
-def _rows(store_url: str | None, home: str | None, campaign: str | None, model: str | None,
-          backend: str | None, device: str | None, limit: int | None) -> list[dict[str, Any]]:
+def _rows(
+    store_url: str | None,
+    home: str | None,
+    campaign: str | None,
+    model: str | None,
+    backend: str | None,
+    device: str | None,
+    limit: int | None,
+) -> list[dict[str, Any]]:
     from results.store import ResultsStore
 
     with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
@@ -23,8 +30,11 @@ def _rows(store_url: str | None, home: str | None, campaign: str | None, model: 
             if record is None:
                 raise UsageError(f"no campaign '{campaign}' in {store.url}")
             rows = store.results_for_campaign(record.campaign_id)
-            return [r for r in rows if (not model or r["model"] == model)
-                    and (not backend or r["backend"] == backend)][:limit]
+            return [
+                r
+                for r in rows
+                if (not model or r["model"] == model) and (not backend or r["backend"] == backend)
+            ][:limit]
         return store.query_results(model=model, backend=backend, device=device, limit=limit)
 
 
@@ -50,9 +60,16 @@ def results() -> None:
 @results.command(name="list")
 @_filters
 @click.option("--json", "as_json", is_flag=True, help="JSON rows (samples omitted).")
-def list_results(campaign: str | None, model: str | None, backend: str | None,
-                 device: str | None, limit: int | None, store_url: str | None,
-                 home: str | None, as_json: bool) -> None:
+def list_results(
+    campaign: str | None,
+    model: str | None,
+    backend: str | None,
+    device: str | None,
+    limit: int | None,
+    store_url: str | None,
+    home: str | None,
+    as_json: bool,
+) -> None:
     """One line per stored result, newest first."""
     rows = _rows(store_url, home, campaign, model, backend, device, limit)
     if as_json:
@@ -84,13 +101,31 @@ def show(result_id: int, samples: bool, store_url: str | None, home: str | None)
 
 @results.command()
 @_filters
-@click.option("--format", "fmt", type=click.Choice(["csv", "json", "parquet"]), default="csv",
-              show_default=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="File to write (required for parquet; default stdout).")
-def export(campaign: str | None, model: str | None, backend: str | None, device: str | None,
-           limit: int | None, store_url: str | None, home: str | None, fmt: str,
-           output: str | None) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "json", "parquet"]),
+    default="csv",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File to write (required for parquet; default stdout).",
+)
+def export(
+    campaign: str | None,
+    model: str | None,
+    backend: str | None,
+    device: str | None,
+    limit: int | None,
+    store_url: str | None,
+    home: str | None,
+    fmt: str,
+    output: str | None,
+) -> None:
     """Export results with pandas as CSV, JSON or Parquet."""
     from results.export import export as write
 

@@ -27,10 +27,21 @@ def results_table(rows: list[dict[str, Any]], title: str = "") -> Table:
     """One line per result: latency, throughput, memory, size, accuracy, validity."""
     table = Table(title=title or None, show_lines=False)
     for name, justify in [
-        ("model", "left"), ("backend", "left"), ("scheme", "left"), ("device", "left"),
-        ("p50 ms", "right"), ("p90 ms", "right"), ("p99 ms", "right"), ("cv %", "right"),
-        ("items/s", "right"), ("peak RSS MiB", "right"), ("load s", "right"),
-        ("size KiB", "right"), ("top1", "right"), ("agree", "right"), ("status", "left"),
+        ("model", "left"),
+        ("backend", "left"),
+        ("scheme", "left"),
+        ("device", "left"),
+        ("p50 ms", "right"),
+        ("p90 ms", "right"),
+        ("p99 ms", "right"),
+        ("cv %", "right"),
+        ("items/s", "right"),
+        ("peak RSS MiB", "right"),
+        ("load s", "right"),
+        ("size KiB", "right"),
+        ("top1", "right"),
+        ("agree", "right"),
+        ("status", "left"),
     ]:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:

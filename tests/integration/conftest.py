@@ -21,9 +21,17 @@ LEASE_S = 4.0
 HEARTBEAT_S = 0.5
 
 
-def write_spec(path: Path, name: str, schemes: list[str], *, source: str = "builtin:digits-mlp",
-               min_duration_s: float = 0.2, trials: int = 2, backend: str = "onnxruntime",
-               options: str = "{}") -> Path:
+def write_spec(
+    path: Path,
+    name: str,
+    schemes: list[str],
+    *,
+    source: str = "builtin:digits-mlp",
+    min_duration_s: float = 0.2,
+    trials: int = 2,
+    backend: str = "onnxruntime",
+    options: str = "{}",
+) -> Path:
     """A small campaign spec on the digits model."""
     path.write_text(
         f"""name: {name}
@@ -46,11 +54,18 @@ measurement:
     return path
 
 
-def cli(*args: str, env: dict[str, str] | None = None,
-        timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     """Run the edgefarm command line in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "edgefarm.cli.main", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgefarm.cli.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture
@@ -59,8 +74,13 @@ def make_farm(tmp_path: Path) -> Iterator[Callable[[int], LocalFarm]]:
     farms: list[LocalFarm] = []
 
     def start(agents: int) -> LocalFarm:
-        farm = LocalFarm(home=tmp_path / "home", store_url=f"sqlite:///{tmp_path / 'r.sqlite'}",
-                         agents=agents, lease_s=LEASE_S, heartbeat_s=HEARTBEAT_S)
+        farm = LocalFarm(
+            home=tmp_path / "home",
+            store_url=f"sqlite:///{tmp_path / 'r.sqlite'}",
+            agents=agents,
+            lease_s=LEASE_S,
+            heartbeat_s=HEARTBEAT_S,
+        )
         farms.append(farm)
         farm.start()
         return farm

@@ -71,9 +71,14 @@ def test_agent_killed_mid_task(make_farm: MakeFarm, tmp_path: Path) -> None:
     holder_id = store.get_task(task.task_id).agent_id  # type: ignore[union-attr]
     names = {d.agent_id: d.agent_name for d in store.list_devices_seen()}
     victim = names[holder_id]
-    wait_until(lambda: (farm.home / f"agent-{victim}" / "artifacts").exists()
-               and any((farm.home / f"agent-{victim}" / "artifacts").iterdir()), 30,
-               "the agent to start measuring")
+    wait_until(
+        lambda: (
+            (farm.home / f"agent-{victim}" / "artifacts").exists()
+            and any((farm.home / f"agent-{victim}" / "artifacts").iterdir())
+        ),
+        30,
+        "the agent to start measuring",
+    )
     farm.kill_agent(victim)
 
     def finished() -> bool:
@@ -90,13 +95,17 @@ def test_agent_killed_mid_task(make_farm: MakeFarm, tmp_path: Path) -> None:
 
 def test_coordinator_restarted_mid_campaign(make_farm: MakeFarm, tmp_path: Path) -> None:
     farm = make_farm(1)
-    spec = write_spec(tmp_path / "restart.yaml", "restart", ["fp32", "fp16", "int8-dynamic"],
-                      min_duration_s=0.5)
+    spec = write_spec(
+        tmp_path / "restart.yaml", "restart", ["fp32", "fp16", "int8-dynamic"], min_duration_s=0.5
+    )
     with farm.client() as client:
         reply = client.submit(spec.read_text(), str(spec))
     store = open_store(farm)
-    wait_until(lambda: store.campaign_counts(reply.campaign_id).get(TaskStatus.DONE, 0) >= 1,
-               90, "a first result")
+    wait_until(
+        lambda: store.campaign_counts(reply.campaign_id).get(TaskStatus.DONE, 0) >= 1,
+        90,
+        "a first result",
+    )
     farm.kill_coordinator()
     farm.start_coordinator()  # same port, same store: resumes from the store
     with farm.client() as client:
@@ -108,8 +117,9 @@ def test_coordinator_restarted_mid_campaign(make_farm: MakeFarm, tmp_path: Path)
     store.close()
 
 
-def test_corrupt_onnx_fails_one_task_and_agent_stays_up(make_farm: MakeFarm,
-                                                        tmp_path: Path) -> None:
+def test_corrupt_onnx_fails_one_task_and_agent_stays_up(
+    make_farm: MakeFarm, tmp_path: Path
+) -> None:
     farm = make_farm(1)
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07this is not an onnx protobuf" * 50)
@@ -127,8 +137,19 @@ def test_corrupt_onnx_fails_one_task_and_agent_stays_up(make_farm: MakeFarm,
 
 def test_wrong_token_is_refused(make_farm: MakeFarm, tmp_path: Path) -> None:
     farm = make_farm(0)
-    proc = cli("agent", "serve", "--coordinator", farm.address, "--token", "wrong",
-               "--name", "intruder", "--work-dir", str(tmp_path / "w"), timeout=60)
+    proc = cli(
+        "agent",
+        "serve",
+        "--coordinator",
+        farm.address,
+        "--token",
+        "wrong",
+        "--name",
+        "intruder",
+        "--work-dir",
+        str(tmp_path / "w"),
+        timeout=60,
+    )
     assert proc.returncode == 6
     assert "refused" in proc.stderr and "invalid fleet token" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -136,8 +157,10 @@ def test_wrong_token_is_refused(make_farm: MakeFarm, tmp_path: Path) -> None:
 
 def test_bad_spec_is_one_line(tmp_path: Path) -> None:
     spec = tmp_path / "typo.yaml"
-    spec.write_text("name: typo\nmodels:\n  - name: m\n    source: builtin:digits-mlp\n"
-                    "backends:\n  - name: onnxruntime\n    schemes: [fp32, int3]\n")
+    spec.write_text(
+        "name: typo\nmodels:\n  - name: m\n    source: builtin:digits-mlp\n"
+        "backends:\n  - name: onnxruntime\n    schemes: [fp32, int3]\n"
+    )
     proc = cli("campaign", "run", str(spec), "--dry-run")
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()

@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_generated_stubs_are_fresh() -> None:
     pytest.importorskip("grpc_tools", reason="grpcio-tools is in the dev extra")
-    proc = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -50,10 +53,19 @@ def test_agent_never_imports_ray_coordinator_or_results() -> None:
 
 
 def test_assignment_round_trip() -> None:
-    a = Assignment(task_id="t", attempt=2, lease_id="l", campaign_id="c", model="m",
-                   backend="onnxruntime", scheme="int8-static",
-                   artifact=ArtifactRef("a" * 64, 10, "m.onnx"), eval_data=None,
-                   settings=MeasureSettings(trials=5, threads=2), options={"k": "v"})
+    a = Assignment(
+        task_id="t",
+        attempt=2,
+        lease_id="l",
+        campaign_id="c",
+        model="m",
+        backend="onnxruntime",
+        scheme="int8-static",
+        artifact=ArtifactRef("a" * 64, 10, "m.onnx"),
+        eval_data=None,
+        settings=MeasureSettings(trials=5, threads=2),
+        options={"k": "v"},
+    )
     assert convert.assignment_from_pb(convert.assignment_to_pb(a, 1.0)) == a
     b = Assignment(**{**a.__dict__, "eval_data": ArtifactRef("b" * 64, 3, "eval.npz")})
     assert convert.assignment_from_pb(convert.assignment_to_pb(b, 1.0)) == b
@@ -61,11 +73,22 @@ def test_assignment_round_trip() -> None:
 
 def test_result_and_capabilities_round_trip() -> None:
     trial = TrialOutcome([1.0, 2.0], 3, 0.5, 0.1, 100, 50, False, "too few iterations")
-    r = MeasurementResult(task_id="t", attempt=1, lease_id="l", agent_id="ag", device_id="d",
-                          ok=True, backend_version="1.0", batch_size=4, trials=[trial],
-                          accuracy={"top1": 0.9}, model_size_bytes=7,
-                          environment={"os": "Linux"})
+    r = MeasurementResult(
+        task_id="t",
+        attempt=1,
+        lease_id="l",
+        agent_id="ag",
+        device_id="d",
+        ok=True,
+        backend_version="1.0",
+        batch_size=4,
+        trials=[trial],
+        accuracy={"top1": 0.9},
+        model_size_bytes=7,
+        environment={"os": "Linux"},
+    )
     assert convert.result_from_pb(convert.result_to_pb(r), "ag", "d") == r
-    c = DeviceCapabilities(device_id="d", arch="arm64", cpu_flags=["neon"],
-                           backends={"mlx": "0.1"}, extra={"x": "y"})
+    c = DeviceCapabilities(
+        device_id="d", arch="arm64", cpu_flags=["neon"], backends={"mlx": "0.1"}, extra={"x": "y"}
+    )
     assert convert.capabilities_from_pb(convert.capabilities_to_pb(c)) == c

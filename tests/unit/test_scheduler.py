@@ -29,27 +29,59 @@ class Clock:
 
 
 def caps(device_id: str, backends: dict[str, str] | None = None) -> DeviceCapabilities:
-    return DeviceCapabilities(device_id=device_id, hostname=device_id, os="Linux",
-                              arch="x86_64", logical_cores=2,
-                              backends=backends if backends is not None else {"noop": "0"})
+    return DeviceCapabilities(
+        device_id=device_id,
+        hostname=device_id,
+        os="Linux",
+        arch="x86_64",
+        logical_cores=2,
+        backends=backends if backends is not None else {"noop": "0"},
+    )
 
 
-def task(i: int, device_id: str = "dev-a", backend: str = "noop",
-         selector: dict[str, str] | None = None) -> TaskRecord:
+def task(
+    i: int, device_id: str = "dev-a", backend: str = "noop", selector: dict[str, str] | None = None
+) -> TaskRecord:
     return TaskRecord(
-        task_id=f"t{i}", campaign_id="c1", model="m", backend=backend, scheme="none",
-        device_id=device_id, device_name=device_id, artifact_sha256="a" * 64, artifact_size=1,
-        artifact_name="m.onnx", eval_sha256=None, eval_size=0, settings=MeasureSettings(),
-        selector=selector or {}, measure_key=f"k{i}", created_at=i,
+        task_id=f"t{i}",
+        campaign_id="c1",
+        model="m",
+        backend=backend,
+        scheme="none",
+        device_id=device_id,
+        device_name=device_id,
+        artifact_sha256="a" * 64,
+        artifact_size=1,
+        artifact_name="m.onnx",
+        eval_sha256=None,
+        eval_size=0,
+        settings=MeasureSettings(),
+        selector=selector or {},
+        measure_key=f"k{i}",
+        created_at=i,
     )
 
 
 def ok_result(a: AssignMessage, agent_id: str) -> MeasurementResult:
     x = a.assignment
-    trial = TrialOutcome(samples_ms=[1.0, 1.1], warmup_iterations=1, duration_s=0.1,
-                         load_time_s=0.01, peak_rss_bytes=10, load_rss_delta_bytes=1, valid=True)
-    return MeasurementResult(task_id=x.task_id, attempt=x.attempt, lease_id=x.lease_id,
-                             agent_id=agent_id, device_id="dev-a", ok=True, trials=[trial])
+    trial = TrialOutcome(
+        samples_ms=[1.0, 1.1],
+        warmup_iterations=1,
+        duration_s=0.1,
+        load_time_s=0.01,
+        peak_rss_bytes=10,
+        load_rss_delta_bytes=1,
+        valid=True,
+    )
+    return MeasurementResult(
+        task_id=x.task_id,
+        attempt=x.attempt,
+        lease_id=x.lease_id,
+        agent_id=agent_id,
+        device_id="dev-a",
+        ok=True,
+        trials=[trial],
+    )
 
 
 @pytest.fixture
@@ -91,9 +123,15 @@ def test_backend_and_selector_matching(setup) -> None:  # type: ignore[no-untype
     sched, _, store = setup
     a = sched.register("a", "dev-a", {"rack": "r1"}, caps("dev-a", {"onnxruntime": "1"}))
     qa = sched.connect(a)
-    start(sched, store, [task(1, backend="noop"), task(2, backend="onnxruntime",
-                                                      selector={"rack": "r2"}),
-                         task(3, backend="onnxruntime", selector={"rack": "r1"})])
+    start(
+        sched,
+        store,
+        [
+            task(1, backend="noop"),
+            task(2, backend="onnxruntime", selector={"rack": "r2"}),
+            task(3, backend="onnxruntime", selector={"rack": "r1"}),
+        ],
+    )
     (msg,) = drain(qa)
     assert msg.assignment.task_id == "t3"
 
@@ -111,7 +149,9 @@ def test_silent_agent_lease_expires_and_task_moves(setup) -> None:  # type: igno
     clock.now += 11
     assert sched.expire_leases() == 1
     (second,) = drain(qb)
-    assert second.assignment.attempt == 2 and second.assignment.lease_id != first.assignment.lease_id
+    assert (
+        second.assignment.attempt == 2 and second.assignment.lease_id != first.assignment.lease_id
+    )
     # a comes back late with a result from the expired lease: refused
     late = sched.accept_result(a, ok_result(first, a.agent_id))
     assert not late.accepted
