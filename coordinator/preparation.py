@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 BUILDER_REVISION = 1
 # Backends measured from the source model as-is (no conversion step).
 PASSTHROUGH_BACKENDS = frozenset({"noop"})
+# (backend, scheme) pairs whose artifact is the source model itself.
+IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32")})
 
 
 @dataclass
@@ -244,8 +246,8 @@ class Preparer:
             unique.setdefault(key, job)
         done: dict[str, ArtifactRef | Exception] = {}
         missing: list[str] = []
-        for key, (src, backend, _scheme) in unique.items():
-            if backend in PASSTHROUGH_BACKENDS:
+        for key, (src, backend, scheme) in unique.items():
+            if backend in PASSTHROUGH_BACKENDS or (backend, scheme) in IDENTITY_SCHEMES:
                 done[key] = src.model
             elif (found := self._cached(key)) is not None:
                 done[key] = _ref(found)
