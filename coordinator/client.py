@@ -37,7 +37,9 @@ class ControlClient:
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address)
+        self.channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 256 << 20)]
+        )
         self.stub = control_pb2_grpc.ControlStub(self.channel)
 
     def close(self) -> None:

@@ -208,4 +208,6 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 device=request.device or None,
                 limit=request.limit or None,
             )
+        if not request.include_samples:
+            rows = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
         return control_pb2.QueryResultsResponse(rows_json=[json.dumps(r) for r in rows])

@@ -316,12 +316,15 @@ class QueryResultsRequest(google.protobuf.message.Message):
     BACKEND_FIELD_NUMBER: builtins.int
     DEVICE_FIELD_NUMBER: builtins.int
     LIMIT_FIELD_NUMBER: builtins.int
+    INCLUDE_SAMPLES_FIELD_NUMBER: builtins.int
     token: builtins.str
     campaign_id: builtins.str
     model: builtins.str
     backend: builtins.str
     device: builtins.str
     limit: builtins.int
+    include_samples: builtins.bool
+    """Include the raw per-iteration samples (large); summaries are always there."""
     def __init__(
         self,
         *,
@@ -331,8 +334,9 @@ class QueryResultsRequest(google.protobuf.message.Message):
         backend: builtins.str = ...,
         device: builtins.str = ...,
         limit: builtins.int = ...,
+        include_samples: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["backend", b"backend", "campaign_id", b"campaign_id", "device", b"device", "limit", b"limit", "model", b"model", "token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["backend", b"backend", "campaign_id", b"campaign_id", "device", b"device", "include_samples", b"include_samples", "limit", b"limit", "model", b"model", "token", b"token"]) -> None: ...
 
 global___QueryResultsRequest = QueryResultsRequest
 
