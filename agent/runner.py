@@ -6,8 +6,9 @@ crashes or hangs takes down only its child. The child:
 
 - gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` set to
   ``settings.threads``;
-- on Linux dies with the agent (``PR_SET_PDEATHSIG`` = SIGKILL, tied to the thread
-  running the event loop), so a killed agent never leaves a measuring orphan;
+- on Linux dies with the agent: it sets ``PR_SET_PDEATHSIG`` = SIGKILL on itself
+  (:mod:`agent.parent_watch`, given our pid in its environment), so a killed agent
+  never leaves a measuring orphan;
 - is killed past ``settings.timeout_s`` (:class:`TaskTimeout`); death by a signal is
   a :class:`BackendCrash` naming it; a typed error it reports is re-raised as such.
 """
@@ -37,7 +38,6 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STDERR_TAIL_BYTES = 4096  # how much of a child's stderr is kept for a crash report
 STDERR_TAIL_LINES = 10  # how many of its last lines a crash report quotes
 _PIPE_GRACE_S = 2.0  # how long to wait for stderr to close after the child exited
-_PR_SET_PDEATHSIG = 1
 
 OnTrial = Callable[[int, int], Awaitable[None]]
 

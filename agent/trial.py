@@ -93,7 +93,10 @@ def path_size_bytes(path: Path) -> int:
 def run_trial(request: TrialRequest) -> dict[str, Any]:
     """Load, time and (optionally) score one model; the success result dict."""
     settings = request.settings
-    backend = get_backend(request.backend)()
+    backend_cls = get_backend(request.backend)
+    if backend_cls.MODULE:
+        backend_cls.require()  # import the runtime now: neither load time nor load RSS
+    backend = backend_cls()
     eval_batch = (
         load_eval_inputs(request.eval_path, settings.batch_size)
         if request.eval_path is not None

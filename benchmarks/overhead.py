@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def dispatch_overhead(tasks: int, home: Path) -> float:
             return await agent
 
         arrivals = asyncio.run(run())
-    gaps = [(b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
     return statistics.median(gaps)
 
 

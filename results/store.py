@@ -1,6 +1,6 @@
 """The results store: every campaign, task, measurement, artifact and device sighting.
 
-SQLite by default (:func:`default_url`), any SQLAlchemy URL otherwise (e.g.
+SQLite by default (:func:`edgefarm.home.default_store_url`), any SQLAlchemy URL otherwise (e.g.
 ``postgresql+psycopg://user:pw@host/edgefarm``). All SQL of the store lives here; the
 tables are in :mod:`results.schema`, record <-> row conversion in :mod:`results.rows`.
 
@@ -42,11 +42,6 @@ logger = logging.getLogger(__name__)
 
 MIN_PREFIX_LEN = 4
 _WRITE_OPTION = "edgefarm_write"
-
-
-def default_url(home: Path) -> str:
-    """The store URL under an edgefarm home folder: ``sqlite:///{home}/results.sqlite``."""
-    return f"sqlite:///{home.expanduser()}/results.sqlite"
 
 
 class _Conflict(StoreError):

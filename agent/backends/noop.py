@@ -11,12 +11,15 @@ Fault-injection options, for tests of the measuring child's supervision only:
 - ``noop_crash``: ``segv`` (the child sends itself SIGSEGV) or ``abort`` (``os.abort``),
   during ``load``.
 - ``noop_sleep_s``: seconds to sleep in ``load`` (a hang, to test time limits).
+- ``noop_exit``: an exit code; in ``load`` the child says so on stderr and exits at
+  once, writing no result (a runtime that calls ``exit`` behind our back).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +39,7 @@ class NoopBackend(Backend):
     """Loads nothing, runs nothing: the farm's overhead, and a fake backend for tests."""
 
     NAME: ClassVar[str] = "noop"
-    OPTIONS: ClassVar[frozenset[str]] = frozenset({"noop_crash", "noop_sleep_s"})
+    OPTIONS: ClassVar[frozenset[str]] = frozenset({"noop_crash", "noop_sleep_s", "noop_exit"})
 
     def __init__(self) -> None:
         self.model_size_bytes = 0
@@ -55,6 +58,10 @@ class NoopBackend(Backend):
             raise TaskError(f"unknown noop_crash '{crash}' (known: {', '.join(_CRASHES)})")
         if "noop_sleep_s" in options:
             time.sleep(float(options["noop_sleep_s"]))
+        if "noop_exit" in options:
+            code = int(options["noop_exit"])
+            print(f"noop: exiting with code {code} without a result", file=sys.stderr, flush=True)
+            os._exit(code)
         if crash == "segv":
             os.kill(os.getpid(), signal.SIGSEGV)
         elif crash == "abort":

@@ -37,8 +37,10 @@ def test_identical_outputs_agree_fully() -> None:
     got = classification_accuracy(reference.copy(), labels, reference)
     assert got["agreement"] == 1.0
     assert got["max_abs_diff"] == 0.0
-    assert got["top1"] == got["reference_top1"] == pytest.approx(
-        float(np.mean(np.argmax(reference, axis=1) == labels))
+    assert (
+        got["top1"]
+        == got["reference_top1"]
+        == pytest.approx(float(np.mean(np.argmax(reference, axis=1) == labels)))
     )
 
 

@@ -73,7 +73,9 @@ def test_onnx_model_matches_sklearn(
     clf = trained.classifier
     np.testing.assert_array_equal(np.argmax(logits, axis=1), clf.predict(trained.x_test))
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    np.testing.assert_allclose(exp / exp.sum(axis=1, keepdims=True), clf.predict_proba(trained.x_test), atol=1e-5)
+    np.testing.assert_allclose(
+        exp / exp.sum(axis=1, keepdims=True), clf.predict_proba(trained.x_test), atol=1e-5
+    )
 
     top1 = float(np.mean(np.argmax(logits, axis=1) == eval_data.labels))
     print("digits test accuracy (ONNX FP32):", top1, "sklearn:", bundle.sklearn_test_accuracy)
@@ -169,7 +171,9 @@ def test_scheme_errors(bundle: DigitsBundle, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="unknown parameter"):
         quantize_onnx(bundle.model_path, tmp_path / "x.onnx", "fp16", None, {"per_channel": True})
     with pytest.raises(UsageError, match="block_size"):
-        quantize_onnx(bundle.model_path, tmp_path / "x.onnx", "int4-weight", None, {"block_size": 24})
+        quantize_onnx(
+            bundle.model_path, tmp_path / "x.onnx", "int4-weight", None, {"block_size": 24}
+        )
 
 
 def test_quantizing_leaves_root_logging_alone(bundle: DigitsBundle, tmp_path: Path) -> None:

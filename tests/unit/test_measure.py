@@ -44,7 +44,9 @@ def settings(**kw: float) -> MeasureSettings:
 
 def test_meets_both_minimums_and_counts_warmup_apart() -> None:
     run = Counter()
-    result = time_iterations(run, settings(warmup_iterations=7, min_iterations=50, min_duration_s=0.05))
+    result = time_iterations(
+        run, settings(warmup_iterations=7, min_iterations=50, min_duration_s=0.05)
+    )
     assert result.valid and result.invalid_reason == ""
     assert len(result.samples_ms) >= 50
     assert result.duration_s >= 0.05
@@ -59,7 +61,9 @@ def test_stops_as_soon_as_both_minimums_are_met() -> None:
 
 
 def test_samples_are_milliseconds() -> None:
-    result = time_iterations(Counter(sleep_s=0.002), settings(warmup_iterations=0, min_iterations=15))
+    result = time_iterations(
+        Counter(sleep_s=0.002), settings(warmup_iterations=0, min_iterations=15)
+    )
     median = statistics.median(result.samples_ms)
     assert 2.0 <= median < 50.0
     assert all(s >= 2.0 for s in result.samples_ms)

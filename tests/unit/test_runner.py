@@ -52,9 +52,7 @@ def measure(
     options: dict[str, str] | None = None,
     eval_path: Path | None = None,
 ) -> TrialsReport:
-    return asyncio.run(
-        run_measurement(backend, "fp32", model, eval_path, settings, options or {})
-    )
+    return asyncio.run(run_measurement(backend, "fp32", model, eval_path, settings, options or {}))
 
 
 def test_real_measurement_of_the_digits_model(digits: DigitsBundle) -> None:
@@ -101,7 +99,7 @@ def test_real_measurement_of_the_digits_model(digits: DigitsBundle) -> None:
 def test_corrupt_onnx_is_a_model_load_error(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(ModelLoadError, match="onnxruntime could not load corrupt.onnx") as info:
+    with pytest.raises(ModelLoadError, match=r"onnxruntime could not load corrupt\.onnx") as info:
         measure("onnxruntime", corrupt)
     assert "\n" not in str(info.value)
 
@@ -117,7 +115,11 @@ def test_missing_and_empty_models_are_model_load_errors(tmp_path: Path) -> None:
 
 def test_unavailable_execution_provider(digits: DigitsBundle) -> None:
     with pytest.raises(BackendUnavailable, match="NoSuchExecutionProvider"):
-        measure("onnxruntime", digits.model_path, options={"execution_provider": "NoSuchExecutionProvider"})
+        measure(
+            "onnxruntime",
+            digits.model_path,
+            options={"execution_provider": "NoSuchExecutionProvider"},
+        )
 
 
 @pytest.mark.parametrize(("how", "signal_name"), [("segv", "SIGSEGV"), ("abort", "SIGABRT")])
@@ -125,6 +127,12 @@ def test_crashing_child_is_a_backend_crash(dummy_model: Path, how: str, signal_n
     with pytest.raises(BackendCrash, match=signal_name) as info:
         measure("noop", dummy_model, options={"noop_crash": how})
     assert "noop.py" in str(info.value)  # faulthandler's stack made it into the message
+
+
+def test_child_without_result_is_a_backend_crash(dummy_model: Path) -> None:
+    with pytest.raises(BackendCrash, match="exited with code 7 without a readable result") as info:
+        measure("noop", dummy_model, options={"noop_exit": "7"})
+    assert "noop: exiting with code 7 without a result" in str(info.value)  # stderr tail
 
 
 def test_hanging_child_is_a_timeout(dummy_model: Path) -> None:
@@ -143,7 +151,9 @@ def test_child_errors_keep_their_type(dummy_model: Path) -> None:
 
 
 def test_noop_measures_the_farm_overhead(dummy_model: Path) -> None:
-    settings = MeasureSettings(warmup_iterations=3, min_iterations=200, min_duration_s=0.0, trials=1)
+    settings = MeasureSettings(
+        warmup_iterations=3, min_iterations=200, min_duration_s=0.0, trials=1
+    )
     report = measure("noop", dummy_model, settings)
     (trial,) = report.trials
     assert trial.valid and len(trial.samples_ms) == 200
@@ -169,9 +179,9 @@ def test_killed_agent_leaves_no_orphan(tmp_path: Path, dummy_model: Path) -> Non
         "import asyncio, pathlib\n"
         "from agent.runner import run_measurement\n"
         "from edgefarm.domain import MeasureSettings\n"
-        "asyncio.run(run_measurement('noop', 'fp32', pathlib.Path(%r), None,\n"
+        f"asyncio.run(run_measurement('noop', 'fp32', pathlib.Path({str(dummy_model)!r}), None,\n"
         "    MeasureSettings(trials=1, timeout_s=120), {'noop_sleep_s': '120'}))\n"
-    ) % str(dummy_model)
+    )
     agent = subprocess.Popen([sys.executable, "-c", script])
     try:
         deadline = time.monotonic() + 20
@@ -182,7 +192,7 @@ def test_killed_agent_leaves_no_orphan(tmp_path: Path, dummy_model: Path) -> Non
         assert children, "the measuring child never started"
         agent.kill()
         agent.wait(10)
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, "the measuring child outlived its agent"
     finally:
         if agent.poll() is None:
@@ -200,7 +210,7 @@ def test_child_environment_pins_threads() -> None:
 def test_registry() -> None:
     assert get_backend("noop") is NoopBackend
     assert get_backend("onnxruntime").NAME == "onnxruntime"
-    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'.*noop, onnxruntime"):
+    with pytest.raises(BackendUnavailable, match=r"unknown backend 'nope'.*noop, onnxruntime"):
         get_backend("nope")
     found = installed_backends()
     assert found["noop"] == edgefarm.__version__

@@ -28,9 +28,10 @@ from edgefarm.domain import (
     TrialOutcome,
 )
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
+from edgefarm.home import default_store_url
 from results import schema
 from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
-from results.store import ResultsStore, default_url
+from results.store import ResultsStore
 
 PG_ENV = "EDGEFARM_TEST_POSTGRES_URL"
 SETTINGS = MeasureSettings(min_iterations=5, trials=2, threads=2)
@@ -168,7 +169,7 @@ def raw_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 def test_default_url() -> None:
-    assert default_url(Path("/srv/farm")) == "sqlite:////srv/farm/results.sqlite"
+    assert default_store_url(Path("/srv/farm")) == "sqlite:////srv/farm/results.sqlite"
 
 
 def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> None:
