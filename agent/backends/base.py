@@ -39,6 +39,8 @@ class Backend(ABC):
     @classmethod
     def require(cls) -> ModuleType:
         """Import and return :attr:`MODULE`, or raise :class:`MissingExtra`."""
+        if not cls.MODULE:
+            raise TypeError(f"backend {cls.NAME} needs no runtime module")
         if importlib.util.find_spec(cls.MODULE) is None:
             raise MissingExtra(cls.EXTRA, cls.MODULE)
         return importlib.import_module(cls.MODULE)
@@ -46,7 +48,7 @@ class Backend(ABC):
     @classmethod
     def installed_version(cls) -> str | None:
         """The runtime's version when installed here, else None; imports nothing heavy."""
-        if importlib.util.find_spec(cls.MODULE) is None:
+        if not cls.MODULE or importlib.util.find_spec(cls.MODULE) is None:
             return None
         for dist in cls.DISTRIBUTIONS or (cls.MODULE,):
             try:

@@ -17,10 +17,18 @@ import pytest
 import edgefarm
 from agent.backends import get_backend, installed_backends
 from agent.backends.noop import NoopBackend
+from agent.backends.onnxruntime import OnnxRuntimeBackend
 from agent.runner import TrialsReport, child_environment, run_measurement
 from coordinator.models.digits import DigitsBundle, build_digits_model
 from edgefarm.domain import MeasureSettings
-from edgefarm.errors import BackendCrash, BackendUnavailable, ModelLoadError, TaskError, TaskTimeout
+from edgefarm.errors import (
+    BackendCrash,
+    BackendUnavailable,
+    MissingExtra,
+    ModelLoadError,
+    TaskError,
+    TaskTimeout,
+)
 
 QUICK = MeasureSettings(
     warmup_iterations=2,
@@ -229,3 +237,13 @@ def test_agent_imports_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_missing_runtime_names_the_extra() -> None:
+    class Absent(OnnxRuntimeBackend):
+        MODULE = "edgefarm_no_such_runtime"
+        EXTRA = "no-such-extra"
+
+    assert Absent.installed_version() is None
+    with pytest.raises(MissingExtra, match=r"edgefarm\[no-such-extra\]"):
+        Absent.require()
