@@ -23,6 +23,14 @@ def _kib(value: Any) -> str:
     return "-" if value is None else f"{value / 1024:.0f}"
 
 
+STATUS_WIDTH = 70
+
+
+def _clip(text: str) -> str:
+    """Keep table rows short; `edgefarm results show ID` has the whole message."""
+    return text if len(text) <= STATUS_WIDTH else text[: STATUS_WIDTH - 1] + "…"
+
+
 def results_table(rows: list[dict[str, Any]], title: str = "") -> Table:
     """One line per result: latency, throughput, memory, size, accuracy, validity."""
     table = Table(title=title or None, show_lines=False)
@@ -47,9 +55,9 @@ def results_table(rows: list[dict[str, Any]], title: str = "") -> Table:
     for row in rows:
         accuracy = row.get("accuracy") or {}
         if not row.get("ok"):
-            status = f"FAILED {row.get('error_kind', '')}: {row.get('error_message', '')}"
+            status = _clip(f"FAILED {row.get('error_kind', '')}: {row.get('error_message', '')}")
         elif not row.get("valid"):
-            status = f"invalid: {row.get('invalid_reason', '')}"
+            status = _clip(f"invalid: {row.get('invalid_reason', '')}")
         else:
             status = "ok (reused)" if row.get("reused") else "ok"
         cv = row.get("lat_cv")

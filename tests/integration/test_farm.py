@@ -4,6 +4,7 @@ a SQLite file. Each test starts its own farm."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from coordinator.localfarm import LocalFarm
 from coordinator.runner import run_campaign
 from edgefarm.domain import TaskStatus
 from edgefarm.errors import CampaignFailed
+from results.store import ResultsStore
 from tests.integration.conftest import cli, open_store, wait_until, write_spec
 
 pytestmark = pytest.mark.integration
@@ -165,3 +167,26 @@ def test_bad_spec_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "typo.yaml:7" in lines[0] and "int3" in lines[0]
+
+
+def test_farm_on_postgresql(tmp_path: Path) -> None:
+    url = os.environ.get("EDGEFARM_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("set EDGEFARM_TEST_POSTGRES_URL (a throwaway database) to run on PostgreSQL")
+    import sqlalchemy as sa
+
+    from results.schema import metadata
+
+    engine = sa.create_engine(url)
+    metadata.drop_all(engine)
+    try:
+        spec = write_spec(tmp_path / "pg.yaml", "pg", ["fp32", "int8-dynamic"])
+        with LocalFarm(home=tmp_path / "home", store_url=url, agents=1) as farm:
+            campaign_id = run_campaign(farm.address, farm.token, spec)
+        with ResultsStore.open(url) as store:
+            rows = store.results_for_campaign(campaign_id)
+            assert sorted(r["scheme"] for r in rows) == ["fp32", "int8-dynamic"]
+            assert all(r["ok"] and r["valid"] and r["lat_p50_ms"] > 0 for r in rows)
+    finally:
+        metadata.drop_all(engine)
+        engine.dispose()
