@@ -49,6 +49,10 @@ class MeasureSettings:
     threads: int = 1
     batch_size: int = 1
     timeout_s: float = 300.0
+    # Language models: prompt length for prompt-processing speed and TTFT, and the
+    # context window the session is created with (generation restarts when it is full).
+    prompt_tokens: int = 128
+    context_tokens: int = 512
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON and hashing)."""
@@ -159,6 +163,8 @@ class TrialOutcome:
     load_rss_delta_bytes: int  # RSS increase caused by loading the model
     valid: bool
     invalid_reason: str = ""
+    # Backend-specific figures of this trial, e.g. prompt_tok_per_s, ttft_ms.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -225,6 +231,15 @@ class MeasurementResult:
         """Median load time over the trials."""
         times = [t.load_time_s for t in self.trials]
         return statistics.median(times) if times else math.nan
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Median of each backend-specific metric over the trials that report it."""
+        keys = sorted({k for t in self.trials for k in t.metrics})
+        return {
+            k: statistics.median([t.metrics[k] for t in self.trials if k in t.metrics])
+            for k in keys
+        }
 
     @property
     def load_rss_delta_bytes(self) -> int:

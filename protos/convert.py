@@ -74,6 +74,8 @@ def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
         threads=m.threads,
         batch_size=m.batch_size,
         timeout_s=m.timeout_s,
+        prompt_tokens=m.prompt_tokens,
+        context_tokens=m.context_tokens,
     )
 
 
@@ -145,6 +147,7 @@ def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:
                 load_rss_delta_bytes=t.load_rss_delta_bytes,
                 valid=t.valid,
                 invalid_reason=t.invalid_reason,
+                metrics=dict(t.metrics),
             )
             for t in r.trials
         ],
@@ -177,6 +180,7 @@ def result_from_pb(m: common_pb2.TaskResult, agent_id: str, device_id: str) -> M
                 load_rss_delta_bytes=t.load_rss_delta_bytes,
                 valid=t.valid,
                 invalid_reason=t.invalid_reason,
+                metrics=dict(t.metrics),
             )
             for t in m.trials
         ],

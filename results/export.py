@@ -36,7 +36,7 @@ ENV_KEYS: tuple[str, ...] = (
     "python_version",
 )
 JSON_TEXT_COLUMNS = ("samples_ms", "trial_medians_ms", "trials_detail", "environment")
-_FLATTENED = ("accuracy", "settings")
+_FLATTENED = ("accuracy", "metrics", "settings")
 
 
 def _json_text(value: Any) -> str | None:
@@ -51,6 +51,8 @@ def _flat_row(row: dict[str, Any], env_keys: Sequence[str]) -> dict[str, Any]:
         flat[key] = _json_text(value) if key in JSON_TEXT_COLUMNS else value
     for name, value in (row.get("accuracy") or {}).items():
         flat[f"accuracy.{name}"] = value
+    for name, value in (row.get("metrics") or {}).items():
+        flat[f"metrics.{name}"] = value
     for name, value in (row.get("settings") or {}).items():
         flat[f"settings.{name}"] = value
     environment = row.get("environment") or {}

@@ -160,6 +160,7 @@ def trial_detail(t: TrialOutcome) -> dict[str, Any]:
         "load_rss_delta_bytes": t.load_rss_delta_bytes,
         "valid": t.valid,
         "invalid_reason": t.invalid_reason,
+        "metrics": dict(t.metrics),
     }
 
 
@@ -212,6 +213,7 @@ def result_to_row(
         "load_time_s": result.load_time_s,
         "model_size_bytes": result.model_size_bytes,
         "accuracy": dict(result.accuracy),
+        "metrics": result.metrics,
         "environment": dict(result.environment),
         "trials_detail": [trial_detail(t) for t in result.trials],
         "created_at": now,

@@ -178,6 +178,7 @@ results = sa.Table(
     sa.Column("load_time_s", FiniteFloat),
     sa.Column("model_size_bytes", sa.BigInteger, nullable=False),
     sa.Column("accuracy", JSONText, nullable=False),
+    sa.Column("metrics", JSONText),
     sa.Column("environment", JSONText, nullable=False),
     sa.Column("trials_detail", JSONText, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -219,7 +220,13 @@ def _v1_create_tables(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Migration] = [_v1_create_tables]
+def _v2_add_metrics(conn: Connection) -> None:
+    """v1 -> v2: results.metrics (backend-specific figures such as prompt tok/s, TTFT)."""
+    if not has_column(conn, "results", "metrics"):
+        conn.execute(sa.text("ALTER TABLE results ADD COLUMN metrics TEXT"))
+
+
+MIGRATIONS: list[Migration] = [_v1_create_tables, _v2_add_metrics]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -189,7 +189,7 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
     finally:
         db.close()
     assert {"meta", "campaigns", "tasks", "results", "artifacts", "devices_seen"} <= tables
-    assert version == str(schema.SCHEMA_VERSION) == "1"
+    assert version == str(schema.SCHEMA_VERSION) == "2"
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
 
 
@@ -568,3 +568,21 @@ def test_devices_seen_upsert_and_touch(store: ResultsStore) -> None:
     assert listed[1] == replace(
         seen, labels={"lab": "paris"}, registered_at=2.0, last_heartbeat=99.5
     )
+
+
+def test_v1_store_is_migrated_to_v2(tmp_path: Path) -> None:
+    """A store written before results.metrics existed gains the column on open."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    url = f"sqlite:///{path}"
+    ResultsStore.open(url).close()
+    with sqlite3.connect(path) as db:  # make it look like a v1 store
+        db.execute("ALTER TABLE results DROP COLUMN metrics")
+        db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    with ResultsStore.open(url):
+        pass
+    with sqlite3.connect(path) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
+        version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert "metrics" in columns and version == "2"

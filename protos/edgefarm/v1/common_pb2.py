@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgefarm/v1/common.proto\x12\x0b\x65\x64gefarm.v1\"\xd8\x03\n\x12\x44\x65viceCapabilities\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x12\n\nos_release\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x11\n\tcpu_model\x18\x06 \x01(\t\x12\x11\n\tcpu_flags\x18\x07 \x03(\t\x12\x16\n\x0ephysical_cores\x18\x08 \x01(\r\x12\x15\n\rlogical_cores\x18\t \x01(\r\x12\x11\n\tram_bytes\x18\n \x01(\x04\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x0b \x03(\t\x12?\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32-.edgefarm.v1.DeviceCapabilities.BackendsEntry\x12\x16\n\x0epython_version\x18\r \x01(\t\x12\x39\n\x05\x65xtra\x18\x0e \x03(\x0b\x32*.edgefarm.v1.DeviceCapabilities.ExtraEntry\x1a/\n\rBackendsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd4\x01\n\x0fMeasureSettings\x12\x19\n\x11warmup_iterations\x18\x01 \x01(\r\x12\x16\n\x0emin_iterations\x18\x02 \x01(\r\x12\x16\n\x0emin_duration_s\x18\x03 \x01(\x01\x12\x16\n\x0emax_iterations\x18\x04 \x01(\r\x12\x16\n\x0emax_duration_s\x18\x05 \x01(\x01\x12\x0e\n\x06trials\x18\x06 \x01(\r\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\"?\n\x0b\x41rtifactRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xbc\x01\n\x05Trial\x12\x12\n\nsamples_ms\x18\x01 \x03(\x01\x12\x19\n\x11warmup_iterations\x18\x02 \x01(\r\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x13\n\x0bload_time_s\x18\x04 \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14load_rss_delta_bytes\x18\x06 \x01(\x03\x12\r\n\x05valid\x18\x07 \x01(\x08\x12\x16\n\x0einvalid_reason\x18\x08 \x01(\t\"\xbf\x03\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x07 \x01(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\"\n\x06trials\x18\t \x03(\x0b\x32\x12.edgefarm.v1.Trial\x12\x37\n\x08\x61\x63\x63uracy\x18\n \x03(\x0b\x32%.edgefarm.v1.TaskResult.AccuracyEntry\x12\x18\n\x10model_size_bytes\x18\x0b \x01(\x04\x12=\n\x0b\x65nvironment\x18\x0c \x03(\x0b\x32(.edgefarm.v1.TaskResult.EnvironmentEntry\x1a/\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/edgefarm/v1/common.proto\x12\x0b\x65\x64gefarm.v1\"\xd8\x03\n\x12\x44\x65viceCapabilities\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02os\x18\x03 \x01(\t\x12\x12\n\nos_release\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x11\n\tcpu_model\x18\x06 \x01(\t\x12\x11\n\tcpu_flags\x18\x07 \x03(\t\x12\x16\n\x0ephysical_cores\x18\x08 \x01(\r\x12\x15\n\rlogical_cores\x18\t \x01(\r\x12\x11\n\tram_bytes\x18\n \x01(\x04\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x0b \x03(\t\x12?\n\x08\x62\x61\x63kends\x18\x0c \x03(\x0b\x32-.edgefarm.v1.DeviceCapabilities.BackendsEntry\x12\x16\n\x0epython_version\x18\r \x01(\t\x12\x39\n\x05\x65xtra\x18\x0e \x03(\x0b\x32*.edgefarm.v1.DeviceCapabilities.ExtraEntry\x1a/\n\rBackendsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x83\x02\n\x0fMeasureSettings\x12\x19\n\x11warmup_iterations\x18\x01 \x01(\r\x12\x16\n\x0emin_iterations\x18\x02 \x01(\r\x12\x16\n\x0emin_duration_s\x18\x03 \x01(\x01\x12\x16\n\x0emax_iterations\x18\x04 \x01(\r\x12\x16\n\x0emax_duration_s\x18\x05 \x01(\x01\x12\x0e\n\x06trials\x18\x06 \x01(\r\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\x12\x15\n\rprompt_tokens\x18\n \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0b \x01(\r\"?\n\x0b\x41rtifactRef\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x9e\x02\n\x05Trial\x12\x12\n\nsamples_ms\x18\x01 \x03(\x01\x12\x19\n\x11warmup_iterations\x18\x02 \x01(\r\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x13\n\x0bload_time_s\x18\x04 \x01(\x01\x12\x16\n\x0epeak_rss_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14load_rss_delta_bytes\x18\x06 \x01(\x03\x12\r\n\x05valid\x18\x07 \x01(\x08\x12\x16\n\x0einvalid_reason\x18\x08 \x01(\t\x12\x30\n\x07metrics\x18\t \x03(\x0b\x32\x1f.edgefarm.v1.Trial.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbf\x03\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x07 \x01(\t\x12\x12\n\nbatch_size\x18\x08 \x01(\r\x12\"\n\x06trials\x18\t \x03(\x0b\x32\x12.edgefarm.v1.Trial\x12\x37\n\x08\x61\x63\x63uracy\x18\n \x03(\x0b\x32%.edgefarm.v1.TaskResult.AccuracyEntry\x12\x18\n\x10model_size_bytes\x18\x0b \x01(\x04\x12=\n\x0b\x65nvironment\x18\x0c \x03(\x0b\x32(.edgefarm.v1.TaskResult.EnvironmentEntry\x1a/\n\rAccuracyEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x32\n\x10\x45nvironmentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICECAPABILITIES_BACKENDSENTRY']._serialized_options = b'8\001'
   _globals['_DEVICECAPABILITIES_EXTRAENTRY']._loaded_options = None
   _globals['_DEVICECAPABILITIES_EXTRAENTRY']._serialized_options = b'8\001'
+  _globals['_TRIAL_METRICSENTRY']._loaded_options = None
+  _globals['_TRIAL_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TASKRESULT_ACCURACYENTRY']._loaded_options = None
   _globals['_TASKRESULT_ACCURACYENTRY']._serialized_options = b'8\001'
   _globals['_TASKRESULT_ENVIRONMENTENTRY']._loaded_options = None
@@ -46,15 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICECAPABILITIES_EXTRAENTRY']._serialized_start=477
   _globals['_DEVICECAPABILITIES_EXTRAENTRY']._serialized_end=521
   _globals['_MEASURESETTINGS']._serialized_start=524
-  _globals['_MEASURESETTINGS']._serialized_end=736
-  _globals['_ARTIFACTREF']._serialized_start=738
-  _globals['_ARTIFACTREF']._serialized_end=801
-  _globals['_TRIAL']._serialized_start=804
-  _globals['_TRIAL']._serialized_end=992
-  _globals['_TASKRESULT']._serialized_start=995
-  _globals['_TASKRESULT']._serialized_end=1442
-  _globals['_TASKRESULT_ACCURACYENTRY']._serialized_start=1343
-  _globals['_TASKRESULT_ACCURACYENTRY']._serialized_end=1390
-  _globals['_TASKRESULT_ENVIRONMENTENTRY']._serialized_start=1392
-  _globals['_TASKRESULT_ENVIRONMENTENTRY']._serialized_end=1442
+  _globals['_MEASURESETTINGS']._serialized_end=783
+  _globals['_ARTIFACTREF']._serialized_start=785
+  _globals['_ARTIFACTREF']._serialized_end=848
+  _globals['_TRIAL']._serialized_start=851
+  _globals['_TRIAL']._serialized_end=1137
+  _globals['_TRIAL_METRICSENTRY']._serialized_start=1091
+  _globals['_TRIAL_METRICSENTRY']._serialized_end=1137
+  _globals['_TASKRESULT']._serialized_start=1140
+  _globals['_TASKRESULT']._serialized_end=1587
+  _globals['_TASKRESULT_ACCURACYENTRY']._serialized_start=1488
+  _globals['_TASKRESULT_ACCURACYENTRY']._serialized_end=1535
+  _globals['_TASKRESULT_ENVIRONMENTENTRY']._serialized_start=1537
+  _globals['_TASKRESULT_ENVIRONMENTENTRY']._serialized_end=1587
 # @@protoc_insertion_point(module_scope)

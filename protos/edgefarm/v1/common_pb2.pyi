@@ -132,6 +132,8 @@ class MeasureSettings(google.protobuf.message.Message):
     THREADS_FIELD_NUMBER: builtins.int
     BATCH_SIZE_FIELD_NUMBER: builtins.int
     TIMEOUT_S_FIELD_NUMBER: builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: builtins.int
+    CONTEXT_TOKENS_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     min_iterations: builtins.int
     min_duration_s: builtins.float
@@ -143,6 +145,9 @@ class MeasureSettings(google.protobuf.message.Message):
     batch_size: builtins.int
     timeout_s: builtins.float
     """Wall-clock limit for each trial's child process."""
+    prompt_tokens: builtins.int
+    """Language models: prompt length for prompt speed and TTFT; context window."""
+    context_tokens: builtins.int
     def __init__(
         self,
         *,
@@ -155,8 +160,10 @@ class MeasureSettings(google.protobuf.message.Message):
         threads: builtins.int = ...,
         batch_size: builtins.int = ...,
         timeout_s: builtins.float = ...,
+        prompt_tokens: builtins.int = ...,
+        context_tokens: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___MeasureSettings = MeasureSettings
 
@@ -191,6 +198,22 @@ class Trial(google.protobuf.message.Message):
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
+    @typing.final
+    class MetricsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.float
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.float = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     SAMPLES_MS_FIELD_NUMBER: builtins.int
     WARMUP_ITERATIONS_FIELD_NUMBER: builtins.int
     DURATION_S_FIELD_NUMBER: builtins.int
@@ -199,6 +222,7 @@ class Trial(google.protobuf.message.Message):
     LOAD_RSS_DELTA_BYTES_FIELD_NUMBER: builtins.int
     VALID_FIELD_NUMBER: builtins.int
     INVALID_REASON_FIELD_NUMBER: builtins.int
+    METRICS_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     duration_s: builtins.float
     """Wall time of the timed loop."""
@@ -214,6 +238,10 @@ class Trial(google.protobuf.message.Message):
     def samples_ms(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
         """Per-iteration latencies in milliseconds, in the order measured."""
 
+    @property
+    def metrics(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.float]:
+        """Backend-specific figures, e.g. {"prompt_tok_per_s": 512.0, "ttft_ms": 210.0}."""
+
     def __init__(
         self,
         *,
@@ -225,8 +253,9 @@ class Trial(google.protobuf.message.Message):
         load_rss_delta_bytes: builtins.int = ...,
         valid: builtins.bool = ...,
         invalid_reason: builtins.str = ...,
+        metrics: collections.abc.Mapping[builtins.str, builtins.float] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["duration_s", b"duration_s", "invalid_reason", b"invalid_reason", "load_rss_delta_bytes", b"load_rss_delta_bytes", "load_time_s", b"load_time_s", "peak_rss_bytes", b"peak_rss_bytes", "samples_ms", b"samples_ms", "valid", b"valid", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["duration_s", b"duration_s", "invalid_reason", b"invalid_reason", "load_rss_delta_bytes", b"load_rss_delta_bytes", "load_time_s", b"load_time_s", "metrics", b"metrics", "peak_rss_bytes", b"peak_rss_bytes", "samples_ms", b"samples_ms", "valid", b"valid", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___Trial = Trial
 
