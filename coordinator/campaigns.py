@@ -120,13 +120,15 @@ class CampaignPlanner:
             )
         warnings = _missing_backend_warnings(spec, devices)
         stats = PreparationStats()
-        settings = spec.measure_settings()
         spec_dir = spec_path.parent
         sources: dict[str, PreparedSource] = {}
         for model in spec.models:
             prepared = await self.preparer.source(model.name, model.source, spec_dir, stats)
             sources[model.name] = await self.preparer.attach_files(
-                prepared, _file_path(model.eval, spec_dir), _file_path(model.calibration, spec_dir)
+                prepared,
+                _file_path(model.eval, spec_dir),
+                _file_path(model.calibration, spec_dir),
+                stats,
             )
         variants = spec.variants()
         wanted = [v for v in variants if any(v.backend in d.backends for d in devices)]
@@ -140,6 +142,7 @@ class CampaignPlanner:
         reused = 0
         for variant, artifact in zip(wanted, artifacts, strict=True):
             source = sources[variant.model.name]
+            settings = variant.settings
             for device in devices:
                 if variant.backend not in device.backends:
                     continue

@@ -1,29 +1,34 @@
-"""Model preparation on Ray: materialise model sources and convert/quantize variants.
+"""Model preparation: materialise sources and convert / quantize variants, each once.
 
-Every step is a Ray task that returns bytes plus provenance; the coordinator puts
-the bytes in the content-addressed artifact store and records the step under a key
-made of its inputs (source hash, tool and version, parameters). A step whose key is
-already recorded — and whose artifact is still on disk — is never run again.
+Every step runs as a Ray task (:mod:`coordinator.steps`) that returns bytes plus
+provenance; the coordinator puts the bytes in the content-addressed artifact store
+and records the step under a key made of its inputs (source hash, tool versions,
+parameters). A step whose key is recorded — and whose artifact is still on disk — is
+never run again, so a campaign over N devices converts each variant once.
+
+Two model formats: ONNX (the digit classifier, user files) and GGUF (language models:
+the source is dequantized to F16 once, every llama.cpp type is made from that F16,
+and the F16 model's token log-probabilities on the evaluation text are the reference).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from coordinator import steps
 from coordinator.artifacts import ArtifactStore
 from edgefarm.domain import ArtifactRef
-from edgefarm.errors import SpecError, UnsupportedScheme, UsageError
+from edgefarm.errors import SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
 from results.store import ResultsStore
 
@@ -33,8 +38,15 @@ log = logging.getLogger(__name__)
 BUILDER_REVISION = 1
 # Backends measured from the source model as-is (no conversion step).
 PASSTHROUGH_BACKENDS = frozenset({"noop"})
-# (backend, scheme) pairs whose artifact is the source model itself.
-IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32")})
+# (backend, scheme) pairs whose artifact is the prepared source model itself.
+IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
+# Which model format each backend measures.
+BACKEND_FORMATS = {"onnxruntime": "onnx", "llama-cpp": "gguf"}
+# Language-model fidelity: context per evaluation chunk and reference top-k kept.
+LLM_EVAL_CONTEXT = 512
+LLM_TOP_K = 32
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "models" / "texts" / "eval_en.txt"
+BUILTIN_GGUF_MODELS = ("smollm2-135m",)
 
 
 @dataclass
@@ -44,6 +56,7 @@ class PreparedSource:
     model: ArtifactRef
     eval_data: ArtifactRef | None
     calibration: ArtifactRef | None
+    format: str = "onnx"
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -55,63 +68,6 @@ class PreparationStats:
     cached: int = 0
 
 
-# ----- Ray tasks (run in worker processes; import heavy tools inside) ---------
-
-
-@ray.remote(num_cpus=1, max_retries=0)
-def materialize_builtin(name: str) -> dict[str, Any]:
-    """Build a model the project ships the recipe for."""
-    if name != "digits-mlp":
-        raise UsageError(f"unknown builtin model '{name}' (known: digits-mlp)")
-    from coordinator.models.digits import build_digits_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = build_digits_model(Path(tmp))
-        return {
-            "model": bundle.model_path.read_bytes(),
-            "eval": bundle.eval_path.read_bytes(),
-            "calibration": bundle.calibration_path.read_bytes(),
-            "provenance": {"builder": "coordinator.models.digits", **_jsonable(bundle.metadata)},
-        }
-
-
-@ray.remote(num_cpus=1, max_retries=0)
-def add_reference(model: bytes, eval_npz: bytes) -> bytes:
-    """Compute the FP32 reference outputs for an eval set that lacks them."""
-    import numpy as np
-    import onnxruntime as ort
-
-    data = dict(np.load(io.BytesIO(eval_npz)))
-    if "reference" in data:
-        return eval_npz
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    data["reference"] = session.run(None, {name: data["inputs"].astype(np.float32)})[0]
-    out = io.BytesIO()
-    np.savez(out, **data)
-    return out.getvalue()
-
-
-@ray.remote(num_cpus=1, max_retries=0)
-def convert_onnx(model: bytes, scheme: str, calibration: bytes | None) -> dict[str, Any]:
-    """Quantize / convert an ONNX model to one scheme."""
-    import numpy as np
-
-    from coordinator.conversion.onnx_schemes import quantize_onnx
-
-    calib = np.load(io.BytesIO(calibration))["inputs"] if calibration else None
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "src.onnx", Path(tmp) / "dst.onnx"
-        src.write_bytes(model)
-        provenance = quantize_onnx(src, dst, scheme, calib)
-        return {"model": dst.read_bytes(), "provenance": _jsonable(provenance)}
-
-
-# ----- coordinator side -------------------------------------------------------
-
-
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local one."""
     if not ray.is_initialized():
@@ -120,10 +76,8 @@ def init_ray() -> None:
 
 def tool_versions() -> dict[str, str]:
     """Versions of the conversion tools, part of every step key."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
-    for dist in ("onnx", "onnxruntime", "scikit-learn"):
+    for dist in ("onnx", "onnxruntime", "scikit-learn", "gguf", "llama-cpp-python"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -137,12 +91,22 @@ def step_key(kind: str, **inputs: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def source_format(source: str) -> str:
+    """'onnx' or 'gguf', from the source string."""
+    kind, _, ref = source.partition(":")
+    if kind == "builtin":
+        return "gguf" if ref in BUILTIN_GGUF_MODELS else "onnx"
+    path = ref.split("@", 1)[0]
+    return "gguf" if path.endswith(".gguf") or kind == "hf" else "onnx"
+
+
 class Preparer:
     """Runs preparation steps once each, caching them in the artifact store."""
 
-    def __init__(self, store: ResultsStore, artifacts: ArtifactStore) -> None:
+    def __init__(self, store: ResultsStore, artifacts: ArtifactStore, cache_dir: Path) -> None:
         self.store = store
         self.artifacts = artifacts
+        self.cache_dir = cache_dir
         self.tools = tool_versions()
 
     def _cached(self, key: str) -> ArtifactRecord | None:
@@ -164,54 +128,125 @@ class Preparer:
             )
         )
 
+    def _bytes(self, ref: ArtifactRef) -> bytes:
+        return self.artifacts.path(ref.sha256).read_bytes()
+
+    async def _step(
+        self, key: str, kind: str, name: str, stats: PreparationStats, run: Any, *args: Any
+    ) -> ArtifactRef:
+        """A cached step: the recorded artifact, or run the Ray task ``run`` and store it.
+        The task returns {"model" or "reference": bytes, "provenance": {...}}."""
+        found = self._cached(key)
+        if found is not None:
+            stats.cached += 1
+            return _ref(found)
+        out = await run.remote(*args)
+        stats.run += 1
+        payload = out.get("model", out.get("reference"))
+        ref = self.artifacts.put_bytes(payload, name)
+        self._record(key, ref, kind, {**out["provenance"], "tools": self.tools})
+        return ref
+
+    # ----- sources ------------------------------------------------------------
+
     async def source(
         self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
     ) -> PreparedSource:
-        """Materialise one model source (builtin recipe or local file)."""
-        scheme, _, rest = source.partition(":")
-        if scheme == "builtin":
-            key = step_key("builtin", name=rest, revision=BUILDER_REVISION, tools=self.tools)
-            names = {
-                "model": f"{model_name}.onnx",
-                "eval": f"{model_name}.eval.npz",
-                "calibration": f"{model_name}.calibration.npz",
-            }
-            found = {part: self._cached(f"{key}:{part}") for part in names}
-            if all(found.values()):
-                stats.cached += 1
-                return PreparedSource(
-                    model=_ref(found["model"]),
-                    eval_data=_ref(found["eval"]),
-                    calibration=_ref(found["calibration"]),
-                    provenance=found["model"].provenance if found["model"] else {},
-                )
-            out = await materialize_builtin.remote(rest)
-            stats.run += 1
-            refs = {part: self.artifacts.put_bytes(out[part], names[part]) for part in names}
-            for part, ref in refs.items():
-                self._record(f"{key}:{part}", ref, part, out["provenance"])
-            return PreparedSource(
-                refs["model"], refs["eval"], refs["calibration"], out["provenance"]
-            )
-        if scheme == "file":
+        """Materialise one model source."""
+        if source_format(source) == "gguf":
+            return await self._gguf_source(model_name, source, spec_dir, stats)
+        kind, _, rest = source.partition(":")
+        if kind == "builtin":
+            return await self._builtin_onnx(model_name, rest, stats)
+        if kind == "file":
             path = (spec_dir / rest).expanduser()
             if not path.is_file():
                 raise SpecError(f"model '{model_name}': file not found: {path}")
             ref = self.artifacts.put_file(path, path.name)
+            return PreparedSource(ref, None, None, "onnx", {"source": str(path)})
+        raise SpecError(f"model '{model_name}': unsupported source '{source}'")
+
+    async def _builtin_onnx(
+        self, model_name: str, name: str, stats: PreparationStats
+    ) -> PreparedSource:
+        key = step_key("builtin", name=name, revision=BUILDER_REVISION, tools=self.tools)
+        names = {
+            "model": f"{model_name}.onnx",
+            "eval": f"{model_name}.eval.npz",
+            "calibration": f"{model_name}.calibration.npz",
+        }
+        found = {part: self._cached(f"{key}:{part}") for part in names}
+        if all(found.values()):
+            stats.cached += 1
+            model = found["model"]
             return PreparedSource(
-                model=ref, eval_data=None, calibration=None, provenance={"source": str(path)}
+                _ref(model),
+                _ref(found["eval"]),
+                _ref(found["calibration"]),
+                "onnx",
+                model.provenance if model else {},
             )
-        if scheme == "hf":
-            raise UsageError(
-                f"model '{model_name}': Hugging Face sources are not supported by the "
-                "onnxruntime path yet; export to ONNX and use file:PATH"
-            )
-        raise SpecError(f"model '{model_name}': unknown source '{source}'")
+        out = await steps.materialize_builtin.remote(name)
+        stats.run += 1
+        refs = {part: self.artifacts.put_bytes(out[part], names[part]) for part in names}
+        for part, ref in refs.items():
+            self._record(f"{key}:{part}", ref, part, out["provenance"])
+        return PreparedSource(
+            refs["model"], refs["eval"], refs["calibration"], "onnx", out["provenance"]
+        )
+
+    async def _gguf_source(
+        self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
+    ) -> PreparedSource:
+        from coordinator.models.sources import resolve_llm_source
+
+        path = await asyncio.to_thread(resolve_llm_source, source, spec_dir, self.cache_dir)
+        original = self.artifacts.put_file(path, path.name)
+        key = step_key("gguf-f16", source=original.sha256, tools=self.tools)
+        f16 = await self._step(
+            key,
+            "gguf",
+            f"{model_name}.F16.gguf",
+            stats,
+            steps.gguf_to_f16,
+            self._bytes(original),
+        )
+        return PreparedSource(
+            f16, None, None, "gguf", {"source": source, "source_sha256": original.sha256}
+        )
 
     async def attach_files(
-        self, prepared: PreparedSource, eval_path: Path | None, calibration_path: Path | None
+        self,
+        prepared: PreparedSource,
+        eval_path: Path | None,
+        calibration_path: Path | None,
+        stats: PreparationStats,
     ) -> PreparedSource:
-        """Use a user's eval / calibration files, computing the FP32 reference once."""
+        """Eval / calibration data: the user's files or the defaults, with the
+        full-precision reference computed once per model and evaluation set."""
+        if prepared.format == "gguf":
+            text_path = eval_path or DEFAULT_EVAL_TEXT
+            text = text_path.read_text(encoding="utf-8")
+            key = step_key(
+                "llm-reference",
+                model=prepared.model.sha256,
+                text=hashlib.sha256(text.encode()).hexdigest(),
+                n_ctx=LLM_EVAL_CONTEXT,
+                top_k=LLM_TOP_K,
+                tools=self.tools,
+            )
+            prepared.eval_data = await self._step(
+                key,
+                "llm-reference",
+                f"{text_path.stem}.reference.npz",
+                stats,
+                steps.llm_reference,
+                self._bytes(prepared.model),
+                text,
+                LLM_EVAL_CONTEXT,
+                LLM_TOP_K,
+            )
+            return prepared
         if calibration_path is not None:
             prepared.calibration = self.artifacts.put_file(calibration_path, "calibration.npz")
         if eval_path is not None:
@@ -223,15 +258,16 @@ class Preparer:
             if found is not None:
                 prepared.eval_data = _ref(found)
             else:
-                model = self.artifacts.path(prepared.model.sha256).read_bytes()
-                data = await add_reference.remote(
-                    model, self.artifacts.path(raw.sha256).read_bytes()
+                data = await steps.add_reference.remote(
+                    self._bytes(prepared.model), self._bytes(raw)
                 )
                 prepared.eval_data = self.artifacts.put_bytes(data, "eval.npz")
                 self._record(
                     key, prepared.eval_data, "eval", {"reference_of": prepared.model.sha256}
                 )
         return prepared
+
+    # ----- variants -----------------------------------------------------------
 
     async def variants(
         self, jobs: list[tuple[PreparedSource, str, str]], stats: PreparationStats
@@ -245,23 +281,27 @@ class Preparer:
         for key, job in zip(keys, jobs, strict=True):
             unique.setdefault(key, job)
         done: dict[str, ArtifactRef | Exception] = {}
-        missing: list[str] = []
+        todo: list[str] = []
         for key, (src, backend, scheme) in unique.items():
-            if backend in PASSTHROUGH_BACKENDS or (backend, scheme) in IDENTITY_SCHEMES:
+            wanted = BACKEND_FORMATS.get(backend, src.format)
+            if backend not in PASSTHROUGH_BACKENDS and wanted != src.format:
+                done[key] = UnsupportedScheme(
+                    f"{backend} measures {wanted.upper()} models; {src.model.name} is "
+                    f"{src.format.upper()} (no conversion between them yet)"
+                )
+            elif backend in PASSTHROUGH_BACKENDS or (backend, scheme) in IDENTITY_SCHEMES:
                 done[key] = src.model
-            elif (found := self._cached(key)) is not None:
-                done[key] = _ref(found)
-                stats.cached += 1
             else:
-                missing.append(key)
-        results = await asyncio.gather(
-            *(self._convert(key, *unique[key]) for key in missing), return_exceptions=True
+                todo.append(key)
+        shared: dict[str, Any] = {}  # one object-store copy of each source for all its steps
+        outcomes = await asyncio.gather(
+            *(self._convert(key, *unique[key], stats, shared) for key in todo),
+            return_exceptions=True,
         )
-        for key, outcome in zip(missing, results, strict=True):
+        for key, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
             done[key] = _unwrap(outcome) if isinstance(outcome, Exception) else outcome
-            stats.run += 1
         return [done[key] for key in keys]
 
     def _variant_key(self, src: PreparedSource, backend: str, scheme: str) -> str:
@@ -275,21 +315,40 @@ class Preparer:
         )
 
     async def _convert(
-        self, key: str, src: PreparedSource, backend: str, scheme: str
+        self,
+        key: str,
+        src: PreparedSource,
+        backend: str,
+        scheme: str,
+        stats: PreparationStats,
+        shared: dict[str, Any],
     ) -> ArtifactRef:
-        if backend != "onnxruntime":
-            raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
-        model = self.artifacts.path(src.model.sha256).read_bytes()
-        calibration = (
-            self.artifacts.path(src.calibration.sha256).read_bytes() if src.calibration else None
-        )
+        if (found := self._cached(key)) is not None:
+            stats.cached += 1
+            return _ref(found)
         log.info("converting %s to %s on Ray", src.model.name, scheme)
-        out = await convert_onnx.remote(model, scheme, calibration)
-        stem = src.model.name.removesuffix(".onnx")
-        ref = self.artifacts.put_bytes(out["model"], f"{stem}.{scheme}.onnx")
-        provenance = {"source_sha256": src.model.sha256, **out["provenance"]}
-        self._record(key, ref, "onnx", provenance)
-        return ref
+        if src.model.sha256 not in shared:
+            shared[src.model.sha256] = ray.put(self._bytes(src.model))
+        model = shared[src.model.sha256]
+        if backend == "onnxruntime":
+            calibration = self._bytes(src.calibration) if src.calibration else None
+            stem = src.model.name.removesuffix(".onnx")
+            return await self._step(
+                key,
+                "onnx",
+                f"{stem}.{scheme}.onnx",
+                stats,
+                steps.convert_onnx,
+                model,
+                scheme,
+                calibration,
+            )
+        if backend == "llama-cpp":
+            stem = src.model.name.removesuffix(".gguf").removesuffix(".F16")
+            return await self._step(
+                key, "gguf", f"{stem}.{scheme}.gguf", stats, steps.quantize_gguf, model, scheme
+            )
+        raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -301,7 +360,3 @@ def _unwrap(error: Exception) -> Exception:
 def _ref(record: ArtifactRecord | None) -> ArtifactRef:
     assert record is not None
     return ArtifactRef(record.sha256, record.size_bytes, record.name)
-
-
-def _jsonable(data: Any) -> Any:
-    return json.loads(json.dumps(data, default=str))

@@ -55,7 +55,7 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         max_attempts=config.max_attempts,
     )
     scheduler.restore(store.unfinished_tasks())
-    planner = CampaignPlanner(scheduler, Preparer(store, artifacts))
+    planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
     server = grpc.aio.server(options=GRPC_OPTIONS)
     agent_pb2_grpc.add_AgentGatewayServicer_to_server(
         AgentGateway(scheduler, artifacts, config.token), server

@@ -31,7 +31,8 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     "onnxruntime": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"),
     "noop": ("none",),
     "openvino": None,
-    "llama-cpp": None,
+    # llama.cpp GGUF types, named as llama.cpp names them.
+    "llama-cpp": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"),
     "mlx": None,
     "qai-hub": None,
 }
@@ -97,6 +98,8 @@ class ModelEntry(BaseModel):
     source: str
     eval: str | None = None
     calibration: str | None = None
+    # Only these backends measure this model (default: every backend of the campaign).
+    backends: list[str] | None = None
 
     @property
     def kind(self) -> str:
@@ -154,6 +157,8 @@ class BackendEntry(BaseModel):
     name: str
     schemes: list[str] = Field(min_length=1)
     options: Options = Field(default_factory=dict)
+    # Overrides of the campaign's measurement settings for this backend.
+    measurement: Measurement | None = None
 
     @field_validator("name")
     @classmethod
@@ -191,6 +196,8 @@ class Measurement(BaseModel):
     threads: int = Field(default=_DEFAULTS.threads, gt=0, strict=True)
     batch_size: int = Field(default=_DEFAULTS.batch_size, gt=0, strict=True)
     timeout_s: float = Field(default=_DEFAULTS.timeout_s, gt=0, strict=True, allow_inf_nan=False)
+    prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, strict=True)
+    context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, strict=True)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,7 @@ class Variant:
     backend: str
     scheme: str
     options: dict[str, str] = field(default_factory=dict)
+    settings: MeasureSettings = field(default_factory=MeasureSettings)
 
 
 class CampaignSpec(BaseModel):
@@ -227,16 +235,28 @@ class CampaignSpec(BaseModel):
         context = {"base_dir": base_dir} if base_dir is not None else None
         return validate(cls, text, source, context=context)
 
-    def measure_settings(self) -> MeasureSettings:
-        """The measurement settings every task of this campaign uses."""
-        return MeasureSettings(**self.measurement.model_dump())
+    def measure_settings(self, backend: BackendEntry | None = None) -> MeasureSettings:
+        """The campaign's measurement settings, with ``backend``'s overrides applied."""
+        values = self.measurement.model_dump()
+        if backend is not None and backend.measurement is not None:
+            override = backend.measurement
+            values.update({k: getattr(override, k) for k in override.model_fields_set})
+        return MeasureSettings(**values)
 
     def variants(self) -> list[Variant]:
-        """Every variant, in spec order: models, then backends, then schemes."""
+        """Every variant, in spec order: models, then backends, then schemes (a model
+        that names its backends gets only those)."""
         return [
-            Variant(model=model, backend=backend.name, scheme=scheme, options=dict(backend.options))
+            Variant(
+                model=model,
+                backend=backend.name,
+                scheme=scheme,
+                options=dict(backend.options),
+                settings=self.measure_settings(backend),
+            )
             for model in self.models
             for backend in self.backends
+            if model.backends is None or backend.name in model.backends
             for scheme in backend.schemes
         ]
 
@@ -265,7 +285,12 @@ class CampaignSpec(BaseModel):
         """Checks across entries; they run once every field is valid on its own."""
         _unique_models(self.models)
         _known_schemes(self.backends)
+        _model_backends(self.models, self.backends)
         _bounds(self.measurement)
+        for index, backend in enumerate(self.backends):
+            if backend.measurement is not None:
+                merged = Measurement(**self.measure_settings(backend).to_dict())
+                _bounds(merged, ("backends", index, "measurement"))
         return self
 
 
@@ -306,12 +331,22 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
         seen[key] = index
 
 
-def _bounds(measurement: Measurement) -> None:
+def _model_backends(models: list[ModelEntry], backends: list[BackendEntry]) -> None:
+    listed = {b.name for b in backends}
+    for index, model in enumerate(models):
+        for position, name in enumerate(model.backends or []):
+            if name not in listed:
+                raise FieldError(
+                    ("models", index, "backends", position),
+                    f"backend {name!r} is not in the campaign's backends "
+                    f"({', '.join(sorted(listed))})",
+                )
+
+
+def _bounds(measurement: Measurement, at: tuple[str | int, ...] = ("measurement",)) -> None:
     for low, high in (("min_iterations", "max_iterations"), ("min_duration_s", "max_duration_s")):
         low_value, high_value = getattr(measurement, low), getattr(measurement, high)
         if low_value > high_value:
             # point at the bound the user wrote (the other may be a default)
             where = low if low in measurement.model_fields_set else high
-            raise FieldError(
-                ("measurement", where), f"{low} ({low_value}) is above {high} ({high_value})"
-            )
+            raise FieldError((*at, where), f"{low} ({low_value}) is above {high} ({high_value})")
