@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-EXTRAS_RUN := coordinator,onnxruntime
-EXTRAS_TEST := coordinator,onnxruntime,postgres,dev
+EXTRAS_RUN := coordinator,onnxruntime,llama-cpp
+EXTRAS_TEST := coordinator,onnxruntime,llama-cpp,postgres,dev
+# llama.cpp build flags for llama-cpp-python. The default native build crashes on CPUs
+# with AMX (inside ggml's AMX matmul); this portable AVX-512 set avoids it. Override for
+# your CPU, e.g. `make quickstart LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON"` or "-DGGML_METAL=ON".
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+export CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
 
 .PHONY: quickstart test install install-dev lint typecheck protos clean
 

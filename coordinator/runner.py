@@ -9,7 +9,7 @@ import click
 
 from coordinator.client import ControlClient
 from coordinator.spec import CampaignSpec
-from edgefarm.cli.tables import print_table, results_table
+from edgefarm.cli.tables import print_tables, results_tables
 from edgefarm.errors import CampaignFailed
 
 
@@ -43,7 +43,7 @@ def run_campaign(address: str, token: str, spec_path: Path, fresh: bool = False)
         )
         final = _follow(client, reply.campaign_id, reply.tasks_total)
         rows = client.results(campaign_id=reply.campaign_id)
-    print_table(results_table(rows, title=f"campaign {reply.campaign_id}"))
+    print_tables(results_tables(rows, title=f"campaign {reply.campaign_id}"))
     if final.tasks_failed:
         raise CampaignFailed(
             f"campaign {reply.campaign_id}: {final.tasks_failed} of "

@@ -76,9 +76,9 @@ def list_results(
         slim = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
         click.echo(json.dumps(slim, indent=2))
         return
-    from edgefarm.cli.tables import print_table, results_table
+    from edgefarm.cli.tables import print_tables, results_tables
 
-    print_table(results_table(rows))
+    print_tables(results_tables(rows))
 
 
 @results.command()

@@ -1,12 +1,21 @@
-"""Terminal tables for result rows and campaigns (rich)."""
+"""Terminal tables for result rows (rich).
+
+Rows of language models (those with generation metrics) and of other models get their
+own tables, each with the columns that mean something for it.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+Row = dict[str, Any]
+STATUS_WIDTH = 70
+LLM_MARKER = "generation_tok_per_s"
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -15,72 +24,109 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def _mib(value: Any) -> str:
-    return "-" if value is None else f"{value / (1 << 20):.1f}"
-
-
-def _kib(value: Any) -> str:
-    return "-" if value is None else f"{value / 1024:.0f}"
-
-
-STATUS_WIDTH = 70
-
-
 def _clip(text: str) -> str:
     """Keep table rows short; `edgefarm results show ID` has the whole message."""
     return text if len(text) <= STATUS_WIDTH else text[: STATUS_WIDTH - 1] + "…"
 
 
-def results_table(rows: list[dict[str, Any]], title: str = "") -> Table:
-    """One line per result: latency, throughput, memory, size, accuracy, validity."""
-    table = Table(title=title or None, show_lines=False)
-    for name, justify in [
-        ("model", "left"),
-        ("backend", "left"),
-        ("scheme", "left"),
-        ("device", "left"),
-        ("p50 ms", "right"),
-        ("p90 ms", "right"),
-        ("p99 ms", "right"),
-        ("cv %", "right"),
-        ("items/s", "right"),
-        ("peak RSS MiB", "right"),
-        ("load s", "right"),
-        ("size KiB", "right"),
-        ("top1", "right"),
-        ("agree", "right"),
-        ("status", "left"),
-    ]:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        accuracy = row.get("accuracy") or {}
-        if not row.get("ok"):
-            status = _clip(f"FAILED {row.get('error_kind', '')}: {row.get('error_message', '')}")
-        elif not row.get("valid"):
-            status = _clip(f"invalid: {row.get('invalid_reason', '')}")
-        else:
-            status = "ok (reused)" if row.get("reused") else "ok"
-        cv = row.get("lat_cv")
-        table.add_row(
-            str(row.get("model", "")),
-            str(row.get("backend", "")),
-            str(row.get("scheme", "")),
-            str(row.get("device_name") or row.get("device_id", "")),
-            _num(row.get("lat_p50_ms"), ".4f"),
-            _num(row.get("lat_p90_ms"), ".4f"),
-            _num(row.get("lat_p99_ms"), ".4f"),
-            _num(cv * 100 if cv is not None else None, ".1f"),
-            _num(row.get("throughput_per_s"), ",.0f"),
-            _mib(row.get("peak_rss_bytes")),
-            _num(row.get("load_time_s"), ".3f"),
-            _kib(row.get("model_size_bytes")),
-            _num(accuracy.get("top1"), ".4f"),
-            _num(accuracy.get("agreement"), ".4f"),
-            status,
+def _status(row: Row) -> str:
+    if not row.get("ok"):
+        return _clip(f"FAILED {row.get('error_kind', '')}: {row.get('error_message', '')}")
+    if not row.get("valid"):
+        return _clip(f"invalid: {row.get('invalid_reason', '')}")
+    return "ok (reused)" if row.get("reused") else "ok"
+
+
+def _acc(key: str, fmt: str) -> Callable[[Row], str]:
+    return lambda row: _num((row.get("accuracy") or {}).get(key), fmt)
+
+
+def _metric(key: str, fmt: str) -> Callable[[Row], str]:
+    return lambda row: _num((row.get("metrics") or {}).get(key), fmt)
+
+
+def _field(key: str, fmt: str, scale: float = 1.0) -> Callable[[Row], str]:
+    def show(row: Row) -> str:
+        value = row.get(key)
+        return _num(value * scale if value is not None else None, fmt)
+
+    return show
+
+
+def _text(key: str) -> Callable[[Row], str]:
+    return lambda row: str(row.get(key) or "")
+
+
+IDENTITY = [
+    ("model", _text("model")),
+    ("backend", _text("backend")),
+    ("scheme", _text("scheme")),
+    ("device", lambda row: str(row.get("device_name") or row.get("device_id", ""))),
+]
+CLASSIFIER_COLUMNS = [
+    *IDENTITY,
+    ("p50 ms", _field("lat_p50_ms", ".4f")),
+    ("p90 ms", _field("lat_p90_ms", ".4f")),
+    ("p99 ms", _field("lat_p99_ms", ".4f")),
+    ("cv %", _field("lat_cv", ".1f", 100.0)),
+    ("items/s", _field("throughput_per_s", ",.0f")),
+    ("peak RSS MiB", _field("peak_rss_bytes", ".1f", 1 / (1 << 20))),
+    ("load s", _field("load_time_s", ".3f")),
+    ("size KiB", _field("model_size_bytes", ".0f", 1 / 1024)),
+    ("top1", _acc("top1", ".4f")),
+    ("agree", _acc("agreement", ".4f")),
+    ("status", _status),
+]
+LLM_COLUMNS = [
+    *IDENTITY,
+    ("gen tok/s", _metric("generation_tok_per_s", ".1f")),
+    ("prompt tok/s", _metric("prompt_tok_per_s", ".1f")),
+    ("TTFT ms", _metric("ttft_ms", ".1f")),
+    ("peak RSS MiB", _field("peak_rss_bytes", ".1f", 1 / (1 << 20))),
+    ("load s", _field("load_time_s", ".3f")),
+    ("size MiB", _field("model_size_bytes", ".1f", 1 / (1 << 20))),
+    ("ppl", _acc("perplexity", ".3f")),
+    ("ppl ratio", _acc("ppl_ratio", ".4f")),
+    ("KLD mean", _acc("kld_mean", ".5f")),
+    ("KLD p99", _acc("kld_p99", ".4f")),
+    ("top1 agree", _acc("top1_agreement", ".4f")),
+    ("status", _status),
+]
+
+
+def is_llm_row(row: Row) -> bool:
+    """A language-model result (it has generation metrics, or failed on llama.cpp)."""
+    return LLM_MARKER in (row.get("metrics") or {}) or row.get("backend") == "llama-cpp"
+
+
+def _table(rows: list[Row], columns: list[tuple[str, Callable[[Row], str]]], title: str) -> Table:
+    table = Table(title=title or None)
+    for name, _ in columns:
+        table.add_column(
+            name,
+            justify="left"
+            if name in {"model", "backend", "scheme", "device", "status"}
+            else "right",
         )
+    for row in rows:
+        table.add_row(*(show(row) for _, show in columns))
     return table
 
 
-def print_table(table: Table) -> None:
-    """Print a table to stdout, wide enough not to wrap in logs."""
-    Console(width=200 if not Console().is_terminal else None).print(table)
+def results_tables(rows: list[Row], title: str = "") -> list[Table]:
+    """One table for classifier-style rows and one for language-model rows (if any)."""
+    llm = [r for r in rows if is_llm_row(r)]
+    other = [r for r in rows if not is_llm_row(r)]
+    tables = []
+    if other or not llm:
+        tables.append(_table(other, CLASSIFIER_COLUMNS, title))
+    if llm:
+        tables.append(_table(llm, LLM_COLUMNS, f"{title} (language models)" if title else ""))
+    return tables
+
+
+def print_tables(tables: list[Table]) -> None:
+    """Print tables to stdout, wide enough not to wrap in logs."""
+    console = Console(width=None if Console().is_terminal else 220)
+    for table in tables:
+        console.print(table)
