@@ -267,6 +267,18 @@ class Preparer:
                 )
         return prepared
 
+    async def hf_folder(self, prepared: PreparedSource, stats: PreparationStats) -> ArtifactRef:
+        """The model as a Hugging Face folder (a tar artifact), made once from its GGUF."""
+        if prepared.format != "gguf":
+            raise UnsupportedScheme(
+                f"{prepared.model.name}: a Hugging Face folder is made from GGUF sources only"
+            )
+        key = step_key("gguf-hf", model=prepared.model.sha256, tools=self.tools)
+        stem = prepared.model.name.removesuffix(".gguf").removesuffix(".F16")
+        return await self._step(
+            key, "hf-folder", f"{stem}.hf.tar", stats, steps.gguf_to_hf, self._bytes(prepared.model)
+        )
+
     # ----- variants -----------------------------------------------------------
 
     async def variants(

@@ -102,7 +102,6 @@ def llm_reference(f16: bytes, text: str, n_ctx: int, top_k: int) -> dict[str, An
     """Token log-probabilities of the full-precision model on the evaluation text
     (top-k per position), computed once per model and text."""
     from agent.llm_eval import build_reference, open_llama, save_llm_reference
-
     from coordinator.conversion.gguf_convert import tokenize_text
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,3 +116,25 @@ def llm_reference(f16: bytes, text: str, n_ctx: int, top_k: int) -> dict[str, An
             "reference": out.read_bytes(),
             "provenance": {"tokens": len(tokens), "n_ctx": n_ctx, "top_k": top_k},
         }
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def gguf_to_hf(model: bytes) -> dict[str, Any]:
+    """A Hugging Face model folder (as an uncompressed tar) made from a GGUF: the
+    source the ONNX exporter and MLX convert from."""
+    import tarfile
+
+    from coordinator.conversion.gguf_to_hf import gguf_to_hf_folder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, folder = Path(tmp) / "src.gguf", Path(tmp) / "hf"
+        src.write_bytes(model)
+        provenance = gguf_to_hf_folder(src, folder)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for path in sorted(folder.iterdir()):
+                info = tar.gettarinfo(str(path), arcname=path.name)
+                info.mtime = 0  # same folder, same bytes, same artifact hash
+                with path.open("rb") as f:
+                    tar.addfile(info, f)
+        return {"model": buffer.getvalue(), "provenance": jsonable(provenance)}
