@@ -7,7 +7,8 @@ data is given, computes accuracy over the whole eval set. It writes the result J
 and exits:
 
 - 0: ``{"ok": true, "trial": {...}, "accuracy": {...}, "backend_version",
-  "environment", "model_size_bytes"}``;
+  "environment", "model_size_bytes"}``; the trial's ``metrics`` come from the backend's
+  ``extra_metrics`` and the accuracy from its ``evaluate``;
 - 3: a typed task error, ``{"ok": false, "error_kind": ..., "error_message": ...}``
   (a missing backend extra is reported as ``backend_unavailable``);
 - 4: any other exception, as ``error_kind`` ``task_error``;
@@ -27,12 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from agent.accuracy import classification_accuracy
 from agent.backends import get_backend
-from agent.backends.base import Backend
-from agent.evaldata import load_eval_data, load_eval_inputs
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
 from edgefarm.domain import MeasureSettings, TrialOutcome
@@ -98,7 +94,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         backend_cls.require()  # import the runtime now: neither load time nor load RSS
     backend = backend_cls()
     eval_batch = (
-        load_eval_inputs(request.eval_path, settings.batch_size)
+        backend.read_eval_inputs(request.eval_path, settings)
         if request.eval_path is not None
         else None
     )
@@ -111,6 +107,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
 
     inputs = backend.make_inputs(eval_batch, settings.batch_size)
     timing = time_iterations(backend.timed_call(inputs), settings)
+    metrics = backend.extra_metrics(settings)
     trial = TrialOutcome(
         samples_ms=timing.samples_ms,
         warmup_iterations=settings.warmup_iterations,
@@ -120,11 +117,12 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         load_rss_delta_bytes=rss_after - rss_before,
         valid=timing.valid,
         invalid_reason=timing.invalid_reason,
+        metrics={str(k): float(v) for k, v in metrics.items()},
     )
 
     accuracy: dict[str, float] = {}
     if request.compute_accuracy and request.eval_path is not None:
-        accuracy = _score(backend, request.eval_path, settings.batch_size)
+        accuracy = backend.evaluate(request.eval_path, settings)
 
     return {
         "ok": True,
@@ -134,24 +132,6 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         "environment": backend.environment(),
         "model_size_bytes": path_size_bytes(request.model_path),
     }
-
-
-def _score(backend: Backend, eval_path: Path, batch_size: int) -> dict[str, float]:
-    """Accuracy over the whole eval set, predicted ``batch_size`` examples at a time.
-
-    The last batch is padded to ``batch_size`` (models may have a fixed batch).
-    """
-    data = load_eval_data(eval_path)
-    n = len(data)
-    outputs = []
-    for start in range(0, n, batch_size):
-        batch = data.inputs[start : start + batch_size]
-        real = len(batch)
-        if real < batch_size:
-            pad = np.repeat(batch[-1:], batch_size - real, axis=0)
-            batch = np.concatenate([batch, pad])
-        outputs.append(np.asarray(backend.predict(batch))[:real])
-    return classification_accuracy(np.concatenate(outputs), data.labels, data.reference)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "onnxruntime": "agent.backends.onnxruntime:OnnxRuntimeBackend",
     "noop": "agent.backends.noop:NoopBackend",
+    "llama-cpp": "agent.backends.llama_cpp:LlamaCppBackend",
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from agent.accuracy import classification_accuracy
+from agent.evaldata import load_eval_data, load_eval_inputs
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import MissingExtra, ModelLoadError, TaskError
 
@@ -27,8 +29,9 @@ _MAX_MESSAGE_CHARS = 500
 class Backend(ABC):
     """One runtime that loads a model file and runs it, in the measuring child process.
 
-    Lifecycle: ``load`` once, ``make_inputs`` once, then ``run_once`` for every
-    warm-up and timed iteration, and ``predict`` over the eval set for accuracy.
+    Lifecycle: ``read_eval_inputs`` (when the task has eval data), ``load`` once,
+    ``make_inputs`` once, ``timed_call`` once and its callable for every warm-up and
+    timed iteration, then ``extra_metrics`` once and (in the first trial) ``evaluate``.
     """
 
     NAME: ClassVar[str]
@@ -81,6 +84,28 @@ class Backend(ABC):
         """
         return functools.partial(self.run_once, inputs)
 
+    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
+        """What :meth:`make_inputs` gets from the task's eval data file.
+
+        Default: the first ``settings.batch_size`` inputs of a classification eval file.
+        """
+        return load_eval_inputs(eval_path, settings.batch_size)
+
+    def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
+        """Backend-specific figures of this trial, taken after the timing loop.
+
+        Stored in :attr:`TrialOutcome.metrics`; the default has none.
+        """
+        return {}
+
+    def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
+        """Accuracy over the whole eval set.
+
+        Default: classification accuracy against the FP32 reference outputs
+        (:func:`score_classification`).
+        """
+        return score_classification(self, eval_path, settings.batch_size)
+
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The model's outputs (logits) for ``batch``, one row per example."""
@@ -92,6 +117,24 @@ class Backend(ABC):
     @abstractmethod
     def environment(self) -> dict[str, str]:
         """What the runtime ran with: version, devices, threads, optimization level."""
+
+
+def score_classification(backend: Backend, eval_path: Path, batch_size: int) -> dict[str, float]:
+    """Classification accuracy over the whole eval set, ``batch_size`` examples at a time.
+
+    The last batch is padded to ``batch_size`` (models may have a fixed batch).
+    """
+    data = load_eval_data(eval_path)
+    n = len(data)
+    outputs = []
+    for start in range(0, n, batch_size):
+        batch = data.inputs[start : start + batch_size]
+        real = len(batch)
+        if real < batch_size:
+            pad = np.repeat(batch[-1:], batch_size - real, axis=0)
+            batch = np.concatenate([batch, pad])
+        outputs.append(np.asarray(backend.predict(batch))[:real])
+    return classification_accuracy(np.concatenate(outputs), data.labels, data.reference)
 
 
 def check_model_file(model_path: Path) -> int:

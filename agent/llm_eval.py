@@ -1,0 +1,252 @@
+"""Evaluating a GGUF language model with llama.cpp: the reference and a variant's fidelity.
+
+Shared by the agent's llama.cpp backend (which measures a variant against a reference)
+and the coordinator's reference task (which builds the reference from the
+full-precision model). Both open the model with :func:`open_llama`, so both batch
+identically: one chunk of ``n_ctx`` tokens is one llama.cpp batch and one micro-batch.
+Identical weights then give bit-identical logits on the same build and CPU.
+
+The token sequence is scored in consecutive, non-overlapping chunks of ``n_ctx``
+tokens with a cleared KV cache per chunk (as llama.cpp's ``perplexity`` tool does);
+within a chunk, every position after the first predicts the next token.
+
+The reference file is an ``.npz`` with arrays ``kind`` (``"llm"``), ``tokens``,
+``targets``, ``ref_target_logprob``, ``ref_topk_ids``, ``ref_topk_logprob``, ``n_ctx``
+and ``top_k`` (see :func:`build_reference`).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent import llm_fidelity
+from agent.backends.base import one_line
+from agent.backends.gguf_check import check_gguf
+from edgefarm.errors import ArtifactError, ModelLoadError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+LLM_KIND = "llm"
+DEFAULT_TOP_K = 32
+LLAMA_SEED = 1234  # sampler seed (sampling is greedy here; fixed for reproducibility)
+REFERENCE_ARRAYS = (
+    "kind",
+    "tokens",
+    "targets",
+    "ref_target_logprob",
+    "ref_topk_ids",
+    "ref_topk_logprob",
+    "n_ctx",
+    "top_k",
+)
+
+
+def open_llama(model_path: Path, n_ctx: int, threads: int, logits_all: bool) -> Llama:
+    """Validate the GGUF (:func:`check_gguf`), then load it with llama-cpp-python.
+
+    ``n_batch`` and ``n_ubatch`` both equal ``n_ctx``: any sequence up to the context
+    length is evaluated as a single micro-batch, the same way wherever it is opened.
+    Raises :class:`ModelLoadError` when the file is invalid or llama.cpp refuses it.
+    """
+    if n_ctx < 2:
+        raise ModelLoadError(f"n_ctx must be at least 2, got {n_ctx}")
+    if threads < 1:
+        raise ModelLoadError(f"threads must be at least 1, got {threads}")
+    check_gguf(model_path)
+    import llama_cpp
+
+    try:
+        return llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=logits_all,
+            seed=LLAMA_SEED,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as err:
+        raise ModelLoadError(
+            one_line(f"llama.cpp could not load {model_path.name}: {err}")
+        ) from err
+
+
+def chunk_logprobs(llm: Llama, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
+    """Float32 log-softmax rows for each chunk of ``n_ctx`` tokens, in order.
+
+    Each chunk is evaluated from an empty KV cache; its rows predict the chunk's
+    tokens ``[1:]`` (shape ``[chunk_len - 1, n_vocab]``). A final chunk of a single
+    token predicts nothing and is skipped. ``llm`` must be opened with
+    ``logits_all=True`` and a context of at least ``n_ctx``.
+    """
+    if not getattr(llm, "_logits_all", True):
+        raise ValueError("chunk_logprobs needs a model opened with logits_all=True")
+    if llm.n_ctx() < n_ctx:
+        raise ValueError(f"the model's context {llm.n_ctx()} is shorter than n_ctx={n_ctx}")
+    seq = np.asarray(tokens, dtype=np.int64).ravel()
+    check_token_ids(seq, llm.n_vocab(), "token")
+    for start in range(0, len(seq), n_ctx):
+        chunk = seq[start : start + n_ctx]
+        if len(chunk) < 2:
+            break
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        llm.eval(chunk.tolist())
+        yield llm_fidelity.log_softmax(llm.scores[: len(chunk) - 1])
+
+
+def check_token_ids(ids: np.ndarray, n_vocab: int, what: str) -> None:
+    """Raise ValueError unless every id is a token of an ``n_vocab``-token vocabulary."""
+    ids = np.asarray(ids)
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_vocab):
+        raise ValueError(
+            f"{what} ids span {int(ids.min())}..{int(ids.max())}, "
+            f"outside the vocabulary of {n_vocab} tokens"
+        )
+
+
+def _targets(tokens: np.ndarray, n_ctx: int) -> np.ndarray:
+    """The next-token id of every scored position, chunk by chunk."""
+    seq = np.asarray(tokens).ravel()
+    parts = [seq[s + 1 : s + n_ctx] for s in range(0, len(seq), n_ctx)]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def build_reference(
+    llm: Llama, tokens: np.ndarray, n_ctx: int, top_k: int = DEFAULT_TOP_K
+) -> dict[str, np.ndarray]:
+    """The reference arrays of ``tokens`` under ``llm`` (see the module docstring).
+
+    ``targets`` (int32, [P]): the next token of each scored position;
+    ``ref_target_logprob`` (float32, [P]); ``ref_topk_ids`` (int32, [P, k], column 0
+    the argmax); ``ref_topk_logprob`` (float32, [P, k]); ``n_ctx`` and ``top_k``
+    (int32 scalars); ``tokens`` (int32) and ``kind``.
+    """
+    seq = np.asarray(tokens, dtype=np.int32).ravel()
+    targets = _targets(seq, n_ctx)
+    if len(targets) == 0:
+        raise ValueError("the reference needs at least 2 tokens")
+    target_lp, ids, vals = [], [], []
+    offset = 0
+    for rows in chunk_logprobs(llm, seq, n_ctx):
+        t = targets[offset : offset + len(rows)]
+        offset += len(rows)
+        target_lp.append(rows[np.arange(len(rows)), t])
+        chunk_ids, chunk_vals = llm_fidelity.top_k(rows, top_k)
+        ids.append(chunk_ids)
+        vals.append(chunk_vals)
+    return {
+        "kind": np.array(LLM_KIND),
+        "tokens": seq,
+        "targets": targets,
+        "ref_target_logprob": np.concatenate(target_lp).astype(np.float32),
+        "ref_topk_ids": np.concatenate(ids).astype(np.int32),
+        "ref_topk_logprob": np.concatenate(vals).astype(np.float32),
+        "n_ctx": np.array(n_ctx, dtype=np.int32),
+        "top_k": np.array(ids[0].shape[1], dtype=np.int32),
+    }
+
+
+def measure_fidelity(llm: Llama, reference: dict[str, np.ndarray]) -> dict[str, float]:
+    """``llm``'s fidelity to ``reference`` (see :func:`agent.llm_fidelity.fidelity_metrics`).
+
+    ``llm`` must be opened with :func:`open_llama` at the reference's ``n_ctx`` and
+    ``logits_all=True``.
+    """
+    n_ctx = int(reference["n_ctx"])
+    ref_ids = reference["ref_topk_ids"]
+    targets = reference["targets"]
+    try:
+        check_token_ids(reference["tokens"], llm.n_vocab(), "reference token")
+        check_token_ids(ref_ids, llm.n_vocab(), "reference top-k id")
+    except ValueError as err:
+        raise ArtifactError(f"the LLM reference does not fit this model: {err}") from None
+    target_lp, at_ref, top1 = [], [], []
+    offset = 0
+    for rows in chunk_logprobs(llm, reference["tokens"], n_ctx):
+        span = slice(offset, offset + len(rows))
+        offset += len(rows)
+        positions = np.arange(len(rows))
+        target_lp.append(rows[positions, targets[span]])
+        at_ref.append(np.take_along_axis(rows, ref_ids[span].astype(np.int64), axis=1))
+        top1.append(np.argmax(rows, axis=1))
+    if offset != len(targets):
+        raise ArtifactError(f"the reference scores {len(targets)} positions, the text {offset}")
+    return llm_fidelity.fidelity_metrics(
+        reference["ref_target_logprob"],
+        ref_ids,
+        reference["ref_topk_logprob"],
+        np.concatenate(target_lp),
+        np.concatenate(at_ref),
+        np.concatenate(top1),
+    )
+
+
+def save_llm_reference(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the reference arrays (with ``kind="llm"``) as an uncompressed ``.npz``."""
+    payload: dict[str, Any] = {name: arrays[name] for name in REFERENCE_ARRAYS if name != "kind"}
+    _check_reference(payload, path)
+    with open(path, "wb") as out:
+        np.savez(out, kind=np.array(LLM_KIND), **payload)
+
+
+def load_llm_reference(path: Path) -> dict[str, np.ndarray]:
+    """Read and check a reference file; raise :class:`ArtifactError` if it is unusable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [name for name in REFERENCE_ARRAYS if name not in npz.files]
+            if missing:
+                raise ArtifactError(
+                    f"LLM reference {path.name} lacks array(s): {', '.join(missing)}"
+                )
+            arrays = {name: npz[name] for name in REFERENCE_ARRAYS}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ArtifactError(f"cannot read LLM reference {path}: {err}") from err
+    if str(arrays["kind"]) != LLM_KIND:
+        raise ArtifactError(f"{path.name} is not an LLM reference (kind {arrays['kind']!s})")
+    _check_reference(arrays, path)
+    return arrays
+
+
+def load_reference_tokens(path: Path) -> np.ndarray:
+    """Only the token sequence of a reference file (for prompts and generation)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "tokens" not in npz.files:
+                raise ArtifactError(f"LLM reference {path.name} lacks array: tokens")
+            return np.asarray(npz["tokens"], dtype=np.int32)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ArtifactError(f"cannot read LLM reference {path}: {err}") from err
+
+
+def _check_reference(arrays: dict[str, Any], path: Path) -> None:
+    tokens = np.asarray(arrays["tokens"])
+    n_ctx = int(arrays["n_ctx"])
+    k = int(arrays["top_k"])
+    if n_ctx < 2 or tokens.ndim != 1:
+        raise ArtifactError(f"LLM reference {path.name}: needs 1-D tokens and n_ctx >= 2")
+    p = len(_targets(tokens, n_ctx))
+    shapes = {
+        "targets": (p,),
+        "ref_target_logprob": (p,),
+        "ref_topk_ids": (p, k),
+        "ref_topk_logprob": (p, k),
+    }
+    for name, shape in shapes.items():
+        if np.shape(arrays[name]) != shape:
+            raise ArtifactError(
+                f"LLM reference {path.name}: {name} has shape {np.shape(arrays[name])}, "
+                f"expected {shape} for {len(tokens)} tokens, n_ctx {n_ctx}, top_k {k}"
+            )
+    if p < 1 or k < 1:
+        raise ArtifactError(f"LLM reference {path.name}: no scored positions")
+    if not np.array_equal(arrays["targets"], _targets(tokens, n_ctx)):
+        raise ArtifactError(f"LLM reference {path.name}: targets do not follow tokens")
