@@ -27,6 +27,7 @@ import ray
 
 from coordinator import steps
 from coordinator.artifacts import ArtifactStore
+from coordinator.models.texts import DEFAULT_EVAL_TEXT
 from edgefarm.domain import ArtifactRef
 from edgefarm.errors import SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
@@ -45,7 +46,6 @@ BACKEND_FORMATS = {"onnxruntime": "onnx", "llama-cpp": "gguf"}
 # Language-model fidelity: context per evaluation chunk and reference top-k kept.
 LLM_EVAL_CONTEXT = 512
 LLM_TOP_K = 32
-DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent / "models" / "texts" / "eval_en.txt"
 BUILTIN_GGUF_MODELS = ("smollm2-135m",)
 
 
