@@ -17,9 +17,14 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.preparation import PreparationStats, PreparedSource, Preparer
+from coordinator.preparation import (
+    PreparationStats,
+    PreparedSource,
+    Preparer,
+    unwrap_ray_error,
+)
 from coordinator.scheduler import AgentSession, Scheduler
-from coordinator.spec import CampaignSpec
+from coordinator.spec import CampaignSpec, Variant
 from edgefarm.domain import ArtifactRef, CampaignStatus, MeasureSettings, TaskStatus
 from edgefarm.errors import UsageError
 from edgefarm.selectors import matches
@@ -121,56 +126,43 @@ class CampaignPlanner:
         warnings = _missing_backend_warnings(spec, devices)
         stats = PreparationStats()
         spec_dir = spec_path.parent
-        sources: dict[str, PreparedSource] = {}
+        sources: dict[str, PreparedSource | Exception] = {}
         for model in spec.models:
-            prepared = await self.preparer.source(model.name, model.source, spec_dir, stats)
-            sources[model.name] = await self.preparer.attach_files(
-                prepared,
-                _file_path(model.eval, spec_dir),
-                _file_path(model.calibration, spec_dir),
-                stats,
-            )
-        variants = spec.variants()
-        wanted = [v for v in variants if any(v.backend in d.backends for d in devices)]
-        artifacts = await self.preparer.variants(
-            [(sources[v.model.name], v.backend, v.scheme) for v in wanted], stats
-        )
+            try:
+                prepared = await self.preparer.source(model.name, model.source, spec_dir, stats)
+                sources[model.name] = await self.preparer.attach_files(
+                    prepared,
+                    _file_path(model.eval, spec_dir),
+                    _file_path(model.calibration, spec_dir),
+                    stats,
+                )
+            except Exception as error:  # a bad model fails its own tasks, not the campaign
+                sources[model.name] = unwrap_ray_error(error)
+                log.warning("model %s: %s", model.name, sources[model.name])
+        wanted = [v for v in spec.variants() if any(v.backend in d.backends for d in devices)]
+        ready = [
+            (src, v.backend, v.scheme)
+            for v in wanted
+            if isinstance(src := sources[v.model.name], PreparedSource)
+        ]
+        converted = iter(await self.preparer.variants(ready, stats))
         campaign_id = "c-" + uuid.uuid4().hex[:12]
         now = time.time()
         tasks: list[TaskRecord] = []
         failures: list[tuple[TaskRecord, Exception]] = []
         reused = 0
-        for variant, artifact in zip(wanted, artifacts, strict=True):
+        for variant in wanted:
             source = sources[variant.model.name]
-            settings = variant.settings
+            artifact = next(converted) if isinstance(source, PreparedSource) else source
             for device in devices:
                 if variant.backend not in device.backends:
                     continue
-                ref = artifact if isinstance(artifact, ArtifactRef) else source.model
-                task = TaskRecord(
-                    task_id="t-" + uuid.uuid4().hex[:16],
-                    campaign_id=campaign_id,
-                    model=variant.model.name,
-                    backend=variant.backend,
-                    scheme=variant.scheme,
-                    device_id=device.device_id,
-                    device_name=device.device_name,
-                    artifact_sha256=ref.sha256,
-                    artifact_size=ref.size_bytes,
-                    artifact_name=ref.name,
-                    eval_sha256=source.eval_data.sha256 if source.eval_data else None,
-                    eval_size=source.eval_data.size_bytes if source.eval_data else 0,
-                    settings=settings,
-                    options=dict(variant.options),
-                    selector=dict(device.selector),
-                    measure_key=measure_key(
-                        ref,
-                        source.eval_data,
-                        variant.backend,
-                        variant.options,
-                        device.device_id,
-                        settings,
-                    ),
+                task = _task_record(
+                    campaign_id,
+                    variant,
+                    device,
+                    source,
+                    artifact,
                     created_at=now + len(tasks) * 1e-6,
                 )
                 if isinstance(artifact, Exception):
@@ -193,14 +185,51 @@ class CampaignPlanner:
             ),
             tasks,
         )
-        for task, error in failures:
-            kind = getattr(error, "kind", "conversion_error")
-            store.record_failure(task, kind, f"conversion to {task.scheme} failed: {error}")
+        for task, failure in failures:
+            kind = getattr(failure, "kind", "conversion_error")
+            store.record_failure(task, kind, f"preparing {task.scheme} failed: {failure}")
             task.status = TaskStatus.FAILED
         self.scheduler.add_tasks(tasks)
         self.scheduler.check_campaign(campaign_id)
         log.info("campaign %s: %d tasks (%d reused)", campaign_id, len(tasks), reused)
         return SubmitOutcome(campaign_id, len(tasks), reused, stats.run, stats.cached, warnings)
+
+
+def _task_record(
+    campaign_id: str,
+    variant: Variant,
+    device: DeviceChoice,
+    source: PreparedSource | Exception,
+    artifact: ArtifactRef | Exception,
+    created_at: float,
+) -> TaskRecord:
+    """The task measuring ``variant`` on ``device``; a failed preparation leaves the
+    artifact fields empty (the task is stored failed)."""
+    eval_data = source.eval_data if isinstance(source, PreparedSource) else None
+    ref = artifact if isinstance(artifact, ArtifactRef) else ArtifactRef("", 0, "")
+    return TaskRecord(
+        task_id="t-" + uuid.uuid4().hex[:16],
+        campaign_id=campaign_id,
+        model=variant.model.name,
+        backend=variant.backend,
+        scheme=variant.scheme,
+        device_id=device.device_id,
+        device_name=device.device_name,
+        artifact_sha256=ref.sha256,
+        artifact_size=ref.size_bytes,
+        artifact_name=ref.name,
+        eval_sha256=eval_data.sha256 if eval_data else None,
+        eval_size=eval_data.size_bytes if eval_data else 0,
+        settings=variant.settings,
+        options=dict(variant.options),
+        selector=dict(device.selector),
+        measure_key=measure_key(
+            ref, eval_data, variant.backend, variant.options, device.device_id, variant.settings
+        )
+        if ref.sha256
+        else "",
+        created_at=created_at,
+    )
 
 
 def _file_path(ref: str | None, spec_dir: Path) -> Path | None:

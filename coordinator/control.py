@@ -92,6 +92,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except EdgefarmError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except Exception as error:  # a bug: one line to the user, the traceback to the log
+            log.exception("submitting %s failed", source)
+            first = (str(error).splitlines() or [""])[0]
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {first}")
         return control_pb2.SubmitCampaignResponse(
             campaign_id=outcome.campaign_id,
             tasks_total=outcome.tasks_total,

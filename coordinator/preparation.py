@@ -210,6 +210,7 @@ class Preparer:
             stats,
             steps.gguf_to_f16,
             self._bytes(original),
+            original.name,
         )
         return PreparedSource(
             f16, None, None, "gguf", {"source": source, "source_sha256": original.sha256}
@@ -313,7 +314,7 @@ class Preparer:
         for key, outcome in zip(todo, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
-            done[key] = _unwrap(outcome) if isinstance(outcome, Exception) else outcome
+            done[key] = unwrap_ray_error(outcome) if isinstance(outcome, Exception) else outcome
         return [done[key] for key in keys]
 
     def _variant_key(self, src: PreparedSource, backend: str, scheme: str) -> str:
@@ -363,7 +364,7 @@ class Preparer:
         raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
 
 
-def _unwrap(error: Exception) -> Exception:
+def unwrap_ray_error(error: Exception) -> Exception:
     """The error raised inside a Ray task, not Ray's wrapper around it."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, Exception) else error

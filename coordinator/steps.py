@@ -74,13 +74,15 @@ def convert_onnx(model: bytes, scheme: str, calibration: bytes | None) -> dict[s
 
 
 @ray.remote(num_cpus=1, max_retries=0)
-def gguf_to_f16(model: bytes) -> dict[str, Any]:
+def gguf_to_f16(model: bytes, name: str) -> dict[str, Any]:
     """Dequantize any GGUF to the F16 GGUF every other type is made from."""
+    from agent.backends.gguf_check import check_gguf
     from coordinator.conversion.gguf_convert import dequantize_to_f16
 
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "src.gguf", Path(tmp) / "f16.gguf"
+        src, dst = Path(tmp) / name, Path(tmp) / "f16.gguf"
         src.write_bytes(model)
+        check_gguf(src)  # a clear error for a broken file, before any parser sees it
         provenance = dequantize_to_f16(src, dst)
         return {"model": dst.read_bytes(), "provenance": jsonable(provenance)}
 
