@@ -18,7 +18,7 @@ and ``top_k`` (see :func:`build_reference`).
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,17 +161,32 @@ def measure_fidelity(llm: Llama, reference: dict[str, np.ndarray]) -> dict[str, 
     ``llm`` must be opened with :func:`open_llama` at the reference's ``n_ctx`` and
     ``logits_all=True``.
     """
-    n_ctx = int(reference["n_ctx"])
+    chunks = chunk_logprobs(llm, reference["tokens"], int(reference["n_ctx"]))
+    return fidelity_from_chunks(chunks, reference, llm.n_vocab())
+
+
+def fidelity_from_chunks(
+    chunks: Iterable[np.ndarray], reference: dict[str, np.ndarray], n_vocab: int
+) -> dict[str, float]:
+    """Fidelity of any backend to ``reference``, from its log-softmax rows.
+
+    ``chunks`` must follow the reference's chunking: the token sequence cut into
+    consecutive, non-overlapping pieces of ``reference["n_ctx"]`` tokens, each evaluated
+    from an empty context, yielding float32 log-probabilities of shape
+    ``[piece_len - 1, n_vocab]`` for predicting tokens ``1..`` of the piece (use
+    :func:`agent.llm_fidelity.log_softmax` on the logits). This is how every framework
+    is scored against the one shared reference.
+    """
     ref_ids = reference["ref_topk_ids"]
     targets = reference["targets"]
     try:
-        check_token_ids(reference["tokens"], llm.n_vocab(), "reference token")
-        check_token_ids(ref_ids, llm.n_vocab(), "reference top-k id")
+        check_token_ids(reference["tokens"], n_vocab, "reference token")
+        check_token_ids(ref_ids, n_vocab, "reference top-k id")
     except ValueError as err:
         raise ArtifactError(f"the LLM reference does not fit this model: {err}") from None
     target_lp, at_ref, top1 = [], [], []
     offset = 0
-    for rows in chunk_logprobs(llm, reference["tokens"], n_ctx):
+    for rows in chunks:
         span = slice(offset, offset + len(rows))
         offset += len(rows)
         positions = np.arange(len(rows))
@@ -188,6 +203,13 @@ def measure_fidelity(llm: Llama, reference: dict[str, np.ndarray]) -> dict[str, 
         np.concatenate(at_ref),
         np.concatenate(top1),
     )
+
+
+def token_chunks(tokens: np.ndarray, n_ctx: int) -> list[np.ndarray]:
+    """The reference's chunking of a token sequence (pieces of at most ``n_ctx``;
+    pieces shorter than 2 tokens score nothing and are dropped)."""
+    pieces = [tokens[i : i + n_ctx] for i in range(0, len(tokens), n_ctx)]
+    return [p for p in pieces if len(p) >= 2]
 
 
 def save_llm_reference(path: Path, arrays: dict[str, np.ndarray]) -> None:
