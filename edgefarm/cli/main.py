@@ -22,6 +22,7 @@ COMMANDS = {
     "campaign": ("edgefarm.cli.campaign_cmd", "campaign", "Run and inspect sweep campaigns."),
     "results": ("edgefarm.cli.results_cmd", "results", "List, show and export stored results."),
     "devices": ("edgefarm.cli.devices_cmd", "devices", "Show the device fleet."),
+    "report": ("edgefarm.cli.report_cmd", "report", "Reports over stored results."),
     "quickstart": (
         "edgefarm.cli.quickstart_cmd",
         "quickstart",

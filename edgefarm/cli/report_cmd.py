@@ -1,0 +1,58 @@
+"""``edgefarm report``: reports over stored results."""
+
+from __future__ import annotations
+
+import click
+
+from edgefarm.cli.options import home_option, store_option
+from edgefarm.errors import UsageError
+from edgefarm.home import default_store_url, edgefarm_home
+
+
+@click.group()
+def report() -> None:
+    """Reports over stored results."""
+
+
+@report.command()
+@click.option("--campaign", required=True, help="Campaign id (or unique prefix).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True
+)
+@store_option
+@home_option
+def compare(campaign: str, fmt: str, store_url: str | None, home: str | None) -> None:
+    """Per device: each framework's quantizations against its own full-precision run —
+    memory, speed, speed-up, memory and size reduction, fidelity — from measured rows."""
+    from results.compare import COLUMNS, cells, groups, to_markdown
+    from results.compare import compare as build
+    from results.store import ResultsStore
+
+    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+        record = store.get_campaign(campaign)
+        if record is None:
+            raise UsageError(f"no campaign '{campaign}' in {store.url}")
+        rows = build(store.results_for_campaign(record.campaign_id))
+    if not rows:
+        raise UsageError(f"campaign {record.campaign_id} has no results yet")
+    if fmt == "markdown":
+        click.echo(to_markdown(rows), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if Console().is_terminal else 200)
+    for (device, model), members in groups(rows).items():
+        table = Table(title=f"{model} on {device}")
+        for name in COLUMNS:
+            table.add_column(
+                name,
+                justify="left" if name in {"framework", "quantization", "fidelity"} else "right",
+            )
+        for r in members:
+            table.add_row(*cells(r))
+        console.print(table)
+    console.print(
+        "speed-up, memory and size reductions: against the same framework's "
+        "full-precision run; fidelity: against the shared reference"
+    )

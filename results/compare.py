@@ -1,0 +1,199 @@
+"""The framework comparison: per device and model, each framework's quantizations
+against that framework's own full-precision run, computed from measured rows.
+
+Pure functions over result rows (the store's dicts); rendering is separate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+Row = dict[str, Any]
+
+# The scheme each backend's speed-up, memory and size reductions are measured against.
+FULL_PRECISION = {
+    "onnxruntime": "fp32",
+    "openvino": "fp32",
+    "llama-cpp": "F16",
+    "mlx": "fp16",
+    "qai-hub": "fp32",
+    "noop": "none",
+}
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One framework x scheme on one device for one model."""
+
+    device: str
+    model: str
+    framework: str
+    scheme: str
+    is_llm: bool
+    speed: float | None  # generation tok/s (LLM) or items/s
+    memory_bytes: int | None
+    size_bytes: int | None
+    speedup: float | None  # speed / full-precision speed of the same framework
+    memory_reduction: float | None  # 1 - memory / full-precision memory
+    size_reduction: float | None
+    fidelity: dict[str, float]  # kld_mean, ppl_ratio, top1_agreement | top1, agreement
+    ok: bool
+    note: str = ""
+
+
+def _speed(row: Row) -> float | None:
+    p50 = row.get("lat_p50_ms")
+    if not p50:
+        return None
+    return 1000.0 / p50 * (row.get("batch_size") or 1)
+
+
+def _is_llm(row: Row) -> bool:
+    metrics = row.get("metrics") or {}
+    return "prompt_tok_per_s" in metrics or "kld_mean" in (row.get("accuracy") or {})
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    if value is None or not base:
+        return None
+    return value / base
+
+
+def _reduction(value: float | int | None, base: float | int | None) -> float | None:
+    ratio = _ratio(
+        float(value) if value is not None else None, float(base) if base is not None else None
+    )
+    return None if ratio is None else 1.0 - ratio
+
+
+def _fidelity(row: Row, llm: bool) -> dict[str, float]:
+    accuracy = row.get("accuracy") or {}
+    keys = ("kld_mean", "ppl_ratio", "top1_agreement") if llm else ("top1", "agreement")
+    return {k: float(accuracy[k]) for k in keys if accuracy.get(k) is not None}
+
+
+def compare(rows: list[Row]) -> list[ComparisonRow]:
+    """Comparison rows, grouped by device, model and framework, full precision first."""
+    baselines: dict[tuple[str, str, str], Row] = {}
+    for row in rows:
+        key = (_device(row), row["model"], row["backend"])
+        if row.get("ok") and row.get("scheme") == FULL_PRECISION.get(row["backend"]):
+            baselines[key] = row
+    out = []
+    for row in rows:
+        key = (_device(row), row["model"], row["backend"])
+        base = baselines.get(key)
+        llm = _is_llm(row)
+        speed = _speed(row) if row.get("ok") else None
+        note = "" if base is not None else f"no {FULL_PRECISION.get(row['backend'], '?')} run"
+        if not row.get("ok"):
+            note = f"failed: {row.get('error_kind', '')}"
+        out.append(
+            ComparisonRow(
+                device=key[0],
+                model=row["model"],
+                framework=row["backend"],
+                scheme=row["scheme"],
+                is_llm=llm,
+                speed=speed,
+                memory_bytes=row.get("peak_rss_bytes") if row.get("ok") else None,
+                size_bytes=row.get("model_size_bytes") if row.get("ok") else None,
+                speedup=_ratio(speed, _speed(base)) if base else None,
+                memory_reduction=_reduction(row.get("peak_rss_bytes"), base["peak_rss_bytes"])
+                if base and row.get("ok")
+                else None,
+                size_reduction=_reduction(row.get("model_size_bytes"), base["model_size_bytes"])
+                if base and row.get("ok")
+                else None,
+                fidelity=_fidelity(row, llm) if row.get("ok") else {},
+                ok=bool(row.get("ok")),
+                note=note,
+            )
+        )
+    # stable: within a framework, full precision first, then the spec's order
+    out.sort(
+        key=lambda r: (r.device, r.model, r.framework, r.scheme != FULL_PRECISION.get(r.framework))
+    )
+    return out
+
+
+def _device(row: Row) -> str:
+    return str(row.get("device_name") or row.get("device_id") or "?")
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
+
+
+COLUMNS = (
+    "framework",
+    "quantization",
+    "memory MiB",
+    "speed",
+    "speed-up",
+    "memory -",
+    "size MiB",
+    "size -",
+    "fidelity",
+)
+
+
+def cells(r: ComparisonRow) -> list[str]:
+    """The table cells of one comparison row."""
+    unit = "tok/s" if r.is_llm else "items/s"
+    if r.is_llm:
+        fidelity = ", ".join(
+            f"{name} {_fmt(r.fidelity.get(key), fmt)}"
+            for name, key, fmt in (
+                ("KLD", "kld_mean", ".4f"),
+                ("ppl x", "ppl_ratio", ".3f"),
+                ("top1", "top1_agreement", ".3f"),
+            )
+            if key in r.fidelity
+        )
+    else:
+        fidelity = ", ".join(
+            f"{name} {_fmt(r.fidelity.get(key), '.4f')}"
+            for name, key in (("top1", "top1"), ("agree", "agreement"))
+            if key in r.fidelity
+        )
+    return [
+        r.framework,
+        r.scheme,
+        _fmt(r.memory_bytes / (1 << 20) if r.memory_bytes else None, ".1f"),
+        f"{_fmt(r.speed, ',.1f')} {unit}" if r.speed else "-",
+        f"{_fmt(r.speedup, '.2f')}x" if r.speedup else "-",
+        f"{_fmt(r.memory_reduction * 100, '.0f')}%" if r.memory_reduction is not None else "-",
+        _fmt(r.size_bytes / (1 << 20) if r.size_bytes else None, ".1f"),
+        f"{_fmt(r.size_reduction * 100, '.0f')}%" if r.size_reduction is not None else "-",
+        fidelity or (r.note or "-"),
+    ]
+
+
+def groups(rows: list[ComparisonRow]) -> dict[tuple[str, str], list[ComparisonRow]]:
+    """Comparison rows by (device, model), in order."""
+    out: dict[tuple[str, str], list[ComparisonRow]] = {}
+    for r in rows:
+        out.setdefault((r.device, r.model), []).append(r)
+    return out
+
+
+def to_markdown(rows: list[ComparisonRow]) -> str:
+    """The comparison as Markdown: one table per device and model."""
+    parts = []
+    for (device, model), members in groups(rows).items():
+        parts.append(f"### {model} on {device}\n")
+        parts.append("| " + " | ".join(COLUMNS) + " |")
+        parts.append("|" + "---|" * len(COLUMNS))
+        for r in members:
+            parts.append("| " + " | ".join(cells(r)) + " |")
+        parts.append("")
+    parts.append(
+        "Speed-up, memory and size reductions are against the same framework's "
+        "full-precision run; fidelity is against the shared full-precision reference."
+    )
+    return "\n".join(parts) + "\n"

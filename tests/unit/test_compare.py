@@ -1,0 +1,55 @@
+"""The framework comparison from result rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from results.compare import compare, to_markdown
+
+
+def row(backend: str, scheme: str, p50: float, rss: int, size: int, **acc: float) -> dict[str, Any]:
+    llm = backend != "onnxruntime"
+    return {
+        "device_name": "pi",
+        "model": "m",
+        "backend": backend,
+        "scheme": scheme,
+        "ok": True,
+        "lat_p50_ms": p50,
+        "batch_size": 1,
+        "peak_rss_bytes": rss,
+        "model_size_bytes": size,
+        "metrics": {"prompt_tok_per_s": 100.0} if llm else {},
+        "accuracy": acc,
+    }
+
+
+def test_each_framework_against_its_own_full_precision_run() -> None:
+    rows = [
+        row("llama-cpp", "Q4_0", 10.0, 100, 25, kld_mean=0.2, ppl_ratio=1.2, top1_agreement=0.7),
+        row("llama-cpp", "F16", 20.0, 300, 100, kld_mean=0.0, ppl_ratio=1.0, top1_agreement=1.0),
+        row("onnxruntime", "fp32", 1.0, 50, 10, top1=0.98, agreement=1.0),
+        row("onnxruntime", "int8-dynamic", 2.0, 40, 3, top1=0.97, agreement=0.99),
+    ]
+    out = compare(rows)
+    by = {(r.framework, r.scheme): r for r in out}
+    assert [(r.framework, r.scheme) for r in out][:2] == [
+        ("llama-cpp", "F16"),
+        ("llama-cpp", "Q4_0"),
+    ]
+    q4 = by["llama-cpp", "Q4_0"]
+    assert q4.is_llm and q4.speed == 100.0 and q4.speedup == 2.0
+    assert abs(q4.memory_reduction - (1 - 100 / 300)) < 1e-12 and q4.size_reduction == 0.75
+    assert q4.fidelity == {"kld_mean": 0.2, "ppl_ratio": 1.2, "top1_agreement": 0.7}
+    int8 = by["onnxruntime", "int8-dynamic"]
+    assert not int8.is_llm and int8.speedup == 0.5 and int8.fidelity["top1"] == 0.97
+    md = to_markdown(out)
+    assert "### m on pi" in md and "| llama-cpp | Q4_0 |" in md and "2.00x" in md
+
+
+def test_missing_baseline_and_failures_are_said() -> None:
+    failed = {**row("llama-cpp", "Q2_K", 1.0, 1, 1), "ok": False, "error_kind": "timeout"}
+    out = compare([row("llama-cpp", "Q8_0", 10.0, 100, 50), failed])
+    notes = {r.scheme: r.note for r in out}
+    assert notes["Q8_0"] == "no F16 run" and notes["Q2_K"] == "failed: timeout"
+    assert all(r.speedup is None for r in out)
