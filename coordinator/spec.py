@@ -30,10 +30,10 @@ from edgefarm.yamlfile import FieldError, load_file, validate
 BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     "onnxruntime": ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight"),
     "noop": ("none",),
-    "openvino": None,
+    "openvino": ("fp32", "fp16", "int8-weights", "int4-sym", "int4-asym", "int8-ptq"),
     # llama.cpp GGUF types, named as llama.cpp names them.
     "llama-cpp": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"),
-    "mlx": None,
+    "mlx": ("fp16", "q8", "q4"),
     "qai-hub": None,
 }
 KNOWN_BACKENDS = tuple(BACKEND_SCHEMES)
