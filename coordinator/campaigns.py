@@ -146,6 +146,7 @@ class CampaignPlanner:
             if isinstance(src := sources[v.model.name], PreparedSource)
         ]
         converted = iter(await self.preparer.variants(ready, stats))
+        self.preparer.release()
         campaign_id = "c-" + uuid.uuid4().hex[:12]
         now = time.time()
         tasks: list[TaskRecord] = []

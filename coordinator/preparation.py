@@ -41,8 +41,6 @@ BUILDER_REVISION = 1
 PASSTHROUGH_BACKENDS = frozenset({"noop"})
 # (backend, scheme) pairs whose artifact is the prepared source model itself.
 IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
-# Which model format each backend measures.
-BACKEND_FORMATS = {"onnxruntime": "onnx", "llama-cpp": "gguf"}
 # Language-model fidelity: context per evaluation chunk and reference top-k kept.
 LLM_EVAL_CONTEXT = 512
 LLM_TOP_K = 32
@@ -77,7 +75,8 @@ def init_ray() -> None:
 def tool_versions() -> dict[str, str]:
     """Versions of the conversion tools, part of every step key."""
     out = {}
-    for dist in ("onnx", "onnxruntime", "scikit-learn", "gguf", "llama-cpp-python"):
+    for dist in ("onnx", "onnxruntime", "scikit-learn", "gguf", "llama-cpp-python", "torch",
+                 "transformers", "openvino", "nncf", "mlx", "mlx-lm"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -108,6 +107,8 @@ class Preparer:
         self.artifacts = artifacts
         self.cache_dir = cache_dir
         self.tools = tool_versions()
+        self._inflight: dict[str, asyncio.Future[ArtifactRef]] = {}
+        self._objects: dict[str, Any] = {}
 
     def _cached(self, key: str) -> ArtifactRecord | None:
         record = self.store.find_artifact(key)
@@ -135,17 +136,48 @@ class Preparer:
         self, key: str, kind: str, name: str, stats: PreparationStats, run: Any, *args: Any
     ) -> ArtifactRef:
         """A cached step: the recorded artifact, or run the Ray task ``run`` and store it.
-        The task returns {"model" or "reference": bytes, "provenance": {...}}."""
+
+        Artifact arguments travel as one object-store copy each. Concurrent requests
+        for the same key share one run. The task returns
+        {"model" or "reference": bytes, "provenance": {...}}."""
         found = self._cached(key)
         if found is not None:
             stats.cached += 1
             return _ref(found)
-        out = await run.remote(*args)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._run_step(key, kind, name, stats, run, args))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _run_step(
+        self,
+        key: str,
+        kind: str,
+        name: str,
+        stats: PreparationStats,
+        run: Any,
+        args: tuple[Any, ...],
+    ) -> ArtifactRef:
+        log.info("running %s on Ray for %s", getattr(run, "__name__", "step"), name)
+        resolved = [self._object(a) if isinstance(a, ArtifactRef) else a for a in args]
+        out = await run.remote(*resolved)
         stats.run += 1
         payload = out.get("model", out.get("reference"))
         ref = self.artifacts.put_bytes(payload, name)
         self._record(key, ref, kind, {**out["provenance"], "tools": self.tools})
         return ref
+
+    def _object(self, ref: ArtifactRef) -> Any:
+        """The artifact's bytes in Ray's object store (one copy per preparation)."""
+        if ref.sha256 not in self._objects:
+            self._objects[ref.sha256] = ray.put(self._bytes(ref))
+        return self._objects[ref.sha256]
+
+    def release(self) -> None:
+        """Drop the object-store copies made while preparing a campaign."""
+        self._objects.clear()
 
     # ----- sources ------------------------------------------------------------
 
@@ -209,7 +241,7 @@ class Preparer:
             f"{model_name}.F16.gguf",
             stats,
             steps.gguf_to_f16,
-            self._bytes(original),
+            original,
             original.name,
         )
         return PreparedSource(
@@ -242,7 +274,7 @@ class Preparer:
                 f"{text_path.stem}.reference.npz",
                 stats,
                 steps.llm_reference,
-                self._bytes(prepared.model),
+                prepared.model,
                 text,
                 LLM_EVAL_CONTEXT,
                 LLM_TOP_K,
@@ -277,7 +309,7 @@ class Preparer:
         key = step_key("gguf-hf", model=prepared.model.sha256, tools=self.tools)
         stem = prepared.model.name.removesuffix(".gguf").removesuffix(".F16")
         return await self._step(
-            key, "hf-folder", f"{stem}.hf.tar", stats, steps.gguf_to_hf, self._bytes(prepared.model)
+            key, "hf-folder", f"{stem}.hf.tar", stats, steps.gguf_to_hf, prepared.model
         )
 
     # ----- variants -----------------------------------------------------------
@@ -289,79 +321,110 @@ class Preparer:
 
         A failed step gives its exception in place of the artifact, so one bad
         variant fails its own tasks and the rest of the campaign runs."""
-        keys = [self._variant_key(src, backend, scheme) for src, backend, scheme in jobs]
-        unique: dict[str, tuple[PreparedSource, str, str]] = {}
-        for key, job in zip(keys, jobs, strict=True):
-            unique.setdefault(key, job)
-        done: dict[str, ArtifactRef | Exception] = {}
-        todo: list[str] = []
-        for key, (src, backend, scheme) in unique.items():
-            wanted = BACKEND_FORMATS.get(backend, src.format)
-            if backend not in PASSTHROUGH_BACKENDS and wanted != src.format:
-                done[key] = UnsupportedScheme(
-                    f"{backend} measures {wanted.upper()} models; {src.model.name} is "
-                    f"{src.format.upper()} (no conversion between them yet)"
-                )
-            elif backend in PASSTHROUGH_BACKENDS or (backend, scheme) in IDENTITY_SCHEMES:
-                done[key] = src.model
-            else:
-                todo.append(key)
-        shared: dict[str, Any] = {}  # one object-store copy of each source for all its steps
         outcomes = await asyncio.gather(
-            *(self._convert(key, *unique[key], stats, shared) for key in todo),
+            *(self._variant(src, backend, scheme, stats) for src, backend, scheme in jobs),
             return_exceptions=True,
         )
-        for key, outcome in zip(todo, outcomes, strict=True):
+        out: list[ArtifactRef | Exception] = []
+        for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome
-            done[key] = unwrap_ray_error(outcome) if isinstance(outcome, Exception) else outcome
-        return [done[key] for key in keys]
+            out.append(unwrap_ray_error(outcome) if isinstance(outcome, Exception) else outcome)
+        return out
 
-    def _variant_key(self, src: PreparedSource, backend: str, scheme: str) -> str:
-        return step_key(
-            "variant",
-            model=src.model.sha256,
-            calibration=src.calibration.sha256 if src.calibration else None,
-            backend=backend,
-            scheme=scheme,
-            tools=self.tools,
-        )
-
-    async def _convert(
-        self,
-        key: str,
-        src: PreparedSource,
-        backend: str,
-        scheme: str,
-        stats: PreparationStats,
-        shared: dict[str, Any],
+    async def _variant(
+        self, src: PreparedSource, backend: str, scheme: str, stats: PreparationStats
     ) -> ArtifactRef:
-        if (found := self._cached(key)) is not None:
-            stats.cached += 1
-            return _ref(found)
-        log.info("converting %s to %s on Ray", src.model.name, scheme)
-        if src.model.sha256 not in shared:
-            shared[src.model.sha256] = ray.put(self._bytes(src.model))
-        model = shared[src.model.sha256]
+        """The artifact ``backend`` measures for ``scheme``, through whatever intermediate
+        steps the source format needs (GGUF -> HF folder -> ONNX -> ...)."""
+        if backend in PASSTHROUGH_BACKENDS:
+            return src.model
+        stem = src.model.name.split(".")[0]
+        if backend == "llama-cpp":
+            self._require(src, "gguf", backend)
+            if (backend, scheme) in IDENTITY_SCHEMES:
+                return src.model
+            return await self._step(
+                self._key(src.model, backend, scheme),
+                "gguf",
+                f"{stem}.{scheme}.gguf",
+                stats,
+                steps.quantize_gguf,
+                src.model,
+                scheme,
+            )
+        if backend == "mlx":
+            self._require(src, "gguf", backend)
+            hf = await self.hf_folder(src, stats)
+            return await self._step(
+                self._key(hf, backend, scheme),
+                "mlx",
+                f"{stem}.mlx-{scheme}.tar",
+                stats,
+                steps.convert_mlx,
+                hf,
+                scheme,
+            )
+        if backend not in ("onnxruntime", "openvino"):
+            raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
+        onnx = src.model if src.format == "onnx" else await self.onnx_export(src, stats)
+        if (backend, scheme) in IDENTITY_SCHEMES:
+            return onnx
+        key = self._key(onnx, backend, scheme, src.calibration)
         if backend == "onnxruntime":
-            calibration = self._bytes(src.calibration) if src.calibration else None
-            stem = src.model.name.removesuffix(".onnx")
             return await self._step(
                 key,
                 "onnx",
                 f"{stem}.{scheme}.onnx",
                 stats,
                 steps.convert_onnx,
-                model,
+                onnx,
                 scheme,
-                calibration,
+                src.calibration,
             )
-        if backend == "llama-cpp":
-            stem = src.model.name.removesuffix(".gguf").removesuffix(".F16")
-            return await self._step(
-                key, "gguf", f"{stem}.{scheme}.gguf", stats, steps.quantize_gguf, model, scheme
+        return await self._step(
+            key,
+            "openvino-ir",
+            f"{stem}.ov-{scheme}.tar",
+            stats,
+            steps.convert_openvino,
+            onnx,
+            scheme,
+            src.calibration,
+        )
+
+    async def onnx_export(self, src: PreparedSource, stats: PreparationStats) -> ArtifactRef:
+        """The causal LM exported to ONNX from its Hugging Face folder, once."""
+        hf = await self.hf_folder(src, stats)
+        stem = src.model.name.split(".")[0]
+        return await self._step(
+            step_key("hf-onnx", hf=hf.sha256, tools=self.tools),
+            "onnx",
+            f"{stem}.onnx",
+            stats,
+            steps.export_onnx,
+            hf,
+        )
+
+    def _key(
+        self, model: ArtifactRef, backend: str, scheme: str, calibration: ArtifactRef | None = None
+    ) -> str:
+        return step_key(
+            "variant",
+            model=model.sha256,
+            calibration=calibration.sha256 if calibration else None,
+            backend=backend,
+            scheme=scheme,
+            tools=self.tools,
+        )
+
+    @staticmethod
+    def _require(src: PreparedSource, fmt: str, backend: str) -> None:
+        if src.format != fmt:
+            raise UnsupportedScheme(
+                f"{backend} measures {fmt.upper()} models; {src.model.name} is "
+                f"{src.format.upper()} (no conversion between them)"
             )
-        raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
 
 
 def unwrap_ray_error(error: Exception) -> Exception:

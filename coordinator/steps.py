@@ -140,3 +140,55 @@ def gguf_to_hf(model: bytes) -> dict[str, Any]:
                 with path.open("rb") as f:
                     tar.addfile(info, f)
         return {"model": buffer.getvalue(), "provenance": jsonable(provenance)}
+
+
+def untar(data: bytes, out_dir: Path) -> Path:
+    """Unpack a folder artifact (an uncompressed tar of plain files) into ``out_dir``."""
+    import tarfile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        tar.extractall(out_dir, filter="data")
+    return out_dir
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def export_onnx(hf_tar: bytes) -> dict[str, Any]:
+    """Export a Hugging Face causal LM folder to one ONNX file."""
+    from coordinator.conversion.hf_to_onnx import export_causal_lm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = untar(hf_tar, Path(tmp) / "hf")
+        out = Path(tmp) / "model.onnx"
+        provenance = export_causal_lm(folder, out)
+        return {"model": out.read_bytes(), "provenance": jsonable(provenance)}
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def convert_openvino(model: bytes, scheme: str, calibration: bytes | None) -> dict[str, Any]:
+    """ONNX -> OpenVINO IR in one scheme (NNCF for the compressed ones), as a tar."""
+    import numpy as np
+
+    from agent.backends.openvino import pack_ir
+    from coordinator.conversion.openvino_schemes import convert_openvino as convert
+
+    calib = np.load(io.BytesIO(calibration))["inputs"] if calibration else None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, xml = Path(tmp) / "model.onnx", Path(tmp) / "ir" / "model.xml"
+        src.write_bytes(model)
+        xml.parent.mkdir()
+        provenance = convert(src, xml, scheme, calib, None)
+        return {"model": pack_ir(xml), "provenance": jsonable(provenance)}
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def convert_mlx(hf_tar: bytes, scheme: str) -> dict[str, Any]:
+    """Hugging Face folder -> MLX folder (full precision, 8-bit or 4-bit), as a tar."""
+    from agent.backends.mlx import pack_folder
+    from coordinator.conversion.mlx_convert import convert_mlx as convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = untar(hf_tar, Path(tmp) / "hf")
+        out = Path(tmp) / "mlx"
+        provenance = convert(folder, out, scheme, None)
+        return {"model": pack_folder(out), "provenance": jsonable(provenance)}

@@ -5,6 +5,12 @@ Options (``Assignment.options``):
 - ``execution_provider``: the provider to run on (default ``CPUExecutionProvider``);
   one this onnxruntime build lacks fails the task with :class:`BackendUnavailable`.
 - ``graph_optimization_level``: ``disable``, ``basic``, ``extended`` or ``all`` (default).
+- ``task``: ``auto`` (default), ``llm`` or ``classify``. A causal LM (an ``input_ids``
+  input and a 3-D ``logits`` output) is measured in the LLM mode of
+  :mod:`agent.backends.onnxruntime_llm` (decode steps, prompt speed, TTFT, fidelity to
+  an LLM reference), which this class delegates to; ``auto`` picks it from the graph,
+  ``llm``/``classify`` force a mode. Anything else feeds the declared inputs
+  and scores classification accuracy.
 """
 
 from __future__ import annotations
@@ -48,6 +54,49 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
+def open_session(
+    ort: Any, model_path: Path, settings: MeasureSettings, options: dict[str, str]
+) -> tuple[Any, dict[str, str]]:
+    """An InferenceSession with explicit threads, sequential execution and one provider,
+    and the environment it ran with."""
+    check_model_file(model_path)
+
+    provider = options.get("execution_provider", DEFAULT_PROVIDER)
+    available = list(ort.get_available_providers())
+    if provider not in available:
+        raise BackendUnavailable(
+            f"execution provider '{provider}' is not available in onnxruntime "
+            f"{ort.__version__} (available: {', '.join(available)})"
+        )
+    level_key = options.get("graph_optimization_level", "all")
+    if level_key not in _OPT_LEVELS:
+        raise TaskError(
+            f"unknown graph_optimization_level '{level_key}' (known: {', '.join(_OPT_LEVELS)})"
+        )
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = settings.threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level_key])
+    try:
+        session = ort.InferenceSession(str(model_path), sess_options=so, providers=[provider])
+    except Exception as err:  # onnxruntime raises several unrelated types here
+        raise ModelLoadError(
+            one_line(f"onnxruntime could not load {model_path.name}: {err}")
+        ) from err
+
+    environment = {
+        "onnxruntime.version": ort.__version__,
+        "onnxruntime.providers": ",".join(session.get_providers()),
+        "onnxruntime.intra_op_num_threads": str(so.intra_op_num_threads),
+        "onnxruntime.inter_op_num_threads": str(so.inter_op_num_threads),
+        "onnxruntime.execution_mode": "sequential",
+        "onnxruntime.graph_optimization_level": _OPT_LEVELS[level_key],
+    }
+    return session, environment
+
+
 class OnnxRuntimeBackend(Backend):
     """Measures ONNX models with onnxruntime."""
 
@@ -62,55 +111,32 @@ class OnnxRuntimeBackend(Backend):
         "onnxruntime-qnn",
     )
     OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"execution_provider", "graph_optimization_level"}
+        {"execution_provider", "graph_optimization_level", "task"}
     )
 
     def __init__(self) -> None:
         self._ort: Any = None
         self._session: Any = None
         self._environment: dict[str, str] = {}
+        self._llm: Backend | None = None  # the LLM mode, when the model is a causal LM
+        self._eval_is_llm = False
+
+    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
+        """An LLM reference's tokens, else the first inputs of a classification eval file."""
+        from agent.backends.onnxruntime_llm import llm_reference_tokens
+
+        tokens = llm_reference_tokens(eval_path)
+        self._eval_is_llm = tokens is not None
+        return tokens if tokens is not None else super().read_eval_inputs(eval_path, settings)
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
-        """Create the session: explicit threads, sequential execution, one provider."""
+        """Create the session; hand a causal LM to the LLM mode (see the module docstring)."""
         check_options(self.NAME, options, self.OPTIONS)
         ort = self._ort = self.require()
-        check_model_file(model_path)
+        self._session, self._environment = open_session(ort, model_path, settings, options)
+        from agent.backends.onnxruntime_llm import llm_mode
 
-        provider = options.get("execution_provider", DEFAULT_PROVIDER)
-        available = list(ort.get_available_providers())
-        if provider not in available:
-            raise BackendUnavailable(
-                f"execution provider '{provider}' is not available in onnxruntime "
-                f"{ort.__version__} (available: {', '.join(available)})"
-            )
-        level_key = options.get("graph_optimization_level", "all")
-        if level_key not in _OPT_LEVELS:
-            raise TaskError(
-                f"unknown graph_optimization_level '{level_key}' (known: {', '.join(_OPT_LEVELS)})"
-            )
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = settings.threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level_key])
-        try:
-            self._session = ort.InferenceSession(
-                str(model_path), sess_options=so, providers=[provider]
-            )
-        except Exception as err:  # onnxruntime raises several unrelated types here
-            raise ModelLoadError(
-                one_line(f"onnxruntime could not load {model_path.name}: {err}")
-            ) from err
-
-        self._environment = {
-            "onnxruntime.version": ort.__version__,
-            "onnxruntime.providers": ",".join(self._session.get_providers()),
-            "onnxruntime.intra_op_num_threads": str(so.intra_op_num_threads),
-            "onnxruntime.inter_op_num_threads": str(so.inter_op_num_threads),
-            "onnxruntime.execution_mode": "sequential",
-            "onnxruntime.graph_optimization_level": _OPT_LEVELS[level_key],
-        }
+        self._llm = llm_mode(self._session, self._environment, settings, options, self._eval_is_llm)
 
     def _input_dtype(self, type_name: str) -> type[np.generic]:
         dtype = _ORT_DTYPES.get(type_name)
@@ -118,13 +144,15 @@ class OnnxRuntimeBackend(Backend):
             raise TaskError(f"unsupported model input type {type_name}")
         return dtype
 
-    def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> dict[str, np.ndarray]:
-        """The feed dict of every timed iteration.
+    def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> Any:
+        """The feed dict of every timed iteration (the LLM mode: its token stream).
 
         The first input takes the first ``batch_size`` eval examples when given (repeated
         when there are fewer). Anything else is drawn from a seeded generator with the
         declared shape: the batch dimension is ``batch_size``, other symbolic dimensions 1.
         """
+        if self._llm is not None:
+            return self._llm.make_inputs(eval_inputs, batch_size)
         rng = np.random.default_rng(SYNTHETIC_INPUT_SEED)
         feed: dict[str, np.ndarray] = {}
         for index, meta in enumerate(self._session.get_inputs()):
@@ -150,14 +178,21 @@ class OnnxRuntimeBackend(Backend):
 
     def run_once(self, inputs: Any) -> None:
         """One ``session.run`` of all outputs."""
-        self._session.run(None, inputs)
+        if self._llm is not None:
+            self._llm.run_once(inputs)
+        else:
+            self._session.run(None, inputs)
 
     def timed_call(self, inputs: Any) -> Callable[[], object]:
         """``session.run`` itself, bound to the feed: no extra Python frame per iteration."""
+        if self._llm is not None:
+            return self._llm.timed_call(inputs)
         return functools.partial(self._session.run, None, inputs)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The first output for ``batch`` fed to the (single) model input."""
+        if self._llm is not None:
+            return self._llm.predict(batch)
         metas = self._session.get_inputs()
         if len(metas) != 1:
             raise TaskError(
@@ -166,6 +201,16 @@ class OnnxRuntimeBackend(Backend):
         feed = {metas[0].name: np.ascontiguousarray(batch, dtype=self._input_dtype(metas[0].type))}
         return np.asarray(self._session.run(None, feed)[0])
 
+    def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
+        """The LLM mode's prompt speed and TTFT; none otherwise."""
+        return self._llm.extra_metrics(settings) if self._llm is not None else {}
+
+    def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
+        """LLM fidelity in the LLM mode, else classification accuracy."""
+        if self._llm is not None:
+            return self._llm.evaluate(eval_path, settings)
+        return super().evaluate(eval_path, settings)
+
     def version(self) -> str:
         """onnxruntime's version."""
         ort = self._ort or self.require()
@@ -173,4 +218,6 @@ class OnnxRuntimeBackend(Backend):
 
     def environment(self) -> dict[str, str]:
         """Version, providers in use, thread settings and graph optimization level."""
+        if self._llm is not None:
+            return self._llm.environment()
         return dict(self._environment)
