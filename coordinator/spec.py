@@ -159,6 +159,8 @@ class BackendEntry(BaseModel):
     options: Options = Field(default_factory=dict)
     # Overrides of the campaign's measurement settings for this backend.
     measurement: Measurement | None = None
+    # Only these models are measured by this entry (default: every model).
+    models: list[str] | None = None
 
     @field_validator("name")
     @classmethod
@@ -256,7 +258,8 @@ class CampaignSpec(BaseModel):
             )
             for model in self.models
             for backend in self.backends
-            if model.backends is None or backend.name in model.backends
+            if (model.backends is None or backend.name in model.backends)
+            and (backend.models is None or model.name in backend.models)
             for scheme in backend.schemes
         ]
 
@@ -306,7 +309,7 @@ def _unique_models(models: list[ModelEntry]) -> None:
 
 
 def _known_schemes(backends: list[BackendEntry]) -> None:
-    seen: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+    seen: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], int] = {}
     for index, backend in enumerate(backends):
         allowed = BACKEND_SCHEMES[backend.name]
         for position, scheme in enumerate(backend.schemes):
@@ -321,17 +324,29 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
                 raise FieldError(loc, f"invalid scheme name {scheme!r}")
             if scheme in backend.schemes[:position]:
                 raise FieldError(loc, f"scheme {scheme!r} is listed twice")
-        key = (backend.name, tuple(sorted(backend.options.items())))
+        key = (
+            backend.name,
+            tuple(sorted(backend.options.items())),
+            tuple(sorted(backend.models or [])),
+        )
         if key in seen:
             raise FieldError(
                 ("backends", index),
-                f"backend {backend.name!r} is listed twice with the same options "
+                f"backend {backend.name!r} is listed twice with the same options and models "
                 f"(also backends[{seen[key]}])",
             )
         seen[key] = index
 
 
 def _model_backends(models: list[ModelEntry], backends: list[BackendEntry]) -> None:
+    names = {m.name for m in models}
+    for index, backend in enumerate(backends):
+        for position, name in enumerate(backend.models or []):
+            if name not in names:
+                raise FieldError(
+                    ("backends", index, "models", position),
+                    f"model {name!r} is not in the campaign's models ({', '.join(sorted(names))})",
+                )
     listed = {b.name for b in backends}
     for index, model in enumerate(models):
         for position, name in enumerate(model.backends or []):
