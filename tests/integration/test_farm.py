@@ -190,3 +190,20 @@ def test_farm_on_postgresql(tmp_path: Path) -> None:
     finally:
         metadata.drop_all(engine)
         engine.dispose()
+
+
+def test_backend_missing_on_every_device_is_named_and_the_rest_runs(
+    make_farm: MakeFarm, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    farm = make_farm(1)
+    spec = write_spec(tmp_path / "extras.yaml", "extras", ["fp32"])
+    text = spec.read_text().replace(
+        "backends:\n", "backends:\n  - name: qai-hub\n    schemes: [fp32]\n", 1
+    )
+    spec.write_text(text)
+    campaign_id = run_campaign(farm.address, farm.token, spec)
+    err = capsys.readouterr().err
+    assert "backend 'qai-hub' is not installed on" in err and "'qai-hub' extra" in err
+    with open_store(farm) as store:
+        (row,) = store.results_for_campaign(campaign_id)
+        assert row["backend"] == "onnxruntime" and row["ok"]
