@@ -108,6 +108,10 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     inputs = backend.make_inputs(eval_batch, settings.batch_size)
     timing = time_iterations(backend.timed_call(inputs), settings)
     metrics = backend.extra_metrics(settings)
+    # Host load while this trial ran: neighbours on the same cores (other processes, not
+    # other measurements - the scheduler prevents those) distort timings; keep the evidence.
+    if hasattr(os, "getloadavg"):
+        metrics["host_load_1m"] = os.getloadavg()[0]
     trial = TrialOutcome(
         samples_ms=timing.samples_ms,
         warmup_iterations=settings.warmup_iterations,
