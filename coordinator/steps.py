@@ -181,7 +181,7 @@ def convert_openvino(model: bytes, scheme: str, calibration: bytes | None) -> di
         return {"model": pack_ir(xml), "provenance": jsonable(provenance)}
 
 
-@ray.remote(num_cpus=1, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=0, max_calls=1)  # MLX keeps its memory pool
 def convert_mlx(hf_tar: bytes, scheme: str) -> dict[str, Any]:
     """Hugging Face folder -> MLX folder (full precision, 8-bit or 4-bit), as a tar."""
     from agent.backends.mlx import pack_folder

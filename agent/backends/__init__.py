@@ -18,6 +18,7 @@ BACKENDS: dict[str, str] = {
     "onnxruntime": "agent.backends.onnxruntime:OnnxRuntimeBackend",
     "noop": "agent.backends.noop:NoopBackend",
     "llama-cpp": "agent.backends.llama_cpp:LlamaCppBackend",
+    "mlx": "agent.backends.mlx:MlxBackend",
     "openvino": "agent.backends.openvino:OpenVinoBackend",
 }
 
