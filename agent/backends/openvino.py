@@ -12,6 +12,11 @@ Options (``Assignment.options``):
 - ``performance_hint``: ``LATENCY`` (default) or ``THROUGHPUT``.
 - ``inference_precision``: ``f32`` (default, so runs compare across CPUs), ``bf16``,
   ``f16``, or ``auto`` (OpenVINO's own choice: bf16 on CPUs with AMX / AVX512-BF16).
+- ``task``: ``auto`` (default), ``llm`` or ``classify``. A causal LM (an ``input_ids``
+  input and a 3-D ``logits`` output) is measured in the LLM mode of
+  :mod:`agent.backends.openvino_llm` (decode steps with the KV cache, prompt speed,
+  TTFT, fidelity to an LLM reference), which this class delegates to; ``auto`` picks
+  it from the IR, ``llm``/``classify`` force a mode.
 
 What the compiled model actually runs with (precision, hint, threads, streams) is read
 back from OpenVINO and stored in the environment, not the options asked for.
@@ -73,7 +78,7 @@ class OpenVinoBackend(Backend):
     EXTRA: ClassVar[str] = "openvino"
     DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("openvino", "openvino-nightly")
     OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"device", "performance_hint", "inference_precision"}
+        {"device", "performance_hint", "inference_precision", "task"}
     )
 
     def __init__(self) -> None:
@@ -84,9 +89,20 @@ class OpenVinoBackend(Backend):
         self._bound: list[np.ndarray] = []  # arrays the timing request's tensors share
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
         self._environment: dict[str, str] = {}
+        self._llm: Backend | None = None  # the LLM mode, when the model is a causal LM
+        self._eval_is_llm = False
+
+    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
+        """An LLM reference's tokens, else the first inputs of a classification eval file."""
+        from agent.backends.openvino_llm import llm_reference_tokens
+
+        tokens = llm_reference_tokens(eval_path)
+        self._eval_is_llm = tokens is not None
+        return tokens if tokens is not None else super().read_eval_inputs(eval_path, settings)
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
-        """Unpack the IR tar, then compile it with explicit hint, threads and precision."""
+        """Unpack the IR tar, compile it with explicit hint, threads and precision; hand a
+        causal LM to the LLM mode (see the module docstring)."""
         check_options(self.NAME, options, self.OPTIONS)
         ov = self._ov = self.require()
         check_model_file(model_path)
@@ -129,6 +145,11 @@ class OpenVinoBackend(Backend):
             "openvino.inference_precision_requested": precision,
             **{f"openvino.{k}": self._read_back(p) for k, p in _READ_BACK.items()},
         }
+        from agent.backends.openvino_llm import llm_mode
+
+        self._llm = llm_mode(
+            ov, self._compiled, self._environment, settings, options, self._eval_is_llm
+        )
 
     def _read_back(self, prop: str) -> str:
         """A compiled-model property as text ("n/a" where the device lacks it)."""
@@ -148,7 +169,10 @@ class OpenVinoBackend(Backend):
         The first input takes the first ``batch_size`` eval examples when given (repeated
         when there are fewer). Anything else is drawn from a seeded generator with the
         declared shape: the batch dimension is ``batch_size``, other dynamic dimensions 1.
+        The LLM mode: its token stream.
         """
+        if self._llm is not None:
+            return self._llm.make_inputs(eval_inputs, batch_size)
         rng = np.random.default_rng(SYNTHETIC_INPUT_SEED)
         feed: dict[int, np.ndarray] = {}
         for index, port in enumerate(self._compiled.inputs):
@@ -180,8 +204,11 @@ class OpenVinoBackend(Backend):
         return self._spare
 
     def run_once(self, inputs: Any) -> None:
-        """One synchronous inference on ``inputs``."""
-        self._spare_request().infer(inputs)
+        """One synchronous inference on ``inputs`` (the LLM mode: one decode step)."""
+        if self._llm is not None:
+            self._llm.run_once(inputs)
+        else:
+            self._spare_request().infer(inputs)
 
     def timed_call(self, inputs: Any) -> Callable[[], object]:
         """The infer request's own ``infer``, its input tensors bound once beforehand.
@@ -189,7 +216,10 @@ class OpenVinoBackend(Backend):
         The tensors share the arrays' memory, and the call goes to OpenVINO's native
         ``infer`` (outputs as views, no copy) rather than its Python wrapper, which
         would re-dispatch the (absent) inputs and copy the outputs every iteration.
+        The LLM mode hands out its decode step.
         """
+        if self._llm is not None:
+            return self._llm.timed_call(inputs)
         ov = self._ov
         request = self._request = self._compiled.create_infer_request()
         self._bound = [np.ascontiguousarray(a) for a in inputs.values()]
@@ -202,6 +232,8 @@ class OpenVinoBackend(Backend):
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """The first output for ``batch`` fed to the (single) model input."""
+        if self._llm is not None:
+            return self._llm.predict(batch)
         ports = self._compiled.inputs
         if len(ports) != 1:
             raise TaskError(
@@ -211,13 +243,26 @@ class OpenVinoBackend(Backend):
         result = self._spare_request().infer({0: array})
         return np.array(result[0])
 
+    def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
+        """The LLM mode's prompt speed and TTFT; none otherwise."""
+        return self._llm.extra_metrics(settings) if self._llm is not None else {}
+
+    def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
+        """LLM fidelity in the LLM mode, else classification accuracy."""
+        if self._llm is not None:
+            return self._llm.evaluate(eval_path, settings)
+        return super().evaluate(eval_path, settings)
+
     def version(self) -> str:
         """OpenVINO's full version (with its build number)."""
         ov = self._ov or self.require()
         return str(ov.get_version())
 
     def environment(self) -> dict[str, str]:
-        """Version, device and the compiled model's actual precision, hint, threads, streams."""
+        """Version, device and the compiled model's actual precision, hint, threads, streams
+        (the LLM mode adds its own)."""
+        if self._llm is not None:
+            return self._llm.environment()
         return dict(self._environment)
 
 
