@@ -259,7 +259,25 @@ def _accelerators(system: str, arch: str, extra: dict[str, str]) -> list[str]:
     if providers:
         extra["onnxruntime.providers"] = ",".join(providers)
         found.extend(ort_accelerators(providers))
+    ov_devices = _openvino_devices()
+    if ov_devices:
+        extra["openvino.devices"] = ",".join(ov_devices)
+        found.extend(openvino_accelerators(ov_devices))
     return list(dict.fromkeys(found))
+
+
+def openvino_accelerators(devices: list[str]) -> list[str]:
+    """Accelerators OpenVINO can drive: Intel GPUs and NPUs ("GPU.0" -> "intel-gpu")."""
+    names = {"GPU": "intel-gpu", "NPU": "intel-npu"}
+    return [names[d.split(".")[0]] for d in devices if d.split(".")[0] in names]
+
+
+def _openvino_devices() -> list[str]:
+    if importlib.util.find_spec("openvino") is None:
+        return []
+    from agent.backends.openvino import openvino_devices  # asks in a child process
+
+    return openvino_devices()
 
 
 def _driver_of(device: str, subsystem: str) -> str:

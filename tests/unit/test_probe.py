@@ -82,3 +82,14 @@ def test_parse_sysctl_optional() -> None:
 def test_ort_accelerators() -> None:
     providers = ["QNNExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert ort_accelerators(providers) == ["qnn-htp", "cuda"]
+
+
+def test_openvino_devices_become_accelerators() -> None:
+    from agent.probe import openvino_accelerators
+
+    assert openvino_accelerators(["CPU", "GPU.0", "GPU.1", "NPU"]) == [
+        "intel-gpu",
+        "intel-gpu",
+        "intel-npu",
+    ]
+    assert openvino_accelerators(["CPU"]) == []
