@@ -141,7 +141,7 @@ class CampaignPlanner:
                 log.warning("model %s: %s", model.name, sources[model.name])
         wanted = [v for v in spec.variants() if any(v.backend in d.backends for d in devices)]
         ready = [
-            (src, v.backend, v.scheme)
+            (src, v.backend, v.scheme, v.convert)
             for v in wanted
             if isinstance(src := sources[v.model.name], PreparedSource)
         ]

@@ -75,8 +75,19 @@ def init_ray() -> None:
 def tool_versions() -> dict[str, str]:
     """Versions of the conversion tools, part of every step key."""
     out = {}
-    for dist in ("onnx", "onnxruntime", "scikit-learn", "gguf", "llama-cpp-python", "torch",
-                 "transformers", "openvino", "nncf", "mlx", "mlx-lm"):
+    for dist in (
+        "onnx",
+        "onnxruntime",
+        "scikit-learn",
+        "gguf",
+        "llama-cpp-python",
+        "torch",
+        "transformers",
+        "openvino",
+        "nncf",
+        "mlx",
+        "mlx-lm",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -315,14 +326,17 @@ class Preparer:
     # ----- variants -----------------------------------------------------------
 
     async def variants(
-        self, jobs: list[tuple[PreparedSource, str, str]], stats: PreparationStats
+        self, jobs: list[tuple[PreparedSource, str, str, dict[str, Any]]], stats: PreparationStats
     ) -> list[ArtifactRef | Exception]:
         """Convert (source, backend, scheme) jobs concurrently; each distinct step once.
 
         A failed step gives its exception in place of the artifact, so one bad
         variant fails its own tasks and the rest of the campaign runs."""
         outcomes = await asyncio.gather(
-            *(self._variant(src, backend, scheme, stats) for src, backend, scheme in jobs),
+            *(
+                self._variant(src, backend, scheme, params, stats)
+                for src, backend, scheme, params in jobs
+            ),
             return_exceptions=True,
         )
         out: list[ArtifactRef | Exception] = []
@@ -333,7 +347,12 @@ class Preparer:
         return out
 
     async def _variant(
-        self, src: PreparedSource, backend: str, scheme: str, stats: PreparationStats
+        self,
+        src: PreparedSource,
+        backend: str,
+        scheme: str,
+        params: dict[str, Any],
+        stats: PreparationStats,
     ) -> ArtifactRef:
         """The artifact ``backend`` measures for ``scheme``, through whatever intermediate
         steps the source format needs (GGUF -> HF folder -> ONNX -> ...)."""
@@ -345,7 +364,7 @@ class Preparer:
             if (backend, scheme) in IDENTITY_SCHEMES:
                 return src.model
             return await self._step(
-                self._key(src.model, backend, scheme),
+                self._key(src.model, backend, scheme, params=params),
                 "gguf",
                 f"{stem}.{scheme}.gguf",
                 stats,
@@ -357,20 +376,21 @@ class Preparer:
             self._require(src, "gguf", backend)
             hf = await self.hf_folder(src, stats)
             return await self._step(
-                self._key(hf, backend, scheme),
+                self._key(hf, backend, scheme, params=params),
                 "mlx",
                 f"{stem}.mlx-{scheme}.tar",
                 stats,
                 steps.convert_mlx,
                 hf,
                 scheme,
+                params,
             )
         if backend not in ("onnxruntime", "openvino"):
             raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
         onnx = src.model if src.format == "onnx" else await self.onnx_export(src, stats)
         if (backend, scheme) in IDENTITY_SCHEMES:
             return onnx
-        key = self._key(onnx, backend, scheme, src.calibration)
+        key = self._key(onnx, backend, scheme, src.calibration, params)
         if backend == "onnxruntime":
             return await self._step(
                 key,
@@ -381,6 +401,7 @@ class Preparer:
                 onnx,
                 scheme,
                 src.calibration,
+                params,
             )
         return await self._step(
             key,
@@ -391,6 +412,7 @@ class Preparer:
             onnx,
             scheme,
             src.calibration,
+            params,
         )
 
     async def onnx_export(self, src: PreparedSource, stats: PreparationStats) -> ArtifactRef:
@@ -407,8 +429,14 @@ class Preparer:
         )
 
     def _key(
-        self, model: ArtifactRef, backend: str, scheme: str, calibration: ArtifactRef | None = None
+        self,
+        model: ArtifactRef,
+        backend: str,
+        scheme: str,
+        calibration: ArtifactRef | None = None,
+        params: dict[str, Any] | None = None,
     ) -> str:
+        extra = {"params": params} if params else {}  # without params: the keys of before
         return step_key(
             "variant",
             model=model.sha256,
@@ -416,6 +444,7 @@ class Preparer:
             backend=backend,
             scheme=scheme,
             tools=self.tools,
+            **extra,
         )
 
     @staticmethod

@@ -161,6 +161,9 @@ class BackendEntry(BaseModel):
     measurement: Measurement | None = None
     # Only these models are measured by this entry (default: every model).
     models: list[str] | None = None
+    # Conversion parameters per scheme, e.g. {int4-asym: {group_size: 128}} for NNCF or
+    # {q4: {group_size: 32}} for MLX; part of each conversion's cache key.
+    convert: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -211,6 +214,7 @@ class Variant:
     scheme: str
     options: dict[str, str] = field(default_factory=dict)
     settings: MeasureSettings = field(default_factory=MeasureSettings)
+    convert: dict[str, Any] = field(default_factory=dict)
 
 
 class CampaignSpec(BaseModel):
@@ -255,6 +259,7 @@ class CampaignSpec(BaseModel):
                 scheme=scheme,
                 options=dict(backend.options),
                 settings=self.measure_settings(backend),
+                convert=dict(backend.convert.get(scheme, {})),
             )
             for model in self.models
             for backend in self.backends
@@ -309,7 +314,7 @@ def _unique_models(models: list[ModelEntry]) -> None:
 
 
 def _known_schemes(backends: list[BackendEntry]) -> None:
-    seen: dict[tuple[str, tuple[tuple[str, str], ...], tuple[str, ...]], int] = {}
+    seen: dict[tuple[Any, ...], int] = {}
     for index, backend in enumerate(backends):
         allowed = BACKEND_SCHEMES[backend.name]
         for position, scheme in enumerate(backend.schemes):
@@ -324,10 +329,18 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
                 raise FieldError(loc, f"invalid scheme name {scheme!r}")
             if scheme in backend.schemes[:position]:
                 raise FieldError(loc, f"scheme {scheme!r} is listed twice")
+        for scheme in backend.convert:
+            if scheme not in backend.schemes:
+                raise FieldError(
+                    ("backends", index, "convert", scheme),
+                    f"conversion parameters for {scheme!r}, which is not in this entry's "
+                    f"schemes ({', '.join(backend.schemes)})",
+                )
         key = (
             backend.name,
             tuple(sorted(backend.options.items())),
             tuple(sorted(backend.models or [])),
+            str(sorted(backend.convert.items())),
         )
         if key in seen:
             raise FieldError(

@@ -59,7 +59,9 @@ def add_reference(model: bytes, eval_npz: bytes) -> bytes:
 
 
 @ray.remote(num_cpus=1, max_retries=0)
-def convert_onnx(model: bytes, scheme: str, calibration: bytes | None) -> dict[str, Any]:
+def convert_onnx(
+    model: bytes, scheme: str, calibration: bytes | None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Quantize / convert an ONNX model to one scheme."""
     import numpy as np
 
@@ -69,7 +71,7 @@ def convert_onnx(model: bytes, scheme: str, calibration: bytes | None) -> dict[s
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src.onnx", Path(tmp) / "dst.onnx"
         src.write_bytes(model)
-        provenance = quantize_onnx(src, dst, scheme, calib)
+        provenance = quantize_onnx(src, dst, scheme, calib, params or None)
         return {"model": dst.read_bytes(), "provenance": jsonable(provenance)}
 
 
@@ -165,7 +167,9 @@ def export_onnx(hf_tar: bytes) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=1, max_retries=0)
-def convert_openvino(model: bytes, scheme: str, calibration: bytes | None) -> dict[str, Any]:
+def convert_openvino(
+    model: bytes, scheme: str, calibration: bytes | None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """ONNX -> OpenVINO IR in one scheme (NNCF for the compressed ones), as a tar."""
     import numpy as np
 
@@ -177,12 +181,12 @@ def convert_openvino(model: bytes, scheme: str, calibration: bytes | None) -> di
         src, xml = Path(tmp) / "model.onnx", Path(tmp) / "ir" / "model.xml"
         src.write_bytes(model)
         xml.parent.mkdir()
-        provenance = convert(src, xml, scheme, calib, None)
+        provenance = convert(src, xml, scheme, calib, params or None)
         return {"model": pack_ir(xml), "provenance": jsonable(provenance)}
 
 
 @ray.remote(num_cpus=1, max_retries=0, max_calls=1)  # MLX keeps its memory pool
-def convert_mlx(hf_tar: bytes, scheme: str) -> dict[str, Any]:
+def convert_mlx(hf_tar: bytes, scheme: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Hugging Face folder -> MLX folder (full precision, 8-bit or 4-bit), as a tar."""
     from agent.backends.mlx import pack_folder
     from coordinator.conversion.mlx_convert import convert_mlx as convert
@@ -190,5 +194,5 @@ def convert_mlx(hf_tar: bytes, scheme: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         folder = untar(hf_tar, Path(tmp) / "hf")
         out = Path(tmp) / "mlx"
-        provenance = convert(folder, out, scheme, None)
+        provenance = convert(folder, out, scheme, params or None)
         return {"model": pack_folder(out), "provenance": jsonable(provenance)}

@@ -186,3 +186,19 @@ def test_missing_spec_file(tmp_path: Path) -> None:
 def test_from_text_names_its_source() -> None:
     with pytest.raises(SpecError, match=r"^campaigns/x\.yaml:1: expected a mapping \(got 'hi'\)$"):
         CampaignSpec.from_text("hi\n", "campaigns/x.yaml")
+
+
+def test_conversion_parameters_per_scheme(tmp_path: Path) -> None:
+    text = (
+        "name: p\nmodels:\n  - name: m\n    source: builtin:smollm2-135m\n"
+        "backends:\n  - name: openvino\n    schemes: [fp32, int4-asym]\n"
+        "    convert:\n      int4-asym: {group_size: 128}\n"
+    )
+    spec = CampaignSpec.from_text(text, "p.yaml")
+    assert {v.scheme: v.convert for v in spec.variants()} == {
+        "fp32": {},
+        "int4-asym": {"group_size": 128},
+    }
+    bad = text.replace("int4-asym: {group", "int4-sym: {group")
+    with pytest.raises(SpecError, match=r"p.yaml:9: backends\[0\].convert.int4-sym: conversion"):
+        CampaignSpec.from_text(bad, "p.yaml")
