@@ -27,7 +27,7 @@ import numpy as np
 from agent import llm_fidelity
 from agent.backends.base import one_line
 from agent.backends.gguf_check import check_gguf
-from edgefarm.errors import ArtifactError, ModelLoadError
+from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -203,6 +203,30 @@ def fidelity_from_chunks(
         np.concatenate(at_ref),
         np.concatenate(top1),
     )
+
+
+def decode_token_stream(
+    eval_inputs: np.ndarray | None,
+    batch_size: int,
+    n_vocab: int,
+    length: int,
+    backend: str,
+    fallback: np.ndarray,
+) -> np.ndarray:
+    """The token at every context position for an LLM's timed decode steps: the eval
+    tokens (else ``fallback``), cycled to ``length``; one sequence only."""
+    if batch_size != 1:
+        raise TaskError(
+            f"the {backend} LLM mode measures one sequence: batch_size must be 1, not {batch_size}"
+        )
+    source = fallback
+    if eval_inputs is not None and len(eval_inputs) > 0:
+        source = np.asarray(eval_inputs, dtype=np.int64).ravel()
+        try:
+            check_token_ids(source, n_vocab, "eval token")
+        except ValueError as err:
+            raise ArtifactError(f"the eval text does not fit this model: {err}") from None
+    return np.resize(source, length).astype(np.int64)
 
 
 def token_chunks(tokens: np.ndarray, n_ctx: int) -> list[np.ndarray]:

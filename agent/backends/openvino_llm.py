@@ -63,14 +63,14 @@ from agent.backends.onnxruntime_llm import (
 )
 from agent.backends.openvino import OpenVinoBackend, _native_infer
 from agent.llm_eval import (
-    check_token_ids,
+    decode_token_stream,
     fidelity_from_chunks,
     load_llm_reference,
     load_reference_tokens,
     token_chunks,
 )
 from edgefarm.domain import MeasureSettings
-from edgefarm.errors import ArtifactError, TaskError
+from edgefarm.errors import TaskError
 
 __all__ = [
     "OpenVinoLlmBackend",
@@ -345,22 +345,11 @@ class OpenVinoLlmBackend(Backend):
 
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or seeded ids), cycled."""
-        if batch_size != 1:
-            raise TaskError(
-                f"the openvino LLM mode measures one sequence: batch_size must be 1, "
-                f"not {batch_size}"
-            )
-        vocab = self._vocab()
-        if eval_inputs is not None and len(eval_inputs) > 0:
-            source = np.asarray(eval_inputs, dtype=np.int64).ravel()
-            try:
-                check_token_ids(source, vocab, "eval token")
-            except ValueError as err:
-                raise ArtifactError(f"the eval text does not fit this model: {err}") from None
-        else:
-            rng = np.random.default_rng(SYNTHETIC_INPUT_SEED)
-            source = rng.integers(0, vocab, size=self._settings.context_tokens)
-        self._tokens = np.resize(source, self._settings.context_tokens).astype(np.int64)
+        length = self._settings.context_tokens
+        synthetic = np.random.default_rng(SYNTHETIC_INPUT_SEED).integers(0, self._vocab(), length)
+        self._tokens = decode_token_stream(
+            eval_inputs, batch_size, self._vocab(), length, "openvino", synthetic
+        )
         return self._tokens
 
     def timed_call(self, inputs: Any) -> OvDecodeStep:
