@@ -27,6 +27,7 @@ import numpy as np
 from agent import llm_fidelity
 from agent.backends.base import one_line
 from agent.backends.gguf_check import check_gguf
+from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
 
 if TYPE_CHECKING:
@@ -296,3 +297,16 @@ def _check_reference(arrays: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"LLM reference {path.name}: no scored positions")
     if not np.array_equal(arrays["targets"], _targets(tokens, n_ctx)):
         raise ArtifactError(f"LLM reference {path.name}: targets do not follow tokens")
+
+
+def check_decode_budget(settings: MeasureSettings) -> None:
+    """The prompt plus warm-up and minimum decode steps must fit in the context."""
+    if settings.prompt_tokens < 1:
+        raise TaskError(f"prompt_tokens must be at least 1, got {settings.prompt_tokens}")
+    needed = settings.prompt_tokens + settings.warmup_iterations + settings.min_iterations
+    if needed > settings.context_tokens:
+        raise TaskError(
+            f"context_tokens={settings.context_tokens} is too small: prompt_tokens "
+            f"({settings.prompt_tokens}) + warmup_iterations ({settings.warmup_iterations}) "
+            f"+ min_iterations ({settings.min_iterations}) = {needed} tokens must fit"
+        )

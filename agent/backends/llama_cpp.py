@@ -41,6 +41,7 @@ import numpy as np
 from agent.backends.base import Backend, check_options
 from agent.backends.gguf_check import check_gguf
 from agent.llm_eval import (
+    check_decode_budget,
     check_token_ids,
     load_llm_reference,
     load_reference_tokens,
@@ -243,19 +244,6 @@ class LlamaCppBackend(Backend):
         """Empty the context: no tokens, no KV cells."""
         self._llm.reset()
         self._llm._ctx.kv_cache_clear()
-
-
-def check_decode_budget(settings: MeasureSettings) -> None:
-    """The prompt plus warm-up and minimum decode steps must fit in the context."""
-    if settings.prompt_tokens < 1:
-        raise TaskError(f"prompt_tokens must be at least 1, got {settings.prompt_tokens}")
-    needed = settings.prompt_tokens + settings.warmup_iterations + settings.min_iterations
-    if needed > settings.context_tokens:
-        raise TaskError(
-            f"context_tokens={settings.context_tokens} is too small: prompt_tokens "
-            f"({settings.prompt_tokens}) + warmup_iterations ({settings.warmup_iterations}) "
-            f"+ min_iterations ({settings.min_iterations}) = {needed} tokens must fit"
-        )
 
 
 def _decode(value: bytes | str) -> str:

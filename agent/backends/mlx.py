@@ -46,8 +46,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agent.backends.base import Backend, check_model_file, check_options, one_line
-from agent.backends.llama_cpp import FALLBACK_TEXT, PROMPT_REPEATS, check_decode_budget
+from agent.backends.llama_cpp import FALLBACK_TEXT, PROMPT_REPEATS
 from agent.llm_eval import (
+    check_decode_budget,
     check_token_ids,
     fidelity_from_chunks,
     load_llm_reference,

@@ -46,10 +46,10 @@ import numpy as np
 
 from agent import llm_fidelity
 from agent.backends.base import SYNTHETIC_INPUT_SEED, Backend, check_options
-from agent.backends.llama_cpp import check_decode_budget
 from agent.backends.onnxruntime import OnnxRuntimeBackend, open_session
 from agent.llm_eval import (
     LLM_KIND,
+    check_decode_budget,
     decode_token_stream,
     fidelity_from_chunks,
     load_llm_reference,

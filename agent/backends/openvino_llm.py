@@ -48,7 +48,6 @@ import numpy as np
 
 from agent import llm_fidelity
 from agent.backends.base import SYNTHETIC_INPUT_SEED, Backend, check_options
-from agent.backends.llama_cpp import check_decode_budget
 from agent.backends.onnxruntime_llm import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -63,6 +62,7 @@ from agent.backends.onnxruntime_llm import (
 )
 from agent.backends.openvino import OpenVinoBackend, _native_infer
 from agent.llm_eval import (
+    check_decode_budget,
     decode_token_stream,
     fidelity_from_chunks,
     load_llm_reference,
