@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def top1_outcomes(outputs: np.ndarray, labels: np.ndarray) -> list[int]:
+    """Per example: 1 when the argmax output equals the label, else 0 (eval-set order)."""
+    predicted = np.argmax(np.asarray(outputs).reshape(len(outputs), -1), axis=1)
+    return [int(x) for x in (predicted == np.asarray(labels))]
+
+
 def classification_accuracy(
     outputs: np.ndarray, labels: np.ndarray, reference: np.ndarray
 ) -> dict[str, float]:

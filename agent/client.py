@@ -255,6 +255,7 @@ class Agent:
         result.accuracy = report.accuracy
         result.backend_version = report.backend_version
         result.model_size_bytes = report.model_size_bytes
+        result.example_outcomes = report.example_outcomes
         result.environment.update(report.environment)
         return result
 

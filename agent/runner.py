@@ -51,6 +51,7 @@ class TrialsReport:
     backend_version: str = ""
     environment: dict[str, str] = field(default_factory=dict)
     model_size_bytes: int = 0
+    example_outcomes: list[int] = field(default_factory=list)
 
 
 async def run_measurement(
@@ -80,7 +81,7 @@ async def run_measurement(
                 eval_path=eval_path,
                 settings=settings,
                 options=options,
-                compute_accuracy=index == 0 and eval_path is not None,
+                compute_accuracy=index == 0 and eval_path is not None and settings.evaluate,
             )
             result = await _run_child(request, Path(tmp), index)
             try:
@@ -93,6 +94,7 @@ async def run_measurement(
                         **{str(k): str(v) for k, v in result["environment"].items()},
                     }
                     report.model_size_bytes = int(result["model_size_bytes"])
+                    report.example_outcomes = [int(x) for x in result.get("example_outcomes", [])]
             except (KeyError, TypeError, ValueError, AttributeError) as err:
                 raise BackendCrash(f"trial {index + 1} wrote a malformed result: {err!r}") from err
             if on_trial is not None:

@@ -135,6 +135,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         "backend_version": backend.version(),
         "environment": backend.environment(),
         "model_size_bytes": path_size_bytes(request.model_path),
+        "example_outcomes": list(getattr(backend, "example_outcomes", [])),
     }
 
 

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.interleave import BASELINE, RunShape, shape_tasks
 from coordinator.preparation import (
     PreparationStats,
     PreparedSource,
@@ -53,6 +54,7 @@ class SubmitOutcome:
     conversions_run: int
     conversions_cached: int
     warnings: list[str] = field(default_factory=list)
+    tasks_baseline: int = 0  # baseline-replay tasks of a nightly run
 
 
 @dataclass
@@ -113,10 +115,22 @@ class CampaignPlanner:
         self.preparer = preparer
 
     async def submit(
-        self, spec: CampaignSpec, spec_text: str, spec_path: Path, fresh: bool = False
+        self,
+        spec: CampaignSpec,
+        spec_text: str,
+        spec_path: Path,
+        fresh: bool = False,
+        shape: RunShape | None = None,
     ) -> SubmitOutcome:
-        """Prepare every variant (on Ray), create the tasks and queue them."""
+        """Prepare every variant (on Ray), create the tasks and queue them.
+
+        ``shape`` (nightly runs) restricts the series, replays the baseline campaign's
+        differing variants and interleaves blocks (see :mod:`coordinator.interleave`);
+        a shaped campaign always measures afresh.
+        """
         store = self.scheduler.store
+        shape = shape or RunShape()
+        fresh = fresh or shape.active
         devices = choose_devices(spec, self.scheduler.online_sessions())
         if not devices:
             raise UsageError(
@@ -172,6 +186,10 @@ class CampaignPlanner:
                     task.status, task.result_id = TaskStatus.REUSED, found
                     reused += 1
                 tasks.append(task)
+        if shape.active:
+            tasks = self._shape(tasks, shape, now)
+            kept = {t.task_id for t in tasks}
+            failures = [(t, f) for t, f in failures if t.task_id in kept]
         if not tasks:
             raise UsageError(f"campaign '{spec.name}': no task can run; " + "; ".join(warnings))
         store.create_campaign(
@@ -193,7 +211,40 @@ class CampaignPlanner:
         self.scheduler.add_tasks(tasks)
         self.scheduler.check_campaign(campaign_id)
         log.info("campaign %s: %d tasks (%d reused)", campaign_id, len(tasks), reused)
-        return SubmitOutcome(campaign_id, len(tasks), reused, stats.run, stats.cached, warnings)
+        replays = sum(t.role == BASELINE for t in tasks)
+        return SubmitOutcome(
+            campaign_id, len(tasks), reused, stats.run, stats.cached, warnings, replays
+        )
+
+    def _shape(self, tasks: list[TaskRecord], shape: RunShape, now: float) -> list[TaskRecord]:
+        """Apply a nightly run's shape; tasks get creation times in measuring order."""
+        store, artifacts = self.scheduler.store, self.preparer.artifacts
+        baseline: list[TaskRecord] = []
+        if shape.baseline_campaign_id:
+            if store.get_campaign(shape.baseline_campaign_id) is None:
+                raise UsageError(f"no baseline campaign '{shape.baseline_campaign_id}'")
+            baseline = store.tasks_for_campaign(shape.baseline_campaign_id)
+
+        def runnable(t: TaskRecord) -> bool:
+            return artifacts.has(t.artifact_sha256) and (
+                t.eval_sha256 is None or artifacts.has(t.eval_sha256)
+            )
+
+        def key(t: TaskRecord) -> str:
+            eval_data = ArtifactRef(t.eval_sha256, t.eval_size) if t.eval_sha256 else None
+            return measure_key(
+                ArtifactRef(t.artifact_sha256, t.artifact_size, t.artifact_name),
+                eval_data,
+                t.backend,
+                t.options,
+                t.device_id,
+                t.settings,
+            )
+
+        shaped = shape_tasks(tasks, baseline, shape, runnable, key)
+        for index, task in enumerate(shaped):
+            task.created_at = now + index * 1e-6
+        return shaped
 
 
 def _task_record(

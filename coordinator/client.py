@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from coordinator.interleave import RunShape
 from edgefarm.errors import AuthError, ConnectionFailed, EdgefarmError, UsageError
 from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
 
@@ -53,13 +54,27 @@ class ControlClient:
         self.close()
 
     def submit(
-        self, spec_yaml: str, spec_name: str, fresh: bool = False, timeout_s: float = 1800.0
+        self,
+        spec_yaml: str,
+        spec_name: str,
+        fresh: bool = False,
+        timeout_s: float = 1800.0,
+        shape: RunShape | None = None,
     ) -> control_pb2.SubmitCampaignResponse:
-        """Submit a campaign (waits while its variants are prepared)."""
+        """Submit a campaign (waits while its variants are prepared); ``shape``: a
+        nightly run's baseline replay and interleaving."""
+        shape = shape or RunShape()
         try:
             return self.stub.SubmitCampaign(
                 control_pb2.SubmitCampaignRequest(
-                    token=self.token, spec_yaml=spec_yaml, spec_name=spec_name, fresh=fresh
+                    token=self.token,
+                    spec_yaml=spec_yaml,
+                    spec_name=spec_name,
+                    fresh=fresh,
+                    baseline_campaign_id=shape.baseline_campaign_id,
+                    blocks=shape.blocks,
+                    series=sorted(shape.series),
+                    seed=shape.seed,
                 ),
                 timeout=timeout_s,
             )

@@ -13,6 +13,7 @@ import grpc
 
 from coordinator.campaigns import CampaignPlanner
 from coordinator.gateway import token_ok
+from coordinator.interleave import RunShape
 from coordinator.scheduler import Scheduler
 from coordinator.spec import CampaignSpec
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
@@ -85,8 +86,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
         source = request.spec_name or "<spec>"
         try:
             spec = CampaignSpec.from_text(request.spec_yaml, source)
+            shape = RunShape(
+                baseline_campaign_id=request.baseline_campaign_id,
+                blocks=max(1, request.blocks),
+                series=frozenset(request.series),
+                seed=request.seed,
+            )
             outcome = await self.planner.submit(
-                spec, request.spec_yaml, Path(source).resolve(), fresh=request.fresh
+                spec, request.spec_yaml, Path(source).resolve(), fresh=request.fresh, shape=shape
             )
         except (SpecError, UsageError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -103,6 +110,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             conversions_run=outcome.conversions_run,
             conversions_cached=outcome.conversions_cached,
             warnings=outcome.warnings,
+            tasks_baseline=outcome.tasks_baseline,
         )
 
     def _progress(self, campaign_id: str, message: str) -> control_pb2.CampaignProgress:

@@ -297,7 +297,10 @@ class CampaignSpec(BaseModel):
         _bounds(self.measurement)
         for index, backend in enumerate(self.backends):
             if backend.measurement is not None:
-                merged = Measurement(**self.measure_settings(backend).to_dict())
+                values = self.measure_settings(backend).to_dict()
+                merged = Measurement(
+                    **{k: v for k, v in values.items() if k in Measurement.model_fields}
+                )
                 _bounds(merged, ("backends", index, "measurement"))
         return self
 

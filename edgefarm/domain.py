@@ -53,6 +53,8 @@ class MeasureSettings:
     # context window the session is created with (generation restarts when it is full).
     prompt_tokens: int = 128
     context_tokens: int = 512
+    # Whether the first trial also computes accuracy (when the task has eval data).
+    evaluate: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON and hashing)."""
@@ -185,6 +187,8 @@ class MeasurementResult:
     accuracy: dict[str, float] = field(default_factory=dict)
     model_size_bytes: int = 0
     environment: dict[str, str] = field(default_factory=dict)
+    # Per-example correctness on the eval set (1 = top-1 correct), in eval-set order.
+    example_outcomes: list[int] = field(default_factory=list)
 
     @property
     def samples_ms(self) -> list[float]:

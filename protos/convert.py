@@ -59,7 +59,9 @@ def capabilities_from_pb(m: common_pb2.DeviceCapabilities) -> DeviceCapabilities
 
 def settings_to_pb(s: MeasureSettings) -> common_pb2.MeasureSettings:
     """Domain measure settings -> wire."""
-    return common_pb2.MeasureSettings(**s.to_dict())
+    values = s.to_dict()
+    evaluate = values.pop("evaluate")
+    return common_pb2.MeasureSettings(**values, skip_evaluation=not evaluate)
 
 
 def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
@@ -76,6 +78,7 @@ def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
         timeout_s=m.timeout_s,
         prompt_tokens=m.prompt_tokens,
         context_tokens=m.context_tokens,
+        evaluate=not m.skip_evaluation,
     )
 
 
@@ -154,6 +157,7 @@ def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:
         accuracy=dict(r.accuracy),
         model_size_bytes=r.model_size_bytes,
         environment=dict(r.environment),
+        example_outcomes=bytes(r.example_outcomes),
     )
 
 
@@ -187,4 +191,5 @@ def result_from_pb(m: common_pb2.TaskResult, agent_id: str, device_id: str) -> M
         accuracy=dict(m.accuracy),
         model_size_bytes=m.model_size_bytes,
         environment=dict(m.environment),
+        example_outcomes=list(m.example_outcomes),
     )

@@ -45,6 +45,10 @@ class TaskRecord:
     # Identity of the measurement, independent of the campaign: equal keys measure the
     # same artifact on the same device with the same settings (used for reuse).
     measure_key: str = ""
+    # Nightly runs: "candidate" or "baseline" (the baseline night's variant measured
+    # again in the same run), and the randomised block the task belongs to.
+    role: str = "candidate"
+    block: int = 0
     status: TaskStatus = TaskStatus.PENDING
     attempt: int = 0
     lease_id: str | None = None
@@ -67,6 +71,22 @@ class ArtifactRecord:
     name: str
     provenance: dict[str, Any]
     created_at: float
+
+
+@dataclass
+class NightlyRun:
+    """One night of a nightly suite: its campaigns, baseline and verdicts."""
+
+    run_id: str
+    suite: str
+    night: str  # label, e.g. the date
+    status: str  # running | passed | regressed | failed
+    created_at: float
+    campaign_id: str | None = None
+    confirm_campaign_id: str | None = None
+    baseline_run_id: str | None = None
+    finished_at: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from edgefarm.domain import (
     TaskStatus,
     TrialOutcome,
 )
-from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
+from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
 
 TASK_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TaskRecord))
 CAMPAIGN_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(CampaignRecord))
@@ -134,6 +134,8 @@ def row_to_task(row: RowLike) -> TaskRecord:
         options=dict(row["options"] or {}),
         selector=dict(row["selector"] or {}),
         measure_key=row["measure_key"],
+        role=row["role"],
+        block=row["block"],
         status=TaskStatus(row["status"]),
         attempt=row["attempt"],
         lease_id=row["lease_id"],
@@ -174,6 +176,8 @@ def _task_columns(task: TaskRecord) -> dict[str, Any]:
         "artifact_sha256": task.artifact_sha256,
         "eval_sha256": task.eval_sha256,
         "measure_key": task.measure_key,
+        "role": task.role,
+        "block": task.block,
         "settings": task.settings.to_dict(),
     }
 
@@ -216,6 +220,7 @@ def result_to_row(
         "metrics": result.metrics,
         "environment": dict(result.environment),
         "trials_detail": [trial_detail(t) for t in result.trials],
+        "example_outcomes": list(result.example_outcomes) or None,
         "created_at": now,
     }
 
@@ -283,4 +288,28 @@ def row_to_device(row: RowLike) -> DeviceSeen:
         labels=dict(row["labels"] or {}),
         registered_at=row["registered_at"],
         last_heartbeat=row["last_heartbeat"],
+    )
+
+
+# ------------------------------------------------------------------------------ nightly
+
+
+def nightly_to_row(n: NightlyRun) -> dict[str, Any]:
+    """Row values for a nightly run."""
+    return dataclasses.asdict(n)
+
+
+def row_to_nightly(row: RowLike) -> NightlyRun:
+    """A nightly run from its row."""
+    return NightlyRun(
+        run_id=row["run_id"],
+        suite=row["suite"],
+        night=row["night"],
+        status=row["status"],
+        created_at=row["created_at"],
+        campaign_id=row["campaign_id"],
+        confirm_campaign_id=row["confirm_campaign_id"],
+        baseline_run_id=row["baseline_run_id"],
+        finished_at=row["finished_at"],
+        summary=dict(row["summary"] or {}),
     )

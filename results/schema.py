@@ -126,6 +126,10 @@ tasks = sa.Table(
     sa.Column("options", JSONText, nullable=False),
     sa.Column("selector", JSONText, nullable=False),
     sa.Column("measure_key", sa.String(128), nullable=False, index=True),
+    # Nightly runs: "candidate" (tonight's variant) or "baseline" (the baseline night's
+    # variant measured again beside it), and the randomised block it belongs to.
+    sa.Column("role", sa.String(16), nullable=False, default="candidate"),
+    sa.Column("block", sa.Integer, nullable=False, default=0),
     sa.Column("status", sa.String(32), nullable=False, index=True),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("lease_id", sa.String(128)),
@@ -154,6 +158,8 @@ results = sa.Table(
     sa.Column("artifact_sha256", sa.String(64), nullable=False),
     sa.Column("eval_sha256", sa.String(64)),
     sa.Column("measure_key", sa.String(128), nullable=False, index=True),
+    sa.Column("role", sa.String(16), nullable=False, default="candidate"),
+    sa.Column("block", sa.Integer, nullable=False, default=0),
     sa.Column("ok", sa.Boolean, nullable=False),
     sa.Column("valid", sa.Boolean, nullable=False),
     sa.Column("invalid_reason", sa.Text, nullable=False),
@@ -181,6 +187,7 @@ results = sa.Table(
     sa.Column("metrics", JSONText),
     sa.Column("environment", JSONText, nullable=False),
     sa.Column("trials_detail", JSONText, nullable=False),
+    sa.Column("example_outcomes", JSONText),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("task_id", "attempt", name="uq_results_task_attempt"),
 )
@@ -195,6 +202,23 @@ artifacts = sa.Table(
     sa.Column("name", sa.String(512), nullable=False),
     sa.Column("provenance", JSONText, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+)
+
+nightly_runs = sa.Table(
+    "nightly_runs",
+    metadata,
+    sa.Column("run_id", _id(), primary_key=True),
+    sa.Column("suite", sa.String(256), nullable=False, index=True),
+    sa.Column("night", sa.String(64), nullable=False),
+    sa.Column("campaign_id", _id()),
+    sa.Column("confirm_campaign_id", _id()),
+    sa.Column("baseline_run_id", _id()),
+    # running | passed | regressed | failed
+    sa.Column("status", sa.String(32), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("finished_at", sa.Float),
+    # The night's verdicts and notes (JSON), as the report shows them.
+    sa.Column("summary", JSONText, nullable=False),
 )
 
 devices_seen = sa.Table(
@@ -226,7 +250,24 @@ def _v2_add_metrics(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE results ADD COLUMN metrics TEXT"))
 
 
-MIGRATIONS: list[Migration] = [_v1_create_tables, _v2_add_metrics]
+def _v3_nightly(conn: Connection) -> None:
+    """v2 -> v3: task/result roles and blocks, per-example outcomes, nightly runs."""
+    for table in ("tasks", "results"):
+        if not has_column(conn, table, "role"):
+            conn.execute(
+                sa.text(f"ALTER TABLE {table} ADD COLUMN role VARCHAR(16) NOT NULL "
+                        "DEFAULT 'candidate'")
+            )
+        if not has_column(conn, table, "block"):
+            conn.execute(
+                sa.text(f"ALTER TABLE {table} ADD COLUMN block INTEGER NOT NULL DEFAULT 0")
+            )
+    if not has_column(conn, "results", "example_outcomes"):
+        conn.execute(sa.text("ALTER TABLE results ADD COLUMN example_outcomes TEXT"))
+    nightly_runs.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Migration] = [_v1_create_tables, _v2_add_metrics, _v3_nightly]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

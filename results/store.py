@@ -21,6 +21,7 @@ fails on a lock upgrade. The store is safe to share between threads.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -35,8 +36,16 @@ from sqlalchemy.engine import Connection, Engine
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
 from results import rows, schema
-from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
-from results.schema import artifacts, campaigns, devices_seen, migrate, results, tasks
+from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
+from results.schema import (
+    artifacts,
+    campaigns,
+    devices_seen,
+    migrate,
+    nightly_runs,
+    results,
+    tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -537,3 +546,46 @@ class ResultsStore:
         stmt = sa.select(devices_seen).order_by(devices_seen.c.device_id, devices_seen.c.agent_id)
         with self._tx() as conn:
             return [rows.row_to_device(r) for r in conn.execute(stmt).mappings()]
+
+    # ------------------------------------------------------------------------ nightly
+
+    def create_nightly_run(self, n: NightlyRun) -> None:
+        """Store a new nightly run (StoreError if its id exists)."""
+        try:
+            with self._tx(write=True) as conn:
+                conn.execute(nightly_runs.insert().values(**rows.nightly_to_row(n)))
+        except _Conflict as e:
+            raise StoreError(f"cannot store nightly run {n.run_id}: {e}") from e
+
+    def update_nightly_run(self, run_id: str, **fields: object) -> None:
+        """Set fields of a nightly run; KeyError for an unknown run."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(NightlyRun)}
+        if unknown:
+            raise ValueError(f"not NightlyRun fields: {', '.join(sorted(unknown))}")
+        with self._tx(write=True) as conn:
+            done = conn.execute(
+                nightly_runs.update().where(nightly_runs.c.run_id == run_id).values(**fields)
+            )
+            if not done.rowcount:
+                raise KeyError(run_id)
+
+    def get_nightly_run(self, run_id: str) -> NightlyRun | None:
+        """One nightly run by id (or unique prefix), or None."""
+        prefix = nightly_runs.c.run_id.startswith(run_id, autoescape=True)
+        stmt = sa.select(nightly_runs).where(prefix)
+        with self._tx() as conn:
+            found = [rows.row_to_nightly(r) for r in conn.execute(stmt.limit(2)).mappings()]
+        return found[0] if len(found) == 1 else None
+
+    def nightly_runs(self, suite: str, limit: int | None = None) -> list[NightlyRun]:
+        """The suite's nightly runs, oldest first (the last ``limit`` when given)."""
+        stmt = (
+            sa.select(nightly_runs)
+            .where(nightly_runs.c.suite == suite)
+            .order_by(nightly_runs.c.created_at.desc(), nightly_runs.c.run_id.desc())
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._tx() as conn:
+            found = [rows.row_to_nightly(r) for r in conn.execute(stmt).mappings()]
+        return found[::-1]

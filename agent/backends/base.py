@@ -7,14 +7,14 @@ import importlib
 import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.accuracy import classification_accuracy
+from agent.accuracy import classification_accuracy, top1_outcomes
 from agent.evaldata import load_eval_data, load_eval_inputs
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import MissingExtra, ModelLoadError, TaskError
@@ -35,6 +35,9 @@ class Backend(ABC):
     """
 
     NAME: ClassVar[str]
+    # Per-example correctness (1/0, eval-set order) left by the last ``evaluate``, for
+    # paired comparisons between runs; empty when the backend's evaluation has none.
+    example_outcomes: Sequence[int] = ()
     MODULE: ClassVar[str] = ""  # the importable module the backend needs ("" = none)
     EXTRA: ClassVar[str] = ""  # the pip extra of edgefarm that installs MODULE
     DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ()  # pip distributions that provide MODULE
@@ -126,7 +129,7 @@ def score_classification(backend: Backend, eval_path: Path, batch_size: int) -> 
     """
     data = load_eval_data(eval_path)
     n = len(data)
-    outputs = []
+    outputs: list[np.ndarray] = []
     for start in range(0, n, batch_size):
         batch = data.inputs[start : start + batch_size]
         real = len(batch)
@@ -134,7 +137,9 @@ def score_classification(backend: Backend, eval_path: Path, batch_size: int) -> 
             pad = np.repeat(batch[-1:], batch_size - real, axis=0)
             batch = np.concatenate([batch, pad])
         outputs.append(np.asarray(backend.predict(batch))[:real])
-    return classification_accuracy(np.concatenate(outputs), data.labels, data.reference)
+    stacked = np.concatenate(outputs)
+    backend.example_outcomes = top1_outcomes(stacked, data.labels)
+    return classification_accuracy(stacked, data.labels, data.reference)
 
 
 def check_model_file(model_path: Path) -> int:

@@ -30,7 +30,7 @@ from edgefarm.domain import (
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
 from edgefarm.home import default_store_url
 from results import schema
-from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, TaskRecord
+from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
 from results.store import ResultsStore
 
 PG_ENV = "EDGEFARM_TEST_POSTGRES_URL"
@@ -188,8 +188,10 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
         indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     finally:
         db.close()
-    assert {"meta", "campaigns", "tasks", "results", "artifacts", "devices_seen"} <= tables
-    assert version == str(schema.SCHEMA_VERSION) == "2"
+    assert {
+        "meta", "campaigns", "tasks", "results", "artifacts", "devices_seen", "nightly_runs"
+    } <= tables
+    assert version == str(schema.SCHEMA_VERSION) == "3"
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
 
 
@@ -585,4 +587,37 @@ def test_v1_store_is_migrated_to_v2(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
         version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-    assert "metrics" in columns and version == "2"
+    assert "metrics" in columns and version == "3"
+
+
+def test_v2_store_is_migrated_to_v3(tmp_path: Path) -> None:
+    """A store from before nightly runs gains roles, blocks, outcomes and nightly_runs."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    url = f"sqlite:///{path}"
+    ResultsStore.open(url).close()
+    with sqlite3.connect(path) as db:  # make it look like a v2 store
+        for table in ("tasks", "results"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN role")
+            db.execute(f"ALTER TABLE {table} DROP COLUMN block")
+        db.execute("ALTER TABLE results DROP COLUMN example_outcomes")
+        db.execute("DROP TABLE nightly_runs")
+        db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    with ResultsStore.open(url) as store:
+        store.create_nightly_run(
+            NightlyRun(run_id="n-1", suite="s", night="2026-11-22", status="running",
+                       created_at=1.0)
+        )
+        store.update_nightly_run("n-1", status="passed", summary={"verdicts": []})
+        run = store.get_nightly_run("n-1")
+        assert run is not None and run.status == "passed" and run.summary == {"verdicts": []}
+        assert [r.run_id for r in store.nightly_runs("s")] == ["n-1"]
+        assert store.nightly_runs("other") == []
+        with pytest.raises(KeyError):
+            store.update_nightly_run("n-missing", status="failed")
+    with sqlite3.connect(path) as db:
+        task_columns = [row[1] for row in db.execute("PRAGMA table_info(tasks)")]
+        result_columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
+    assert {"role", "block"} <= set(task_columns)
+    assert {"role", "block", "example_outcomes"} <= set(result_columns)

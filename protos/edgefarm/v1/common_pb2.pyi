@@ -134,6 +134,7 @@ class MeasureSettings(google.protobuf.message.Message):
     TIMEOUT_S_FIELD_NUMBER: builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: builtins.int
     CONTEXT_TOKENS_FIELD_NUMBER: builtins.int
+    SKIP_EVALUATION_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     min_iterations: builtins.int
     min_duration_s: builtins.float
@@ -148,6 +149,8 @@ class MeasureSettings(google.protobuf.message.Message):
     prompt_tokens: builtins.int
     """Language models: prompt length for prompt speed and TTFT; context window."""
     context_tokens: builtins.int
+    skip_evaluation: builtins.bool
+    """Measure speed only: no accuracy pass (e.g. later blocks of an interleaved run)."""
     def __init__(
         self,
         *,
@@ -162,8 +165,9 @@ class MeasureSettings(google.protobuf.message.Message):
         timeout_s: builtins.float = ...,
         prompt_tokens: builtins.int = ...,
         context_tokens: builtins.int = ...,
+        skip_evaluation: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "skip_evaluation", b"skip_evaluation", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___MeasureSettings = MeasureSettings
 
@@ -309,6 +313,7 @@ class TaskResult(google.protobuf.message.Message):
     ACCURACY_FIELD_NUMBER: builtins.int
     MODEL_SIZE_BYTES_FIELD_NUMBER: builtins.int
     ENVIRONMENT_FIELD_NUMBER: builtins.int
+    EXAMPLE_OUTCOMES_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     attempt: builtins.int
     lease_id: builtins.str
@@ -320,6 +325,10 @@ class TaskResult(google.protobuf.message.Message):
     backend_version: builtins.str
     batch_size: builtins.int
     model_size_bytes: builtins.int
+    example_outcomes: builtins.bytes
+    """Per-example correctness on the eval set (1 = top-1 correct), in eval-set order,
+    one byte per example; lets two runs be compared pairwise on the same examples.
+    """
     @property
     def trials(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Trial]: ...
     @property
@@ -345,7 +354,8 @@ class TaskResult(google.protobuf.message.Message):
         accuracy: collections.abc.Mapping[builtins.str, builtins.float] | None = ...,
         model_size_bytes: builtins.int = ...,
         environment: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
+        example_outcomes: builtins.bytes = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["accuracy", b"accuracy", "attempt", b"attempt", "backend_version", b"backend_version", "batch_size", b"batch_size", "environment", b"environment", "error_kind", b"error_kind", "error_message", b"error_message", "lease_id", b"lease_id", "model_size_bytes", b"model_size_bytes", "ok", b"ok", "task_id", b"task_id", "trials", b"trials"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accuracy", b"accuracy", "attempt", b"attempt", "backend_version", b"backend_version", "batch_size", b"batch_size", "environment", b"environment", "error_kind", b"error_kind", "error_message", b"error_message", "example_outcomes", b"example_outcomes", "lease_id", b"lease_id", "model_size_bytes", b"model_size_bytes", "ok", b"ok", "task_id", b"task_id", "trials", b"trials"]) -> None: ...
 
 global___TaskResult = TaskResult

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.edgefarm.v1 import common_pb2 as protos_dot_edgefarm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/edgefarm/v1/control.proto\x12\x0b\x65\x64gefarm.v1\x1a\x1fprotos/edgefarm/v1/common.proto\"[\n\x15SubmitCampaignRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tspec_yaml\x18\x02 \x01(\t\x12\x11\n\tspec_name\x18\x03 \x01(\t\x12\r\n\x05\x66resh\x18\x04 \x01(\x08\"\x9f\x01\n\x16SubmitCampaignResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x13\n\x0btasks_total\x18\x02 \x01(\r\x12\x14\n\x0ctasks_reused\x18\x03 \x01(\r\x12\x17\n\x0f\x63onversions_run\x18\x04 \x01(\r\x12\x1a\n\x12\x63onversions_cached\x18\x05 \x01(\r\x12\x10\n\x08warnings\x18\x06 \x03(\t\":\n\x14WatchCampaignRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"\xb0\x01\n\x10\x43\x61mpaignProgress\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0btasks_total\x18\x03 \x01(\r\x12\x12\n\ntasks_done\x18\x04 \x01(\r\x12\x14\n\x0ctasks_failed\x18\x05 \x01(\r\x12\x15\n\rtasks_running\x18\x06 \x01(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\"4\n\x14ListCampaignsRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x99\x01\n\x0f\x43\x61mpaignSummary\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x01\x12\x13\n\x0btasks_total\x18\x05 \x01(\r\x12\x12\n\ntasks_done\x18\x06 \x01(\r\x12\x14\n\x0ctasks_failed\x18\x07 \x01(\r\"H\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.edgefarm.v1.CampaignSummary\"#\n\x12ListDevicesRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x9a\x02\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\x04 \x01(\x01\x12\x0e\n\x06\x61gents\x18\x05 \x03(\t\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.edgefarm.v1.DeviceStatus.LabelsEntry\x12\x35\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32\x1f.edgefarm.v1.DeviceCapabilities\x12\x10\n\x08\x64\x65\x63lared\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x13ListDevicesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.edgefarm.v1.DeviceStatus\"\x91\x01\n\x13QueryResultsRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05limit\x18\x06 \x01(\r\x12\x17\n\x0finclude_samples\x18\x07 \x01(\x08\")\n\x14QueryResultsResponse\x12\x11\n\trows_json\x18\x01 \x03(\t2\xb8\x03\n\x07\x43ontrol\x12Y\n\x0eSubmitCampaign\x12\".edgefarm.v1.SubmitCampaignRequest\x1a#.edgefarm.v1.SubmitCampaignResponse\x12S\n\rWatchCampaign\x12!.edgefarm.v1.WatchCampaignRequest\x1a\x1d.edgefarm.v1.CampaignProgress0\x01\x12V\n\rListCampaigns\x12!.edgefarm.v1.ListCampaignsRequest\x1a\".edgefarm.v1.ListCampaignsResponse\x12P\n\x0bListDevices\x12\x1f.edgefarm.v1.ListDevicesRequest\x1a .edgefarm.v1.ListDevicesResponse\x12S\n\x0cQueryResults\x12 .edgefarm.v1.QueryResultsRequest\x1a!.edgefarm.v1.QueryResultsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/edgefarm/v1/control.proto\x12\x0b\x65\x64gefarm.v1\x1a\x1fprotos/edgefarm/v1/common.proto\"\xa7\x01\n\x15SubmitCampaignRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tspec_yaml\x18\x02 \x01(\t\x12\x11\n\tspec_name\x18\x03 \x01(\t\x12\r\n\x05\x66resh\x18\x04 \x01(\x08\x12\x1c\n\x14\x62\x61seline_campaign_id\x18\x05 \x01(\t\x12\x0e\n\x06\x62locks\x18\x06 \x01(\r\x12\x0e\n\x06series\x18\x07 \x03(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x04\"\xb7\x01\n\x16SubmitCampaignResponse\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x13\n\x0btasks_total\x18\x02 \x01(\r\x12\x14\n\x0ctasks_reused\x18\x03 \x01(\r\x12\x17\n\x0f\x63onversions_run\x18\x04 \x01(\r\x12\x1a\n\x12\x63onversions_cached\x18\x05 \x01(\r\x12\x10\n\x08warnings\x18\x06 \x03(\t\x12\x16\n\x0etasks_baseline\x18\x07 \x01(\r\":\n\x14WatchCampaignRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"\xb0\x01\n\x10\x43\x61mpaignProgress\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0btasks_total\x18\x03 \x01(\r\x12\x12\n\ntasks_done\x18\x04 \x01(\r\x12\x14\n\x0ctasks_failed\x18\x05 \x01(\r\x12\x15\n\rtasks_running\x18\x06 \x01(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x0f\n\x07message\x18\x08 \x01(\t\"4\n\x14ListCampaignsRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x99\x01\n\x0f\x43\x61mpaignSummary\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x04 \x01(\x01\x12\x13\n\x0btasks_total\x18\x05 \x01(\r\x12\x12\n\ntasks_done\x18\x06 \x01(\r\x12\x14\n\x0ctasks_failed\x18\x07 \x01(\r\"H\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.edgefarm.v1.CampaignSummary\"#\n\x12ListDevicesRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\x9a\x02\n\x0c\x44\x65viceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\x04 \x01(\x01\x12\x0e\n\x06\x61gents\x18\x05 \x03(\t\x12\x35\n\x06labels\x18\x06 \x03(\x0b\x32%.edgefarm.v1.DeviceStatus.LabelsEntry\x12\x35\n\x0c\x63\x61pabilities\x18\x07 \x01(\x0b\x32\x1f.edgefarm.v1.DeviceCapabilities\x12\x10\n\x08\x64\x65\x63lared\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x13ListDevicesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.edgefarm.v1.DeviceStatus\"\x91\x01\n\x13QueryResultsRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05limit\x18\x06 \x01(\r\x12\x17\n\x0finclude_samples\x18\x07 \x01(\x08\")\n\x14QueryResultsResponse\x12\x11\n\trows_json\x18\x01 \x03(\t2\xb8\x03\n\x07\x43ontrol\x12Y\n\x0eSubmitCampaign\x12\".edgefarm.v1.SubmitCampaignRequest\x1a#.edgefarm.v1.SubmitCampaignResponse\x12S\n\rWatchCampaign\x12!.edgefarm.v1.WatchCampaignRequest\x1a\x1d.edgefarm.v1.CampaignProgress0\x01\x12V\n\rListCampaigns\x12!.edgefarm.v1.ListCampaignsRequest\x1a\".edgefarm.v1.ListCampaignsResponse\x12P\n\x0bListDevices\x12\x1f.edgefarm.v1.ListDevicesRequest\x1a .edgefarm.v1.ListDevicesResponse\x12S\n\x0cQueryResults\x12 .edgefarm.v1.QueryResultsRequest\x1a!.edgefarm.v1.QueryResultsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICESTATUS_LABELSENTRY']._loaded_options = None
   _globals['_DEVICESTATUS_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITCAMPAIGNREQUEST']._serialized_start=82
-  _globals['_SUBMITCAMPAIGNREQUEST']._serialized_end=173
-  _globals['_SUBMITCAMPAIGNRESPONSE']._serialized_start=176
-  _globals['_SUBMITCAMPAIGNRESPONSE']._serialized_end=335
-  _globals['_WATCHCAMPAIGNREQUEST']._serialized_start=337
-  _globals['_WATCHCAMPAIGNREQUEST']._serialized_end=395
-  _globals['_CAMPAIGNPROGRESS']._serialized_start=398
-  _globals['_CAMPAIGNPROGRESS']._serialized_end=574
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=576
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=628
-  _globals['_CAMPAIGNSUMMARY']._serialized_start=631
-  _globals['_CAMPAIGNSUMMARY']._serialized_end=784
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=786
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=858
-  _globals['_LISTDEVICESREQUEST']._serialized_start=860
-  _globals['_LISTDEVICESREQUEST']._serialized_end=895
-  _globals['_DEVICESTATUS']._serialized_start=898
-  _globals['_DEVICESTATUS']._serialized_end=1180
-  _globals['_DEVICESTATUS_LABELSENTRY']._serialized_start=1135
-  _globals['_DEVICESTATUS_LABELSENTRY']._serialized_end=1180
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1182
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1247
-  _globals['_QUERYRESULTSREQUEST']._serialized_start=1250
-  _globals['_QUERYRESULTSREQUEST']._serialized_end=1395
-  _globals['_QUERYRESULTSRESPONSE']._serialized_start=1397
-  _globals['_QUERYRESULTSRESPONSE']._serialized_end=1438
-  _globals['_CONTROL']._serialized_start=1441
-  _globals['_CONTROL']._serialized_end=1881
+  _globals['_SUBMITCAMPAIGNREQUEST']._serialized_start=83
+  _globals['_SUBMITCAMPAIGNREQUEST']._serialized_end=250
+  _globals['_SUBMITCAMPAIGNRESPONSE']._serialized_start=253
+  _globals['_SUBMITCAMPAIGNRESPONSE']._serialized_end=436
+  _globals['_WATCHCAMPAIGNREQUEST']._serialized_start=438
+  _globals['_WATCHCAMPAIGNREQUEST']._serialized_end=496
+  _globals['_CAMPAIGNPROGRESS']._serialized_start=499
+  _globals['_CAMPAIGNPROGRESS']._serialized_end=675
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=677
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=729
+  _globals['_CAMPAIGNSUMMARY']._serialized_start=732
+  _globals['_CAMPAIGNSUMMARY']._serialized_end=885
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=887
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=959
+  _globals['_LISTDEVICESREQUEST']._serialized_start=961
+  _globals['_LISTDEVICESREQUEST']._serialized_end=996
+  _globals['_DEVICESTATUS']._serialized_start=999
+  _globals['_DEVICESTATUS']._serialized_end=1281
+  _globals['_DEVICESTATUS_LABELSENTRY']._serialized_start=1236
+  _globals['_DEVICESTATUS_LABELSENTRY']._serialized_end=1281
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=1283
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=1348
+  _globals['_QUERYRESULTSREQUEST']._serialized_start=1351
+  _globals['_QUERYRESULTSREQUEST']._serialized_end=1496
+  _globals['_QUERYRESULTSRESPONSE']._serialized_start=1498
+  _globals['_QUERYRESULTSRESPONSE']._serialized_end=1539
+  _globals['_CONTROL']._serialized_start=1542
+  _globals['_CONTROL']._serialized_end=1982
 # @@protoc_insertion_point(module_scope)

@@ -23,12 +23,30 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
     SPEC_YAML_FIELD_NUMBER: builtins.int
     SPEC_NAME_FIELD_NUMBER: builtins.int
     FRESH_FIELD_NUMBER: builtins.int
+    BASELINE_CAMPAIGN_ID_FIELD_NUMBER: builtins.int
+    BLOCKS_FIELD_NUMBER: builtins.int
+    SERIES_FIELD_NUMBER: builtins.int
+    SEED_FIELD_NUMBER: builtins.int
     token: builtins.str
     spec_yaml: builtins.str
     spec_name: builtins.str
     """File name the spec came from, used in error messages."""
     fresh: builtins.bool
     """Re-measure even when an identical earlier measurement exists."""
+    baseline_campaign_id: builtins.str
+    """Nightly runs: measure this earlier campaign's variants again in this run where
+    they differ from this spec's (baseline replay), interleaved with the new ones.
+    """
+    blocks: builtins.int
+    """Split each task's trials into this many blocks, in a seeded random order per
+    device (0 or 1: one block per task).
+    """
+    seed: builtins.int
+    """Seed of the randomised block order."""
+    @property
+    def series(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """Only these series ("model/backend/scheme@device_id"); empty: every series."""
+
     def __init__(
         self,
         *,
@@ -36,8 +54,12 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
         spec_yaml: builtins.str = ...,
         spec_name: builtins.str = ...,
         fresh: builtins.bool = ...,
+        baseline_campaign_id: builtins.str = ...,
+        blocks: builtins.int = ...,
+        series: collections.abc.Iterable[builtins.str] | None = ...,
+        seed: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["fresh", b"fresh", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["baseline_campaign_id", b"baseline_campaign_id", "blocks", b"blocks", "fresh", b"fresh", "seed", b"seed", "series", b"series", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "token", b"token"]) -> None: ...
 
 global___SubmitCampaignRequest = SubmitCampaignRequest
 
@@ -53,6 +75,7 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
     CONVERSIONS_RUN_FIELD_NUMBER: builtins.int
     CONVERSIONS_CACHED_FIELD_NUMBER: builtins.int
     WARNINGS_FIELD_NUMBER: builtins.int
+    TASKS_BASELINE_FIELD_NUMBER: builtins.int
     campaign_id: builtins.str
     tasks_total: builtins.int
     tasks_reused: builtins.int
@@ -60,6 +83,8 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
     conversions_run: builtins.int
     """Conversion steps run now, and those found already in the artifact store."""
     conversions_cached: builtins.int
+    tasks_baseline: builtins.int
+    """Baseline-replay tasks among tasks_total (nightly runs)."""
     @property
     def warnings(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Work that cannot run, e.g. "no online device has backend 'openvino' (extra: openvino)"."""
@@ -73,8 +98,9 @@ class SubmitCampaignResponse(google.protobuf.message.Message):
         conversions_run: builtins.int = ...,
         conversions_cached: builtins.int = ...,
         warnings: collections.abc.Iterable[builtins.str] | None = ...,
+        tasks_baseline: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["campaign_id", b"campaign_id", "conversions_cached", b"conversions_cached", "conversions_run", b"conversions_run", "tasks_reused", b"tasks_reused", "tasks_total", b"tasks_total", "warnings", b"warnings"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["campaign_id", b"campaign_id", "conversions_cached", b"conversions_cached", "conversions_run", b"conversions_run", "tasks_baseline", b"tasks_baseline", "tasks_reused", b"tasks_reused", "tasks_total", b"tasks_total", "warnings", b"warnings"]) -> None: ...
 
 global___SubmitCampaignResponse = SubmitCampaignResponse
 

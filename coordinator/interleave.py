@@ -1,0 +1,143 @@
+"""Shaping a nightly run's tasks: baseline replay and randomised interleaved blocks.
+
+A nightly candidate is compared with its baseline night. Where the baseline night
+measured a *different* configuration of the same series (another artifact, other
+backend options or eval data) and that artifact is still in the artifact store, the
+baseline configuration is measured again in the same run ("baseline replay"), so
+both sides see the same machine state. Each side's trials are split into blocks and
+the blocks of one device are put in a seeded random order; the scheduler runs one
+device's tasks in creation order, so the two sides end up interleaved.
+
+Pure functions over task records: no store, no scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from edgefarm.domain import MeasureSettings
+from results.records import TaskRecord
+
+CANDIDATE = "candidate"
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How a nightly run shapes a campaign's tasks (the default shapes nothing)."""
+
+    baseline_campaign_id: str = ""
+    blocks: int = 1  # split each task's trials into this many blocks
+    series: frozenset[str] = field(default_factory=frozenset)  # empty: every series
+    seed: int = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether this shape changes anything."""
+        return bool(self.baseline_campaign_id or self.blocks > 1 or self.series)
+
+
+def series_id(task: TaskRecord) -> str:
+    """``model/backend/scheme@device_id``: the series a task measures."""
+    return f"{task.model}/{task.backend}/{task.scheme}@{task.device_id}"
+
+
+def same_configuration(a: TaskRecord, b: TaskRecord) -> bool:
+    """Whether two tasks measure the same thing (trial counts aside)."""
+    return (
+        a.artifact_sha256 == b.artifact_sha256
+        and a.eval_sha256 == b.eval_sha256
+        and a.options == b.options
+        and dataclasses.replace(a.settings, trials=1, evaluate=True)
+        == dataclasses.replace(b.settings, trials=1, evaluate=True)
+    )
+
+
+def split_trials(trials: int, blocks: int) -> list[int]:
+    """``trials`` spread over at most ``blocks`` blocks as evenly as possible."""
+    blocks = max(1, min(blocks, trials))
+    base, extra = divmod(trials, blocks)
+    return [base + (1 if i < extra else 0) for i in range(blocks)]
+
+
+def _blocks_of(task: TaskRecord, role: str, blocks: int, campaign_id: str) -> list[TaskRecord]:
+    out = []
+    for index, trials in enumerate(split_trials(task.settings.trials, blocks)):
+        settings: MeasureSettings = dataclasses.replace(
+            task.settings, trials=trials, evaluate=task.settings.evaluate and index == 0
+        )
+        out.append(
+            dataclasses.replace(
+                task,
+                task_id="t-" + uuid.uuid4().hex[:16],
+                campaign_id=campaign_id,
+                settings=settings,
+                role=role,
+                block=index,
+            )
+        )
+    return out
+
+
+def shape_tasks(
+    candidates: list[TaskRecord],
+    baseline: Iterable[TaskRecord],
+    shape: RunShape,
+    runnable: Callable[[TaskRecord], bool],
+    measure_key: Callable[[TaskRecord], str],
+) -> list[TaskRecord]:
+    """The run's tasks in the order they are to be measured.
+
+    ``candidates``: the campaign's planned tasks (one per series); ``baseline``: the
+    baseline campaign's tasks; ``runnable(task)``: whether a baseline task's artifacts
+    still exist; ``measure_key(task)``: the key of a reshaped task (its settings
+    changed). Tasks without an artifact (failed preparation) keep their place and
+    shape. ``created_at`` is left to the caller.
+    """
+    wanted = [t for t in candidates if not shape.series or series_id(t) in shape.series]
+    by_series = {series_id(t): t for t in baseline if t.role == CANDIDATE and t.block == 0}
+    rng = random.Random(shape.seed)
+    per_device: dict[str, list[TaskRecord]] = {}
+    order: list[str] = []
+    unshaped: list[TaskRecord] = []
+    for task in wanted:
+        if not task.artifact_sha256:
+            unshaped.append(task)
+            continue
+        if task.device_id not in per_device:
+            per_device[task.device_id] = []
+            order.append(task.device_id)
+        campaign_id = task.campaign_id
+        per_device[task.device_id] += _blocks_of(task, CANDIDATE, shape.blocks, campaign_id)
+        base = by_series.get(series_id(task))
+        if base is None or same_configuration(base, task) or not runnable(base):
+            continue
+        replay = dataclasses.replace(
+            base,
+            settings=dataclasses.replace(
+                base.settings, trials=task.settings.trials, evaluate=task.settings.evaluate
+            ),
+            device_name=task.device_name,
+            selector=dict(task.selector),
+        )
+        per_device[task.device_id] += _blocks_of(replay, BASELINE, shape.blocks, campaign_id)
+    shaped: list[TaskRecord] = list(unshaped)
+    for device in order:
+        tasks = per_device[device]
+        rng.shuffle(tasks)
+        # Same series, same role: keep block order (block 0 carries the accuracy pass).
+        tasks = _restore_block_order(tasks)
+        shaped += [dataclasses.replace(t, measure_key=measure_key(t)) for t in tasks]
+    return shaped
+
+
+def _restore_block_order(tasks: list[TaskRecord]) -> list[TaskRecord]:
+    """Keep the shuffled slots but give each (series, role) its blocks in index order."""
+    queues: dict[tuple[str, str], list[TaskRecord]] = {}
+    for t in sorted(tasks, key=lambda t: t.block):
+        queues.setdefault((series_id(t), t.role), []).append(t)
+    return [queues[(series_id(t), t.role)].pop(0) for t in tasks]
