@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS_RUN := coordinator,onnxruntime,llama-cpp
-EXTRAS_TEST := coordinator,onnxruntime,llama-cpp,hf,openvino,mlx,postgres,dev
+EXTRAS_TEST := coordinator,onnxruntime,llama-cpp,hf,openvino,mlx,qai-hub,postgres,dev
 # llama.cpp build flags for llama-cpp-python. The default native build crashes on CPUs
 # with AMX (inside ggml's AMX matmul); this portable AVX-512 set avoids it. Override for
 # your CPU, e.g. `make quickstart LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON"` or "-DGGML_METAL=ON".

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from edgefarm.domain import MeasureSettings
 from results.records import TaskRecord
+from results.regression.collect import series_id
 
 CANDIDATE = "candidate"
 BASELINE = "baseline"
@@ -41,9 +42,9 @@ class RunShape:
         return bool(self.baseline_campaign_id or self.blocks > 1 or self.series)
 
 
-def series_id(task: TaskRecord) -> str:
-    """``model/backend/scheme@device_id``: the series a task measures."""
-    return f"{task.model}/{task.backend}/{task.scheme}@{task.device_id}"
+def task_series(task: TaskRecord) -> str:
+    """The series a task measures (``model/backend/scheme@device_id``)."""
+    return series_id(task.model, task.backend, task.scheme, task.device_id)
 
 
 def same_configuration(a: TaskRecord, b: TaskRecord) -> bool:
@@ -98,8 +99,8 @@ def shape_tasks(
     changed). Tasks without an artifact (failed preparation) keep their place and
     shape. ``created_at`` is left to the caller.
     """
-    wanted = [t for t in candidates if not shape.series or series_id(t) in shape.series]
-    by_series = {series_id(t): t for t in baseline if t.role == CANDIDATE and t.block == 0}
+    wanted = [t for t in candidates if not shape.series or task_series(t) in shape.series]
+    by_series = {task_series(t): t for t in baseline if t.role == CANDIDATE and t.block == 0}
     rng = random.Random(shape.seed)
     per_device: dict[str, list[TaskRecord]] = {}
     order: list[str] = []
@@ -113,7 +114,7 @@ def shape_tasks(
             order.append(task.device_id)
         campaign_id = task.campaign_id
         per_device[task.device_id] += _blocks_of(task, CANDIDATE, shape.blocks, campaign_id)
-        base = by_series.get(series_id(task))
+        base = by_series.get(task_series(task))
         if base is None or same_configuration(base, task) or not runnable(base):
             continue
         replay = dataclasses.replace(
@@ -139,5 +140,5 @@ def _restore_block_order(tasks: list[TaskRecord]) -> list[TaskRecord]:
     """Keep the shuffled slots but give each (series, role) its blocks in index order."""
     queues: dict[tuple[str, str], list[TaskRecord]] = {}
     for t in sorted(tasks, key=lambda t: t.block):
-        queues.setdefault((series_id(t), t.role), []).append(t)
-    return [queues[(series_id(t), t.role)].pop(0) for t in tasks]
+        queues.setdefault((task_series(t), t.role), []).append(t)
+    return [queues[(task_series(t), t.role)].pop(0) for t in tasks]

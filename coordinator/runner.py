@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from coordinator.client import ControlClient
+from coordinator.interleave import RunShape
 from coordinator.spec import CampaignSpec
 from edgefarm.cli.tables import print_tables, results_tables
 from edgefarm.errors import CampaignFailed
@@ -30,26 +31,33 @@ def print_plan(spec: CampaignSpec) -> None:
 
 def run_campaign(address: str, token: str, spec_path: Path, fresh: bool = False) -> str:
     """Submit and follow a campaign to the end; raises CampaignFailed if a task failed."""
-    spec_text = spec_path.read_text()
     with ControlClient(address, token) as client:
-        click.echo(f"submitting {spec_path} to {address} (preparing variants on Ray)...")
-        reply = client.submit(spec_text, str(spec_path.resolve()), fresh=fresh)
-        for warning in reply.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        click.echo(
-            f"campaign {reply.campaign_id}: {reply.tasks_total} tasks "
-            f"({reply.tasks_reused} answered by earlier measurements); conversions: "
-            f"{reply.conversions_run} run, {reply.conversions_cached} reused from artifacts"
-        )
-        final = _follow(client, reply.campaign_id, reply.tasks_total)
-        rows = client.results(campaign_id=reply.campaign_id)
-    print_tables(results_tables(rows, title=f"campaign {reply.campaign_id}"))
-    if final.tasks_failed:
-        raise CampaignFailed(
-            f"campaign {reply.campaign_id}: {final.tasks_failed} of "
-            f"{final.tasks_total} tasks failed"
-        )
-    return reply.campaign_id
+        campaign_id, failed, total = submit_and_follow(client, spec_path, fresh=fresh)
+        rows = client.results(campaign_id=campaign_id)
+    print_tables(results_tables(rows, title=f"campaign {campaign_id}"))
+    if failed:
+        raise CampaignFailed(f"campaign {campaign_id}: {failed} of {total} tasks failed")
+    return campaign_id
+
+
+def submit_and_follow(
+    client: ControlClient, spec_path: Path, fresh: bool = False, shape: RunShape | None = None
+) -> tuple[str, int, int]:
+    """Submit the campaign in ``spec_path``, follow it to the end; returns
+    ``(campaign_id, tasks_failed, tasks_total)``."""
+    spec_text = spec_path.read_text()
+    click.echo(f"submitting {spec_path} to {client.address} (preparing variants on Ray)...")
+    reply = client.submit(spec_text, str(spec_path.resolve()), fresh=fresh, shape=shape)
+    for warning in reply.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    replays = f", {reply.tasks_baseline} replaying the baseline" if reply.tasks_baseline else ""
+    click.echo(
+        f"campaign {reply.campaign_id}: {reply.tasks_total} tasks{replays} "
+        f"({reply.tasks_reused} answered by earlier measurements); conversions: "
+        f"{reply.conversions_run} run, {reply.conversions_cached} reused from artifacts"
+    )
+    final = _follow(client, reply.campaign_id, reply.tasks_total)
+    return reply.campaign_id, final.tasks_failed, final.tasks_total
 
 
 def _follow(client: ControlClient, campaign_id: str, total: int):  # type: ignore[no-untyped-def]

@@ -57,6 +57,12 @@ class CampaignFailed(EdgefarmError):
     exit_code = 7
 
 
+class RegressionFound(EdgefarmError):
+    """A nightly run found a confirmed regression (the report says which)."""
+
+    exit_code = 11
+
+
 class MissingExtra(EdgefarmError):
     """An optional dependency is not installed; the message names the extra."""
 
@@ -69,6 +75,15 @@ class MissingExtra(EdgefarmError):
         )
         self.extra = extra
         self.module = module
+
+
+class ConfigError(EdgefarmError):
+    """Local configuration (credentials, a client's config file) is missing or unusable.
+
+    The message names the file looked at and how to fix it.
+    """
+
+    exit_code = 10
 
 
 class TaskError(EdgefarmError):
@@ -120,6 +135,13 @@ class LeaseExpired(TaskError):
     kind = "lease_expired"
 
 
+class HubJobFailed(TaskError):
+    """A Qualcomm AI Hub job (upload, quantize, compile, profile, inference) failed or was
+    refused; the message carries the hub's own reason and the job id."""
+
+    kind = "hub_job_failed"
+
+
 TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
     cls.kind: cls
     for cls in (
@@ -131,6 +153,7 @@ TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
         BackendUnavailable,
         UnsupportedScheme,
         LeaseExpired,
+        HubJobFailed,
     )
 }
 

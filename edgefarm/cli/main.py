@@ -23,6 +23,16 @@ COMMANDS = {
     "results": ("edgefarm.cli.results_cmd", "results", "List, show and export stored results."),
     "devices": ("edgefarm.cli.devices_cmd", "devices", "Show the device fleet."),
     "report": ("edgefarm.cli.report_cmd", "report", "Reports over stored results."),
+    "nightly": (
+        "edgefarm.cli.nightly_cmd",
+        "nightly",
+        "Nightly regression runs of a suite against its baseline night.",
+    ),
+    "recommend": (
+        "edgefarm.cli.recommend_cmd",
+        "recommend",
+        "Best configuration for a device within limits.",
+    ),
     "quickstart": (
         "edgefarm.cli.quickstart_cmd",
         "quickstart",

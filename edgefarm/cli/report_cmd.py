@@ -56,3 +56,54 @@ def compare(campaign: str, fmt: str, store_url: str | None, home: str | None) ->
         "speed-up, memory and size reductions: against the same framework's "
         "full-precision run; fidelity: against the shared reference"
     )
+
+
+@report.command()
+@click.option("--campaign", required=True, help="Campaign id (or unique prefix).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["terminal", "markdown", "json", "html"]),
+    default="terminal",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write to this file instead of standard output.",
+)
+@store_option
+@home_option
+def campaign(
+    campaign: str, fmt: str, output: str | None, store_url: str | None, home: str | None
+) -> None:
+    """One campaign's report: Pareto charts (latency vs fidelity, memory as marker size)
+    per device, the framework comparison and failures, as text, Markdown, JSON or a
+    self-contained HTML page."""
+    from pathlib import Path
+
+    from results.report import build_report, render
+    from results.store import ResultsStore
+
+    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+        record = store.get_campaign(campaign)
+        if record is None:
+            raise UsageError(f"no campaign '{campaign}' in {store.url}")
+        rows = store.results_for_campaign(record.campaign_id)
+    if not rows:
+        raise UsageError(f"campaign {record.campaign_id} has no results yet")
+    reused = sum(1 for r in rows if r.get("reused"))
+    notes = [f"campaign {record.campaign_id} ({record.status}), {len(rows)} results"]
+    if reused:
+        notes.append(f"{reused} results were reused from earlier identical measurements")
+    text = render(build_report(f"edgefarm report: {record.name}", rows, notes=notes), fmt)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot write {output}: {error.strerror}") from None
+    click.echo(f"wrote {output} ({len(text.encode()):,} bytes, {fmt})")

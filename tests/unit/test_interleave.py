@@ -8,9 +8,9 @@ from coordinator.interleave import (
     BASELINE,
     CANDIDATE,
     RunShape,
-    series_id,
     shape_tasks,
     split_trials,
+    task_series,
 )
 from edgefarm.domain import MeasureSettings
 from results.records import TaskRecord
@@ -97,9 +97,9 @@ def test_missing_artifact_or_unknown_series_means_no_replay() -> None:
 
 def test_series_filter_keeps_only_the_asked_series() -> None:
     candidates = [_task("fp32", "a"), _task("int8", "b"), _task("fp32", "a", device="dev-b")]
-    wanted = series_id(candidates[1])
+    wanted = task_series(candidates[1])
     shaped = shape_tasks(candidates, [], RunShape(series=frozenset({wanted})), lambda t: True, _key)
-    assert [series_id(t) for t in shaped] == [wanted]
+    assert [task_series(t) for t in shaped] == [wanted]
 
 
 def test_tasks_without_artifact_keep_their_shape() -> None:

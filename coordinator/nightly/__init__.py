@@ -1,0 +1,1 @@
+"""Nightly regression runs: suites, baselines, interleaved measurement, confirmation."""

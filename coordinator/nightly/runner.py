@@ -1,0 +1,365 @@
+"""One night of a suite: measure, compare with the baseline night, confirm, record.
+
+1. The baseline night is chosen by the suite's policy (last passing night by default).
+2. The suite's campaign is measured afresh; series whose configuration changed since
+   the baseline night (artifact, options, eval data) have the baseline configuration
+   measured again beside them, interleaved in randomised blocks on the same device.
+3. Every series x metric is judged (:func:`results.regression.detect.judge_night`):
+   against the interleaved replay where there is one, else against the baseline night.
+4. A flagged series is measured again in a fresh run (confirmation); only a regression
+   that holds there is reported as confirmed.
+5. History: change points over the suite's nights catch drifts below the nightly gate.
+6. The night is stored (:class:`results.records.NightlyRun`) with its verdicts.
+
+Statistics live in :mod:`results.regression` (pure); this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from coordinator.client import ControlClient
+from coordinator.interleave import BASELINE, CANDIDATE, RunShape
+from coordinator.nightly.suite import Suite, load_suite
+from coordinator.runner import submit_and_follow
+from edgefarm.errors import UsageError
+from results.records import NightlyRun
+from results.regression.codec import change_point_to_dict, verdict_to_dict
+from results.regression.collect import row_series, series_label, series_samples
+from results.regression.detect import confirm, history, judge_night, regressions, to_confirm
+from results.regression.types import (
+    Direction,
+    Sample,
+    SeriesHistory,
+    SeriesKey,
+    Status,
+    Verdict,
+)
+from results.store import ResultsStore
+
+# "One block per trial": more blocks than any suite has trials.
+PER_TRIAL_BLOCKS = 10_000
+# How many earlier nights feed the change-point history.
+HISTORY_NIGHTS = 60
+
+Samples = dict[SeriesKey, Sample]
+
+
+@dataclass
+class NightOutcome:
+    """What one night found."""
+
+    run: NightlyRun
+    baseline: NightlyRun | None
+    rows: list[dict[str, Any]]
+    verdicts: list[Verdict]
+    histories: list[SeriesHistory]
+    notes: list[str] = field(default_factory=list)
+    tasks_failed: int = 0
+
+    @property
+    def regressions(self) -> list[Verdict]:
+        """Regressions that fail the night: confirmed, or not re-measured."""
+        return regressions(self.verdicts)
+
+
+def choose_baseline(store: ResultsStore, suite: Suite) -> NightlyRun | None:
+    """The baseline night by the suite's policy; None on a suite's first night."""
+    if suite.baseline.startswith("n-"):
+        run = store.get_nightly_run(suite.baseline)
+        if run is None or run.suite != suite.name:
+            raise UsageError(f"suite {suite.name}: no nightly run '{suite.baseline}'")
+        return run
+    finished = [r for r in store.nightly_runs(suite.name) if r.campaign_id and r.finished_at]
+    if suite.baseline == "last-passing":
+        finished = [r for r in finished if r.status == "passed"]
+    return finished[-1] if finished else None
+
+
+def night_label(now: float | None = None) -> str:
+    """The default label of a night: its UTC date and time."""
+    return datetime.fromtimestamp(now or time.time(), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class NightlyRunner:
+    """Runs a suite's night through a coordinator and records it in the store."""
+
+    def __init__(
+        self, client: ControlClient, store: ResultsStore, echo: Callable[[str], None] = print
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.echo = echo
+
+    def run(self, suite_path: Path, night: str | None = None) -> NightOutcome:
+        """Measure and judge one night of the suite in ``suite_path``."""
+        suite, campaign_path, _ = load_suite(suite_path)
+        baseline = choose_baseline(self.store, suite)
+        now = time.time()
+        run = NightlyRun(
+            run_id="n-" + uuid.uuid4().hex[:12],
+            suite=suite.name,
+            night=night or night_label(now),
+            status="running",
+            created_at=now,
+            baseline_run_id=baseline.run_id if baseline else None,
+        )
+        self.store.create_nightly_run(run)
+        try:
+            return self._night(suite, campaign_path, run, baseline)
+        except BaseException as error:
+            self.store.update_nightly_run(
+                run.run_id,
+                status="failed",
+                finished_at=time.time(),
+                summary={"error": f"{type(error).__name__}: {error}"},
+            )
+            raise
+
+    def _night(
+        self, suite: Suite, campaign_path: Path, run: NightlyRun, baseline: NightlyRun | None
+    ) -> NightOutcome:
+        seed = int(run.run_id[2:], 16)
+        shape = RunShape(
+            baseline_campaign_id=baseline.campaign_id or "" if baseline else "",
+            blocks=suite.blocks or PER_TRIAL_BLOCKS,
+            seed=seed,
+        )
+        self.echo(
+            f"night {run.night} of suite {suite.name} ({run.run_id}); baseline: "
+            + (f"{baseline.night} ({baseline.run_id})" if baseline else "none yet")
+        )
+        campaign_id, failed, _ = submit_and_follow(self.client, campaign_path, shape=shape)
+        run.campaign_id = campaign_id
+        self.store.update_nightly_run(run.run_id, campaign_id=campaign_id)
+        rows = self.store.results_for_campaign(campaign_id)
+        candidate = series_samples(rows, run.run_id, run.created_at, CANDIDATE)
+        notes: list[str] = []
+        if failed:
+            notes.append(f"{failed} task(s) failed in campaign {campaign_id}")
+        verdicts: list[Verdict] = []
+        if baseline is None:
+            notes.append("first night of the suite: it becomes the baseline")
+        else:
+            base_rows = self._baseline_rows(baseline, rows)
+            verdicts = judge_night(
+                series_samples(base_rows, baseline.run_id, baseline.created_at), candidate
+            )
+            verdicts = self._unattributable(verdicts, base_rows, rows)
+            flagged = to_confirm(verdicts)
+            if flagged and suite.confirm:
+                verdicts, confirm_id = self._confirm(
+                    campaign_path, shape, baseline, verdicts, flagged, run
+                )
+                run.confirm_campaign_id = confirm_id
+        histories = stored_histories(self.store, run, candidate)
+        outcome = NightOutcome(run, baseline, rows, verdicts, histories, notes, failed)
+        notes += _drift_notes(histories)
+        run.status = "regressed" if outcome.regressions else "failed" if failed else "passed"
+        run.finished_at = time.time()
+        run.summary = {
+            "verdicts": [verdict_to_dict(v) for v in verdicts if v.status is not Status.UNCHANGED],
+            "series_compared": len(verdicts),
+            "change_points": [change_point_to_dict(c) for h in histories for c in h.change_points],
+            "notes": notes,
+            "tasks_failed": failed,
+        }
+        self.store.update_nightly_run(
+            run.run_id,
+            status=run.status,
+            finished_at=run.finished_at,
+            confirm_campaign_id=run.confirm_campaign_id,
+            summary=run.summary,
+        )
+        return outcome
+
+    def _baseline_rows(
+        self, baseline: NightlyRun, rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """The baseline side's rows: tonight's interleaved replay of a series where there
+        is one, else the baseline night's own rows (all labelled as candidates)."""
+        assert baseline.campaign_id is not None
+        replay = [dict(r, role=CANDIDATE) for r in rows if r.get("role") == BASELINE]
+        replayed = {row_series(r) for r in replay}
+        stored = self.store.results_for_campaign(baseline.campaign_id)
+        kept = [
+            r
+            for r in stored
+            if r.get("role", CANDIDATE) == CANDIDATE and row_series(r) not in replayed
+        ]
+        return kept + replay
+
+    def _unattributable(
+        self,
+        verdicts: list[Verdict],
+        base_rows: list[dict[str, Any]],
+        rows: list[dict[str, Any]],
+    ) -> list[Verdict]:
+        """Regressions of series where nothing the farm controls changed (same artifact,
+        eval data, options, settings, runtime version and environment) are the device's
+        state moving, not a toolchain or model regression: they are marked refuted (and
+        history's change points still show a lasting shift)."""
+        options = self._task_options([*base_rows, *rows])
+        before = software_identities(base_rows, options)
+        after = software_identities(
+            [r for r in rows if r.get("role", CANDIDATE) == CANDIDATE], options
+        )
+        out = []
+        for v in verdicts:
+            series = series_label(v.key)
+            if (
+                v.status is Status.REGRESSION
+                and series in before
+                and before[series] == after.get(series)
+            ):
+                v = dataclasses.replace(
+                    v,
+                    confirmed=False,
+                    message=(
+                        f"{v.message}; nothing measured changed (artifact, options, runtime "
+                        "and environment are the baseline's): device state, not a regression"
+                    ).strip("; "),
+                )
+            out.append(v)
+        return out
+
+    def _task_options(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+        """Backend options of each row's task, by task id."""
+        found: dict[str, dict[str, str]] = {}
+        for campaign_id in {r["campaign_id"] for r in rows}:
+            for task in self.store.tasks_for_campaign(campaign_id):
+                found[task.task_id] = task.options
+        return found
+
+    def _confirm(
+        self,
+        campaign_path: Path,
+        shape: RunShape,
+        baseline: NightlyRun,
+        verdicts: list[Verdict],
+        flagged: list[Verdict],
+        run: NightlyRun,
+    ) -> tuple[list[Verdict], str]:
+        """Re-measure the flagged series in a fresh run; mark each verdict confirmed or not."""
+        series = frozenset(series_label(v.key) for v in flagged)
+        self.echo(f"confirming {len(flagged)} flagged series in a fresh run: {sorted(series)}")
+        again = dataclasses.replace(shape, series=series, seed=shape.seed + 1)
+        campaign_id, _, _ = submit_and_follow(self.client, campaign_path, shape=again)
+        rows = self.store.results_for_campaign(campaign_id)
+        candidate = series_samples(rows, run.run_id, time.time(), CANDIDATE)
+        base_rows = self._baseline_rows(baseline, rows)
+        base = series_samples(base_rows, baseline.run_id, baseline.created_at)
+        keys = [v.key for v in flagged]
+        recheck = {
+            v.key: v
+            for v in judge_night(
+                {k: base[k] for k in keys if k in base},
+                {k: candidate[k] for k in keys if k in candidate},
+            )
+        }
+        out = []
+        for v in verdicts:
+            if v in flagged:
+                second = recheck.get(v.key)
+                v = confirm(v, second) if second else dataclasses.replace(v, confirmed=False)
+                note = f"re-measured in {campaign_id}: " + (
+                    f"x{second.ratio:.3f}, {second.status.value}" if second else "no data"
+                )
+                v = dataclasses.replace(v, message=f"{v.message}; {note}".strip("; "))
+            out.append(v)
+        return out, campaign_id
+
+
+def stored_histories(
+    store: ResultsStore, run: NightlyRun, tonight: Samples | None = None
+) -> list[SeriesHistory]:
+    """The nightly history of every series ``run`` measured, with change points.
+
+    Nights: the suite's finished nights up to ``run`` (the last :data:`HISTORY_NIGHTS`)
+    and ``run`` itself (``tonight``'s samples when given, else its stored rows).
+    """
+    nights = [
+        r
+        for r in store.nightly_runs(run.suite)
+        if r.campaign_id
+        and r.created_at <= run.created_at
+        and (r.finished_at or r.run_id == run.run_id)
+    ][-(HISTORY_NIGHTS + 1) :]
+    series: dict[SeriesKey, list[Sample]] = {}
+    measured: set[SeriesKey] = set()
+    for night in nights:
+        if night.run_id == run.run_id and tonight is not None:
+            found = tonight
+        else:
+            assert night.campaign_id is not None
+            rows = store.results_for_campaign(night.campaign_id)
+            found = series_samples(rows, night.run_id, night.created_at)
+        for key, sample in found.items():
+            series.setdefault(key, []).append(sample)
+        if night.run_id == run.run_id:
+            measured = set(found)
+    base_id = run.baseline_run_id or run.run_id
+    return [
+        history(key, samples, base_id)
+        for key, samples in sorted(series.items(), key=lambda kv: kv[0].label())
+        if key in measured
+    ]
+
+
+def _drift_notes(histories: list[SeriesHistory]) -> list[str]:
+    """The latest change point of each series when it went the bad way: its new
+    segment reaches tonight, so the series is still shifted."""
+    notes = []
+    for h in histories:
+        if not h.change_points:
+            continue
+        c = max(h.change_points, key=lambda c: c.index)
+        worse = c.after > c.before if h.direction is Direction.LOWER else c.after < c.before
+        if worse:
+            notes.append(
+                f"drift: {h.key.label()} shifted x{c.ratio:.3f} from night "
+                f"{c.index + 1} of {len(h.samples)} (run {c.run_id})"
+            )
+    return notes
+
+
+# Environment keys that name who measured, not what was measured.
+VOLATILE_ENVIRONMENT = frozenset({"agent"})
+
+
+def software_identities(
+    rows: list[dict[str, Any]], options: dict[str, dict[str, str]]
+) -> dict[str, frozenset[str]]:
+    """Per series: what was measured - artifact, eval data, options, settings (trial
+    counts aside), runtime version and environment - one JSON string per distinct one."""
+    out: dict[str, set[str]] = {}
+    for row in rows:
+        if not row.get("ok"):
+            continue
+        settings = {
+            k: v for k, v in (row.get("settings") or {}).items() if k not in ("trials", "evaluate")
+        }
+        environment = {
+            k: v for k, v in (row.get("environment") or {}).items() if k not in VOLATILE_ENVIRONMENT
+        }
+        identity = json.dumps(
+            [
+                row["artifact_sha256"],
+                row.get("eval_sha256"),
+                options.get(row["task_id"], {}),
+                settings,
+                row.get("backend_version"),
+                environment,
+            ],
+            sort_keys=True,
+        )
+        out.setdefault(row_series(row), set()).add(identity)
+    return {k: frozenset(v) for k, v in out.items()}

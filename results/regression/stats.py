@@ -1,0 +1,347 @@
+"""Night-against-baseline statistics for one series: pure functions, samples in, verdicts out.
+
+Timing metrics (:attr:`MetricKind.TIMING`)
+    The statistical unit is the trial (a fresh process: load, warm up, measure), never
+    the iteration: iterations of one process share its state (allocation, placement,
+    clocks), so testing them as independent samples gives false alarms far above the
+    nominal rate. Per series, :func:`compare_timing` runs a one-sided Mann-Whitney U
+    test on the trial values in the metric's bad direction and estimates the change as
+    a Hodges-Lehmann ratio (the median of all candidate/baseline pairwise ratios, i.e.
+    the HL shift on the log scale) with the distribution-free confidence interval that
+    inverts the same U test. A regression needs both ``p < alpha`` *and* an HL ratio
+    beyond the metric's minimum effect (``metric.min_effect``, e.g. 2% for latency), so
+    tiny but significant shifts are not reported and a large gate does not hide 3-5%
+    changes.
+
+    Defaults: ``alpha = 0.05`` per test, one-sided. The nightly gate is a two-stage
+    procedure: a series flagged on a night is re-measured in a fresh run and reported
+    only when the re-measurement flags it again (``detect.confirm``). The two stages are
+    independent, so the reported false-alarm rate is about ``alpha x alpha`` further
+    reduced by the minimum effect (well under the 0.1% per series-night target, see
+    ``benchmarks/nightly_sim.py``), while each stage keeps the power to find a 5% step
+    with 20 trials per side at a trial CV of 3%. Used without confirmation the per-test
+    false-alarm rate is up to ``alpha``.
+
+Accuracy metrics (:attr:`MetricKind.ACCURACY`)
+    :func:`compare_accuracy`: with per-example outcomes (1 = correct) of the same eval
+    set on both sides, an exact one-sided McNemar test (a binomial test on the
+    discordant pairs) plus a minimum absolute drop (``metric.min_effect``); default
+    ``alpha = 0.01``. Without outcomes on both sides the figures are deterministic for a
+    given artifact, runtime and eval set (no re-measurement changes them), so the change
+    itself is compared with the minimum change. Outcomes of different lengths mean
+    different eval sets: :attr:`Status.INSUFFICIENT`.
+
+Exact counters (:attr:`MetricKind.EXACT`)
+    :func:`compare_exact`: any difference is :attr:`Status.CHANGED`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+from scipy.stats import binomtest, mannwhitneyu, norm  # type: ignore[import-untyped]
+
+from results.regression.types import (
+    Direction,
+    Metric,
+    MetricKind,
+    Sample,
+    SeriesKey,
+    Status,
+    Verdict,
+)
+
+TIMING_ALPHA = 0.10  # per stage; the nightly gate confirms every flag with a fresh run
+ACCURACY_ALPHA = 0.01  # accuracy figures are deterministic: no confirmation run helps
+CONFIDENCE = 0.95  # two-sided level of the reported Hodges-Lehmann interval
+MIN_TRIALS = 3  # per side; below that the rank test cannot reach any useful p-value
+_EXACT_COUNTS_LIMIT = 2**61  # largest C(m+n, m) the exact U distribution is built for
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _bad_sign(direction: Direction) -> int:
+    """+1 when an increase is bad (lower is better), -1 when a decrease is bad."""
+    return 1 if direction is Direction.LOWER else -1
+
+
+def _pct(ratio: float) -> str:
+    return f"{(ratio - 1.0) * 100:+.1f}%" if math.isfinite(ratio) else "n/a"
+
+
+def _verdict(
+    key: SeriesKey,
+    status: Status,
+    baseline: Sample,
+    candidate: Sample,
+    ratio: float,
+    message: str,
+    ci: tuple[float, float] = (math.nan, math.nan),
+    p_value: float = math.nan,
+) -> Verdict:
+    return Verdict(
+        key=key,
+        status=status,
+        baseline=baseline.value,
+        candidate=candidate.value,
+        ratio=ratio,
+        ci_low=ci[0],
+        ci_high=ci[1],
+        p_value=p_value,
+        message=message,
+    )
+
+
+def _value_ratio(baseline: float, candidate: float) -> float:
+    return candidate / baseline if baseline else math.nan
+
+
+@lru_cache(maxsize=512)
+def _u_null_cdf(m: int, n: int) -> tuple[float, ...] | None:
+    """``P(U <= u)`` for ``u = 0..m*n`` under the null (no ties), or None when too large.
+
+    The counts are the coefficients of the Gaussian binomial ``[m+n choose m]_q``, built
+    as ``prod_i (1 - q^(n+i)) / (1 - q^i)`` in exact integer arithmetic.
+    """
+    total = math.comb(m + n, m)
+    if total >= _EXACT_COUNTS_LIMIT:
+        return None
+    size = m * n + 1
+    counts = np.zeros(size, dtype=np.int64)
+    counts[0] = 1
+    for i in range(1, m + 1):
+        shift = n + i
+        if shift < size:
+            counts[shift:] = counts[shift:] - counts[:-shift].copy()
+        for r in range(i):  # divide by (1 - q^i): a cumulative sum with stride i
+            counts[r::i] = np.cumsum(counts[r::i])
+    return tuple(float(c) for c in np.cumsum(counts) / total)
+
+
+def _ci_rank(m: int, n: int, confidence: float) -> int:
+    """1-based rank k of the pairwise-difference order statistics bounding the CI.
+
+    The interval ``[D_(k), D_(mn+1-k)]`` covers the true shift with probability
+    ``1 - 2 P(U <= k-1)``; k is the largest rank keeping that at least ``confidence``.
+    Small samples that cannot reach it get k = 1 (the full range of differences).
+    """
+    tail = (1.0 - confidence) / 2.0
+    cdf = _u_null_cdf(m, n)
+    if cdf is not None:
+        k = 0
+        while k < len(cdf) and cdf[k] <= tail:
+            k += 1
+        # cdf[k-1] <= tail: ranks up to k are allowed (P(U <= k-1) <= tail).
+        rank = k
+    else:
+        mn = m * n
+        sd = math.sqrt(mn * (m + n + 1) / 12.0)
+        rank = math.floor(mn / 2.0 - float(norm.ppf(1.0 - tail)) * sd)
+    return max(1, min(rank, (m * n + 1) // 2))
+
+
+def hodges_lehmann_ratio(
+    baseline: Sequence[float], candidate: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
+    """Hodges-Lehmann ratio candidate/baseline and its distribution-free CI.
+
+    The estimate is ``exp(median(log c_i - log b_j))`` over all pairs; the interval is
+    the Mann-Whitney order-statistic interval of those pairwise log differences. All
+    values must be positive. Returns ``(ratio, ci_low, ci_high)``.
+    """
+    b = np.log(np.asarray(baseline, dtype=float))
+    c = np.log(np.asarray(candidate, dtype=float))
+    diffs = np.sort((c[:, None] - b[None, :]).ravel())
+    rank = _ci_rank(len(b), len(c), confidence)
+    low, high = diffs[rank - 1], diffs[len(diffs) - rank]
+    return float(np.exp(np.median(diffs))), float(np.exp(low)), float(np.exp(high))
+
+
+def rank_test(baseline: Sequence[float], candidate: Sequence[float], greater: bool) -> float:
+    """One-sided Mann-Whitney U p-value: candidate stochastically greater (or less).
+
+    Without ties the exact null distribution of U is used (what
+    ``scipy.stats.mannwhitneyu(method="exact")`` computes, from a cached table, so the
+    nightly gate stays cheap over thousands of series); with ties, or samples too large
+    for the table, ``scipy.stats.mannwhitneyu`` with its tie-corrected normal
+    approximation.
+    """
+    b = np.asarray(baseline, dtype=float)
+    c = np.asarray(candidate, dtype=float)
+    diffs = c[:, None] - b[None, :]
+    ties = bool(np.any(diffs == 0)) or len(np.unique(b)) < len(b) or len(np.unique(c)) < len(c)
+    cdf = None if ties else _u_null_cdf(len(c), len(b))
+    if cdf is None:
+        alternative = "greater" if greater else "less"
+        return float(mannwhitneyu(c, b, alternative=alternative).pvalue)
+    # U counts the pairs where the candidate is above; "less" uses the pairs below.
+    u = int(np.count_nonzero(diffs > 0 if greater else diffs < 0))
+    return 1.0 if u == 0 else 1.0 - cdf[u - 1]
+
+
+def _finite(values: Sequence[float]) -> list[float]:
+    return [float(v) for v in values if math.isfinite(v)]
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def compare_timing(
+    key: SeriesKey,
+    metric: Metric,
+    baseline: Sample,
+    candidate: Sample,
+    alpha: float = TIMING_ALPHA,
+    confidence: float = CONFIDENCE,
+    min_trials: int = MIN_TRIALS,
+) -> Verdict:
+    """One-sided rank test on trial values plus a Hodges-Lehmann minimum-effect gate.
+
+    REGRESSION when the Mann-Whitney p-value in the metric's bad direction is below
+    ``alpha`` and the HL ratio is beyond ``1 + min_effect`` in that direction (on the log
+    scale, so a 2% latency gate and a 2% throughput gate are the same change);
+    IMPROVEMENT symmetrically; INSUFFICIENT with fewer than ``min_trials`` positive
+    trial values on either side.
+    """
+    base, cand = _finite(baseline.trials), _finite(candidate.trials)
+    value_ratio = _value_ratio(baseline.value, candidate.value)
+    if len(base) < min_trials or len(cand) < min_trials:
+        return _verdict(
+            key,
+            Status.INSUFFICIENT,
+            baseline,
+            candidate,
+            value_ratio,
+            f"{metric.name}: {len(base)} vs {len(cand)} trials, need {min_trials} per side",
+        )
+    if min(base) <= 0 or min(cand) <= 0:
+        return _verdict(
+            key,
+            Status.INSUFFICIENT,
+            baseline,
+            candidate,
+            value_ratio,
+            f"{metric.name}: non-positive trial values, no ratio",
+        )
+    ratio, ci_low, ci_high = hodges_lehmann_ratio(base, cand, confidence)
+    sign = _bad_sign(metric.direction)
+    bad_shift = sign * math.log(ratio)
+    worse = bad_shift >= 0
+    # Test the direction the estimate points to: "greater" = candidate above baseline.
+    p = rank_test(base, cand, greater=(sign > 0) == worse)
+    gate = math.log1p(metric.min_effect)
+    status = Status.UNCHANGED
+    if p < alpha and abs(bad_shift) >= gate and bad_shift != 0:
+        status = Status.REGRESSION if worse else Status.IMPROVEMENT
+    message = (
+        f"{metric.name} {_pct(ratio)} (HL, {confidence:.0%} CI {_pct(ci_low)}..{_pct(ci_high)}),"
+        f" p={p:.3g} one-sided, {len(base)} vs {len(cand)} trials,"
+        f" gate {metric.min_effect:.0%}"
+    )
+    return _verdict(key, status, baseline, candidate, ratio, message, (ci_low, ci_high), p)
+
+
+# ------------------------------------------------------------------------------ accuracy
+
+
+def mcnemar_exact(baseline: Sequence[int], candidate: Sequence[int]) -> tuple[int, int, float]:
+    """Discordant pairs and the one-sided exact McNemar p-value for a drop.
+
+    Returns ``(lost, gained, p)``: examples correct in the baseline only, correct in the
+    candidate only, and ``P(X >= lost)`` for ``X ~ Binomial(lost + gained, 1/2)``.
+    """
+    if len(baseline) != len(candidate):
+        raise ValueError(f"outcomes differ in length: {len(baseline)} vs {len(candidate)}")
+    b = np.asarray(baseline, dtype=bool)
+    c = np.asarray(candidate, dtype=bool)
+    lost = int(np.count_nonzero(b & ~c))
+    gained = int(np.count_nonzero(~b & c))
+    if lost + gained == 0:
+        return 0, 0, 1.0
+    p = float(binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue)
+    return lost, gained, p
+
+
+def compare_accuracy(
+    key: SeriesKey,
+    metric: Metric,
+    baseline: Sample,
+    candidate: Sample,
+    alpha: float = ACCURACY_ALPHA,
+) -> Verdict:
+    """Paired exact test on per-example outcomes plus a minimum absolute drop.
+
+    With outcomes (1 = correct) of equal length on both sides and a higher-is-better
+    metric: REGRESSION when the exact one-sided McNemar p < ``alpha`` and the accuracy
+    drop ``(lost - gained) / n`` is at least ``metric.min_effect``; IMPROVEMENT
+    symmetrically. Outcomes of different lengths (different eval sets): INSUFFICIENT.
+    Otherwise the values are deterministic figures and the change in the bad direction
+    is compared with ``metric.min_effect`` (absolute) alone.
+    """
+    ratio = _value_ratio(baseline.value, candidate.value)
+    eps = 1e-12
+    if baseline.outcomes and candidate.outcomes and metric.direction is Direction.HIGHER:
+        if len(baseline.outcomes) != len(candidate.outcomes):
+            return _verdict(
+                key,
+                Status.INSUFFICIENT,
+                baseline,
+                candidate,
+                ratio,
+                f"{metric.name}: outcomes of {len(baseline.outcomes)} vs"
+                f" {len(candidate.outcomes)} examples (different eval sets)",
+            )
+        n = len(baseline.outcomes)
+        lost, gained, p_drop = mcnemar_exact(baseline.outcomes, candidate.outcomes)
+        drop = (lost - gained) / n
+        status, p = Status.UNCHANGED, p_drop
+        if drop > 0 and drop >= metric.min_effect - eps and p_drop < alpha:
+            status = Status.REGRESSION
+        elif drop < 0:
+            _, _, p = mcnemar_exact(candidate.outcomes, baseline.outcomes)
+            if -drop >= metric.min_effect - eps and p < alpha:
+                status = Status.IMPROVEMENT
+        message = (
+            f"{metric.name} {-drop * 100:+.2f} pts on {n} paired examples"
+            f" ({lost} lost, {gained} gained), exact McNemar p={p:.3g} one-sided,"
+            f" min drop {metric.min_effect * 100:.2f} pts"
+        )
+        return _verdict(key, status, baseline, candidate, ratio, message, p_value=p)
+    change = candidate.value - baseline.value
+    bad = _bad_sign(metric.direction) * change
+    status = Status.UNCHANGED
+    if bad != 0 and abs(bad) >= metric.min_effect - eps:
+        status = Status.REGRESSION if bad > 0 else Status.IMPROVEMENT
+    message = (
+        f"{metric.name} {baseline.value:.6g} -> {candidate.value:.6g} {metric.unit}"
+        f" ({change:+.4g}, deterministic, min change {metric.min_effect:g})"
+    )
+    return _verdict(key, status, baseline, candidate, ratio, message)
+
+
+# ------------------------------------------------------------------------------ exact
+
+
+def compare_exact(key: SeriesKey, metric: Metric, baseline: Sample, candidate: Sample) -> Verdict:
+    """CHANGED on any difference of an exact counter (the ratio says which way)."""
+    ratio = _value_ratio(baseline.value, candidate.value)
+    if candidate.value == baseline.value:
+        return _verdict(key, Status.UNCHANGED, baseline, candidate, 1.0, f"{metric.name} unchanged")
+    message = (
+        f"{metric.name} {baseline.value:.12g} -> {candidate.value:.12g} {metric.unit}"
+        f" ({_pct(ratio)})"
+    )
+    return _verdict(key, Status.CHANGED, baseline, candidate, ratio, message)
+
+
+def compare(key: SeriesKey, metric: Metric, baseline: Sample, candidate: Sample) -> Verdict:
+    """The verdict for one series with the default settings of ``metric.kind``."""
+    if metric.kind is MetricKind.TIMING:
+        return compare_timing(key, metric, baseline, candidate)
+    if metric.kind is MetricKind.ACCURACY:
+        return compare_accuracy(key, metric, baseline, candidate)
+    return compare_exact(key, metric, baseline, candidate)

@@ -1,0 +1,164 @@
+"""The report as one self-contained HTML page: inline CSS and SVG, no scripts, no URLs.
+
+A Content-Security-Policy forbids every external load, so a page that tried one would
+fail visibly in a browser instead of silently depending on the network.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from results.compare import COLUMNS, cells, groups
+from results.report.charts import history_svg, pareto_svg
+from results.report.fmt import fmt_bytes, fmt_interval, fmt_ms, fmt_num, fmt_ratio, fmt_value
+from results.report.model import ParetoChart, Report
+
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1100px;
+       color: #1d2330; padding: 0 16px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccd; }
+h3 { font-size: 15px; margin-bottom: 4px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border: 1px solid #d5d9e2; padding: 3px 8px; text-align: right; }
+th { background: #f0f2f7; } td.l, th.l { text-align: left; }
+tr.regression td { background: #fde8e8; } tr.improvement td { background: #e6f6ea; }
+figure { margin: 8px 0 20px; } figcaption { color: #555; font-size: 12px; }
+svg.chart { max-width: 100%; height: auto; background: #fff; }
+svg .plot-area { fill: #fafbfd; stroke: #9aa3b5; }
+svg .grid { stroke: #e3e6ee; stroke-width: 1; }
+svg .tick { font-size: 11px; fill: #555; }
+svg .axis-label { font-size: 12px; fill: #222; }
+svg .hint, svg .caption { font-size: 11px; fill: #777; }
+svg .chart-title { font-size: 13px; fill: #222; font-weight: 600; }
+svg .point { fill: #9aa3b5; fill-opacity: 0.55; stroke: #5b6475; stroke-width: 1; }
+svg .point.optimal { fill: #2f6fdf; fill-opacity: 0.65; stroke: #17408a; stroke-width: 1.5; }
+svg .point-label { font-size: 11px; fill: #17408a; }
+svg .front { fill: none; stroke: #2f6fdf; stroke-width: 1.5; stroke-dasharray: 5 3; }
+svg .band { fill: #2f9e44; fill-opacity: 0.14; stroke: #2f9e44; stroke-opacity: 0.4; }
+svg .band-label { font-size: 11px; fill: #2b7a3b; }
+svg .series-line { fill: none; stroke: #2f6fdf; stroke-width: 1.5; }
+svg .trials { stroke: #7d8aa5; stroke-width: 3; stroke-opacity: 0.6; }
+svg .night { fill: #2f6fdf; stroke: #fff; stroke-width: 1; }
+svg .changepoint { stroke: #e8890c; stroke-width: 1.5; stroke-dasharray: 4 3; }
+svg .changepoint.worse { stroke: #d9480f; }
+svg .cp-label { font-size: 11px; fill: #b35c00; }
+svg .regression { fill: none; stroke: #d6336c; stroke-width: 2.5; }
+"""
+
+
+def _e(text: object) -> str:
+    return escape(str(text), quote=True)
+
+
+def _table(
+    head: list[str], rows: list[list[str]], left: int = 1, classes: list[str] | None = None
+) -> str:
+    """An HTML table; the first ``left`` columns are left-aligned text."""
+
+    def cell(tag: str, i: int, value: str) -> str:
+        css = ' class="l"' if i < left else ""
+        return f"<{tag}{css}>{_e(value)}</{tag}>"
+
+    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
+    for n, row in enumerate(rows):
+        css = f' class="{_e(classes[n])}"' if classes and classes[n] else ""
+        out.append(f"<tr{css}>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _pareto_section(chart: ParetoChart) -> str:
+    rows = [
+        [
+            p.label,
+            fmt_ms(p.latency_ms) + ("/token" if chart.is_llm else ""),
+            fmt_num(p.fidelity),
+            fmt_bytes(p.memory_bytes),
+            "yes" if p.optimal else "",
+        ]
+        for p in sorted(chart.points, key=lambda p: p.latency_ms)
+    ]
+    head = ["configuration", "latency p50", chart.fidelity.key, "peak memory", "Pareto-optimal"]
+    parts = [f"<h3>{_e(chart.model)}</h3>"]
+    if chart.points:
+        parts.append(
+            f"<figure>{pareto_svg(chart)}<figcaption>Pareto-optimal configurations are "
+            "blue and labelled; marker area is proportional to peak memory.</figcaption></figure>"
+        )
+    parts.append(_table(head, rows))
+    if chart.unplotted:
+        items = "".join(f"<li>{_e(u)}</li>" for u in chart.unplotted)
+        parts.append(f"<p>Not on the chart:</p><ul>{items}</ul>")
+    return "\n".join(parts)
+
+
+def _verdict_rows(report: Report) -> tuple[list[list[str]], list[str]]:
+    verdicts = report.verdicts
+    rows = [
+        [
+            v.key.label(),
+            v.status.value,
+            fmt_value(v.baseline, report.unit_of(v.key)),
+            fmt_value(v.candidate, report.unit_of(v.key)),
+            fmt_ratio(v.ratio),
+            fmt_interval(v.ci_low, v.ci_high),
+            fmt_num(v.p_value, 3),
+            "" if v.confirmed is None else ("yes" if v.confirmed else "no"),
+            v.message,
+        ]
+        for v in verdicts
+    ]
+    return rows, [v.status.value for v in verdicts]
+
+
+def render_html(report: Report) -> str:
+    """The whole report as a standalone HTML document."""
+    s = report.summary
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(report.title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{_e(report.title)}</h1>",
+        f"<p>{s.rows} results ({s.ok} ok, {s.failed} failed, {s.invalid} invalid) for "
+        f"{len(s.models)} model(s) on {len(s.devices)} device(s): {_e(', '.join(s.devices))}.</p>",
+    ]
+    if report.notes:
+        parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul>")
+    if report.verdicts or report.histories:
+        parts.append('<h2 id="nightly">Nightly regressions</h2>')
+        if report.verdicts:
+            rows, classes = _verdict_rows(report)
+            head = ["series", "status", "baseline", "candidate", "change", "95% CI", "p"]
+            head += ["confirmed", "note"]
+            parts.append(_table(head, rows, left=2, classes=classes))
+        for panel in report.histories:
+            parts.append(
+                f"<figure>{history_svg(panel)}<figcaption>Dots: night values; bars: "
+                "trial range; shaded: baseline band; dashed: change points."
+                "</figcaption></figure>"
+            )
+    device = None
+    for chart in report.pareto:
+        if chart.device != device:
+            device = chart.device
+            parts.append(f"<h2>Latency vs fidelity on {_e(device)}</h2>")
+        parts.append(_pareto_section(chart))
+    if report.comparison:
+        parts.append('<h2 id="comparison">Framework comparison</h2>')
+        for (dev, model), members in groups(list(report.comparison)).items():
+            parts.append(f"<h3>{_e(model)} on {_e(dev)}</h3>")
+            parts.append(_table(list(COLUMNS), [cells(r) for r in members], left=2))
+        parts.append(
+            "<p>Speed-up, memory and size reductions are against the same framework's "
+            "full-precision run; fidelity is against the shared full-precision reference.</p>"
+        )
+    if report.failures:
+        parts.append('<h2 id="failures">Failed or invalid runs</h2>')
+        rows = [[f.device, f.model, f"{f.backend}/{f.scheme}", f.reason] for f in report.failures]
+        parts.append(_table(["device", "model", "configuration", "reason"], rows, left=4))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
