@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from edgefarm.domain import MeasureSettings
+from edgefarm.domain import MeasureSettings, TaskStatus
 from results.records import TaskRecord
 from results.regression.collect import series_id
 
@@ -79,6 +79,15 @@ def _blocks_of(task: TaskRecord, role: str, blocks: int, campaign_id: str) -> li
                 settings=settings,
                 role=role,
                 block=index,
+                # a new task: nothing of the (baseline) task it copies carries over
+                status=TaskStatus.PENDING,
+                attempt=0,
+                lease_id=None,
+                agent_id=None,
+                lease_expires_at=None,
+                result_id=None,
+                created_at=0.0,
+                updated_at=0.0,
             )
         )
     return out

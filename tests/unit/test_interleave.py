@@ -12,7 +12,7 @@ from coordinator.interleave import (
     split_trials,
     task_series,
 )
-from edgefarm.domain import MeasureSettings
+from edgefarm.domain import MeasureSettings, TaskStatus
 from results.records import TaskRecord
 
 
@@ -49,9 +49,10 @@ def test_split_trials_spreads_evenly() -> None:
 
 def test_changed_variant_is_replayed_and_interleaved_in_blocks() -> None:
     candidates = [_task("fp32", "new32"), _task("int8", "same8")]
+    done = {"status": TaskStatus.DONE, "result_id": 7, "attempt": 1, "lease_id": "l-1"}
     baseline = [
-        _task("fp32", "old32", campaign_id="c-old"),
-        _task("int8", "same8", campaign_id="c-old"),
+        _task("fp32", "old32", campaign_id="c-old", **done),
+        _task("int8", "same8", campaign_id="c-old", **done),
     ]
     shape = RunShape(baseline_campaign_id="c-old", blocks=4, seed=3)
     shaped = shape_tasks(candidates, baseline, shape, lambda t: True, _key)
@@ -61,6 +62,9 @@ def test_changed_variant_is_replayed_and_interleaved_in_blocks() -> None:
     assert roles.count(("int8", CANDIDATE)) == 4 and ("int8", BASELINE) not in roles
     replay = [t for t in shaped if t.role == BASELINE]
     assert {t.artifact_sha256 for t in replay} == {"old32"}
+    # replay tasks are new tasks, not the finished baseline task they copy
+    assert all(t.status is TaskStatus.PENDING and t.result_id is None for t in replay)
+    assert all(t.attempt == 0 and t.lease_id is None for t in replay)
     assert {t.campaign_id for t in shaped} == {"c-new"}
     assert len({t.task_id for t in shaped}) == len(shaped)
     # every block has one trial; only block 0 of each side evaluates accuracy
