@@ -163,7 +163,8 @@ def detect_change_points(
     Each change point starts a segment of at least ``min_segment`` nights whose mean
     differs from the previous segment's by at least ``min_magnitude`` (relative) and
     whose split was significant at ``alpha`` by a permutation test seeded with ``seed``.
-    ``before``/``after`` are the means of the adjacent final segments.
+    ``before``/``after`` are the means of the adjacent final segments. Fewer than
+    ``2 * min_segment`` nights, or any non-finite value: no change points.
     """
     values = np.asarray([s.value for s in samples], dtype=float)
     if len(values) < 2 * max(min_segment, 1) or not np.all(np.isfinite(values)):

@@ -1,0 +1,193 @@
+"""Metric catalog, result rows to samples, and the pure nightly detection glue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from results.regression import detect
+from results.regression.metrics import METRICS, samples_from_row
+from results.regression.types import Direction, MetricKind, Sample, SeriesKey, Status
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_every_metric_has_a_unit_and_the_right_direction() -> None:
+    for name, metric in METRICS.items():
+        assert metric.name == name and metric.unit
+    lower = ("latency_p50", "peak_rss", "load_time", "ttft_ms", "kld_mean", "ppl_ratio")
+    higher = ("throughput", "gen_tok_per_s", "prompt_tok_per_s", "top1", "agreement")
+    assert all(METRICS[m].direction is Direction.LOWER for m in lower)
+    assert all(METRICS[m].direction is Direction.HIGHER for m in higher)
+    assert METRICS["model_size"].kind is MetricKind.EXACT
+    assert METRICS["latency_p50"].min_effect == pytest.approx(0.02)
+
+
+def trial(median: float, rss: int, load: float, **metrics: float) -> dict[str, Any]:
+    return {
+        "iterations": 50,
+        "median_ms": median,
+        "peak_rss_bytes": rss,
+        "load_time_s": load,
+        "valid": True,
+        "metrics": metrics,
+    }
+
+
+def classifier_row() -> dict[str, Any]:
+    medians = [4.0, 4.2, 3.9, 4.1, 4.0]
+    return {
+        "ok": True,
+        "valid": True,
+        "trial_medians_ms": medians,
+        "lat_p50_ms": 4.0,
+        "throughput_per_s": 500.0,
+        "batch_size": 2,
+        "peak_rss_bytes": 130_000_000,
+        "load_time_s": 0.25,
+        "model_size_bytes": 1_234_567,
+        "accuracy": {"top1": 0.75, "agreement": 0.99},
+        "metrics": {},
+        "trials_detail": [trial(m, 120_000_000 + i, 0.2 + i / 100) for i, m in enumerate(medians)],
+        "example_outcomes": [1, 1, 0, 1],
+    }
+
+
+def llm_row() -> dict[str, Any]:
+    medians = [20.0, 21.0, 19.5]
+    return {
+        "ok": True,
+        "valid": True,
+        "trial_medians_ms": medians,
+        "batch_size": 1,
+        "model_size_bytes": 100_000_000,
+        "accuracy": {
+            "perplexity": 12.0,
+            "ppl_ratio": 1.01,
+            "kld_mean": 0.02,
+            "kld_p99": 0.3,
+            "kld_max": 1.1,
+            "top1_agreement": 0.95,
+        },
+        "metrics": {"prompt_tok_per_s": 400.0, "ttft_ms": 60.0},
+        "trials_detail": [
+            trial(m, 500_000_000, 1.0, prompt_tok_per_s=400.0 + i, ttft_ms=60.0 - i)
+            for i, m in enumerate(medians)
+        ],
+        "example_outcomes": None,
+    }
+
+
+def test_samples_from_a_classifier_row() -> None:
+    out = samples_from_row(classifier_row(), "run-1", 100.0)
+    assert set(out) == {
+        "latency_p50",
+        "throughput",
+        "peak_rss",
+        "load_time",
+        "model_size",
+        "top1",
+        "agreement",
+    }
+    lat = out["latency_p50"]
+    assert lat.trials == (4.0, 4.2, 3.9, 4.1, 4.0) and lat.value == 4.0
+    assert (lat.run_id, lat.at) == ("run-1", 100.0)
+    assert out["throughput"].trials[0] == pytest.approx(2 * 1000 / 4.0)
+    assert out["throughput"].value == pytest.approx(500.0)
+    assert out["peak_rss"].trials == tuple(float(120_000_000 + i) for i in range(5))
+    assert out["load_time"].value == pytest.approx(0.22)
+    assert out["model_size"].value == 1_234_567 and out["model_size"].trials == ()
+    assert out["top1"].outcomes == (1, 1, 0, 1) and out["top1"].value == 0.75
+    assert out["agreement"].outcomes == ()
+
+
+def test_samples_from_an_llm_row() -> None:
+    out = samples_from_row(llm_row(), "run-2", 5.0)
+    assert "throughput" not in out and "perplexity" not in out
+    assert out["gen_tok_per_s"].trials == pytest.approx((50.0, 1000 / 21.0, 1000 / 19.5))
+    assert out["prompt_tok_per_s"].trials == (400.0, 401.0, 402.0)
+    assert out["ttft_ms"].trials == (60.0, 59.0, 58.0)
+    assert out["kld_mean"].value == 0.02 and out["ppl_ratio"].value == 1.01
+    assert out["top1_agreement"].value == 0.95
+    assert set(out) <= set(METRICS)
+
+
+def test_failed_or_invalid_rows_give_no_samples() -> None:
+    assert samples_from_row({**classifier_row(), "ok": False}, "r", 0.0) == {}
+    assert samples_from_row({**classifier_row(), "valid": False}, "r", 0.0) == {}
+
+
+# ------------------------------------------------------------------------------ detect
+
+
+def key(metric: str, model: str = "resnet") -> SeriesKey:
+    return SeriesKey(model, "onnxruntime", "int8", "pi5", metric)
+
+
+def timing(values: list[float], run: str = "r", at: float = 0.0) -> Sample:
+    return Sample(run, at, float(np.median(values)), tuple(values))
+
+
+BASE = [10.0, 10.1, 9.9, 10.05, 9.95]
+SLOW = [v * 1.1 for v in BASE]
+
+
+def test_judge_night_compares_the_common_known_series() -> None:
+    baseline = {
+        key("latency_p50"): timing(BASE),
+        key("latency_p50", "other"): timing(BASE),
+        key("model_size"): Sample("b", 0, 100.0),
+        key("unknown_metric"): timing(BASE),
+    }
+    candidate = {
+        key("latency_p50"): timing(SLOW),
+        key("model_size"): Sample("c", 1, 90.0),
+        key("unknown_metric"): timing(SLOW),
+        key("peak_rss"): timing(BASE),
+    }
+    verdicts = detect.judge_night(baseline, candidate)
+    by_metric = {v.key.metric: v for v in verdicts}
+    assert set(by_metric) == {"latency_p50", "model_size"}
+    assert by_metric["latency_p50"].status is Status.REGRESSION
+    assert by_metric["model_size"].status is Status.CHANGED
+    assert detect.regressions(verdicts) == [by_metric["latency_p50"]]
+    assert detect.changes(verdicts) == [by_metric["model_size"]]
+    assert detect.to_confirm(verdicts) == [by_metric["latency_p50"]]
+
+
+def test_confirmation_decides_what_fails_the_night() -> None:
+    k = key("latency_p50")
+    first = detect.judge_night({k: timing(BASE)}, {k: timing(SLOW)})[0]
+    again_slow = detect.judge_night({k: timing(BASE)}, {k: timing(SLOW)})[0]
+    again_same = detect.judge_night({k: timing(BASE)}, {k: timing(BASE)})[0]
+    confirmed = detect.confirm(first, again_slow)
+    refuted = detect.confirm(first, again_same)
+    assert confirmed.confirmed is True and refuted.confirmed is False
+    assert detect.fails_night([confirmed]) and not detect.fails_night([refuted])
+    assert detect.to_confirm([confirmed, refuted]) == []
+    # A changed model size alone does not fail the night.
+    size = detect.judge_night(
+        {key("model_size"): Sample("b", 0, 1.0)}, {key("model_size"): Sample("c", 1, 2.0)}
+    )
+    assert not detect.fails_night(size)
+    with pytest.raises(ValueError):
+        detect.confirm(first, size[0])
+
+
+def test_history_orders_nights_and_finds_the_step() -> None:
+    rng = np.random.default_rng(0)
+    k = key("latency_p50")
+    samples = []
+    for night in range(30):
+        level = 10.0 * (1.05 if night >= 18 else 1.0)
+        trials = list(level * np.exp(rng.normal(0, 0.01, 5)))
+        samples.append(timing(trials, f"n{night}", float(night)))
+    hist = detect.history(k, list(reversed(samples)), baseline_run_id="n3")
+    assert [s.run_id for s in hist.samples] == [f"n{i}" for i in range(30)]
+    assert hist.unit == "ms" and hist.direction is Direction.LOWER
+    assert hist.baseline_band == (min(samples[3].trials), max(samples[3].trials))
+    assert [p.index for p in hist.change_points] == [18]
+    assert detect.history(k, samples, baseline_run_id="n3").change_points == hist.change_points
+    assert detect.history(k, samples).baseline_band is None
