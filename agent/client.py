@@ -19,7 +19,7 @@ import grpc
 import edgefarm
 from agent.artifact_cache import ArtifactCache
 from agent.backoff import Backoff
-from agent.runner import run_measurement
+from agent.executor import Executor, LocalExecutor
 from edgefarm.domain import Assignment, DeviceCapabilities, MeasurementResult
 from edgefarm.errors import ArtifactError, AuthError, TaskError
 from protos.convert import assignment_from_pb, capabilities_to_pb, result_to_pb
@@ -50,9 +50,16 @@ class AgentConfig:
 class Agent:
     """A long-running device agent."""
 
-    def __init__(self, config: AgentConfig, capabilities: DeviceCapabilities) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        capabilities: DeviceCapabilities,
+        executor: Executor | None = None,
+    ) -> None:
         self.config = config
         self.capabilities = capabilities
+        # What measures an assignment: this machine by default (a hub agent passes its own).
+        self.executor: Executor = executor or LocalExecutor()
         self.cache = ArtifactCache(config.work_dir / "artifacts")
         self.backoff = Backoff()
         self.outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
@@ -240,12 +247,10 @@ class Agent:
             model_path = await self._fetch(a, "model")
             eval_path = await self._fetch(a, "eval") if a.eval_data else None
 
-            async def on_trial(trial: int, trials: int) -> None:
-                self._progress(a, "measuring", trial)
+            def progress(phase: str, trial: int = 0) -> None:
+                self._progress(a, phase, trial)
 
-            report = await run_measurement(
-                a.backend, a.scheme, model_path, eval_path, a.settings, a.options, on_trial
-            )
+            report = await self.executor.execute(a, model_path, eval_path, progress)
         except TaskError as error:
             log.warning("task %s failed: %s: %s", a.task_id, error.kind, error)
             result.error_kind, result.error_message = error.kind, str(error)

@@ -42,6 +42,8 @@ BACKEND_EXTRAS = {
     "qai-hub": "qai-hub",
     "noop": "agent",
 }
+HUB_BACKEND = "qai-hub"
+HUB_DEVICE_PREFIX = "qai-hub:"  # device ids of Qualcomm AI Hub hosted devices
 
 
 @dataclass
@@ -74,19 +76,24 @@ def measure_key(
     options: dict[str, str],
     device_id: str,
     settings: MeasureSettings,
+    scheme: str | None = None,
 ) -> str:
-    """Identity of a measurement, independent of the campaign asking for it."""
-    blob = json.dumps(
-        {
-            "artifact": artifact.sha256,
-            "eval": eval_data.sha256 if eval_data else None,
-            "backend": backend,
-            "options": options,
-            "device": device_id,
-            "settings": settings.to_dict(),
-        },
-        sort_keys=True,
-    )
+    """Identity of a measurement, independent of the campaign asking for it.
+
+    ``scheme`` is given only where the device side applies it (qai-hub: every scheme
+    measures the same FP32 artifact); elsewhere the artifact already stands for it.
+    """
+    identity = {
+        "artifact": artifact.sha256,
+        "eval": eval_data.sha256 if eval_data else None,
+        "backend": backend,
+        "options": options,
+        "device": device_id,
+        "settings": settings.to_dict(),
+    }
+    if scheme is not None:
+        identity["scheme"] = scheme
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -160,15 +167,27 @@ class CampaignPlanner:
             if isinstance(src := sources[v.model.name], PreparedSource)
         ]
         converted = iter(await self.preparer.variants(ready, stats))
+        artifacts: list[ArtifactRef | Exception] = []
+        evals: list[ArtifactRef | None] = []
+        for variant in wanted:
+            source = sources[variant.model.name]
+            artifact = next(converted) if isinstance(source, PreparedSource) else source
+            eval_data = source.eval_data if isinstance(source, PreparedSource) else None
+            if variant.backend == HUB_BACKEND and isinstance(source, PreparedSource):
+                try:
+                    if isinstance(artifact, ArtifactRef):
+                        eval_data = await self.preparer.hub_inputs(source, artifact, stats)
+                except Exception as error:  # fails this variant's tasks only
+                    artifact = unwrap_ray_error(error)
+            artifacts.append(artifact)
+            evals.append(eval_data)
         self.preparer.release()
         campaign_id = "c-" + uuid.uuid4().hex[:12]
         now = time.time()
         tasks: list[TaskRecord] = []
         failures: list[tuple[TaskRecord, Exception]] = []
         reused = 0
-        for variant in wanted:
-            source = sources[variant.model.name]
-            artifact = next(converted) if isinstance(source, PreparedSource) else source
+        for variant, artifact, eval_data in zip(wanted, artifacts, evals, strict=True):
             for device in devices:
                 if variant.backend not in device.backends:
                     continue
@@ -176,7 +195,7 @@ class CampaignPlanner:
                     campaign_id,
                     variant,
                     device,
-                    source,
+                    eval_data,
                     artifact,
                     created_at=now + len(tasks) * 1e-6,
                 )
@@ -239,6 +258,7 @@ class CampaignPlanner:
                 t.options,
                 t.device_id,
                 t.settings,
+                scheme=t.scheme if t.backend == HUB_BACKEND else None,
             )
 
         shaped = shape_tasks(tasks, baseline, shape, runnable, key)
@@ -251,13 +271,12 @@ def _task_record(
     campaign_id: str,
     variant: Variant,
     device: DeviceChoice,
-    source: PreparedSource | Exception,
+    eval_data: ArtifactRef | None,
     artifact: ArtifactRef | Exception,
     created_at: float,
 ) -> TaskRecord:
     """The task measuring ``variant`` on ``device``; a failed preparation leaves the
     artifact fields empty (the task is stored failed)."""
-    eval_data = source.eval_data if isinstance(source, PreparedSource) else None
     ref = artifact if isinstance(artifact, ArtifactRef) else ArtifactRef("", 0, "")
     return TaskRecord(
         task_id="t-" + uuid.uuid4().hex[:16],
@@ -276,7 +295,13 @@ def _task_record(
         options=dict(variant.options),
         selector=dict(device.selector),
         measure_key=measure_key(
-            ref, eval_data, variant.backend, variant.options, device.device_id, variant.settings
+            ref,
+            eval_data,
+            variant.backend,
+            variant.options,
+            device.device_id,
+            variant.settings,
+            scheme=variant.scheme if variant.backend == HUB_BACKEND else None,
         )
         if ref.sha256
         else "",
@@ -294,9 +319,24 @@ def _file_path(ref: str | None, spec_dir: Path) -> Path | None:
 def _missing_backend_warnings(spec: CampaignSpec, devices: list[DeviceChoice]) -> list[str]:
     warnings = []
     for backend in sorted({v.backend for v in spec.variants()}):
-        lacking = [d.device_name for d in devices if backend not in d.backends]
-        if lacking:
-            extra = BACKEND_EXTRAS.get(backend, backend)
+        # Hosted AI Hub devices run hub jobs only: not having other backends is no news.
+        lacking = [
+            d.device_name
+            for d in devices
+            if backend not in d.backends
+            and (backend == HUB_BACKEND or not d.device_id.startswith(HUB_DEVICE_PREFIX))
+        ]
+        if not lacking:
+            continue
+        extra = BACKEND_EXTRAS.get(backend, backend)
+        if backend == HUB_BACKEND and len(lacking) == len(devices):
+            warnings.append(
+                f"backend '{backend}' is not installed on {', '.join(sorted(lacking))} and no "
+                "Qualcomm AI Hub device is online (install the agent with the "
+                f"'{extra}' extra and run `edgefarm agent hub` with an AI Hub token, see "
+                "docs/qai-hub.md); its tasks skip those devices"
+            )
+        elif backend != HUB_BACKEND:
             warnings.append(
                 f"backend '{backend}' is not installed on {', '.join(sorted(lacking))} "
                 f"(install the agent with the '{extra}' extra); its tasks skip those devices"

@@ -25,6 +25,8 @@ from results.regression.collect import series_id
 
 CANDIDATE = "candidate"
 BASELINE = "baseline"
+# Backends whose every task is a billable hosted job: their tasks are not split in blocks.
+UNSPLIT_BACKENDS = frozenset({"qai-hub"})
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,9 @@ def shape_tasks(
             per_device[task.device_id] = []
             order.append(task.device_id)
         campaign_id = task.campaign_id
-        per_device[task.device_id] += _blocks_of(task, CANDIDATE, shape.blocks, campaign_id)
+        # Hosted (billable) hub devices measure a task in one profile job: never split.
+        blocks = 1 if task.backend in UNSPLIT_BACKENDS else shape.blocks
+        per_device[task.device_id] += _blocks_of(task, CANDIDATE, blocks, campaign_id)
         base = by_series.get(task_series(task))
         if base is None or same_configuration(base, task) or not runnable(base):
             continue
@@ -134,7 +138,7 @@ def shape_tasks(
             device_name=task.device_name,
             selector=dict(task.selector),
         )
-        per_device[task.device_id] += _blocks_of(replay, BASELINE, shape.blocks, campaign_id)
+        per_device[task.device_id] += _blocks_of(replay, BASELINE, blocks, campaign_id)
     shaped: list[TaskRecord] = list(unshaped)
     for device in order:
         tasks = per_device[device]

@@ -123,9 +123,32 @@ class LocalFarm:
         ]
         for key, value in {**self.agent_labels, **(labels or {})}.items():
             cmd += ["--label", f"{key}={value}"]
+        self._spawn(name, cmd, dict(os.environ))
+
+    def start_hub_agent(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
+        """Start an ``edgefarm agent hub`` process named ``name``: one agent per Qualcomm
+        AI Hub device its ``args`` select (``--device``, ``--attribute``, ``--hub-config``)."""
+        cmd = [
+            *self._cli(),
+            "agent",
+            "hub",
+            "--coordinator",
+            self.address,
+            "--token",
+            self.token,
+            "--name",
+            name,
+            "--work-dir",
+            str(self.home / f"agent-{name}"),
+            *args,
+        ]
+        self._spawn(name, cmd, dict(os.environ) if env is None else env)
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"agent-{name}.log").open("a")
         self._logs.append(log)
-        env = dict(os.environ)
         self.agent_procs[name] = subprocess.Popen(
             cmd,
             stdout=log,

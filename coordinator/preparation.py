@@ -9,6 +9,8 @@ never run again, so a campaign over N devices converts each variant once.
 Two model formats: ONNX (the digit classifier, user files) and GGUF (language models:
 the source is dequantized to F16 once, every llama.cpp type is made from that F16,
 and the F16 model's token log-probabilities on the evaluation text are the reference).
+Qualcomm AI Hub variants are the FP32 ONNX model itself (the hub quantizes and compiles
+it in its own jobs) plus a hub inputs file with the calibration and eval sets.
 """
 
 from __future__ import annotations
@@ -385,9 +387,11 @@ class Preparer:
                 scheme,
                 params,
             )
-        if backend not in ("onnxruntime", "openvino"):
+        if backend not in ("onnxruntime", "openvino", "qai-hub"):
             raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
         onnx = src.model if src.format == "onnx" else await self.onnx_export(src, stats)
+        if backend == "qai-hub":
+            return onnx  # quantized and compiled by hub jobs, not here (agent.hub.executor)
         if (backend, scheme) in IDENTITY_SCHEMES:
             return onnx
         key = self._key(onnx, backend, scheme, src.calibration, params)
@@ -426,6 +430,32 @@ class Preparer:
             stats,
             steps.export_onnx,
             hf,
+        )
+
+    async def hub_inputs(
+        self, src: PreparedSource, model: ArtifactRef, stats: PreparationStats
+    ) -> ArtifactRef:
+        """What a Qualcomm AI Hub task ships besides ``model``: its input shapes, the
+        calibration set (for hub quantize jobs) and the eval set, once per model
+        (the file format: :mod:`agent.hub.bundle`)."""
+        key = step_key(
+            "hub-inputs",
+            model=model.sha256,
+            eval=src.eval_data.sha256 if src.eval_data else None,
+            calibration=src.calibration.sha256 if src.calibration else None,
+            revision=BUILDER_REVISION,
+            tools=self.tools,
+        )
+        stem = model.name.split(".")[0]
+        return await self._step(
+            key,
+            "hub-inputs",
+            f"{stem}.hub-inputs.npz",
+            stats,
+            steps.hub_inputs,
+            model,
+            src.eval_data,
+            src.calibration,
         )
 
     def _key(

@@ -196,3 +196,12 @@ def convert_mlx(hf_tar: bytes, scheme: str, params: dict[str, Any] | None = None
         out = Path(tmp) / "mlx"
         provenance = convert(folder, out, scheme, params or None)
         return {"model": pack_folder(out), "provenance": jsonable(provenance)}
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def hub_inputs(model: bytes, eval_npz: bytes | None, calibration: bytes | None) -> dict[str, Any]:
+    """The hub inputs file of a model: input shapes, calibration set and eval set."""
+    from coordinator.conversion.hub_inputs import build_hub_inputs
+
+    data, provenance = build_hub_inputs(model, eval_npz, calibration)
+    return {"model": data, "provenance": jsonable(provenance)}

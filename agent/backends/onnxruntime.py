@@ -4,6 +4,14 @@ Options (``Assignment.options``):
 
 - ``execution_provider``: the provider to run on (default ``CPUExecutionProvider``);
   one this onnxruntime build lacks fails the task with :class:`BackendUnavailable`.
+  ``QNNExecutionProvider`` runs on a Snapdragon's NPU (HTP) through Qualcomm's QNN
+  backend library, ``backend_path`` defaulting to the HTP one (``QnnHtp.dll`` on
+  Windows, ``libQnnHtp.so`` elsewhere);
+- ``provider.KEY``: provider option ``KEY`` for that provider, e.g.
+  ``provider.backend_path``, ``provider.htp_performance_mode: burst``,
+  ``provider.htp_graph_finalization_optimization_mode: 3``;
+- ``disable_cpu_fallback``: ``true`` makes nodes the provider cannot take an error instead
+  of running them on the CPU (so an NPU measurement is all NPU);
 - ``graph_optimization_level``: ``disable``, ``basic``, ``extended`` or ``all`` (default).
 - ``task``: ``auto`` (default), ``llm`` or ``classify``. A causal LM (an ``input_ids``
   input and a 3-D ``logits`` output) is measured in the LLM mode of
@@ -16,6 +24,7 @@ Options (``Assignment.options``):
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +42,8 @@ from edgefarm.domain import MeasureSettings
 from edgefarm.errors import BackendUnavailable, ModelLoadError, TaskError
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
+QNN_PROVIDER = "QNNExecutionProvider"
+PROVIDER_OPTION_PREFIX = "provider."
 
 _OPT_LEVELS = {
     "disable": "ORT_DISABLE_ALL",
@@ -52,6 +63,25 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
 }
+
+
+def provider_options(provider: str, options: dict[str, str]) -> dict[str, str]:
+    """The provider options in ``options`` (``provider.KEY``), with QNN's HTP default."""
+    found = {
+        key.removeprefix(PROVIDER_OPTION_PREFIX): value
+        for key, value in options.items()
+        if key.startswith(PROVIDER_OPTION_PREFIX)
+    }
+    if provider == QNN_PROVIDER:
+        found.setdefault(
+            "backend_path", "QnnHtp.dll" if sys.platform == "win32" else "libQnnHtp.so"
+        )
+    return found
+
+
+def session_options_to_check(options: dict[str, str]) -> dict[str, str]:
+    """``options`` without the free-form ``provider.KEY`` entries (for check_options)."""
+    return {k: v for k, v in options.items() if not k.startswith(PROVIDER_OPTION_PREFIX)}
 
 
 def open_session(
@@ -79,8 +109,15 @@ def open_session(
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level_key])
+    no_fallback = options.get("disable_cpu_fallback", "false").lower() in ("true", "1", "yes")
+    if no_fallback:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    chosen = provider_options(provider, options)
+    extra = {"provider_options": [chosen]} if chosen else {}
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=so, providers=[provider])
+        session = ort.InferenceSession(
+            str(model_path), sess_options=so, providers=[provider], **extra
+        )
     except Exception as err:  # onnxruntime raises several unrelated types here
         raise ModelLoadError(
             one_line(f"onnxruntime could not load {model_path.name}: {err}")
@@ -94,6 +131,12 @@ def open_session(
         "onnxruntime.execution_mode": "sequential",
         "onnxruntime.graph_optimization_level": _OPT_LEVELS[level_key],
     }
+    if chosen:
+        environment["onnxruntime.provider_options"] = ",".join(
+            f"{key}={value}" for key, value in sorted(chosen.items())
+        )
+    if no_fallback:
+        environment["onnxruntime.cpu_fallback"] = "disabled"
     return session, environment
 
 
@@ -111,7 +154,7 @@ class OnnxRuntimeBackend(Backend):
         "onnxruntime-qnn",
     )
     OPTIONS: ClassVar[frozenset[str]] = frozenset(
-        {"execution_provider", "graph_optimization_level", "task"}
+        {"execution_provider", "graph_optimization_level", "task", "disable_cpu_fallback"}
     )
 
     def __init__(self) -> None:
@@ -131,7 +174,7 @@ class OnnxRuntimeBackend(Backend):
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Create the session; hand a causal LM to the LLM mode (see the module docstring)."""
-        check_options(self.NAME, options, self.OPTIONS)
+        check_options(self.NAME, session_options_to_check(options), self.OPTIONS)
         ort = self._ort = self.require()
         self._session, self._environment = open_session(ort, model_path, settings, options)
         from agent.backends.onnxruntime_llm import llm_mode

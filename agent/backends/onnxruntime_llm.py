@@ -46,7 +46,11 @@ import numpy as np
 
 from agent import llm_fidelity
 from agent.backends.base import SYNTHETIC_INPUT_SEED, Backend, check_options
-from agent.backends.onnxruntime import OnnxRuntimeBackend, open_session
+from agent.backends.onnxruntime import (
+    OnnxRuntimeBackend,
+    open_session,
+    session_options_to_check,
+)
 from agent.llm_eval import (
     LLM_KIND,
     check_decode_budget,
@@ -292,7 +296,7 @@ class OnnxRuntimeLlmBackend(Backend):
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Open the session (as the onnxruntime backend does) and read the graph layout."""
-        check_options(self.NAME, options, self.OPTIONS)
+        check_options(self.NAME, session_options_to_check(options), self.OPTIONS)
         if options.get("task", "llm") not in ("auto", "llm"):
             raise TaskError(f"the LLM mode cannot run task '{options['task']}'")
         ort = self.require()

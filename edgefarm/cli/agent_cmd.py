@@ -1,4 +1,5 @@
-"""``edgefarm agent serve``: run a device agent (imports nothing of the coordinator)."""
+"""``edgefarm agent serve`` (this device) and ``edgefarm agent hub`` (Qualcomm AI Hub hosted
+devices): run device agents. Imports nothing of the coordinator."""
 
 from __future__ import annotations
 
@@ -63,3 +64,116 @@ def serve(
         f"{', '.join(sorted(capabilities.backends)) or 'none'}) -> {coordinator}"
     )
     asyncio.run(Agent(config, capabilities).run())
+
+
+@agent.command()
+@click.option("--coordinator", required=True, metavar="HOST:PORT", help="Coordinator address.")
+@token_option
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    metavar="NAME",
+    help="An AI Hub device by its exact name, e.g. 'Samsung Galaxy S24' (repeatable).",
+)
+@click.option(
+    "--attribute",
+    "attributes",
+    multiple=True,
+    metavar="KEY:VALUE",
+    help="Devices with this hub attribute, e.g. chipset:qualcomm-snapdragon-8gen3, "
+    "framework:qnn, os:android (repeatable; all must hold).",
+)
+@click.option(
+    "--os", "os_version", default="", help="Hub OS version or range, e.g. '14' or '[13,15)'."
+)
+@click.option(
+    "--max-devices",
+    default=8,
+    show_default=True,
+    help="Refuse a selection matching more devices than this.",
+)
+@click.option("--hub-config", default=None, metavar="PATH", help="The AI Hub client.ini to use.")
+@click.option(
+    "--hub-profile",
+    default=None,
+    metavar="NAME",
+    help="Use ~/.qai_hub/NAME.ini (as `qai-hub configure --profile NAME` writes it).",
+)
+@click.option("--name", default="qai-hub", show_default=True, help="Prefix of the agents' names.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="Extra label (repeatable).")
+@click.option("--work-dir", default=None, help="Job journal and caches (default: HOME/agent-NAME).")
+@click.option(
+    "--poll-interval",
+    default=10.0,
+    show_default=True,
+    help="Seconds between job status polls.",
+)
+@click.option(
+    "--job-timeout",
+    default=7200.0,
+    show_default=True,
+    help="Seconds to wait for one hub job before failing the task (the job stays journalled).",
+)
+@click.option(
+    "--rate-limit-backoff",
+    default=5.0,
+    show_default=True,
+    help="First delay in seconds before resubmitting a rate-limited job (then doubling, jittered).",
+)
+@home_option
+@verbose_option
+def hub(
+    coordinator: str,
+    token: str,
+    devices: tuple[str, ...],
+    attributes: tuple[str, ...],
+    os_version: str,
+    max_devices: int,
+    hub_config: str | None,
+    hub_profile: str | None,
+    name: str,
+    labels: tuple[str, ...],
+    work_dir: str | None,
+    poll_interval: float,
+    job_timeout: float,
+    rate_limit_backoff: float,
+    home: str | None,
+    verbose: int,
+) -> None:
+    """Serve Qualcomm AI Hub hosted devices as farm devices (needs an AI Hub token).
+
+    Each selected device registers as its own device; its tasks run as hub jobs
+    (quantize, compile, profile, inference). See docs/qai-hub.md.
+    """
+    from pathlib import Path
+
+    from agent.hub.api import open_hub
+    from agent.hub.config import load_hub_config
+    from agent.hub.devices import select_devices
+    from agent.hub.jobs import HubSettings
+    from agent.hub.service import HubAgentOptions, hub_agents, serve
+
+    configure_logging(verbose + 1)
+    config = load_hub_config(hub_config, hub_profile)
+    api = open_hub(config)
+    chosen = select_devices(api, devices, attributes, os_version, max_devices)
+    base = Path(work_dir) if work_dir else edgefarm_home(home) / f"agent-{name}"
+    options = HubAgentOptions(
+        coordinator=coordinator,
+        token=token,
+        name=name,
+        work_dir=base,
+        labels=parse_labels(labels),
+        settings=HubSettings(
+            poll_interval_s=poll_interval,
+            job_timeout_s=job_timeout,
+            backoff_base_s=rate_limit_backoff,
+        ),
+    )
+    for device in chosen:
+        click.echo(
+            f"edgefarm hub agent: {device.name} (os {device.os or '?'}, "
+            f"{', '.join(device.attributes)}) -> {coordinator}"
+        )
+    asyncio.run(serve(hub_agents(api, chosen, options)))

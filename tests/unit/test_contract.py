@@ -43,7 +43,7 @@ def test_every_message_and_rpc_is_documented() -> None:
 def test_agent_never_imports_ray_coordinator_or_results() -> None:
     code = (
         "import sys; import agent.client, agent.probe, agent.runner, agent.trial, "
-        "agent.backends, edgefarm.cli.agent_cmd; "
+        "agent.backends, agent.hub.service, edgefarm.cli.agent_cmd; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'ray', 'coordinator', 'results', 'sqlalchemy', 'sklearn', 'pandas'}); print(bad)"
     )

@@ -1,0 +1,1 @@
+"""Test doubles of third-party clients (put this folder first on PYTHONPATH to swap them in)."""
