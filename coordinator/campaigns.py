@@ -89,12 +89,21 @@ def measure_key(
         "backend": backend,
         "options": options,
         "device": device_id,
-        "settings": settings.to_dict(),
+        "settings": _settings_identity(settings),
     }
     if scheme is not None:
         identity["scheme"] = scheme
     blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _settings_identity(settings: MeasureSettings) -> dict[str, object]:
+    """Settings as they enter a measure key; defaults added later (``evaluate``) are
+    left out so that keys, and so reuse, survive upgrades."""
+    values = settings.to_dict()
+    if values.get("evaluate", True):
+        values.pop("evaluate", None)
+    return values
 
 
 def choose_devices(spec: CampaignSpec, sessions: list[AgentSession]) -> list[DeviceChoice]:

@@ -108,19 +108,7 @@ class LocalFarm:
 
     def start_agent(self, name: str, labels: dict[str, str] | None = None) -> None:
         """Start one agent process named ``name``."""
-        cmd = [
-            *self._cli(),
-            "agent",
-            "serve",
-            "--coordinator",
-            self.address,
-            "--token",
-            self.token,
-            "--name",
-            name,
-            "--work-dir",
-            str(self.home / f"agent-{name}"),
-        ]
+        cmd = self._agent_cmd("serve", name)
         for key, value in {**self.agent_labels, **(labels or {})}.items():
             cmd += ["--label", f"{key}={value}"]
         self._spawn(name, cmd, dict(os.environ))
@@ -130,10 +118,15 @@ class LocalFarm:
     ) -> None:
         """Start an ``edgefarm agent hub`` process named ``name``: one agent per Qualcomm
         AI Hub device its ``args`` select (``--device``, ``--attribute``, ``--hub-config``)."""
-        cmd = [
+        cmd = [*self._agent_cmd("hub", name), *args]
+        self._spawn(name, cmd, dict(os.environ) if env is None else env)
+
+    def _agent_cmd(self, mode: str, name: str) -> list[str]:
+        """``edgefarm agent MODE`` connected to this farm, named ``name``."""
+        return [
             *self._cli(),
             "agent",
-            "hub",
+            mode,
             "--coordinator",
             self.address,
             "--token",
@@ -142,9 +135,7 @@ class LocalFarm:
             name,
             "--work-dir",
             str(self.home / f"agent-{name}"),
-            *args,
         ]
-        self._spawn(name, cmd, dict(os.environ) if env is None else env)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"agent-{name}.log").open("a")

@@ -50,7 +50,8 @@ def _speed(row: Row) -> float | None:
     return 1000.0 / p50 * (row.get("batch_size") or 1)
 
 
-def _is_llm(row: Row) -> bool:
+def is_llm_row(row: Row) -> bool:
+    """True for a language-model row (prompt speed or KL divergence measured)."""
     metrics = row.get("metrics") or {}
     return "prompt_tok_per_s" in metrics or "kld_mean" in (row.get("accuracy") or {})
 
@@ -78,14 +79,14 @@ def compare(rows: list[Row]) -> list[ComparisonRow]:
     """Comparison rows, grouped by device, model and framework, full precision first."""
     baselines: dict[tuple[str, str, str], Row] = {}
     for row in rows:
-        key = (_device(row), row["model"], row["backend"])
+        key = (device_label(row), row["model"], row["backend"])
         if row.get("ok") and row.get("scheme") == FULL_PRECISION.get(row["backend"]):
             baselines[key] = row
     out = []
     for row in rows:
-        key = (_device(row), row["model"], row["backend"])
+        key = (device_label(row), row["model"], row["backend"])
         base = baselines.get(key)
-        llm = _is_llm(row)
+        llm = is_llm_row(row)
         speed = _speed(row) if row.get("ok") else None
         note = "" if base is not None else f"no {FULL_PRECISION.get(row['backend'], '?')} run"
         if not row.get("ok"):
@@ -119,7 +120,8 @@ def compare(rows: list[Row]) -> list[ComparisonRow]:
     return out
 
 
-def _device(row: Row) -> str:
+def device_label(row: Row) -> str:
+    """The name tables and reports show for a row's device."""
     return str(row.get("device_name") or row.get("device_id") or "?")
 
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from results.compare import FULL_PRECISION
+from results.compare import FULL_PRECISION, device_label, is_llm_row
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_pct
-from results.report.model import device_label, failure_reason, is_llm_row
+from results.report.model import failure_reason
 
 Row = dict[str, Any]
 # A figure exactly at its limit is within it; this absorbs float rounding (0.91 - 0.90).

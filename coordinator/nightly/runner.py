@@ -77,6 +77,11 @@ def choose_baseline(store: ResultsStore, suite: Suite) -> NightlyRun | None:
         run = store.get_nightly_run(suite.baseline)
         if run is None or run.suite != suite.name:
             raise UsageError(f"suite {suite.name}: no nightly run '{suite.baseline}'")
+        if not run.campaign_id or not run.finished_at:
+            raise UsageError(
+                f"suite {suite.name}: nightly run {run.run_id} ({run.status}) has no "
+                "finished measurements to be a baseline"
+            )
         return run
     finished = [r for r in store.nightly_runs(suite.name) if r.campaign_id and r.finished_at]
     if suite.baseline == "last-passing":
@@ -137,7 +142,9 @@ class NightlyRunner:
             f"night {run.night} of suite {suite.name} ({run.run_id}); baseline: "
             + (f"{baseline.night} ({baseline.run_id})" if baseline else "none yet")
         )
-        campaign_id, failed, _ = submit_and_follow(self.client, campaign_path, shape=shape)
+        campaign_id, failed, _ = submit_and_follow(
+            self.client, campaign_path, fresh=True, shape=shape
+        )
         run.campaign_id = campaign_id
         self.store.update_nightly_run(run.run_id, campaign_id=campaign_id)
         rows = self.store.results_for_campaign(campaign_id)
@@ -150,16 +157,25 @@ class NightlyRunner:
             notes.append("first night of the suite: it becomes the baseline")
         else:
             base_rows = self._baseline_rows(baseline, rows)
-            verdicts = judge_night(
-                series_samples(base_rows, baseline.run_id, baseline.created_at), candidate
-            )
+            base_samples = series_samples(base_rows, baseline.run_id, baseline.created_at)
+            verdicts = judge_night(base_samples, candidate)
             verdicts = self._unattributable(verdicts, base_rows, rows)
             flagged = to_confirm(verdicts)
             if flagged and suite.confirm:
-                verdicts, confirm_id = self._confirm(
+                verdicts, confirm_id, confirm_failed = self._confirm(
                     campaign_path, shape, baseline, verdicts, flagged, run
                 )
                 run.confirm_campaign_id = confirm_id
+                if confirm_failed:
+                    failed += confirm_failed
+                    notes.append(f"{confirm_failed} task(s) failed in confirmation {confirm_id}")
+            missing = sorted(
+                {series_label(k) for k in base_samples} - {series_label(k) for k in candidate}
+            )
+            if missing:
+                # A series the baseline night measured and tonight did not: never "passed".
+                failed += len(missing)
+                notes.append(f"not measured tonight (measured by the baseline night): {missing}")
         histories = stored_histories(self.store, run, candidate)
         outcome = NightOutcome(run, baseline, rows, verdicts, histories, notes, failed)
         notes += _drift_notes(histories)
@@ -247,12 +263,14 @@ class NightlyRunner:
         verdicts: list[Verdict],
         flagged: list[Verdict],
         run: NightlyRun,
-    ) -> tuple[list[Verdict], str]:
+    ) -> tuple[list[Verdict], str, int]:
         """Re-measure the flagged series in a fresh run; mark each verdict confirmed or not."""
         series = frozenset(series_label(v.key) for v in flagged)
         self.echo(f"confirming {len(flagged)} flagged series in a fresh run: {sorted(series)}")
         again = dataclasses.replace(shape, series=series, seed=shape.seed + 1)
-        campaign_id, _, _ = submit_and_follow(self.client, campaign_path, shape=again)
+        campaign_id, failed, _ = submit_and_follow(
+            self.client, campaign_path, fresh=True, shape=again
+        )
         rows = self.store.results_for_campaign(campaign_id)
         candidate = series_samples(rows, run.run_id, time.time(), CANDIDATE)
         base_rows = self._baseline_rows(baseline, rows)
@@ -269,13 +287,16 @@ class NightlyRunner:
         for v in verdicts:
             if v in flagged:
                 second = recheck.get(v.key)
-                v = confirm(v, second) if second else dataclasses.replace(v, confirmed=False)
-                note = f"re-measured in {campaign_id}: " + (
-                    f"x{second.ratio:.3f}, {second.status.value}" if second else "no data"
-                )
+                if second is None or second.status is Status.INSUFFICIENT:
+                    # The re-run could not judge (failed tasks, too few trials): the
+                    # regression stands unconfirmed rather than being waved through.
+                    note = f"re-measurement in {campaign_id} could not judge it"
+                else:
+                    v = confirm(v, second)
+                    note = f"re-measured in {campaign_id}: x{second.ratio:.3f}, {second.status}"
                 v = dataclasses.replace(v, message=f"{v.message}; {note}".strip("; "))
             out.append(v)
-        return out, campaign_id
+        return out, campaign_id, failed
 
 
 def stored_histories(

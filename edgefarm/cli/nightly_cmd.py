@@ -29,12 +29,17 @@ def nightly() -> None:
 def _write_reports(report: Report, out_dir: Path, stem: str, formats: tuple[str, ...]) -> None:
     from results.report import render
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     suffix = {"markdown": "md", "json": "json", "html": "html"}
-    for fmt in formats:
-        path = out_dir / f"{stem}.{suffix[fmt]}"
-        path.write_text(render(report, fmt), encoding="utf-8")
-        click.echo(f"report: {path}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            path = out_dir / f"{stem}.{suffix[fmt]}"
+            path.write_text(render(report, fmt), encoding="utf-8")
+            click.echo(f"report: {path}")
+    except OSError as error:
+        # The night is stored and its verdict stands: a report that cannot be written
+        # must not turn a regression's exit code into something else.
+        click.echo(f"warning: cannot write the report to {out_dir}: {error}", err=True)
 
 
 @nightly.command()
@@ -106,14 +111,15 @@ def run(
         report, Path(report_dir) if report_dir else base / "reports", outcome.run.run_id, formats
     )
     if outcome.regressions:
+        confirmed = sum(1 for v in outcome.regressions if v.confirmed)
         raise RegressionFound(
             f"night {outcome.run.night} of {outcome.run.suite}: "
-            f"{len(outcome.regressions)} confirmed regression(s)"
+            f"{len(outcome.regressions)} regression(s), {confirmed} confirmed by a re-run"
         )
     if outcome.tasks_failed:
         raise CampaignFailed(
-            f"night {outcome.run.night} of {outcome.run.suite}: "
-            f"{outcome.tasks_failed} task(s) failed"
+            f"night {outcome.run.night} of {outcome.run.suite}: {outcome.tasks_failed} "
+            "failed task(s) or missing series (see the notes)"
         )
 
 
@@ -185,7 +191,10 @@ def report(
             raise UsageError(f"no nightly run '{run_id}' in {store.url}")
         text = _render(_night_report(store, run), fmt)
     if output:
-        Path(output).write_text(text, encoding="utf-8")
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write the report to {output}: {error}") from None
         click.echo(f"report: {output}")
     else:
         click.echo(text, nl=False)

@@ -58,15 +58,16 @@ def resolve_device(rows: list[dict[str, Any]], text: str) -> tuple[str, str]:
 
 
 def _load_rows(store_url: str | None, home: str | None, campaign: str | None) -> list[Any]:
+    from results.regression.collect import pool_blocks
     from results.store import ResultsStore
 
     with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
         if campaign is None:
-            return store.query_results()
+            return pool_blocks(store.query_results())
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
-        return store.results_for_campaign(record.campaign_id)
+        return pool_blocks(store.results_for_campaign(record.campaign_id))
 
 
 def _print(rec: Recommendation, name: str) -> None:
@@ -124,9 +125,9 @@ def recommend(
 ) -> None:
     """The fastest configuration on a device within memory and fidelity limits, from
     measured results, with the runners-up and why every other one was excluded."""
+    from results.compare import is_llm_row
     from results.recommend import Objective
     from results.recommend import recommend as answer
-    from results.report.model import is_llm_row
 
     memory = parse_size(max_memory) if max_memory is not None else None
     drop = parse_fraction(max_accuracy_drop) if max_accuracy_drop is not None else None

@@ -84,6 +84,7 @@ def campaign(
     self-contained HTML page."""
     from pathlib import Path
 
+    from results.regression.collect import pool_blocks
     from results.report import build_report, render
     from results.store import ResultsStore
 
@@ -91,7 +92,7 @@ def campaign(
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
-        rows = store.results_for_campaign(record.campaign_id)
+        rows = pool_blocks(store.results_for_campaign(record.campaign_id))
     if not rows:
         raise UsageError(f"campaign {record.campaign_id} has no results yet")
     reused = sum(1 for r in rows if r.get("reused"))

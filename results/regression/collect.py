@@ -73,12 +73,15 @@ def row_series(row: Row) -> str:
 
 
 def pool_blocks(rows: Iterable[Row], role: str = "candidate") -> list[Row]:
-    """One row per series for ``role``: its blocks' samples pooled, latency summary and
-    throughput recomputed, accuracy from the evaluating block (for reports and tables)."""
-    groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    """One row per campaign and series for ``role``: its blocks' samples pooled, latency
+    summary and throughput recomputed, accuracy from the evaluating block. Rows of plain
+    campaigns (one block) pass through; nightly replay rows are left out by default."""
+    groups: dict[tuple[str, str, str, str, str], list[Row]] = {}
     for row in rows:
         if row.get("role", "candidate") == role:
-            key = (row["model"], row["backend"], row["scheme"], row["device_id"])
+            key = (
+                row["campaign_id"], row["model"], row["backend"], row["scheme"], row["device_id"]
+            )
             groups.setdefault(key, []).append(row)
     pooled = []
     for members in groups.values():

@@ -29,6 +29,7 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from results.compare import is_llm_row
 from results.regression.types import Direction, Metric, MetricKind, Sample
 
 Row = dict[str, Any]
@@ -57,13 +58,6 @@ METRICS: dict[str, Metric] = {
 
 _TRIAL_METRICS = ("prompt_tok_per_s", "ttft_ms")  # per-trial backend figures
 _ACCURACY_KEYS = ("top1", "agreement", "top1_agreement", "kld_mean", "ppl_ratio")
-
-
-def is_llm_row(row: Row) -> bool:
-    """True for language-model rows (prompt speed or KL divergence measured)."""
-    return "prompt_tok_per_s" in (row.get("metrics") or {}) or "kld_mean" in (
-        row.get("accuracy") or {}
-    )
 
 
 def _number(value: Any) -> float | None:

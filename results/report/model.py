@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from results.compare import ComparisonRow, compare
+from results.compare import ComparisonRow, compare, device_label, is_llm_row
 from results.regression.types import Direction, SeriesHistory, SeriesKey, Status, Verdict
 
 Row = dict[str, Any]
@@ -130,18 +130,6 @@ class Report:
     def unit_of(self, key: SeriesKey) -> str:
         """The unit of a series, from its history ("" when the report has none)."""
         return next((p.history.unit for p in self.histories if p.history.key == key), "")
-
-
-def device_label(row: Row) -> str:
-    """The name a report shows for a row's device (as results.compare does)."""
-    return str(row.get("device_name") or row.get("device_id") or "?")
-
-
-def is_llm_row(row: Row) -> bool:
-    """True for a language-model row (decode-step latency, KLD fidelity)."""
-    return "prompt_tok_per_s" in (row.get("metrics") or {}) or "kld_mean" in (
-        row.get("accuracy") or {}
-    )
 
 
 def failure_reason(row: Row) -> str:

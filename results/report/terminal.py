@@ -38,9 +38,13 @@ def render_terminal(report: Report, width: int = 140) -> str:
         for v in report.verdicts:
             if v.status in (Status.REGRESSION, Status.CHANGED, Status.IMPROVEMENT):
                 unit = report.unit_of(v.key)
+                state = (
+                    "" if v.confirmed is None else " (confirmed)" if v.confirmed else " (refuted)"
+                )
                 say(
-                    f"  {v.status.value.upper()}: {v.key.label()} {fmt_value(v.baseline, unit)}"
-                    f" -> {fmt_value(v.candidate, unit)} ({fmt_ratio(v.ratio)})"
+                    f"  {v.status.value.upper()}{state}: {v.key.label()} "
+                    f"{fmt_value(v.baseline, unit)} -> {fmt_value(v.candidate, unit)} "
+                    f"({fmt_ratio(v.ratio)})"
                 )
     for chart in report.pareto:
         say()

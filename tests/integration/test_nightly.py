@@ -49,7 +49,7 @@ def test_two_nights_then_an_injected_slowdown(make_farm: MakeFarm, tmp_path: Pat
     spec("{graph_optimization_level: disable}")
     rc, out = _night(farm, suite, "night-3", reports)
     assert rc == 11, out
-    assert "confirmed regression" in out
+    assert "confirmed by a re-run" in out
 
     with open_store(farm) as store:
         runs = store.nightly_runs("it-nightly")
