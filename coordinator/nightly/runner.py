@@ -30,6 +30,7 @@ from coordinator.client import ControlClient
 from coordinator.interleave import BASELINE, CANDIDATE, RunShape
 from coordinator.nightly.suite import Suite, load_suite
 from coordinator.runner import submit_and_follow
+from coordinator.spec import CampaignSpec
 from edgefarm.errors import UsageError
 from results.records import NightlyRun
 from results.regression.codec import change_point_to_dict, verdict_to_dict
@@ -106,7 +107,7 @@ class NightlyRunner:
 
     def run(self, suite_path: Path, night: str | None = None) -> NightOutcome:
         """Measure and judge one night of the suite in ``suite_path``."""
-        suite, campaign_path, _ = load_suite(suite_path)
+        suite, campaign_path, spec = load_suite(suite_path)
         baseline = choose_baseline(self.store, suite)
         now = time.time()
         run = NightlyRun(
@@ -119,7 +120,7 @@ class NightlyRunner:
         )
         self.store.create_nightly_run(run)
         try:
-            return self._night(suite, campaign_path, run, baseline)
+            return self._night(suite, campaign_path, spec, run, baseline)
         except BaseException as error:
             self.store.update_nightly_run(
                 run.run_id,
@@ -130,7 +131,12 @@ class NightlyRunner:
             raise
 
     def _night(
-        self, suite: Suite, campaign_path: Path, run: NightlyRun, baseline: NightlyRun | None
+        self,
+        suite: Suite,
+        campaign_path: Path,
+        spec: CampaignSpec,
+        run: NightlyRun,
+        baseline: NightlyRun | None,
     ) -> NightOutcome:
         seed = int(run.run_id[2:], 16)
         shape = RunShape(
@@ -169,13 +175,21 @@ class NightlyRunner:
                 if confirm_failed:
                     failed += confirm_failed
                     notes.append(f"{confirm_failed} task(s) failed in confirmation {confirm_id}")
+            planned = {(v.model.name, v.backend, v.scheme) for v in spec.variants()}
+            gone = {k for k in base_samples if k not in candidate}
             missing = sorted(
-                {series_label(k) for k in base_samples} - {series_label(k) for k in candidate}
+                {series_label(k) for k in gone if (k.model, k.backend, k.scheme) in planned}
+            )
+            dropped = sorted(
+                {series_label(k) for k in gone if (k.model, k.backend, k.scheme) not in planned}
             )
             if missing:
-                # A series the baseline night measured and tonight did not: never "passed".
+                # Still asked for, measured by the baseline night, not tonight (a device
+                # offline, a task lost): such a night is never "passed".
                 failed += len(missing)
                 notes.append(f"not measured tonight (measured by the baseline night): {missing}")
+            if dropped:
+                notes.append(f"no longer in the suite's campaign: {dropped}")
         histories = stored_histories(self.store, run, candidate)
         outcome = NightOutcome(run, baseline, rows, verdicts, histories, notes, failed)
         notes += _drift_notes(histories)
