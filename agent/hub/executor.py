@@ -221,12 +221,13 @@ class HubExecutor:
             "quantize",
             facts,
             run.ctx,
-            lambda: self.hub.client.submit_quantize_job(
+            f"{run.title} quantize",
+            lambda name: self.hub.client.submit_quantize_job(
                 model,
                 calibration_data={run.spec.name: samples},
                 weights_dtype=weights,
                 activations_dtype=activations,
-                name=f"{run.title} quantize",
+                name=name,
             ),
         )
         run.jobs["quantize"] = quantized.entry.hub_id
@@ -254,10 +255,11 @@ class HubExecutor:
             "compile",
             facts,
             run.ctx,
-            lambda: self.hub.client.submit_compile_job(
+            f"{run.title} compile",
+            lambda name: self.hub.client.submit_compile_job(
                 model,
                 device=run.device,
-                name=f"{run.title} compile",
+                name=name,
                 input_specs={run.spec.name: (run.shape, run.spec.dtype)},
                 options=options,
                 retry=False,
@@ -280,10 +282,11 @@ class HubExecutor:
             "profile",
             facts,
             run.ctx,
-            lambda: self.hub.client.submit_inference_job(
+            f"{run.title} profile",
+            lambda name: self.hub.client.submit_inference_job(
                 target,
                 device=run.device,
-                name=f"{run.title} profile",
+                name=name,
                 options=options,
                 retry=False,
                 profile=True,
@@ -314,11 +317,12 @@ class HubExecutor:
             "inference",
             facts,
             run.ctx,
-            lambda: self.hub.client.submit_inference_job(
+            f"{run.title} inference",
+            lambda name: self.hub.client.submit_inference_job(
                 target,
                 device=run.device,
                 inputs={run.spec.name: batches},
-                name=f"{run.title} inference",
+                name=name,
                 options=options,
                 retry=False,
                 profile=False,

@@ -7,6 +7,9 @@ cancelled task stops waiting at once (the hub job itself runs on and stays journ
 A step's job is looked up in the journal first:
 
 - submitted or succeeded: re-attach with ``get_job`` (no new submission);
+- submitting (the agent died inside the submission call): the job is looked up among
+  the hub's recent jobs by its unique name (a nonce in the journal); found, it is
+  re-attached, else submitted;
 - failed: the failure stands (re-raised as :class:`HubJobFailed`, nothing submitted)
   within the same campaign for upload / quantize / compile, whose outcome depends only
   on their inputs, and within the same task attempt for profile / inference jobs;
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +32,23 @@ from typing import Any
 
 from agent.backoff import Backoff
 from agent.hub.api import HubApi, hub_message
-from agent.hub.journal import FAILED, SUBMITTED, SUCCEEDED, Journal, JournalEntry
+from agent.hub.journal import (
+    FAILED,
+    SUBMITTED,
+    SUBMITTING,
+    SUCCEEDED,
+    Journal,
+    JournalEntry,
+)
 from edgefarm.errors import HubJobFailed, TaskError, TaskTimeout
 
 log = logging.getLogger(__name__)
 
 # Steps whose outcome depends only on their inputs: a failure is final within a campaign.
+# The journal fact holding a job's unique name, and how many recent hub jobs are searched
+# for it after a restart inside a submission.
+JOB_NAME = "job_name"
+RECENT_JOBS = 200
 DETERMINISTIC_STEPS = frozenset({"upload", "quantize", "compile"})
 
 
@@ -155,11 +170,14 @@ class HubJobs:
         step: str,
         facts: dict[str, str],
         ctx: StepContext,
-        submit: Callable[[], Any],
+        title: str,
+        submit: Callable[[str], Any],
     ) -> StepResult:
         """The finished job for ``step`` (keyed by ``facts``): re-attached or submitted once.
 
-        Raises :class:`HubJobFailed` with the hub's reason when the job failed.
+        ``submit(name)`` submits the job under ``name`` (``title`` plus a nonce, journalled
+        before the call). Raises :class:`HubJobFailed` with the hub's reason when the job
+        failed.
         """
         key = Journal.key(step, **facts)
         async with self.journal.lock(key):
@@ -169,12 +187,29 @@ class HubJobs:
                 if _failure_stands(entry, ctx):
                     raise HubJobFailed(entry.message)
                 log.info("%s: the earlier job %s failed; submitting again", step, entry.hub_id)
+            elif entry is not None and entry.state == SUBMITTING:
+                job = await self._find_by_name(entry.facts.get(JOB_NAME, ""))
+                if job is not None:
+                    log.info("%s: found hub job %s submitted before a restart", step, job.job_id)
+                    entry.hub_id, entry.state = str(job.job_id), SUBMITTED
+                    self.journal.put(entry)
             elif entry is not None:
                 job = await self._lookup(self.hub.client.get_job, entry.hub_id)
                 if job is not None:
                     log.info("%s: re-attached to hub job %s", step, entry.hub_id)
             if job is None:
-                job = await self.submit(f"submitting the {step} job", submit)
+                name = f"{title} #{uuid.uuid4().hex[:12]}"
+                intent = JournalEntry(
+                    key=key,
+                    step=step,
+                    hub_id="",
+                    state=SUBMITTING,
+                    campaign_id=ctx.campaign_id,
+                    attempt=ctx.attempt,
+                    facts={**facts, JOB_NAME: name},
+                )
+                self.journal.put(intent)  # before submitting: a restart finds it by name
+                job = await self.submit(f"submitting the {step} job", submit, name)
                 entry = JournalEntry(
                     key=key,
                     step=step,
@@ -182,7 +217,7 @@ class HubJobs:
                     state=SUBMITTED,
                     campaign_id=ctx.campaign_id,
                     attempt=ctx.attempt,
-                    facts=dict(facts),
+                    facts={**facts, JOB_NAME: name},
                 )
                 self.journal.put(entry)  # before waiting: a restart re-attaches
                 log.info("%s: submitted hub job %s", step, job.job_id)
@@ -204,6 +239,18 @@ class HubJobs:
         """Record results of a finished step (e.g. the compiled model's size)."""
         entry.facts.update(facts)
         self.journal.put(entry)
+
+    async def _find_by_name(self, name: str) -> Any:
+        """The hub job called ``name`` among the most recent ones, or None."""
+        if not name:
+            return None
+        summaries = await self.call(
+            "listing recent hub jobs", self.hub.client.get_job_summaries, limit=RECENT_JOBS
+        )
+        for summary in summaries:
+            if summary.name == name:
+                return await self._lookup(self.hub.client.get_job, str(summary.job_id))
+        return None
 
     async def _lookup(self, getter: Callable[[str], Any], hub_id: str) -> Any:
         """``getter(hub_id)``, or None when the hub no longer knows the id."""

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 JOURNAL_VERSION = 1
 
+# Written before the submission call: after a crash inside that call the job (if the
+# hub got it) is found again by its unique name instead of being submitted twice.
+SUBMITTING = "submitting"
 SUBMITTED = "submitted"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
@@ -41,8 +44,8 @@ class JournalEntry:
 
     key: str
     step: str  # upload | quantize | compile | profile | inference
-    hub_id: str  # the job id (the model id for an upload)
-    state: str  # submitted | succeeded | failed
+    hub_id: str  # the job id (the model id for an upload); "" while submitting
+    state: str  # submitting | submitted | succeeded | failed
     campaign_id: str = ""
     attempt: int = 0
     message: str = ""  # the hub's reason, for a failed job

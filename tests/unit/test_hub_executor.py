@@ -17,7 +17,7 @@ from agent.hub.config import HubConfig
 from agent.hub.devices import HubDevice, select_devices
 from agent.hub.executor import HubExecutor
 from agent.hub.jobs import HubJobs, HubSettings
-from agent.hub.journal import SUBMITTED, Journal
+from agent.hub.journal import SUBMITTED, Journal, JournalEntry
 from agent.runner import TrialsReport
 from coordinator.conversion.hub_inputs import build_hub_inputs
 from coordinator.models.digits import build_digits_model
@@ -200,3 +200,64 @@ def test_quantized_scheme_without_calibration_fails_clearly(
     # fp32 without an eval set: measured, no accuracy
     report = _run(_executor(api, tmp_path), (model, bare), "fp32")
     assert report.trials[0].valid and report.accuracy == {}
+
+
+def test_a_crash_inside_the_submission_call_finds_the_job_by_name(
+    api: HubApi, state: Path, tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    """The journal holds the job's name before the call; after a crash between the hub
+    accepting the job and its id being journalled, the job is found, not resubmitted."""
+    from agent.hub.jobs import JOB_NAME, StepContext
+    from agent.hub.journal import SUBMITTING
+
+    double.write_config(state, job_seconds=0.0)
+    journal = Journal(tmp_path / "journal")
+    jobs = HubJobs(api, journal, FAST)
+    ctx = StepContext(campaign_id="c-1", attempt=1)
+    onnx = tmp_path / "digits.onnx"
+    onnx.write_bytes(files[0].read_bytes())
+    model = api.client.upload_model(str(onnx), name="digits")
+    facts = {"model": "digits", "scheme": "fp32"}
+    key = Journal.key("compile", **facts)
+    device = api.client.get_devices(attributes=["framework:qnn"])[0]
+
+    def submit(name: str) -> object:
+        return api.client.submit_compile_job(
+            model,
+            device=device,
+            name=name,
+            input_specs={"input": ((1, 64), "float32")},
+            options="--target_runtime tflite",
+            retry=False,
+        )
+
+    # What a crash leaves: the intent is journalled and the hub got the job, no id yet.
+    crashed = submit("digits compile #crashed01")
+    journal.put(
+        JournalEntry(
+            key=key,
+            step="compile",
+            hub_id="",
+            state=SUBMITTING,
+            facts={**facts, JOB_NAME: "digits compile #crashed01"},
+        )
+    )
+    result = asyncio.run(jobs.run("compile", facts, ctx, "digits compile", submit))
+    assert result.job.job_id == crashed.job_id
+    assert len(double.jobs(state)) == 1  # nothing submitted again
+    entry = journal.get(key)
+    assert entry is not None and entry.hub_id == crashed.job_id and entry.state != SUBMITTING
+
+    # Had the hub not got it, the step is submitted (once) under a new name.
+    other = {"model": "digits", "scheme": "fp16"}
+    journal.put(
+        JournalEntry(
+            key=Journal.key("compile", **other),
+            step="compile",
+            hub_id="",
+            state=SUBMITTING,
+            facts={**other, JOB_NAME: "lost #x"},
+        )
+    )
+    again = asyncio.run(jobs.run("compile", other, ctx, "digits compile", submit))
+    assert again.job.job_id != crashed.job_id and len(double.jobs(state)) == 2

@@ -37,6 +37,7 @@ def get_job(job_id: str) -> Any:
     return _global_client.get_job(job_id)
 
 
+get_job_summaries = _global_client.get_job_summaries
 upload_model = _global_client.upload_model
 get_model = _global_client.get_model
 submit_compile_job = _global_client.submit_compile_job

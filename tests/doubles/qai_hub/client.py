@@ -223,6 +223,17 @@ class Job:
         return self._owner.get_model(self._record["target_model_id"])
 
 
+class JobSummary:
+    """As ``qai_hub.JobSummary``: id, name, date and status of a job."""
+
+    def __init__(self, owner: Client, record: dict[str, Any]) -> None:
+        self.job_id: str = record["id"]
+        self.name: str = record["name"]
+        self.date = datetime.fromtimestamp(record["created_at"])
+        state, message = _state.job_state(record)
+        self.status = JobStatus(JobStatus.State[state], message)
+
+
 class CompileJob(Job):
     """As ``qai_hub.CompileJob``."""
 
@@ -361,6 +372,21 @@ class Client:
         if record is None:
             raise UserError(f"Model ID '{model_id}' could not be found.")
         return Model(self, record)
+
+    def get_job_summaries(
+        self,
+        offset: int = 0,
+        limit: int = 50,
+        creator: str | None = None,
+        state: Any = None,
+        type: JobType | None = None,
+        project: Any = None,
+    ) -> list[JobSummary]:
+        """As ``Client.get_job_summaries``: the newest jobs first."""
+        records = sorted(
+            _state.jobs(_state.state_dir()), key=lambda r: r["created_at"], reverse=True
+        )
+        return [JobSummary(self, r) for r in records[offset : offset + limit]]
 
     def get_job(self, job_id: str, job_type: JobType | None = None) -> Job:
         record = _state.load("jobs", job_id)
@@ -617,6 +643,7 @@ __all__ = [
     "InternalError",
     "Job",
     "JobStatus",
+    "JobSummary",
     "JobType",
     "Model",
     "ProfileJob",
