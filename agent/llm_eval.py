@@ -17,10 +17,12 @@ and ``top_k`` (see :func:`build_reference`).
 
 from __future__ import annotations
 
+import statistics
+import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +34,20 @@ from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+PROMPT_REPEATS = 3  # prompt runs behind prompt_tok_per_s and ttft_ms (median)
+
+# The token stream when a task has no eval text: any fixed text will do.
+FALLBACK_TEXT = (
+    "The river rose slowly through the night, and by morning the low fields along the "
+    "valley were under water. Farmers moved their animals to the higher pastures, while "
+    "the ferryman tied his boat to the old oak and waited for the current to ease. "
+    "In the town, the baker opened early, as he always did, and the smell of bread "
+    "drifted across the square where children watched the brown water pass the bridge. "
+)
+
+S = TypeVar("S")
+R = TypeVar("R")
 
 LLM_KIND = "llm"
 DEFAULT_TOP_K = 32
@@ -310,3 +326,48 @@ def check_decode_budget(settings: MeasureSettings) -> None:
             f"({settings.prompt_tokens}) + warmup_iterations ({settings.warmup_iterations}) "
             f"+ min_iterations ({settings.min_iterations}) = {needed} tokens must fit"
         )
+
+
+def prompt_metrics(
+    prepare: Callable[[], S],
+    prefill: Callable[[S], R],
+    first_token: Callable[[R], int],
+    prompt_tokens: int,
+    settings: MeasureSettings,
+) -> dict[str, float]:
+    """Prompt processing speed and time to first token: medians of
+    :data:`PROMPT_REPEATS` runs of the prompt from an empty cache.
+
+    Each run: ``prepare()`` (untimed: a fresh cache, feeds), then ``prefill(state)`` is
+    the prompt's time, and ``first_token(result)`` (the greedy pick from the last
+    logits) completes the time to first token.
+    """
+    clock = time.perf_counter_ns
+    prompt_ns, ttft_ns = [], []
+    for _ in range(PROMPT_REPEATS):
+        state = prepare()
+        t0 = clock()
+        result = prefill(state)
+        t1 = clock()
+        first_token(result)
+        t2 = clock()
+        prompt_ns.append(t1 - t0)
+        ttft_ns.append(t2 - t0)
+    return {
+        "prompt_tok_per_s": prompt_tokens * 1e9 / statistics.median(prompt_ns),
+        "ttft_ms": statistics.median(ttft_ns) / 1e6,
+        "prompt_tokens": float(prompt_tokens),
+        "context_tokens": float(settings.context_tokens),
+    }
+
+
+def evaluate_reference(
+    eval_path: Path,
+    chunk_logprobs: Callable[[np.ndarray, int], Iterable[np.ndarray]],
+    vocab_size: int,
+) -> dict[str, float]:
+    """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement) from
+    a backend's log-softmax rows per reference chunk."""
+    reference = load_llm_reference(eval_path)
+    chunks = chunk_logprobs(reference["tokens"], int(reference["n_ctx"]))
+    return fidelity_from_chunks(chunks, reference, vocab_size)

@@ -16,7 +16,7 @@ What is timed:
   rewinds it to the end of the prompt first (a position reset only: the next ``eval``
   drops the KV cells past it); that rare step includes the rewind, a few microseconds.
 - ``extra_metrics``: prompt processing speed ``prompt_tok_per_s`` (median of
-  :data:`PROMPT_REPEATS` evaluations of the prompt from an empty KV cache) and
+  :data:`agent.llm_eval.PROMPT_REPEATS` evaluations of the prompt from an empty KV cache) and
   ``ttft_ms`` (median of: evaluate the prompt from an empty cache, then pick the first
   token greedily), plus ``prompt_tokens`` and ``context_tokens``. Generation speed is
   not repeated here: it is ``1000 / mean decode ms`` of the trial's samples
@@ -31,8 +31,6 @@ No options yet; the llama.cpp build itself (its CPU flags) is recorded in
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,29 +39,20 @@ import numpy as np
 from agent.backends.base import Backend, check_options
 from agent.backends.gguf_check import check_gguf
 from agent.llm_eval import (
+    FALLBACK_TEXT,
     check_decode_budget,
     check_token_ids,
     load_llm_reference,
     load_reference_tokens,
     measure_fidelity,
     open_llama,
+    prompt_metrics,
 )
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ArtifactError, TaskError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
-
-PROMPT_REPEATS = 3  # prompt evaluations behind prompt_tok_per_s and ttft_ms (median)
-
-# The token stream when a task has no eval text: any fixed text will do.
-FALLBACK_TEXT = (
-    "The river rose slowly through the night, and by morning the low fields along the "
-    "valley were under water. Farmers moved their animals to the higher pastures, while "
-    "the ferryman tied his boat to the old oak and waited for the current to ease. "
-    "In the town, the baker opened early, as he always did, and the smell of bread "
-    "drifted across the square where children watched the brown water pass the bridge. "
-)
 
 
 class DecodeStep:
@@ -164,26 +153,14 @@ class LlamaCppBackend(Backend):
             raise TaskError("extra_metrics needs make_inputs first")
         llm = self._llm
         prompt = self._tokens[: settings.prompt_tokens].tolist()
-        clock = time.perf_counter_ns
-        prompt_ns, ttft_ns = [], []
-        for _ in range(PROMPT_REPEATS):
-            self._reset()
-            t0 = clock()
-            llm.eval(prompt)
-            t1 = clock()
-            first_token_logits = np.ctypeslib.as_array(
-                llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),)
-            )
-            _first_token = int(np.argmax(first_token_logits))  # greedy pick: part of TTFT
-            t2 = clock()
-            prompt_ns.append(t1 - t0)
-            ttft_ns.append(t2 - t0)
-        return {
-            "prompt_tok_per_s": len(prompt) * 1e9 / statistics.median(prompt_ns),
-            "ttft_ms": statistics.median(ttft_ns) / 1e6,
-            "prompt_tokens": float(len(prompt)),
-            "context_tokens": float(settings.context_tokens),
-        }
+
+        def first_token(_: object) -> int:  # greedy pick from the last position's logits
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+            return int(np.argmax(logits))
+
+        return prompt_metrics(
+            self._reset, lambda _: llm.eval(prompt), first_token, len(prompt), settings
+        )
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""

@@ -13,7 +13,7 @@ the folder itself. What is timed mirrors :mod:`agent.backends.llama_cpp`:
   (else :class:`TaskError`); a step that finds the context full first trims the KV
   cache back to the prompt (an offset change: the next step overwrites the cells).
 - ``extra_metrics``: ``prompt_tok_per_s`` and ``ttft_ms`` (medians of
-  :data:`PROMPT_REPEATS` prompt evaluations from an empty cache; TTFT adds the greedy
+  :data:`agent.llm_eval.PROMPT_REPEATS` prompt evaluations from an empty cache; TTFT adds the greedy
   pick of the first token), ``prompt_tokens`` and ``context_tokens``: the same keys as
   llama-cpp; and ``unpack_ms``, the share of the trial's load time spent extracting the
   tar (0 for a folder). The prompt is evaluated as mlx-lm's generator does it: all but the last
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import io
 import json
-import statistics
 import tarfile
 import tempfile
 import time
@@ -46,13 +45,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agent.backends.base import Backend, check_model_file, check_options, one_line
-from agent.backends.llama_cpp import FALLBACK_TEXT, PROMPT_REPEATS
 from agent.llm_eval import (
+    FALLBACK_TEXT,
     check_decode_budget,
     check_token_ids,
-    fidelity_from_chunks,
-    load_llm_reference,
+    evaluate_reference,
     load_reference_tokens,
+    prompt_metrics,
     token_chunks,
 )
 from agent.llm_fidelity import log_softmax
@@ -312,32 +311,20 @@ class MlxBackend(Backend):
             raise TaskError("extra_metrics needs make_inputs first")
         mx = self._mx
         prompt = self._tokens[: settings.prompt_tokens]
-        clock = time.perf_counter_ns
-        prompt_ns, ttft_ns = [], []
-        for _ in range(PROMPT_REPEATS):
-            cache = self._new_cache()
-            t0 = clock()
-            logits = self._prefill(cache, prompt)
-            t1 = clock()
-            _first_token = int(mx.argmax(logits[0, -1]).item())  # greedy pick: part of TTFT
-            t2 = clock()
-            prompt_ns.append(t1 - t0)
-            ttft_ns.append(t2 - t0)
-        return {
-            "prompt_tok_per_s": len(prompt) * 1e9 / statistics.median(prompt_ns),
-            "ttft_ms": statistics.median(ttft_ns) / 1e6,
-            "prompt_tokens": float(len(prompt)),
-            "context_tokens": float(settings.context_tokens),
-            "unpack_ms": self._unpack_s * 1e3,
-        }
+        metrics = prompt_metrics(
+            self._new_cache,
+            lambda cache: self._prefill(cache, prompt),
+            lambda logits: int(mx.argmax(logits[0, -1]).item()),
+            len(prompt),
+            settings,
+        )
+        return {**metrics, "unpack_ms": self._unpack_s * 1e3}
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
         if self._model is None:
             raise TaskError("evaluate needs load first")
-        reference = load_llm_reference(eval_path)
-        chunks = self._chunk_logprobs(reference["tokens"], int(reference["n_ctx"]))
-        return fidelity_from_chunks(chunks, reference, self._vocab_size())
+        return evaluate_reference(eval_path, self._chunk_logprobs, self._vocab_size())
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Not used: language models are scored by :meth:`evaluate`."""

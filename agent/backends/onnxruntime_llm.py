@@ -22,7 +22,7 @@ What is timed (the same protocol as the llama-cpp backend, so the figures compar
   not depend on the token). The prompt (``settings.prompt_tokens``) is run before the
   timing loop; steps run at depths ``prompt_tokens .. context_tokens``, and the step
   that finds the context full first rewinds to the prompt's cache (a reference swap).
-- ``extra_metrics``: ``prompt_tok_per_s`` (median of :data:`PROMPT_REPEATS` prompt
+- ``extra_metrics``: ``prompt_tok_per_s`` (median of :data:`agent.llm_eval.PROMPT_REPEATS` prompt
   runs from an empty cache) and ``ttft_ms`` (prompt run plus the greedy pick of the
   first token), ``prompt_tokens``, ``context_tokens``. The graph computes logits for
   every prompt position (llama.cpp only for the last one), which the prompt figures
@@ -34,8 +34,6 @@ What is timed (the same protocol as the llama-cpp backend, so the figures compar
 
 from __future__ import annotations
 
-import statistics
-import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,16 +53,15 @@ from agent.llm_eval import (
     LLM_KIND,
     check_decode_budget,
     decode_token_stream,
-    fidelity_from_chunks,
-    load_llm_reference,
+    evaluate_reference,
     load_reference_tokens,
+    prompt_metrics,
     token_chunks,
 )
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import TaskError
 
 TASKS = ("auto", "llm", "classify")
-PROMPT_REPEATS = 3  # prompt runs behind prompt_tok_per_s and ttft_ms (median)
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = (
     "input_ids",
@@ -352,31 +349,17 @@ class OnnxRuntimeLlmBackend(Backend):
         if self._tokens is None:
             raise TaskError("extra_metrics needs make_inputs first")
         prompt = self._tokens[: settings.prompt_tokens]
-        clock = time.perf_counter_ns
-        prompt_ns, ttft_ns = [], []
-        for _ in range(PROMPT_REPEATS):
-            t0 = clock()
-            results = self._run_prompt(prompt)
-            t1 = clock()
-            _first_token = int(np.argmax(results[0].numpy()[0, -1]))  # greedy pick: TTFT
-            t2 = clock()
-            prompt_ns.append(t1 - t0)
-            ttft_ns.append(t2 - t0)
-        return {
-            "prompt_tok_per_s": len(prompt) * 1e9 / statistics.median(prompt_ns),
-            "ttft_ms": statistics.median(ttft_ns) / 1e6,
-            "prompt_tokens": float(len(prompt)),
-            "context_tokens": float(settings.context_tokens),
-        }
+        return prompt_metrics(
+            lambda: None,
+            lambda _: self._run_prompt(prompt),
+            lambda results: int(np.argmax(results[0].numpy()[0, -1])),
+            len(prompt),
+            settings,
+        )
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
-        reference = load_llm_reference(eval_path)
-        return fidelity_from_chunks(
-            self.chunk_logprobs(reference["tokens"], int(reference["n_ctx"])),
-            reference,
-            self._vocab(),
-        )
+        return evaluate_reference(eval_path, self.chunk_logprobs, self._vocab())
 
     def chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk."""

