@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import mmap
 import re
 import struct
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.conversion.files import file_sha256
 from edgefarm.errors import ArtifactError, MissingExtra, TaskError, UnsupportedScheme, UsageError
 
 EXTRA = "llama-cpp"
@@ -329,15 +329,6 @@ def tokenize_text(gguf_path: Path, text: str) -> np.ndarray:
 
 
 # ----- helpers ----------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _dist_version(dist: str) -> str:

@@ -13,17 +13,16 @@ without it, so ``config.json`` always gets one when the model has a RoPE base.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
 
+from coordinator.conversion.files import file_sha256, folder_manifest
 from edgefarm.errors import MissingExtra, UsageError
 
 DTYPES = ("float32", "float16", "bfloat16")
 
-_CHUNK = 1 << 20
 
 
 def gguf_to_hf_folder(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
@@ -55,7 +54,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path, dtype: str = "float32") ->
     except ImportError as exc:
         raise MissingExtra("hf", "gguf") from exc
 
-    source_sha256 = _sha256(gguf_path)
+    source_sha256 = file_sha256(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -80,15 +79,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path, dtype: str = "float32") ->
     if rope_theta is not None:
         _set_top_level_rope_theta(out_dir / "config.json", rope_theta)
 
-    files = [
-        {
-            "name": p.relative_to(out_dir).as_posix(),
-            "size_bytes": p.stat().st_size,
-            "sha256": _sha256(p),
-        }
-        for p in sorted(out_dir.rglob("*"))
-        if p.is_file()
-    ]
+    files = folder_manifest(out_dir)
     return {
         "tool": "transformers",
         "tool_versions": {
@@ -140,11 +131,3 @@ def _set_top_level_rope_theta(config_json: Path, rope_theta: float) -> None:
     data = json.loads(config_json.read_text(encoding="utf-8"))
     data["rope_theta"] = rope_theta
     config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -24,7 +24,6 @@ when different), and records what it did as ``rope_theta_action``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends.mlx import check_model_folder, pack_folder, unpack_folder
+from coordinator.conversion.files import folder_manifest
 from edgefarm.errors import MissingExtra, ModelLoadError, UnsupportedScheme, UsageError
 
 MLX_SCHEMES = ("fp16", "q8", "q4")
@@ -46,7 +46,6 @@ GROUP_SIZES = (32, 64, 128)
 QUANT_MODE = "affine"
 PARAMS = frozenset({"group_size", "dtype"})
 
-_CHUNK = 1 << 20
 
 
 def convert_mlx(
@@ -98,15 +97,7 @@ def convert_mlx(
         raise ModelLoadError(f"mlx-lm could not convert {hf_folder.name}: {err}") from err
     action = _guard_config(out_dir / "config.json", rope_theta, dtype)
 
-    files = [
-        {
-            "name": p.relative_to(out_dir).as_posix(),
-            "size_bytes": p.stat().st_size,
-            "sha256": _sha256(p),
-        }
-        for p in sorted(out_dir.rglob("*"))
-        if p.is_file()
-    ]
+    files = folder_manifest(out_dir)
     return {
         "tool": "mlx-lm",
         "tool_versions": {
@@ -201,11 +192,3 @@ def _guard_config(config_json: Path, rope_theta: float | None, dtype: str) -> st
     if rope_theta is not None and float(check.get("rope_theta", -1.0)) != rope_theta:
         raise UsageError(f"could not set rope_theta={rope_theta} in {config_json}")
     return action
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -33,6 +33,7 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
+from coordinator.conversion.files import merge_scheme_params
 from edgefarm.errors import UnsupportedScheme, UsageError
 
 ONNX_SCHEMES = ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
@@ -98,14 +99,7 @@ def op_type_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def _resolve_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
-    defaults = SCHEME_DEFAULTS[scheme]
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise UsageError(
-            f"unknown parameter(s) for scheme {scheme}: {', '.join(unknown)} (allowed: {allowed})"
-        )
-    used = {**defaults, **params}
+    used = merge_scheme_params(scheme, SCHEME_DEFAULTS[scheme], params)
     if scheme == "int4-weight":
         block = used["block_size"]
         if not isinstance(block, int) or block < 16 or block & (block - 1):

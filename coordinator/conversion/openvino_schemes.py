@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from agent.backends.openvino import pack_ir, unpack_ir
+from coordinator.conversion.files import merge_scheme_params
 from edgefarm.errors import UnsupportedScheme, UsageError
 
 __all__ = [
@@ -220,14 +221,7 @@ def _onnx_names(src_onnx: Path) -> set[str]:
 
 
 def _resolve_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
-    defaults = SCHEME_DEFAULTS[scheme]
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise UsageError(
-            f"unknown parameter(s) for scheme {scheme}: {', '.join(unknown)} (allowed: {allowed})"
-        )
-    used = {**defaults, **params}
+    used = merge_scheme_params(scheme, SCHEME_DEFAULTS[scheme], params)
     if scheme.startswith("int4-"):
         group = used["group_size"]
         if not isinstance(group, int) or isinstance(group, bool) or (group < 1 and group != -1):
