@@ -26,7 +26,14 @@ from coordinator.preparation import (
 )
 from coordinator.scheduler import AgentSession, Scheduler
 from coordinator.spec import CampaignSpec, Variant
-from edgefarm.domain import ArtifactRef, CampaignStatus, MeasureSettings, TaskStatus
+from edgefarm.domain import (
+    HUB_BACKEND,
+    HUB_DEVICE_PREFIX,
+    ArtifactRef,
+    CampaignStatus,
+    MeasureSettings,
+    TaskStatus,
+)
 from edgefarm.errors import UsageError
 from edgefarm.selectors import matches
 from results.records import CampaignRecord, TaskRecord
@@ -42,8 +49,6 @@ BACKEND_EXTRAS = {
     "qai-hub": "qai-hub",
     "noop": "agent",
 }
-HUB_BACKEND = "qai-hub"
-HUB_DEVICE_PREFIX = "qai-hub:"  # device ids of Qualcomm AI Hub hosted devices
 
 
 @dataclass

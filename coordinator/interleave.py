@@ -19,14 +19,12 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from edgefarm.domain import MeasureSettings, TaskStatus
+from edgefarm.domain import HUB_BACKEND, MeasureSettings, TaskStatus
 from results.records import TaskRecord
 from results.regression.collect import series_id
 
 CANDIDATE = "candidate"
 BASELINE = "baseline"
-# Backends whose every task is a billable hosted job: their tasks are not split in blocks.
-UNSPLIT_BACKENDS = frozenset({"qai-hub"})
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def shape_tasks(
             order.append(task.device_id)
         campaign_id = task.campaign_id
         # Hosted (billable) hub devices measure a task in one profile job: never split.
-        blocks = 1 if task.backend in UNSPLIT_BACKENDS else shape.blocks
+        blocks = 1 if task.backend == HUB_BACKEND else shape.blocks
         per_device[task.device_id] += _blocks_of(task, CANDIDATE, blocks, campaign_id)
         base = by_series.get(task_series(task))
         if base is None or same_configuration(base, task) or not runnable(base):

@@ -30,7 +30,7 @@ import ray
 from coordinator import steps
 from coordinator.artifacts import ArtifactStore
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
-from edgefarm.domain import ArtifactRef
+from edgefarm.domain import HUB_BACKEND, ArtifactRef
 from edgefarm.errors import SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
 from results.store import ResultsStore
@@ -387,10 +387,10 @@ class Preparer:
                 scheme,
                 params,
             )
-        if backend not in ("onnxruntime", "openvino", "qai-hub"):
+        if backend not in ("onnxruntime", "openvino", HUB_BACKEND):
             raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
         onnx = src.model if src.format == "onnx" else await self.onnx_export(src, stats)
-        if backend == "qai-hub":
+        if backend == HUB_BACKEND:
             return onnx  # quantized and compiled by hub jobs, not here (agent.hub.executor)
         if (backend, scheme) in IDENTITY_SCHEMES:
             return onnx

@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+# Qualcomm AI Hub: the backend of hosted devices, and the prefix of their device ids.
+HUB_BACKEND = "qai-hub"
+HUB_DEVICE_PREFIX = "qai-hub:"
+
 
 class TaskStatus(StrEnum):
     """Lifecycle of one measurement task."""

@@ -25,11 +25,9 @@ from typing import Any
 
 from agent.hub.api import HubApi, hub_message
 from agent.probe import normalize_arch
-from edgefarm.domain import DeviceCapabilities
+from edgefarm.domain import HUB_BACKEND, HUB_DEVICE_PREFIX, DeviceCapabilities
 from edgefarm.errors import ConfigError, UsageError
 
-BACKEND = "qai-hub"
-DEVICE_ID_PREFIX = "qai-hub:"
 DEFAULT_MAX_DEVICES = 8
 
 # Hub attribute key -> label key (the label keeps the hub's value).
@@ -59,7 +57,7 @@ class HubDevice:
     @property
     def device_id(self) -> str:
         """The farm's id of this device."""
-        return DEVICE_ID_PREFIX + slug(self.name)
+        return HUB_DEVICE_PREFIX + slug(self.name)
 
     def hub_device(self, hub: HubApi) -> Any:
         """The ``qai_hub.Device`` jobs are submitted to (exact name and OS version)."""
@@ -149,14 +147,14 @@ def capabilities(device: HubDevice, client_version: str) -> DeviceCapabilities:
         arch=_ABI_ARCH.get(abi[0], normalize_arch(abi[0])) if abi else "",
         cpu_model=chipsets[0] if chipsets else "",
         accelerators=accelerators,
-        backends={BACKEND: client_version},
+        backends={HUB_BACKEND: client_version},
         extra=extra,
     )
 
 
 def labels(device: HubDevice) -> dict[str, str]:
     """Selector labels of a hosted device (the ``device`` label names it in the fleet)."""
-    out = {"device": device.name, "hub": BACKEND}
+    out = {"device": device.name, "hub": HUB_BACKEND}
     for key, label in _LABEL_KEYS.items():
         values = device.values(key)
         if values:

@@ -38,11 +38,11 @@ from agent.backends.base import check_options, one_line
 from agent.executor import Progress
 from agent.hub.api import HubApi
 from agent.hub.bundle import HubInputs, InputSpec, load_hub_inputs
-from agent.hub.devices import BACKEND, HubDevice
+from agent.hub.devices import HubDevice
 from agent.hub.jobs import HubJobs, StepContext, StepResult
 from agent.hub.profile import placement_summary, profile_trial
 from agent.runner import TrialsReport
-from edgefarm.domain import Assignment
+from edgefarm.domain import HUB_BACKEND, Assignment
 from edgefarm.errors import TaskError, UnsupportedScheme
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class HubExecutor:
 
     async def _prepare(self, a: Assignment, eval_path: Path | None) -> _Run:
         """Check the task and read its hub inputs file."""
-        check_options(BACKEND, a.options, OPTIONS)
+        check_options(HUB_BACKEND, a.options, OPTIONS)
         plan = SCHEMES.get(a.scheme)
         if plan is None:
             raise UnsupportedScheme(

@@ -24,7 +24,6 @@ from edgefarm.errors import MissingExtra, UsageError
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-
 def gguf_to_hf_folder(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
     """Write a Hugging Face model folder made from ``gguf_path`` into ``out_dir``.
 

@@ -47,7 +47,6 @@ QUANT_MODE = "affine"
 PARAMS = frozenset({"group_size", "dtype"})
 
 
-
 def convert_mlx(
     hf_folder: Path, out_dir: Path, scheme: str, params: dict[str, Any] | None = None
 ) -> dict[str, Any]:
