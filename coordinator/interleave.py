@@ -5,8 +5,10 @@ measured a *different* configuration of the same series (another artifact, other
 backend options or eval data) and that artifact is still in the artifact store, the
 baseline configuration is measured again in the same run ("baseline replay"), so
 both sides see the same machine state. Each side's trials are split into blocks and
-the blocks of one device are put in a seeded random order; the scheduler runs one
-device's tasks in creation order, so the two sides end up interleaved.
+the blocks of one device run in rounds (a randomised complete block design): round
+``i`` holds block ``i`` of every series and side on that device, in a seeded random
+order. The scheduler runs one device's tasks in creation order, so the two sides
+always alternate round by round and neither side owns the start or the end of a run.
 
 Pure functions over task records: no store, no scheduler.
 """
@@ -139,17 +141,24 @@ def shape_tasks(
         per_device[task.device_id] += _blocks_of(replay, BASELINE, blocks, campaign_id)
     shaped: list[TaskRecord] = list(unshaped)
     for device in order:
-        tasks = per_device[device]
-        rng.shuffle(tasks)
-        # Same series, same role: keep block order (block 0 carries the accuracy pass).
-        tasks = _restore_block_order(tasks)
-        shaped += [dataclasses.replace(t, measure_key=measure_key(t)) for t in tasks]
+        shaped += [
+            dataclasses.replace(t, measure_key=measure_key(t))
+            for t in _in_rounds(per_device[device], rng)
+        ]
     return shaped
 
 
-def _restore_block_order(tasks: list[TaskRecord]) -> list[TaskRecord]:
-    """Keep the shuffled slots but give each (series, role) its blocks in index order."""
-    queues: dict[tuple[str, str], list[TaskRecord]] = {}
-    for t in sorted(tasks, key=lambda t: t.block):
-        queues.setdefault((task_series(t), t.role), []).append(t)
-    return [queues[(task_series(t), t.role)].pop(0) for t in tasks]
+def _in_rounds(tasks: list[TaskRecord], rng: random.Random) -> list[TaskRecord]:
+    """Round ``i`` = every block ``i`` of the device, shuffled; rounds in index order.
+
+    Blocks of one side thus keep their order (block 0 carries the accuracy pass), and
+    a slow phase of the machine hits both sides of a series instead of one.
+    """
+    rounds: dict[int, list[TaskRecord]] = {}
+    for t in tasks:
+        rounds.setdefault(t.block, []).append(t)
+    out: list[TaskRecord] = []
+    for index in sorted(rounds):
+        rng.shuffle(rounds[index])
+        out += rounds[index]
+    return out

@@ -91,6 +91,17 @@ def test_order_is_seeded_and_varies_with_the_seed() -> None:
     assert len({tuple(order(s)) for s in range(8)}) > 1
 
 
+def test_every_round_holds_both_sides_whatever_the_seed() -> None:
+    candidates = [_task("fp32", "new32")]
+    baseline = [_task("fp32", "old32", campaign_id="c-old")]
+    for seed in range(300):
+        shape = RunShape(baseline_campaign_id="c-old", blocks=5, seed=seed)
+        shaped = shape_tasks(candidates, baseline, shape, lambda t: True, _key)
+        pairs = [shaped[i : i + 2] for i in range(0, len(shaped), 2)]
+        assert [{t.block for t in p} for p in pairs] == [{b} for b in range(4)]
+        assert all({t.role for t in p} == {BASELINE, CANDIDATE} for p in pairs)
+
+
 def test_missing_artifact_or_unknown_series_means_no_replay() -> None:
     candidates = [_task("fp32", "new32")]
     baseline = [_task("fp32", "gone", campaign_id="c-old"), _task("fp16", "x", campaign_id="c")]
