@@ -39,6 +39,7 @@ import numpy as np
 
 from agent.backends.openvino import pack_ir, unpack_ir
 from coordinator.conversion.files import merge_scheme_params
+from coordinator.conversion.telemetry import decline_openvino_telemetry
 from edgefarm.errors import UnsupportedScheme, UsageError
 
 __all__ = [
@@ -117,6 +118,7 @@ def convert_openvino(
     if scheme == "int8-ptq" and (calibration_inputs is None or len(calibration_inputs) == 0):
         raise UsageError("scheme int8-ptq needs calibration inputs (none were given)")
 
+    decline_openvino_telemetry()
     import openvino as ov
 
     model = ov.convert_model(str(src_onnx))
