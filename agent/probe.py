@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -29,6 +30,7 @@ from edgefarm.domain import DeviceCapabilities
 T = TypeVar("T")
 
 DEVICE_ID_ENV = "EDGEFARM_DEVICE_ID"
+_CHILD_QUERY_TIMEOUT_S = 60.0
 
 _MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
@@ -255,11 +257,11 @@ def _accelerators(system: str, arch: str, extra: dict[str, str]) -> list[str]:
         or shutil.which("nvidia-smi")
     ):
         found.append("nvidia")
-    providers = _ort_providers()
+    providers = ort_providers()
     if providers:
         extra["onnxruntime.providers"] = ",".join(providers)
         found.extend(ort_accelerators(providers))
-    ov_devices = _openvino_devices()
+    ov_devices = openvino_devices()
     if ov_devices:
         extra["openvino.devices"] = ",".join(ov_devices)
         found.extend(openvino_accelerators(ov_devices))
@@ -272,30 +274,50 @@ def openvino_accelerators(devices: list[str]) -> list[str]:
     return [names[d.split(".")[0]] for d in devices if d.split(".")[0] in names]
 
 
-def _openvino_devices() -> list[str]:
+def openvino_devices() -> list[str]:
+    """The devices OpenVINO can use here (``Core().available_devices``), e.g. ``["CPU",
+    "GPU.0", "NPU"]``; [] when OpenVINO is not installed or the query fails."""
     if importlib.util.find_spec("openvino") is None:
         return []
-    from agent.backends.openvino import openvino_devices  # asks in a child process
+    return _ask_child(
+        "import json, openvino; print(json.dumps(list(openvino.Core().available_devices)))"
+    )
 
-    return openvino_devices()
+
+def ort_providers() -> list[str]:
+    """onnxruntime's available execution providers; [] when it is not installed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return []
+    return _ask_child(
+        "import json, onnxruntime; print(json.dumps(onnxruntime.get_available_providers()))"
+    )
+
+
+def _ask_child(code: str) -> list[str]:
+    """The JSON list ``code`` prints last, run in a short-lived child interpreter.
+
+    Importing a runtime to ask it what it sees costs the asking process for good
+    (onnxruntime ~20 MB of RSS, OpenVINO's device plugins ~80 MB): too much
+    for an idle agent, so the question is asked where the memory goes away again.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=_CHILD_QUERY_TIMEOUT_S,
+            check=True,
+        )
+        found = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return []
+    return [str(item) for item in found] if isinstance(found, list) else []
 
 
 def _driver_of(device: str, subsystem: str) -> str:
     """Kernel driver name of ``/sys/class/<subsystem>/<device>``, or ''."""
     link = Path("/sys/class") / subsystem / device / "device" / "driver"
     return _safe(lambda: Path(os.readlink(link)).name, "")
-
-
-def _ort_providers() -> list[str]:
-    """onnxruntime's available providers, only if it is installed."""
-    if "onnxruntime" not in sys.modules and importlib.util.find_spec("onnxruntime") is None:
-        return []
-    try:
-        import onnxruntime
-
-        return [str(p) for p in onnxruntime.get_available_providers()]
-    except Exception:
-        return []
 
 
 def _installed_backends(extra: dict[str, str]) -> dict[str, str]:

@@ -25,12 +25,8 @@ back from OpenVINO and stored in the environment, not the options asked for.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
-import json
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -67,7 +63,6 @@ _READ_BACK = {
     "execution_devices": "EXECUTION_DEVICES",
     "dynamic_quantization_group_size": "DYNAMIC_QUANTIZATION_GROUP_SIZE",
 }
-_DEVICE_QUERY_TIMEOUT_S = 60.0
 
 
 class OpenVinoBackend(Backend):
@@ -295,30 +290,6 @@ def _native_infer(ov: Any) -> Callable[..., object] | None:
             method: Callable[..., object] = cls.infer
             return method
     return None
-
-
-def openvino_devices() -> list[str]:
-    """The devices OpenVINO can use here (``Core().available_devices``), e.g. ``["CPU",
-    "GPU.0", "NPU"]``; [] when OpenVINO is not installed or the query fails.
-
-    Asked in a short-lived child process: loading OpenVINO's device plugins costs the
-    asking process ~80 MB of RSS for good, too much for an idle agent.
-    """
-    if importlib.util.find_spec("openvino") is None:
-        return []
-    code = "import json, openvino; print(json.dumps(list(openvino.Core().available_devices)))"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=_DEVICE_QUERY_TIMEOUT_S,
-            check=True,
-        )
-        devices = json.loads(done.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return []
-    return [str(d) for d in devices] if isinstance(devices, list) else []
 
 
 # --- IR packing ----------------------------------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.backends.openvino import OpenVinoBackend, openvino_devices, pack_ir
+from agent.backends.openvino import OpenVinoBackend, pack_ir
+from agent.probe import openvino_devices
 from agent.runner import TrialsReport, run_measurement
 from coordinator.conversion.openvino_schemes import OPENVINO_SCHEMES, convert_openvino
 from coordinator.models import load_calibration_inputs

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,7 @@ from agent.probe import (
     host_device_id,
     normalize_arch,
     ort_accelerators,
+    ort_providers,
     parse_cpuinfo,
     parse_sysctl_optional,
     probe_device,
@@ -93,3 +97,20 @@ def test_openvino_devices_become_accelerators() -> None:
         "intel-npu",
     ]
     assert openvino_accelerators(["CPU"]) == []
+
+
+def test_runtimes_are_asked_in_a_child_and_not_loaded_here() -> None:
+    assert "CPUExecutionProvider" in ort_providers()
+    code = (
+        "import sys; from agent.probe import probe_device; caps = probe_device(); "
+        "print(caps.extra.get('onnxruntime.providers', ''), "
+        "sorted({'onnxruntime', 'openvino'} & set(sys.modules)))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    providers, loaded = done.stdout.strip().split(" ", 1)
+    assert "CPUExecutionProvider" in providers.split(",")
+    assert loaded == "[]"  # an idle agent does not carry the runtimes it probed
