@@ -16,6 +16,7 @@ it in its own jobs) plus a hub inputs file with the calibration and eval sets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -74,33 +75,50 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of the conversion tools, part of every step key."""
-    out = {}
-    for dist in (
-        "onnx",
-        "onnxruntime",
-        "scikit-learn",
-        "gguf",
-        "llama-cpp-python",
-        "torch",
-        "transformers",
-        "openvino",
-        "nncf",
-        "mlx",
-        "mlx-lm",
-    ):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "absent"
-    return out
+# The distributions whose version can change a step's output; their versions are part
+# of that step's key, so upgrading one tool redoes only the steps that use it.
+STEP_TOOLS: dict[str, tuple[str, ...]] = {
+    "builtin": ("numpy", "scikit-learn", "onnx", "onnxruntime"),
+    "reference": ("numpy", "onnxruntime"),
+    "gguf-f16": ("numpy", "gguf"),
+    "llm-reference": ("numpy", "llama-cpp-python"),
+    "gguf-hf": ("gguf", "torch", "transformers"),
+    "hf-onnx": ("torch", "transformers", "onnx"),
+    "hub-inputs": ("numpy", "onnx"),
+    "variant:llama-cpp": ("llama-cpp-python",),
+    "variant:mlx": ("mlx", "mlx-lm"),
+    "variant:onnxruntime": ("numpy", "onnx", "onnxruntime"),
+    "variant:openvino": ("numpy", "onnx", "openvino", "nncf"),
+}
 
 
-def step_key(kind: str, **inputs: Any) -> str:
-    """The cache key of a step: a hash of everything that determines its output."""
-    blob = json.dumps({"kind": kind, **inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+@functools.cache
+def _installed(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def tool_versions(step: str) -> dict[str, str]:
+    """Versions of the tools ``step`` (a :data:`STEP_TOOLS` name) depends on."""
+    return {dist: _installed(dist) for dist in STEP_TOOLS[step]}
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """A step's cache key and the tool versions that went into it."""
+
+    value: str
+    tools: dict[str, str]
+
+
+def step_key(step: str, **inputs: Any) -> StepKey:
+    """The cache key of ``step``: a hash of everything that determines its output
+    (its inputs and the versions of the tools it uses)."""
+    tools = tool_versions(step)
+    blob = json.dumps({"kind": step, **inputs, "tools": tools}, sort_keys=True, default=str)
+    return StepKey(hashlib.sha256(blob.encode()).hexdigest(), tools)
 
 
 def source_format(source: str) -> str:
@@ -119,7 +137,6 @@ class Preparer:
         self.store = store
         self.artifacts = artifacts
         self.cache_dir = cache_dir
-        self.tools = tool_versions()
         self._inflight: dict[str, asyncio.Future[ArtifactRef]] = {}
         self._objects: dict[str, Any] = {}
 
@@ -146,27 +163,27 @@ class Preparer:
         return self.artifacts.path(ref.sha256).read_bytes()
 
     async def _step(
-        self, key: str, kind: str, name: str, stats: PreparationStats, run: Any, *args: Any
+        self, key: StepKey, kind: str, name: str, stats: PreparationStats, run: Any, *args: Any
     ) -> ArtifactRef:
         """A cached step: the recorded artifact, or run the Ray task ``run`` and store it.
 
         Artifact arguments travel as one object-store copy each. Concurrent requests
         for the same key share one run. The task returns
         {"model" or "reference": bytes, "provenance": {...}}."""
-        found = self._cached(key)
+        found = self._cached(key.value)
         if found is not None:
             stats.cached += 1
             return _ref(found)
-        task = self._inflight.get(key)
+        task = self._inflight.get(key.value)
         if task is None:
             task = asyncio.ensure_future(self._run_step(key, kind, name, stats, run, args))
-            self._inflight[key] = task
-            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+            self._inflight[key.value] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key.value, None))
         return await asyncio.shield(task)
 
     async def _run_step(
         self,
-        key: str,
+        key: StepKey,
         kind: str,
         name: str,
         stats: PreparationStats,
@@ -179,7 +196,7 @@ class Preparer:
         stats.run += 1
         payload = out.get("model", out.get("reference"))
         ref = self.artifacts.put_bytes(payload, name)
-        self._record(key, ref, kind, {**out["provenance"], "tools": self.tools})
+        self._record(key.value, ref, kind, {**out["provenance"], "tools": key.tools})
         return ref
 
     def _object(self, ref: ArtifactRef) -> Any:
@@ -214,7 +231,8 @@ class Preparer:
     async def _builtin_onnx(
         self, model_name: str, name: str, stats: PreparationStats
     ) -> PreparedSource:
-        key = step_key("builtin", name=name, revision=BUILDER_REVISION, tools=self.tools)
+        builtin = step_key("builtin", name=name, revision=BUILDER_REVISION)
+        key = builtin.value
         names = {
             "model": f"{model_name}.onnx",
             "eval": f"{model_name}.eval.npz",
@@ -235,7 +253,7 @@ class Preparer:
         stats.run += 1
         refs = {part: self.artifacts.put_bytes(out[part], names[part]) for part in names}
         for part, ref in refs.items():
-            self._record(f"{key}:{part}", ref, part, out["provenance"])
+            self._record(f"{key}:{part}", ref, part, {**out["provenance"], "tools": builtin.tools})
         return PreparedSource(
             refs["model"], refs["eval"], refs["calibration"], "onnx", out["provenance"]
         )
@@ -247,7 +265,7 @@ class Preparer:
 
         path = await asyncio.to_thread(resolve_llm_source, source, spec_dir, self.cache_dir)
         original = self.artifacts.put_file(path, path.name)
-        key = step_key("gguf-f16", source=original.sha256, tools=self.tools)
+        key = step_key("gguf-f16", source=original.sha256)
         f16 = await self._step(
             key,
             "gguf",
@@ -279,7 +297,6 @@ class Preparer:
                 text=hashlib.sha256(text.encode()).hexdigest(),
                 n_ctx=LLM_EVAL_CONTEXT,
                 top_k=LLM_TOP_K,
-                tools=self.tools,
             )
             prepared.eval_data = await self._step(
                 key,
@@ -297,10 +314,8 @@ class Preparer:
             prepared.calibration = self.artifacts.put_file(calibration_path, "calibration.npz")
         if eval_path is not None:
             raw = self.artifacts.put_file(eval_path, "eval.npz")
-            key = step_key(
-                "reference", model=prepared.model.sha256, eval=raw.sha256, tools=self.tools
-            )
-            found = self._cached(key)
+            reference = step_key("reference", model=prepared.model.sha256, eval=raw.sha256)
+            found = self._cached(reference.value)
             if found is not None:
                 prepared.eval_data = _ref(found)
             else:
@@ -308,9 +323,8 @@ class Preparer:
                     self._bytes(prepared.model), self._bytes(raw)
                 )
                 prepared.eval_data = self.artifacts.put_bytes(data, "eval.npz")
-                self._record(
-                    key, prepared.eval_data, "eval", {"reference_of": prepared.model.sha256}
-                )
+                provenance = {"reference_of": prepared.model.sha256, "tools": reference.tools}
+                self._record(reference.value, prepared.eval_data, "eval", provenance)
         return prepared
 
     async def hf_folder(self, prepared: PreparedSource, stats: PreparationStats) -> ArtifactRef:
@@ -319,7 +333,7 @@ class Preparer:
             raise UnsupportedScheme(
                 f"{prepared.model.name}: a Hugging Face folder is made from GGUF sources only"
             )
-        key = step_key("gguf-hf", model=prepared.model.sha256, tools=self.tools)
+        key = step_key("gguf-hf", model=prepared.model.sha256)
         stem = prepared.model.name.removesuffix(".gguf").removesuffix(".F16")
         return await self._step(
             key, "hf-folder", f"{stem}.hf.tar", stats, steps.gguf_to_hf, prepared.model
@@ -424,7 +438,7 @@ class Preparer:
         hf = await self.hf_folder(src, stats)
         stem = src.model.name.split(".")[0]
         return await self._step(
-            step_key("hf-onnx", hf=hf.sha256, tools=self.tools),
+            step_key("hf-onnx", hf=hf.sha256),
             "onnx",
             f"{stem}.onnx",
             stats,
@@ -444,7 +458,6 @@ class Preparer:
             eval=src.eval_data.sha256 if src.eval_data else None,
             calibration=src.calibration.sha256 if src.calibration else None,
             revision=BUILDER_REVISION,
-            tools=self.tools,
         )
         stem = model.name.split(".")[0]
         return await self._step(
@@ -465,15 +478,13 @@ class Preparer:
         scheme: str,
         calibration: ArtifactRef | None = None,
         params: dict[str, Any] | None = None,
-    ) -> str:
+    ) -> StepKey:
         extra = {"params": params} if params else {}  # without params: the keys of before
         return step_key(
-            "variant",
+            f"variant:{backend}",
             model=model.sha256,
             calibration=calibration.sha256 if calibration else None,
-            backend=backend,
             scheme=scheme,
-            tools=self.tools,
             **extra,
         )
 
