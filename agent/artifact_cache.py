@@ -1,9 +1,16 @@
-"""The agent's local artifact cache, filled by chunked, resumable, verified downloads."""
+"""The agent's local artifact cache, filled by chunked, resumable, verified downloads.
+
+The cache is bounded: before a download, the least recently used artifacts are removed
+until the new one fits (a use is a download or a cache hit; the file's mtime records
+it). The artifacts of the task being prepared are never removed for it.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import grpc
@@ -12,12 +19,19 @@ from edgefarm.domain import ArtifactRef
 from edgefarm.errors import ArtifactError
 from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 
 class ArtifactCache:
-    """Artifacts by sha256 under ``root``; partial downloads resume from their size."""
+    """Artifacts by sha256 under ``root``; partial downloads resume from their size.
 
-    def __init__(self, root: Path) -> None:
+    ``max_bytes``: the most the cache holds (None: unbounded). One artifact larger
+    than that is still downloaded, alone.
+    """
+
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
+        self.max_bytes = max_bytes
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, ref: ArtifactRef) -> Path:
@@ -30,16 +44,21 @@ class ArtifactCache:
         agent_id: str,
         session_token: str,
         ref: ArtifactRef,
+        keep: Collection[str] = (),
     ) -> Path:
-        """Return the local path of an artifact, downloading it if needed."""
+        """Return the local path of an artifact, downloading it if needed.
+
+        ``keep``: sha256s of other artifacts the caller still needs (never evicted)."""
         final = self.path(ref)
         if final.is_file() and final.stat().st_size == ref.size_bytes:
+            os.utime(final)  # a use: the least recently used go first
             return final
         part = final.with_suffix(".part")
         offset = part.stat().st_size if part.exists() else 0
         if offset > ref.size_bytes:
             part.unlink()
             offset = 0
+        self.make_room(ref.size_bytes - offset, keep={ref.sha256, *keep})
         request = agent_pb2.FetchArtifactRequest(
             agent_id=agent_id, session_token=session_token, sha256=ref.sha256, offset=offset
         )
@@ -68,3 +87,25 @@ class ArtifactCache:
             )
         os.replace(part, final)
         return final
+
+    def make_room(self, needed: int, keep: Collection[str] = ()) -> None:
+        """Remove least recently used artifacts (and stale partial downloads) not in
+        ``keep`` until ``needed`` more bytes fit under ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        entries = []
+        for path in self.root.iterdir():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total + needed <= self.max_bytes:
+                break
+            if path.name.split(".")[0] in keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            log.info("artifact cache: removed %s (%d bytes, least recently used)", path.name, size)

@@ -45,6 +45,7 @@ class AgentConfig:
     name: str
     work_dir: Path
     labels: dict[str, str] = field(default_factory=dict)
+    cache_max_bytes: int | None = None  # the artifact cache's bound (None: unbounded)
 
 
 class Agent:
@@ -60,7 +61,7 @@ class Agent:
         self.capabilities = capabilities
         # What measures an assignment: this machine by default (a hub agent passes its own).
         self.executor: Executor = executor or LocalExecutor()
-        self.cache = ArtifactCache(config.work_dir / "artifacts")
+        self.cache = ArtifactCache(config.work_dir / "artifacts", config.cache_max_bytes)
         self.backoff = Backoff()
         self.outgoing: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self.assignments: asyncio.Queue[Assignment] = asyncio.Queue()
@@ -219,11 +220,14 @@ class Agent:
     async def _fetch(self, a: Assignment, which: str) -> Path:
         ref = a.artifact if which == "model" else a.eval_data
         assert ref is not None
+        task_refs = {r.sha256 for r in (a.artifact, a.eval_data) if r is not None}
         for attempt in range(FETCH_RETRIES):
             await self.connected.wait()
             assert self.stub is not None
             try:
-                return await self.cache.fetch(self.stub, self.agent_id, self.session_token, ref)
+                return await self.cache.fetch(
+                    self.stub, self.agent_id, self.session_token, ref, keep=task_refs
+                )
             except grpc.aio.AioRpcError as error:
                 log.warning(
                     "fetching %s failed (%s), try %d", ref.name, error.code().name, attempt + 1

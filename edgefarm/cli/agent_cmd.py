@@ -30,6 +30,13 @@ def agent() -> None:
     help="Label for campaign selectors (repeatable). 'device=NAME' names the device.",
 )
 @click.option("--work-dir", default=None, help="Artifact cache (default: HOME/agent-NAME).")
+@click.option(
+    "--cache-max-gb",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Bound of the artifact cache; least recently used artifacts go first (0: unbounded).",
+)
 @home_option
 @verbose_option
 def serve(
@@ -38,6 +45,7 @@ def serve(
     name: str | None,
     labels: tuple[str, ...],
     work_dir: str | None,
+    cache_max_gb: float,
     home: str | None,
     verbose: int,
 ) -> None:
@@ -56,6 +64,7 @@ def serve(
         name=agent_name,
         work_dir=base,
         labels=parse_labels(labels),
+        cache_max_bytes=int(cache_max_gb * 1e9) or None,
     )
     capabilities = probe_device()
     click.echo(
