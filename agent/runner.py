@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import platform
 import signal
@@ -29,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.host_activity import BUSY_RETRIES, OTHER_CPU_METRIC, busy_reason
 from agent.parent_watch import PARENT_PID_ENV
 from agent.trial import TrialRequest
 from edgefarm.domain import MeasureSettings, TrialOutcome
 from edgefarm.errors import BackendCrash, TaskError, TaskTimeout, task_error_from_kind
+
+log = logging.getLogger(__name__)
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 STDERR_TAIL_BYTES = 4096  # how much of a child's stderr is kept for a crash report
@@ -84,6 +88,11 @@ async def run_measurement(
                 compute_accuracy=index == 0 and eval_path is not None and settings.evaluate,
             )
             result = await _run_child(request, Path(tmp), index)
+            for _ in range(BUSY_RETRIES):
+                if not _host_was_busy(result, settings):
+                    break
+                log.info("trial %d: host busy, measuring it again", index + 1)
+                result = await _run_child(request, Path(tmp), index)
             try:
                 report.trials.append(TrialOutcome(**result["trial"]))
                 if index == 0:
@@ -100,6 +109,15 @@ async def run_measurement(
             if on_trial is not None:
                 await on_trial(index + 1, settings.trials)
     return report
+
+
+def _host_was_busy(result: dict[str, Any], settings: MeasureSettings) -> bool:
+    """Whether a trial was rejected because other processes were busy on the host."""
+    try:
+        cores = float(result["trial"]["metrics"].get(OTHER_CPU_METRIC, 0.0))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False  # a malformed result is reported as such below
+    return bool(busy_reason(cores, settings.max_other_cpu_cores))
 
 
 async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends import get_backend
+from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
 from edgefarm.domain import MeasureSettings, TrialOutcome
@@ -106,12 +107,16 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     rss_after = current_rss_bytes()
 
     inputs = backend.make_inputs(eval_batch, settings.batch_size)
-    timing = time_iterations(backend.timed_call(inputs), settings)
+    with OtherCpuMeter() as others:
+        timing = time_iterations(backend.timed_call(inputs), settings)
     metrics = backend.extra_metrics(settings)
-    # Host load while this trial ran: neighbours on the same cores (other processes, not
-    # other measurements - the scheduler prevents those) distort timings; keep the evidence.
+    # Neighbours on the same cores (other processes, not other measurements - the
+    # scheduler prevents those) distort timings: keep the evidence, and reject the
+    # trial when the campaign sets a limit (settings.max_other_cpu_cores).
+    metrics[OTHER_CPU_METRIC] = others.cores
     if hasattr(os, "getloadavg"):
         metrics["host_load_1m"] = os.getloadavg()[0]
+    busy = busy_reason(others.cores, settings.max_other_cpu_cores)
     trial = TrialOutcome(
         samples_ms=timing.samples_ms,
         warmup_iterations=settings.warmup_iterations,
@@ -119,8 +124,8 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         load_time_s=load_time_s,
         peak_rss_bytes=peak_rss_bytes(),  # before the accuracy pass loads the eval set
         load_rss_delta_bytes=rss_after - rss_before,
-        valid=timing.valid,
-        invalid_reason=timing.invalid_reason,
+        valid=timing.valid and not busy,
+        invalid_reason="; ".join(r for r in (timing.invalid_reason, busy) if r),
         metrics={str(k): float(v) for k, v in metrics.items()},
     )
 

@@ -102,12 +102,17 @@ def measure_key(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Settings added after keys were first stored, with their defaults: left out of a
+# measure key while at the default, so that keys, and so reuse, survive upgrades.
+_LATER_SETTINGS: dict[str, object] = {"evaluate": True, "max_other_cpu_cores": 0.0}
+
+
 def _settings_identity(settings: MeasureSettings) -> dict[str, object]:
-    """Settings as they enter a measure key; defaults added later (``evaluate``) are
-    left out so that keys, and so reuse, survive upgrades."""
+    """Settings as they enter a measure key (later settings at their default left out)."""
     values = settings.to_dict()
-    if values.get("evaluate", True):
-        values.pop("evaluate", None)
+    for name, default in _LATER_SETTINGS.items():
+        if values.get(name, default) == default:
+            values.pop(name, None)
     return values
 
 

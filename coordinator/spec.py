@@ -205,6 +205,9 @@ class Measurement(BaseModel):
     timeout_s: float = Field(default=_DEFAULTS.timeout_s, gt=0, strict=True, allow_inf_nan=False)
     prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, strict=True)
     context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, strict=True)
+    max_other_cpu_cores: float = Field(
+        default=_DEFAULTS.max_other_cpu_cores, ge=0, strict=True, allow_inf_nan=False
+    )
 
 
 @dataclass(frozen=True)

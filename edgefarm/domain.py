@@ -59,6 +59,9 @@ class MeasureSettings:
     context_tokens: int = 512
     # Whether the first trial also computes accuracy (when the task has eval data).
     evaluate: bool = True
+    # Reject (and measure again) a trial during whose timed loop other processes used
+    # more than this many cores on average; 0: only record the reading.
+    max_other_cpu_cores: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON and hashing)."""

@@ -79,6 +79,7 @@ def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
         prompt_tokens=m.prompt_tokens,
         context_tokens=m.context_tokens,
         evaluate=not m.skip_evaluation,
+        max_other_cpu_cores=m.max_other_cpu_cores,
     )
 
 

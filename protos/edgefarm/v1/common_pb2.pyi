@@ -135,6 +135,7 @@ class MeasureSettings(google.protobuf.message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: builtins.int
     CONTEXT_TOKENS_FIELD_NUMBER: builtins.int
     SKIP_EVALUATION_FIELD_NUMBER: builtins.int
+    MAX_OTHER_CPU_CORES_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     min_iterations: builtins.int
     min_duration_s: builtins.float
@@ -151,6 +152,10 @@ class MeasureSettings(google.protobuf.message.Message):
     context_tokens: builtins.int
     skip_evaluation: builtins.bool
     """Measure speed only: no accuracy pass (e.g. later blocks of an interleaved run)."""
+    max_other_cpu_cores: builtins.float
+    """Reject a trial whose timed loop saw other processes use more than this many
+    cores on average (it is measured again, at most twice); 0: record only.
+    """
     def __init__(
         self,
         *,
@@ -166,8 +171,9 @@ class MeasureSettings(google.protobuf.message.Message):
         prompt_tokens: builtins.int = ...,
         context_tokens: builtins.int = ...,
         skip_evaluation: builtins.bool = ...,
+        max_other_cpu_cores: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "skip_evaluation", b"skip_evaluation", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "max_other_cpu_cores", b"max_other_cpu_cores", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "skip_evaluation", b"skip_evaluation", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___MeasureSettings = MeasureSettings
 
