@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
+from stat import S_ISREG
 
 import grpc
 
@@ -99,7 +100,8 @@ class ArtifactCache:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            entries.append((stat.st_mtime, stat.st_size, path))
+            if S_ISREG(stat.st_mode):  # artifacts are files; anything else is not ours
+                entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total + needed <= self.max_bytes:

@@ -81,3 +81,14 @@ def test_least_recently_used_artifacts_make_room(tmp_path: Path) -> None:
     _fetch(cache, gw, b, keep={a.sha256})
     assert {p.name for p in tmp_path.iterdir()} == {a.sha256, b.sha256, d.sha256}
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) <= cache.max_bytes  # type: ignore[operator]
+
+
+def test_only_files_are_evicted(tmp_path: Path) -> None:
+    (ref, data), (other, other_data) = _blob("one " * 30), _blob("two " * 30)
+    gw = FakeGateway({ref.sha256: data, other.sha256: other_data})
+    cache = ArtifactCache(tmp_path, max_bytes=ref.size_bytes)
+    (tmp_path / "unpacked").mkdir()  # a folder is not an artifact: left alone
+    os.utime(tmp_path / "unpacked", (1, 1))
+    _fetch(cache, gw, ref)
+    _fetch(cache, gw, other)
+    assert {p.name for p in tmp_path.iterdir()} == {"unpacked", other.sha256}
