@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from agent.backends.base import Backend, check_options
+from agent.backends.base import check_options
 from agent.backends.gguf_check import check_gguf
+from agent.backends.language_model import LanguageModelBackend
 from agent.llm_eval import (
     FALLBACK_TEXT,
     check_decode_budget,
     check_token_ids,
     load_llm_reference,
-    load_reference_tokens,
     measure_fidelity,
     open_llama,
     prompt_metrics,
@@ -80,7 +80,7 @@ class DecodeStep:
         llm.eval(self.steps[pos])
 
 
-class LlamaCppBackend(Backend):
+class LlamaCppBackend(LanguageModelBackend):
     """Measures GGUF language models with llama-cpp-python."""
 
     NAME: ClassVar[str] = "llama-cpp"
@@ -105,10 +105,6 @@ class LlamaCppBackend(Backend):
         self._llm = open_llama(
             model_path, settings.context_tokens, settings.threads, logits_all=False
         )
-
-    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
-        """The token sequence of the task's LLM reference file."""
-        return load_reference_tokens(eval_path)
 
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or fallback text), cycled.
@@ -140,13 +136,6 @@ class LlamaCppBackend(Backend):
         self._step = DecodeStep(self._llm, tokens, prompt_len)
         return self._step
 
-    def run_once(self, inputs: Any) -> None:
-        """One decode step (the prompt is evaluated before the first)."""
-        if self._step is None:
-            self.timed_call(inputs)
-        assert self._step is not None
-        self._step()
-
     def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
         """Prompt processing speed and time to first token (medians), prompt and context."""
         if self._tokens is None:
@@ -174,10 +163,6 @@ class LlamaCppBackend(Backend):
             return measure_fidelity(llm, reference)
         finally:
             llm.close()
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Not used: language models are scored by :meth:`evaluate`."""
-        raise TaskError("llama-cpp scores language models with evaluate(), not predict()")
 
     def version(self) -> str:
         """llama-cpp-python's version."""

@@ -44,13 +44,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from agent.backends.base import Backend, check_model_file, check_options, one_line
+from agent.backends.base import check_model_file, check_options, one_line
+from agent.backends.language_model import LanguageModelBackend
 from agent.llm_eval import (
     FALLBACK_TEXT,
     check_decode_budget,
     check_token_ids,
     evaluate_reference,
-    load_reference_tokens,
     prompt_metrics,
     token_chunks,
 )
@@ -213,7 +213,7 @@ class MlxDecodeStep:
         self.pos = pos + 1
 
 
-class MlxBackend(Backend):
+class MlxBackend(LanguageModelBackend):
     """Measures mlx-lm language models (an MLX model folder, packed as a tar)."""
 
     NAME: ClassVar[str] = "mlx"
@@ -262,10 +262,6 @@ class MlxBackend(Backend):
                 one_line(f"mlx-lm could not load {model_path.name}: {type(err).__name__}: {err}")
             ) from err
 
-    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
-        """The token sequence of the task's LLM reference file."""
-        return load_reference_tokens(eval_path)
-
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or fallback text), cycled.
 
@@ -297,13 +293,6 @@ class MlxBackend(Backend):
         self._step = MlxDecodeStep(self._mx, self._model, refill(), tokens, len(prompt), refill)
         return self._step
 
-    def run_once(self, inputs: Any) -> None:
-        """One decode step (the prompt is evaluated before the first)."""
-        if self._step is None:
-            self.timed_call(inputs)
-        assert self._step is not None
-        self._step()
-
     def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
         """Prompt processing speed and time to first token (medians), prompt and context,
         and ``unpack_ms``: the part of the load time spent extracting the tar artifact."""
@@ -325,10 +314,6 @@ class MlxBackend(Backend):
         if self._model is None:
             raise TaskError("evaluate needs load first")
         return evaluate_reference(eval_path, self._chunk_logprobs, self._vocab_size())
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Not used: language models are scored by :meth:`evaluate`."""
-        raise TaskError("mlx scores language models with evaluate(), not predict()")
 
     def version(self) -> str:
         """mlx-lm's version."""

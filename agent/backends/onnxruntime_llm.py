@@ -43,7 +43,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agent import llm_fidelity
-from agent.backends.base import SYNTHETIC_INPUT_SEED, Backend, check_options
+from agent.backends.base import SYNTHETIC_INPUT_SEED, check_options
+from agent.backends.language_model import LanguageModelBackend
 from agent.backends.onnxruntime import (
     OnnxRuntimeBackend,
     open_session,
@@ -273,7 +274,7 @@ class OrtDecodeStep:
         self.pos = pos + 1
 
 
-class OnnxRuntimeLlmBackend(Backend):
+class OnnxRuntimeLlmBackend(LanguageModelBackend):
     """Measures causal-LM ONNX graphs (with a KV cache) with onnxruntime."""
 
     NAME: ClassVar[str] = OnnxRuntimeBackend.NAME
@@ -309,10 +310,6 @@ class OnnxRuntimeLlmBackend(Backend):
         self._environment = dict(environment)
         self._settings = settings
 
-    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
-        """The token sequence of the task's LLM reference file."""
-        return load_reference_tokens(eval_path)
-
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or seeded ids), cycled."""
         length = self._settings.context_tokens
@@ -336,13 +333,6 @@ class OnnxRuntimeLlmBackend(Backend):
         prompt_cache = dict(zip(graph.past, results[1:], strict=True))
         self._step = OrtDecodeStep(self._session, graph, feeds, prompt_len, prompt_cache)
         return self._step
-
-    def run_once(self, inputs: Any) -> None:
-        """One decode step (the prompt is run before the first)."""
-        if self._step is None:
-            self.timed_call(inputs)
-        assert self._step is not None
-        self._step()
 
     def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
         """Prompt processing speed and time to first token (medians), prompt and context."""
@@ -368,10 +358,6 @@ class OnnxRuntimeLlmBackend(Backend):
             feed = {**graph.token_feed(chunk, 0), **graph.empty_cache()}
             logits = self._session.run([LOGITS], feed)[0]
             yield llm_fidelity.log_softmax(logits[0, : len(chunk) - 1])
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Not used: language models are scored by :meth:`evaluate`."""
-        raise TaskError("the onnxruntime LLM mode scores with evaluate(), not predict()")
 
     def version(self) -> str:
         """onnxruntime's version."""

@@ -46,7 +46,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from agent import llm_fidelity
-from agent.backends.base import SYNTHETIC_INPUT_SEED, Backend, check_options
+from agent.backends.base import SYNTHETIC_INPUT_SEED, check_options
+from agent.backends.language_model import LanguageModelBackend
 from agent.backends.onnxruntime_llm import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -63,7 +64,6 @@ from agent.llm_eval import (
     check_decode_budget,
     decode_token_stream,
     evaluate_reference,
-    load_reference_tokens,
     prompt_metrics,
     token_chunks,
 )
@@ -295,7 +295,7 @@ class OvDecodeStep:
         self.pos = pos + 1
 
 
-class OpenVinoLlmBackend(Backend):
+class OpenVinoLlmBackend(LanguageModelBackend):
     """Measures causal-LM OpenVINO IRs (with a KV cache) with the OpenVINO runtime."""
 
     NAME: ClassVar[str] = OpenVinoBackend.NAME
@@ -337,10 +337,6 @@ class OpenVinoLlmBackend(Backend):
         self._environment = dict(environment)
         self._settings = settings
 
-    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
-        """The token sequence of the task's LLM reference file."""
-        return load_reference_tokens(eval_path)
-
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or seeded ids), cycled."""
         length = self._settings.context_tokens
@@ -364,13 +360,6 @@ class OpenVinoLlmBackend(Backend):
         requests = (self._compiled.create_infer_request(), self._compiled.create_infer_request())
         self._step = OvDecodeStep(infer, requests, layout, feeds, prompt_len, prompt_cache)
         return self._step
-
-    def run_once(self, inputs: Any) -> None:
-        """One decode step (the prompt is run before the first)."""
-        if self._step is None:
-            self.timed_call(inputs)
-        assert self._step is not None
-        self._step()
 
     def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
         """Prompt processing speed and time to first token (medians), prompt and context."""
@@ -398,10 +387,6 @@ class OpenVinoLlmBackend(Backend):
         for chunk in token_chunks(np.asarray(tokens, dtype=np.int64), n_ctx):
             outputs = self._run(request, layout.prompt_feed(self._ov, chunk))
             yield llm_fidelity.log_softmax(outputs[layout.logits].data[0, : len(chunk) - 1])
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Not used: language models are scored by :meth:`evaluate`."""
-        raise TaskError("the openvino LLM mode scores with evaluate(), not predict()")
 
     def version(self) -> str:
         """OpenVINO's full version (with its build number)."""
