@@ -41,6 +41,7 @@ class ComparisonRow:
     fidelity: dict[str, float]  # kld_mean, ppl_ratio, top1_agreement | top1, agreement
     ok: bool
     note: str = ""
+    bits_per_weight: float | None = None  # GGUF tensor bits per element (llama.cpp)
 
 
 def _speed(row: Row) -> float | None:
@@ -111,6 +112,9 @@ def compare(rows: list[Row]) -> list[ComparisonRow]:
                 fidelity=_fidelity(row, llm) if row.get("ok") else {},
                 ok=bool(row.get("ok")),
                 note=note,
+                bits_per_weight=(row.get("metrics") or {}).get("bits_per_weight")
+                if row.get("ok")
+                else None,
             )
         )
     # stable: within a framework, full precision first, then the spec's order
@@ -170,7 +174,8 @@ def cells(r: ComparisonRow) -> list[str]:
         f"{_fmt(r.speed, ',.1f')} {unit}" if r.speed else "-",
         f"{_fmt(r.speedup, '.2f')}x" if r.speedup else "-",
         f"{_fmt(r.memory_reduction * 100, '.0f')}%" if r.memory_reduction is not None else "-",
-        _fmt(r.size_bytes / (1 << 20) if r.size_bytes else None, ".1f"),
+        _fmt(r.size_bytes / (1 << 20) if r.size_bytes else None, ".1f")
+        + (f" ({r.bits_per_weight:.2f} b/w)" if r.bits_per_weight else ""),
         f"{_fmt(r.size_reduction * 100, '.0f')}%" if r.size_reduction is not None else "-",
         fidelity or (r.note or "-"),
     ]

@@ -99,6 +99,12 @@ class GgufSummary:
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensors
     file_size: int = 0
     n_parameters: int = 0  # elements over all tensors
+    tensor_bytes: int = 0  # tensor data over all tensors (no metadata, no padding)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Tensor data bits per element: the effective width of a quantized model."""
+        return 8.0 * self.tensor_bytes / self.n_parameters if self.n_parameters else 0.0
 
 
 def ggml_type(type_id: int) -> tuple[str, int, int] | None:
@@ -241,6 +247,7 @@ def _parse(r: _Reader, file_size: int) -> GgufSummary:
     tensor_types: dict[str, int] = {}
     extents: list[tuple[str, int, int]] = []  # name, offset, bytes
     n_parameters = 0
+    tensor_bytes = 0
     for index in range(tensor_count):
         tname = r.string(f"name of tensor #{index}", limit=MAX_TENSOR_NAME_BYTES)
         if tname in names:
@@ -276,6 +283,7 @@ def _parse(r: _Reader, file_size: int) -> GgufSummary:
         extents.append((tname, offset, elements // block * block_bytes))
         tensor_types[type_name] = tensor_types.get(type_name, 0) + 1
         n_parameters += elements
+        tensor_bytes += elements // block * block_bytes
 
     data_start = -(-r.pos // alignment) * alignment
     for tname, offset, nbytes in extents:
@@ -295,6 +303,7 @@ def _parse(r: _Reader, file_size: int) -> GgufSummary:
         tensor_types=dict(sorted(tensor_types.items())),
         file_size=file_size,
         n_parameters=n_parameters,
+        tensor_bytes=tensor_bytes,
     )
 
 

@@ -18,7 +18,8 @@ What is timed:
 - ``extra_metrics``: prompt processing speed ``prompt_tok_per_s`` (median of
   :data:`agent.llm_eval.PROMPT_REPEATS` evaluations of the prompt from an empty KV cache) and
   ``ttft_ms`` (median of: evaluate the prompt from an empty cache, then pick the first
-  token greedily), plus ``prompt_tokens`` and ``context_tokens``. Generation speed is
+  token greedily), plus ``prompt_tokens``, ``context_tokens`` and ``bits_per_weight``
+  (the GGUF's tensor bytes over its elements). Generation speed is
   not repeated here: it is ``1000 / mean decode ms`` of the trial's samples
   (:attr:`MeasurementResult.throughput_per_s`, batch size 1).
 - ``evaluate``: perplexity, KL divergence and top-1 agreement against the reference in
@@ -53,6 +54,8 @@ from edgefarm.errors import ArtifactError, TaskError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
+
+BITS_PER_WEIGHT = "bits_per_weight"
 
 
 class DecodeStep:
@@ -137,8 +140,10 @@ class LlamaCppBackend(LanguageModelBackend):
         return self._step
 
     def extra_metrics(self, settings: MeasureSettings) -> dict[str, float]:
-        """Prompt processing speed and time to first token (medians), prompt and context."""
-        if self._tokens is None:
+        """Prompt processing speed and time to first token (medians), prompt and context,
+        and the model's effective bits per weight (its tensor data over its elements:
+        where K-quants fall back to other types, a type's name alone misleads)."""
+        if self._tokens is None or self._model_path is None:
             raise TaskError("extra_metrics needs make_inputs first")
         llm = self._llm
         prompt = self._tokens[: settings.prompt_tokens].tolist()
@@ -147,9 +152,11 @@ class LlamaCppBackend(LanguageModelBackend):
             logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
             return int(np.argmax(logits))
 
-        return prompt_metrics(
+        metrics = prompt_metrics(
             self._reset, lambda _: llm.eval(prompt), first_token, len(prompt), settings
         )
+        metrics[BITS_PER_WEIGHT] = check_gguf(self._model_path).bits_per_weight
+        return metrics
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""

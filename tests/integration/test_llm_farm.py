@@ -62,6 +62,9 @@ def test_slm_sweep_fidelity_and_reuse(make_farm: MakeFarm, tmp_path: Path) -> No
         assert f16["ppl_ratio"] == 1.0 and f16["perplexity"] > 1
         assert q4["kld_mean"] > 0 and q4["top1_agreement"] < 1.0
         assert rows["Q4_0"]["model_size_bytes"] < rows["F16"]["model_size_bytes"] / 2
+        # F16 matrices with F32 norms; Q4_0 (4.5 bits) with a wider output/embedding tensor
+        assert 16.0 <= rows["F16"]["metrics"]["bits_per_weight"] < 16.1
+        assert 4.5 < rows["Q4_0"]["metrics"]["bits_per_weight"] < 6.0
         first = store.get_campaign(campaign_id)
         assert first is not None and first.conversions_run == 3  # F16, reference, Q4_0
     again = run_campaign(farm.address, farm.token, spec)

@@ -53,3 +53,12 @@ def test_missing_baseline_and_failures_are_said() -> None:
     notes = {r.scheme: r.note for r in out}
     assert notes["Q8_0"] == "no F16 run" and notes["Q2_K"] == "failed: timeout"
     assert all(r.speedup is None for r in out)
+
+
+def test_a_gguf_row_shows_its_effective_bits_per_weight() -> None:
+    # Q3_K_M whose K-quants fell back to a 4.5-bit type: the name alone would mislead
+    q3 = row("llama-cpp", "Q3_K_M", 10.0, 100, 3 << 20)
+    q3["metrics"]["bits_per_weight"] = 4.8612
+    out = compare([row("llama-cpp", "F16", 20.0, 300, 12 << 20), q3])
+    assert out[1].bits_per_weight == 4.8612 and out[0].bits_per_weight is None
+    assert "| 3.0 (4.86 b/w) |" in to_markdown(out)

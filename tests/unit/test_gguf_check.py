@@ -120,6 +120,9 @@ def test_the_packaged_smollm2_passes_and_matches_the_gguf_reader(smollm2: Path) 
     assert summary.kv_count == len([f for f in reader.fields if not f.startswith("GGUF.")])
     assert summary.tensor_types == dict(Counter(t.tensor_type.name for t in reader.tensors))
     assert summary.n_parameters == sum(int(t.n_elements) for t in reader.tensors)
+    assert summary.tensor_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    # mostly Q4_1 (5 bits a weight) with a Q8_0 embedding (8.5) and F32 norms
+    assert 5.0 < summary.bits_per_weight < 8.5
     assert summary.version == int(reader.fields["GGUF.version"].parts[-1][0])
 
 
@@ -159,6 +162,8 @@ def test_a_hand_written_valid_file_passes(tmp_path: Path) -> None:
     assert summary.architecture == "test"
     assert summary.tensor_types == {"F32": 1, "Q4_1": 1}
     assert (summary.tensor_count, summary.kv_count, summary.n_parameters) == (2, 2, 16 + 64)
+    assert summary.tensor_bytes == 16 * 4 + 2 * 20  # F32 + two Q4_1 blocks
+    assert summary.bits_per_weight == pytest.approx(8 * 104 / 80)
     # one byte less and the last tensor's data runs past the end
     path.write_bytes(path.read_bytes()[:-1])
     assert_load_error(path, "tensor 'b'", "past the end of the file")

@@ -118,6 +118,8 @@ def test_a_real_measurement_of_the_packaged_model(model: Path, reference: Path) 
         assert trial.metrics["prompt_tok_per_s"] > 0
         assert trial.metrics["prompt_tokens"] == TINY.prompt_tokens
         assert trial.metrics["context_tokens"] == TINY.context_tokens
+        # the packaged file: Q4_1 matrices (5 bits a weight), a Q8_0 embedding, F32 norms
+        assert 5.0 < trial.metrics["bits_per_weight"] < 8.5
         # TTFT evaluates a 32-token prompt: longer than one decode step
         assert trial.metrics["ttft_ms"] > statistics.median(trial.samples_ms)
         assert trial.peak_rss_bytes > model.stat().st_size / 2
