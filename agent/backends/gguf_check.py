@@ -280,10 +280,11 @@ def _parse(r: _Reader, file_size: int) -> GgufSummary:
                 f"is not a multiple of its block size {block}"
             )
         offset = r.u64(f"data offset of tensor '{tname}'")
-        extents.append((tname, offset, elements // block * block_bytes))
+        nbytes = elements // block * block_bytes
+        extents.append((tname, offset, nbytes))
         tensor_types[type_name] = tensor_types.get(type_name, 0) + 1
         n_parameters += elements
-        tensor_bytes += elements // block * block_bytes
+        tensor_bytes += nbytes
 
     data_start = -(-r.pos // alignment) * alignment
     for tname, offset, nbytes in extents:
