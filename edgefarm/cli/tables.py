@@ -89,6 +89,7 @@ LLM_COLUMNS = [
     ("peak RSS MiB", _field("peak_rss_bytes", ".1f", 1 / (1 << 20))),
     ("load s", _field("load_time_s", ".3f")),
     ("size MiB", _field("model_size_bytes", ".1f", 1 / (1 << 20))),
+    ("bits/w", _metric("bits_per_weight", ".2f")),  # GGUF only: what a type name hides
     ("ppl", _acc("perplexity", ".3f")),
     ("ppl ratio", _acc("ppl_ratio", ".4f")),
     ("KLD mean", _acc("kld_mean", ".5f")),
