@@ -16,7 +16,7 @@ import dataclasses
 import math
 import statistics
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from edgefarm.domain import (
     CampaignStatus,
@@ -29,6 +29,8 @@ from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyR
 
 TASK_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TaskRecord))
 CAMPAIGN_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(CampaignRecord))
+
+R = TypeVar("R", ArtifactRecord, DeviceSeen, NightlyRun)
 
 # A database row as read (SQLAlchemy's RowMapping is keyed by names or columns).
 RowLike = Mapping[Any, Any]
@@ -259,15 +261,7 @@ def artifact_to_row(a: ArtifactRecord) -> dict[str, Any]:
 
 def row_to_artifact(row: RowLike) -> ArtifactRecord:
     """An artifact record from its row."""
-    return ArtifactRecord(
-        key=row["key"],
-        sha256=row["sha256"],
-        size_bytes=row["size_bytes"],
-        kind=row["kind"],
-        name=row["name"],
-        provenance=dict(row["provenance"] or {}),
-        created_at=row["created_at"],
-    )
+    return _record_from_row(ArtifactRecord, row, "provenance")
 
 
 # ------------------------------------------------------------------------------ devices
@@ -280,15 +274,7 @@ def device_to_row(d: DeviceSeen) -> dict[str, Any]:
 
 def row_to_device(row: RowLike) -> DeviceSeen:
     """A device sighting from its row."""
-    return DeviceSeen(
-        agent_id=row["agent_id"],
-        agent_name=row["agent_name"],
-        device_id=row["device_id"],
-        capabilities=dict(row["capabilities"] or {}),
-        labels=dict(row["labels"] or {}),
-        registered_at=row["registered_at"],
-        last_heartbeat=row["last_heartbeat"],
-    )
+    return _record_from_row(DeviceSeen, row, "capabilities", "labels")
 
 
 # ------------------------------------------------------------------------------ nightly
@@ -301,15 +287,13 @@ def nightly_to_row(n: NightlyRun) -> dict[str, Any]:
 
 def row_to_nightly(row: RowLike) -> NightlyRun:
     """A nightly run from its row."""
-    return NightlyRun(
-        run_id=row["run_id"],
-        suite=row["suite"],
-        night=row["night"],
-        status=row["status"],
-        created_at=row["created_at"],
-        campaign_id=row["campaign_id"],
-        confirm_campaign_id=row["confirm_campaign_id"],
-        baseline_run_id=row["baseline_run_id"],
-        finished_at=row["finished_at"],
-        summary=dict(row["summary"] or {}),
-    )
+    return _record_from_row(NightlyRun, row, "summary")
+
+
+def _record_from_row(cls: type[R], row: RowLike, *json_fields: str) -> R:
+    """A record whose fields are its row's columns of the same names; each of
+    ``json_fields`` as a dict (``{}`` for NULL)."""
+    values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+    for name in json_fields:
+        values[name] = dict(values[name] or {})
+    return cls(**values)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,11 +218,10 @@ class HubExecutor:
             "activations": str(plan.activations),
             "calibration": run.inputs_sha,
         }
-        quantized = await self.jobs.run(
+        quantized = await self._job(
+            run,
             "quantize",
             facts,
-            run.ctx,
-            f"{run.title} quantize",
             lambda name: self.hub.client.submit_quantize_job(
                 model,
                 calibration_data={run.spec.name: samples},
@@ -230,8 +230,16 @@ class HubExecutor:
                 name=name,
             ),
         )
-        run.jobs["quantize"] = quantized.entry.hub_id
         return await self._target_model(quantized)
+
+    async def _job(
+        self, run: _Run, step: str, facts: dict[str, str], submit: Callable[[str], Any]
+    ) -> StepResult:
+        """The finished hub job of ``step`` for ``run`` (see :meth:`HubJobs.run`), its id
+        noted in ``run.jobs``."""
+        result = await self.jobs.run(step, facts, run.ctx, f"{run.title} {step}", submit)
+        run.jobs[step] = result.entry.hub_id
+        return result
 
     async def _compile(self, run: _Run, model: Any) -> StepResult:
         """The compile job of the (quantized) model for this device and runtime."""
@@ -251,11 +259,10 @@ class HubExecutor:
             "input_shape": ",".join(map(str, run.shape)),
             "calibration": run.inputs_sha if run.plan.weights is not None else "",
         }
-        compiled = await self.jobs.run(
+        compiled = await self._job(
+            run,
             "compile",
             facts,
-            run.ctx,
-            f"{run.title} compile",
             lambda name: self.hub.client.submit_compile_job(
                 model,
                 device=run.device,
@@ -265,7 +272,6 @@ class HubExecutor:
                 retry=False,
             ),
         )
-        run.jobs["compile"] = compiled.entry.hub_id
         return compiled
 
     async def _profile(
@@ -278,11 +284,10 @@ class HubExecutor:
             run.a.options.get("profile_options"),
         )
         facts = {"campaign": run.a.campaign_id, "compile": compiled.entry.key, "options": options}
-        profiled = await self.jobs.run(
+        profiled = await self._job(
+            run,
             "profile",
             facts,
-            run.ctx,
-            f"{run.title} profile",
             lambda name: self.hub.client.submit_inference_job(
                 target,
                 device=run.device,
@@ -292,7 +297,6 @@ class HubExecutor:
                 profile=True,
             ),
         )
-        run.jobs["profile"] = profiled.entry.hub_id
         profile = await self.jobs.call("downloading the profile", profiled.job.download_profile)
         if not isinstance(profile, dict) or not profile:
             raise TaskError(f"profile job {profiled.entry.hub_id} returned no profile")
@@ -313,11 +317,10 @@ class HubExecutor:
             "eval": run.inputs_sha,
             "options": options,
         }
-        ran = await self.jobs.run(
+        ran = await self._job(
+            run,
             "inference",
             facts,
-            run.ctx,
-            f"{run.title} inference",
             lambda name: self.hub.client.submit_inference_job(
                 target,
                 device=run.device,
@@ -328,7 +331,6 @@ class HubExecutor:
                 profile=False,
             ),
         )
-        run.jobs["inference"] = ran.entry.hub_id
         outputs = await self.jobs.call("downloading the outputs", ran.job.download_output_data)
         logits = _first_output(outputs, len(evaluation), ran.entry.hub_id)
         try:

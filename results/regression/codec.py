@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,20 +19,12 @@ def _float(value: Any) -> float:
 
 def key_to_dict(key: SeriesKey) -> dict[str, str]:
     """A series key as a dict."""
-    return {
-        "model": key.model,
-        "backend": key.backend,
-        "scheme": key.scheme,
-        "device_id": key.device_id,
-        "metric": key.metric,
-    }
+    return dataclasses.asdict(key)
 
 
 def key_from_dict(data: dict[str, Any]) -> SeriesKey:
     """The inverse of :func:`key_to_dict`."""
-    return SeriesKey(
-        data["model"], data["backend"], data["scheme"], data["device_id"], data["metric"]
-    )
+    return SeriesKey(**{f.name: data[f.name] for f in dataclasses.fields(SeriesKey)})
 
 
 def verdict_to_dict(v: Verdict) -> dict[str, Any]:

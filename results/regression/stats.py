@@ -216,23 +216,14 @@ def compare_timing(
     """
     base, cand = _finite(baseline.trials), _finite(candidate.trials)
     value_ratio = _value_ratio(baseline.value, candidate.value)
+    short = ""
     if len(base) < min_trials or len(cand) < min_trials:
+        short = f"{len(base)} vs {len(cand)} trials, need {min_trials} per side"
+    elif min(base) <= 0 or min(cand) <= 0:
+        short = "non-positive trial values, no ratio"
+    if short:
         return _verdict(
-            key,
-            Status.INSUFFICIENT,
-            baseline,
-            candidate,
-            value_ratio,
-            f"{metric.name}: {len(base)} vs {len(cand)} trials, need {min_trials} per side",
-        )
-    if min(base) <= 0 or min(cand) <= 0:
-        return _verdict(
-            key,
-            Status.INSUFFICIENT,
-            baseline,
-            candidate,
-            value_ratio,
-            f"{metric.name}: non-positive trial values, no ratio",
+            key, Status.INSUFFICIENT, baseline, candidate, value_ratio, f"{metric.name}: {short}"
         )
     ratio, ci_low, ci_high = hodges_lehmann_ratio(base, cand, confidence)
     sign = _bad_sign(metric.direction)
