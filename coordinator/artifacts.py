@@ -1,29 +1,89 @@
 """The content-addressed artifact store: files named by their sha256.
 
-Layout: ``<root>/<sha[:2]>/<sha>``. Writes go to a temporary file first and are
-renamed into place, so a crash never leaves a truncated artifact under its hash.
+Layout: ``<root>/<sha[:2]>/<sha>``. Nothing passes through memory whole: files are
+copied and hashed in 1 MiB chunks, folders are written as a deterministic uncompressed
+tar straight into a staging file while it is hashed, and a step's output is moved into
+place by rename. Writes go to ``<root>/.staging`` first (same filesystem), so a crash
+never leaves a truncated artifact under its hash. ``root`` may be any folder every Ray
+node can reach (a shared filesystem for a multi-node cluster): steps open the store by
+its root and read their inputs by path.
+
+Folder artifacts (a Hugging Face checkpoint, an MLX folder, an OpenVINO IR, an ONNX
+model with external data) are tars of plain files; :meth:`ArtifactStore.folder` unpacks
+one once into ``<root>/unpacked/<sha>`` for the steps that read it as a folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tarfile
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO
 
 from edgefarm.domain import ArtifactRef
 from edgefarm.errors import ArtifactError
 
 CHUNK_BYTES = 1 << 20
+STAGING = ".staging"
+UNPACKED = "unpacked"
+_FILE_MODE = 0o644
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes and counts what is written through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def write_folder_tar(
+    folder: Path, out: IO[bytes], include: Callable[[str], bool] | None = None
+) -> None:
+    """Every file under ``folder`` (those whose relative POSIX path ``include`` accepts)
+    as one uncompressed tar, byte-for-byte reproducible: members in sorted order with
+    mtime 0, mode 0644 and no owner (symbolic links are followed, so a hub-cache
+    snapshot packs its blobs). Streamed: no file is held in memory whole."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if include is not None:
+        files = [p for p in files if include(p.relative_to(folder).as_posix())]
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        for path in files:
+            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+            info.size = path.stat().st_size
+            info.mtime = 0
+            info.mode = _FILE_MODE
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with path.open("rb") as handle:
+                tar.addfile(info, handle)
 
 
 class ArtifactStore:
     """Files addressed by content."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
         """Where an artifact lives (it may not exist)."""
@@ -35,21 +95,95 @@ class ArtifactStore:
         """True when the artifact is present."""
         return self.path(sha256).is_file()
 
+    def existing(self, ref: ArtifactRef) -> Path:
+        """The path of an artifact that must be present (ArtifactError otherwise)."""
+        path = self.path(ref.sha256)
+        if not path.is_file():
+            raise ArtifactError(f"artifact {ref.name or ref.sha256[:12]} is not in the store")
+        return path
+
+    def staging(self) -> Path:
+        """A new empty folder on the store's filesystem for a step's outputs; the caller
+        removes it (what :meth:`adopt` took is already gone from it)."""
+        base = self.root / STAGING
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=base, prefix="step-"))
+
     def put_bytes(self, data: bytes, name: str) -> ArtifactRef:
-        """Store bytes; returns their reference (idempotent)."""
+        """Store small bytes (eval sets, references); returns their reference."""
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+            fd, tmp = self._temp_file()
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
-            os.replace(tmp, target)
+            self._place(Path(tmp), sha)
         return ArtifactRef(sha256=sha, size_bytes=len(data), name=name)
 
     def put_file(self, source: Path, name: str) -> ArtifactRef:
-        """Store a file's contents."""
-        return self.put_bytes(source.read_bytes(), name)
+        """Store a file's contents, copied and hashed in chunks."""
+        fd, tmp = self._temp_file()
+        writer = _HashingWriter(os.fdopen(fd, "wb"))
+        try:
+            with writer.raw, Path(source).open("rb") as src:
+                while chunk := src.read(CHUNK_BYTES):
+                    writer.write(chunk)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self._finish(Path(tmp), writer, name)
+
+    def put_folder(
+        self, folder: Path, name: str, include: Callable[[str], bool] | None = None
+    ) -> ArtifactRef:
+        """Store a folder (the files ``include`` accepts) as one deterministic tar,
+        hashed while it is written."""
+        fd, tmp = self._temp_file()
+        writer = _HashingWriter(os.fdopen(fd, "wb"))
+        try:
+            with writer.raw:
+                write_folder_tar(folder, writer, include)  # type: ignore[arg-type]
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self._finish(Path(tmp), writer, name)
+
+    def adopt(self, path: Path, name: str) -> ArtifactRef:
+        """Move a finished file (on the store's filesystem, e.g. in :meth:`staging`)
+        into the store under its hash; no copy is made."""
+        digest = hashlib.sha256()
+        with Path(path).open("rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+        size = Path(path).stat().st_size
+        sha = digest.hexdigest()
+        if self.path(sha).is_file():
+            Path(path).unlink()
+        else:
+            self._place(Path(path), sha)
+        return ArtifactRef(sha256=sha, size_bytes=size, name=name)
+
+    def folder(self, sha256: str) -> Path:
+        """A folder artifact unpacked (once) into ``<root>/unpacked/<sha>``; read-only
+        by convention: steps copy or link what they change."""
+        target = self.root / UNPACKED / sha256
+        if target.is_dir():
+            return target
+        archive = self.path(sha256)
+        if not archive.is_file():
+            raise ArtifactError(f"artifact {sha256[:12]} is not in the store")
+        staging = self.staging()
+        try:
+            unpacked = unpack_tar(archive, staging / "folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(unpacked, target)
+            except OSError:  # unpacked meanwhile by another step
+                if not target.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
     def read_chunks(self, sha256: str, offset: int = 0) -> Iterator[tuple[int, bytes, int]]:
         """Yield (offset, data, total_size) chunks from ``offset``."""
@@ -66,3 +200,42 @@ class ArtifactStore:
                     break
                 yield pos, data, total
                 pos += len(data)
+
+    # ----- internals ----------------------------------------------------------
+
+    def _temp_file(self) -> tuple[int, str]:
+        base = self.root / STAGING
+        base.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=base, prefix=".part-")
+
+    def _finish(self, tmp: Path, writer: _HashingWriter, name: str) -> ArtifactRef:
+        sha = writer.digest.hexdigest()
+        if self.path(sha).is_file():
+            tmp.unlink()
+        else:
+            self._place(tmp, sha)
+        return ArtifactRef(sha256=sha, size_bytes=writer.size, name=name)
+
+    def _place(self, tmp: Path, sha: str) -> None:
+        target = self.path(sha)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+
+
+def unpack_tar(archive: Path, out_dir: Path) -> Path:
+    """Extract an uncompressed tar of plain files and folders with safe relative names
+    into ``out_dir`` (streamed); ArtifactError for anything else."""
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            members = tar.getmembers()
+            for member in members:
+                parts = PurePosixPath(member.name).parts
+                if member.name.startswith("/") or ".." in parts or not parts:
+                    raise ArtifactError(f"{archive.name}: unsafe name {member.name!r}")
+                if not (member.isfile() or member.isdir()):
+                    raise ArtifactError(f"{archive.name}: {member.name!r} is not a plain file")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tar.extractall(out_dir, members=members, filter="data")
+    except (tarfile.TarError, EOFError) as err:
+        raise ArtifactError(f"{archive.name} is not a readable folder archive: {err}") from err
+    return out_dir

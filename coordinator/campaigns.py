@@ -200,7 +200,6 @@ class CampaignPlanner:
                     artifact = unwrap_ray_error(error)
             artifacts.append(artifact)
             evals.append(eval_data)
-        self.preparer.release()
         campaign_id = "c-" + uuid.uuid4().hex[:12]
         now = time.time()
         tasks: list[TaskRecord] = []

@@ -1,14 +1,23 @@
 """Model preparation: materialise sources and convert / quantize variants, each once.
 
-Every step runs as a Ray task (:mod:`coordinator.steps`) that returns bytes plus
-provenance; the coordinator puts the bytes in the content-addressed artifact store
-and records the step under a key made of its inputs (source hash, tool versions,
-parameters). A step whose key is recorded — and whose artifact is still on disk — is
-never run again, so a campaign over N devices converts each variant once.
+Every step runs as a Ray task (:mod:`coordinator.steps`) that reads its inputs from the
+content-addressed artifact store by path and writes its output there (models never pass
+through the coordinator's memory or Ray's object store); the coordinator records the
+step under a key made of its inputs (source hash, tool versions, parameters). A step
+whose key is recorded — and whose artifact is still on disk — is never run again, so a
+campaign over N devices converts each variant once.
 
-Two model formats: ONNX (the digit classifier, user files) and GGUF (language models:
-the source is dequantized to F16 once, every llama.cpp type is made from that F16,
-and the F16 model's token log-probabilities on the evaluation text are the reference).
+Two model formats: ONNX (the digit classifier, user files) and language models. A
+language model's root is a Hugging Face checkpoint (a folder, or a hub snapshot) or a
+GGUF file. From a checkpoint: llama.cpp's own converter makes the F16 GGUF, and the ONNX
+export and MLX read the checkpoint directly; from a GGUF: it is dequantized to F16 and a
+Hugging Face folder is made from it for the others. Every llama.cpp type is made from the
+F16 GGUF, and the F16 GGUF's token log-probabilities on the evaluation text are the
+fidelity reference (llama.cpp scores the whole text in seconds, with one tokenization
+every backend is fed; the F16 GGUF is itself checked against the checkpoint). Each
+full-precision conversion (GGUF F16, ONNX fp32, OpenVINO IR fp32/fp16, MLX fp16) is
+checked against the checkpoint's own logits (transformers, float32) before it is stored
+(:mod:`coordinator.conversion.logit_check`).
 Qualcomm AI Hub variants are the FP32 ONNX model itself (the hub quantizes and compiles
 it in its own jobs) plus a hub inputs file with the calibration and eval sets.
 """
@@ -32,7 +41,7 @@ from coordinator import steps
 from coordinator.artifacts import ArtifactStore
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
 from edgefarm.domain import HUB_BACKEND, ArtifactRef
-from edgefarm.errors import SpecError, UnsupportedScheme
+from edgefarm.errors import ArtifactError, SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
 from results.store import ResultsStore
 
@@ -47,18 +56,24 @@ IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
 # Language-model fidelity: context per evaluation chunk and reference top-k kept.
 LLM_EVAL_CONTEXT = 512
 LLM_TOP_K = 32
+MAX_EVAL_TEXT_BYTES = 16 << 20
 BUILTIN_GGUF_MODELS = ("smollm2-135m",)
 
 
 @dataclass
 class PreparedSource:
-    """A model source materialised into artifacts."""
+    """A model source materialised into artifacts. For language models ``model`` is the
+    F16 GGUF and ``checkpoint`` the Hugging Face folder (the user's checkpoint, or one
+    made from the GGUF on first use); ``logits`` are the checkpoint's own logits that
+    full-precision conversions are checked against."""
 
     model: ArtifactRef
     eval_data: ArtifactRef | None
     calibration: ArtifactRef | None
     format: str = "onnx"
     provenance: dict[str, Any] = field(default_factory=dict)
+    checkpoint: ArtifactRef | None = None
+    logits: ArtifactRef | None = None
 
 
 @dataclass
@@ -79,16 +94,19 @@ def init_ray() -> None:
 # of that step's key, so upgrading one tool redoes only the steps that use it.
 STEP_TOOLS: dict[str, tuple[str, ...]] = {
     "builtin": ("numpy", "scikit-learn", "onnx", "onnxruntime"),
+    "checkpoint": (),
     "reference": ("numpy", "onnxruntime"),
     "gguf-f16": ("numpy", "gguf"),
     "llm-reference": ("numpy", "llama-cpp-python"),
     "gguf-hf": ("gguf", "torch", "transformers"),
-    "hf-onnx": ("torch", "transformers", "onnx"),
+    "checkpoint-logits": ("torch", "transformers"),
+    "checkpoint-gguf": ("torch", "transformers", "llama-cpp-python"),
+    "hf-onnx": ("torch", "transformers", "onnx", "onnxruntime"),
     "hub-inputs": ("numpy", "onnx"),
     "variant:llama-cpp": ("llama-cpp-python",),
-    "variant:mlx": ("mlx", "mlx-lm"),
+    "variant:mlx": ("mlx", "mlx-lm", "transformers"),
     "variant:onnxruntime": ("numpy", "onnx", "onnxruntime"),
-    "variant:openvino": ("numpy", "onnx", "openvino", "nncf"),
+    "variant:openvino": ("numpy", "onnx", "openvino", "nncf", "transformers"),
 }
 
 
@@ -121,13 +139,17 @@ def step_key(step: str, **inputs: Any) -> StepKey:
     return StepKey(hashlib.sha256(blob.encode()).hexdigest(), tools)
 
 
-def source_format(source: str) -> str:
-    """'onnx' or 'gguf', from the source string."""
+def is_llm_source(source: str, base_dir: Path) -> bool:
+    """True when ``source`` names a language model (a GGUF file, a checkpoint folder,
+    a hub repository or a builtin LLM); False for an ONNX model."""
     kind, _, ref = source.partition(":")
     if kind == "builtin":
-        return "gguf" if ref in BUILTIN_GGUF_MODELS else "onnx"
-    path = ref.split("@", 1)[0]
-    return "gguf" if path.endswith(".gguf") or kind == "hf" else "onnx"
+        return ref in BUILTIN_GGUF_MODELS
+    if kind == "hf":
+        return True
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    return path.suffix == ".gguf" or path.is_dir()
 
 
 class Preparer:
@@ -138,7 +160,6 @@ class Preparer:
         self.artifacts = artifacts
         self.cache_dir = cache_dir
         self._inflight: dict[str, asyncio.Future[ArtifactRef]] = {}
-        self._objects: dict[str, Any] = {}
 
     def _cached(self, key: str) -> ArtifactRecord | None:
         record = self.store.find_artifact(key)
@@ -159,17 +180,14 @@ class Preparer:
             )
         )
 
-    def _bytes(self, ref: ArtifactRef) -> bytes:
-        return self.artifacts.path(ref.sha256).read_bytes()
-
     async def _step(
         self, key: StepKey, kind: str, name: str, stats: PreparationStats, run: Any, *args: Any
     ) -> ArtifactRef:
-        """A cached step: the recorded artifact, or run the Ray task ``run`` and store it.
+        """A cached step: the recorded artifact, or run the Ray task ``run`` (which gets
+        the artifact store's root first, then ``args``) and record what it stored.
 
-        Artifact arguments travel as one object-store copy each. Concurrent requests
-        for the same key share one run. The task returns
-        {"model" or "reference": bytes, "provenance": {...}}."""
+        Artifact arguments travel as references; the step reads them by path.
+        Concurrent requests for the same key share one run."""
         found = self._cached(key.value)
         if found is not None:
             stats.cached += 1
@@ -191,23 +209,16 @@ class Preparer:
         args: tuple[Any, ...],
     ) -> ArtifactRef:
         log.info("running %s on Ray for %s", getattr(run, "__name__", "step"), name)
-        resolved = [self._object(a) if isinstance(a, ArtifactRef) else a for a in args]
-        out = await run.remote(*resolved)
+        out = await run.remote(str(self.artifacts.root), *args)
         stats.run += 1
-        payload = out.get("model", out.get("reference"))
-        ref = self.artifacts.put_bytes(payload, name)
+        if not self.artifacts.has(out["sha256"]):
+            raise ArtifactError(f"step for {name} reported an artifact that is not in the store")
+        stored = out.get("name") or ""
+        if name.endswith(".onnx") and stored.endswith(".onnx.tar"):
+            name += ".tar"  # the export came with external data: a folder artifact
+        ref = ArtifactRef(out["sha256"], int(out["size_bytes"]), name)
         self._record(key.value, ref, kind, {**out["provenance"], "tools": key.tools})
         return ref
-
-    def _object(self, ref: ArtifactRef) -> Any:
-        """The artifact's bytes in Ray's object store (one copy per preparation)."""
-        if ref.sha256 not in self._objects:
-            self._objects[ref.sha256] = ray.put(self._bytes(ref))
-        return self._objects[ref.sha256]
-
-    def release(self) -> None:
-        """Drop the object-store copies made while preparing a campaign."""
-        self._objects.clear()
 
     # ----- sources ------------------------------------------------------------
 
@@ -215,8 +226,8 @@ class Preparer:
         self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
     ) -> PreparedSource:
         """Materialise one model source."""
-        if source_format(source) == "gguf":
-            return await self._gguf_source(model_name, source, spec_dir, stats)
+        if is_llm_source(source, spec_dir):
+            return await self._llm_source(model_name, source, spec_dir, stats)
         kind, _, rest = source.partition(":")
         if kind == "builtin":
             return await self._builtin_onnx(model_name, rest, stats)
@@ -224,7 +235,7 @@ class Preparer:
             path = (spec_dir / rest).expanduser()
             if not path.is_file():
                 raise SpecError(f"model '{model_name}': file not found: {path}")
-            ref = self.artifacts.put_file(path, path.name)
+            ref = await asyncio.to_thread(self.artifacts.put_file, path, path.name)
             return PreparedSource(ref, None, None, "onnx", {"source": str(path)})
         raise SpecError(f"model '{model_name}': unsupported source '{source}'")
 
@@ -258,26 +269,80 @@ class Preparer:
             refs["model"], refs["eval"], refs["calibration"], "onnx", out["provenance"]
         )
 
-    async def _gguf_source(
+    async def _llm_source(
         self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
     ) -> PreparedSource:
         from coordinator.models.sources import resolve_llm_source
 
         path = await asyncio.to_thread(resolve_llm_source, source, spec_dir, self.cache_dir)
-        original = self.artifacts.put_file(path, path.name)
-        key = step_key("gguf-f16", source=original.sha256)
+        if path.is_dir():
+            return await self._checkpoint_source(model_name, source, path, stats)
+        original = await asyncio.to_thread(self.artifacts.put_file, path, path.name)
         f16 = await self._step(
-            key,
+            step_key("gguf-f16", source=original.sha256),
             "gguf",
             f"{model_name}.F16.gguf",
             stats,
             steps.gguf_to_f16,
             original,
-            original.name,
         )
         return PreparedSource(
-            f16, None, None, "gguf", {"source": source, "source_sha256": original.sha256}
+            f16,
+            None,
+            None,
+            "gguf",
+            {"source": source, "source_path": str(path), "source_sha256": original.sha256},
         )
+
+    async def _checkpoint_source(
+        self, model_name: str, source: str, folder: Path, stats: PreparationStats
+    ) -> PreparedSource:
+        """A Hugging Face checkpoint: stored once as a folder artifact (re-packed only
+        when its files change), its own logits, and its F16 GGUF."""
+        from coordinator.models.sources import checkpoint_files
+
+        files = await asyncio.to_thread(checkpoint_files, folder)
+        fingerprint = step_key(
+            "checkpoint",
+            folder=str(folder.resolve()),
+            files=[(name, st.st_size, st.st_mtime_ns) for name, st in files],
+        )
+        found = self._cached(fingerprint.value)
+        if found is not None:
+            checkpoint = _ref(found)
+        else:
+            names = {name for name, _ in files}
+            checkpoint = await asyncio.to_thread(
+                self.artifacts.put_folder,
+                folder,
+                f"{model_name}.checkpoint.tar",
+                lambda rel: rel in names,
+            )
+            self._record(fingerprint.value, checkpoint, "checkpoint", {"source": source})
+        prepared = PreparedSource(
+            checkpoint,  # replaced by the F16 GGUF below
+            None,
+            None,
+            "gguf",
+            {"source": source, "source_path": str(folder), "checkpoint_sha256": checkpoint.sha256},
+            checkpoint=checkpoint,
+        )
+        logits = await self.logits(prepared, stats)
+        prepared.model = await self._step(
+            step_key(
+                "checkpoint-gguf",
+                checkpoint=checkpoint.sha256,
+                converter=_converter_version(),
+                logits=logits.sha256,
+            ),
+            "gguf",
+            f"{model_name}.F16.gguf",
+            stats,
+            steps.checkpoint_to_gguf,
+            checkpoint,
+            logits,
+        )
+        return prepared
 
     async def attach_files(
         self,
@@ -289,8 +354,7 @@ class Preparer:
         """Eval / calibration data: the user's files or the defaults, with the
         full-precision reference computed once per model and evaluation set."""
         if prepared.format == "gguf":
-            text_path = eval_path or DEFAULT_EVAL_TEXT
-            text = text_path.read_text(encoding="utf-8")
+            text = _eval_text(eval_path)
             key = step_key(
                 "llm-reference",
                 model=prepared.model.sha256,
@@ -301,7 +365,7 @@ class Preparer:
             prepared.eval_data = await self._step(
                 key,
                 "llm-reference",
-                f"{text_path.stem}.reference.npz",
+                f"{(eval_path or DEFAULT_EVAL_TEXT).stem}.reference.npz",
                 stats,
                 steps.llm_reference,
                 prepared.model,
@@ -309,35 +373,62 @@ class Preparer:
                 LLM_EVAL_CONTEXT,
                 LLM_TOP_K,
             )
+            prepared.provenance["eval_text"] = str(eval_path) if eval_path else "default"
             return prepared
         if calibration_path is not None:
-            prepared.calibration = self.artifacts.put_file(calibration_path, "calibration.npz")
+            prepared.calibration = await asyncio.to_thread(
+                self.artifacts.put_file, calibration_path, "calibration.npz"
+            )
         if eval_path is not None:
-            raw = self.artifacts.put_file(eval_path, "eval.npz")
-            reference = step_key("reference", model=prepared.model.sha256, eval=raw.sha256)
-            found = self._cached(reference.value)
-            if found is not None:
-                prepared.eval_data = _ref(found)
-            else:
-                data = await steps.add_reference.remote(
-                    self._bytes(prepared.model), self._bytes(raw)
-                )
-                prepared.eval_data = self.artifacts.put_bytes(data, "eval.npz")
-                provenance = {"reference_of": prepared.model.sha256, "tools": reference.tools}
-                self._record(reference.value, prepared.eval_data, "eval", provenance)
+            raw = await asyncio.to_thread(self.artifacts.put_file, eval_path, "eval.npz")
+            prepared.eval_data = await self._step(
+                step_key("reference", model=prepared.model.sha256, eval=raw.sha256),
+                "eval",
+                "eval.npz",
+                stats,
+                steps.add_reference,
+                prepared.model,
+                raw,
+            )
         return prepared
 
     async def hf_folder(self, prepared: PreparedSource, stats: PreparationStats) -> ArtifactRef:
-        """The model as a Hugging Face folder (a tar artifact), made once from its GGUF."""
+        """The model as a Hugging Face folder (a folder artifact): the user's checkpoint,
+        or one made once from the GGUF."""
+        if prepared.checkpoint is not None:
+            return prepared.checkpoint
         if prepared.format != "gguf":
             raise UnsupportedScheme(
-                f"{prepared.model.name}: a Hugging Face folder is made from GGUF sources only"
+                f"{prepared.model.name}: a Hugging Face folder is made from language models only"
             )
         key = step_key("gguf-hf", model=prepared.model.sha256)
         stem = prepared.model.name.removesuffix(".gguf").removesuffix(".F16")
-        return await self._step(
+        prepared.checkpoint = await self._step(
             key, "hf-folder", f"{stem}.hf.tar", stats, steps.gguf_to_hf, prepared.model
         )
+        return prepared.checkpoint
+
+    async def logits(self, prepared: PreparedSource, stats: PreparationStats) -> ArtifactRef:
+        """The checkpoint's own logits on the first tokens of the default evaluation
+        text: what every full-precision conversion is checked against."""
+        if prepared.logits is None:
+            hf = await self.hf_folder(prepared, stats)
+            text = DEFAULT_EVAL_TEXT.read_text(encoding="utf-8")
+            prepared.logits = await self._step(
+                step_key(
+                    "checkpoint-logits",
+                    checkpoint=hf.sha256,
+                    text=hashlib.sha256(text.encode()).hexdigest(),
+                    tokens=steps.LOGIT_CHECK_TOKENS,
+                ),
+                "checkpoint-logits",
+                f"{hf.name.split('.')[0]}.logits.npz",
+                stats,
+                steps.checkpoint_logits,
+                hf,
+                text,
+            )
+        return prepared.logits
 
     # ----- variants -----------------------------------------------------------
 
@@ -371,7 +462,7 @@ class Preparer:
         stats: PreparationStats,
     ) -> ArtifactRef:
         """The artifact ``backend`` measures for ``scheme``, through whatever intermediate
-        steps the source format needs (GGUF -> HF folder -> ONNX -> ...)."""
+        steps the source format needs (checkpoint or GGUF -> HF folder -> ONNX -> ...)."""
         if backend in PASSTHROUGH_BACKENDS:
             return src.model
         stem = src.model.name.split(".")[0]
@@ -391,8 +482,9 @@ class Preparer:
         if backend == "mlx":
             self._require(src, "gguf", backend)
             hf = await self.hf_folder(src, stats)
+            logits = await self.logits(src, stats) if scheme == "fp16" else None
             return await self._step(
-                self._key(hf, backend, scheme, params=params),
+                self._key(hf, backend, scheme, params=params, logits=logits),
                 "mlx",
                 f"{stem}.mlx-{scheme}.tar",
                 stats,
@@ -400,6 +492,7 @@ class Preparer:
                 hf,
                 scheme,
                 params,
+                logits,
             )
         if backend not in ("onnxruntime", "openvino", HUB_BACKEND):
             raise UnsupportedScheme(f"no conversion for backend '{backend}' yet")
@@ -408,10 +501,9 @@ class Preparer:
             return onnx  # quantized and compiled by hub jobs, not here (agent.hub.executor)
         if (backend, scheme) in IDENTITY_SCHEMES:
             return onnx
-        key = self._key(onnx, backend, scheme, src.calibration, params)
         if backend == "onnxruntime":
             return await self._step(
-                key,
+                self._key(onnx, backend, scheme, src.calibration, params),
                 "onnx",
                 f"{stem}.{scheme}.onnx",
                 stats,
@@ -421,8 +513,10 @@ class Preparer:
                 src.calibration,
                 params,
             )
+        checked = src.format == "gguf" and scheme in ("fp32", "fp16")
+        logits = await self.logits(src, stats) if checked else None
         return await self._step(
-            key,
+            self._key(onnx, backend, scheme, src.calibration, params, logits),
             "openvino-ir",
             f"{stem}.ov-{scheme}.tar",
             stats,
@@ -431,19 +525,23 @@ class Preparer:
             scheme,
             src.calibration,
             params,
+            logits,
         )
 
     async def onnx_export(self, src: PreparedSource, stats: PreparationStats) -> ArtifactRef:
-        """The causal LM exported to ONNX from its Hugging Face folder, once."""
+        """The causal LM exported to ONNX from its Hugging Face folder, once, checked
+        against the checkpoint's logits."""
         hf = await self.hf_folder(src, stats)
+        logits = await self.logits(src, stats)
         stem = src.model.name.split(".")[0]
         return await self._step(
-            step_key("hf-onnx", hf=hf.sha256),
+            step_key("hf-onnx", hf=hf.sha256, logits=logits.sha256),
             "onnx",
             f"{stem}.onnx",
             stats,
             steps.export_onnx,
             hf,
+            logits,
         )
 
     async def hub_inputs(
@@ -478,8 +576,11 @@ class Preparer:
         scheme: str,
         calibration: ArtifactRef | None = None,
         params: dict[str, Any] | None = None,
+        logits: ArtifactRef | None = None,
     ) -> StepKey:
-        extra = {"params": params} if params else {}  # without params: the keys of before
+        extra: dict[str, Any] = {"params": params} if params else {}
+        if logits is not None:
+            extra["logits"] = logits.sha256
         return step_key(
             f"variant:{backend}",
             model=model.sha256,
@@ -492,9 +593,28 @@ class Preparer:
     def _require(src: PreparedSource, fmt: str, backend: str) -> None:
         if src.format != fmt:
             raise UnsupportedScheme(
-                f"{backend} measures {fmt.upper()} models; {src.model.name} is "
+                f"{backend} measures language models; {src.model.name} is "
                 f"{src.format.upper()} (no conversion between them)"
             )
+
+
+def _eval_text(path: Path | None) -> str:
+    """The evaluation text (the user's file or the default), read with a size cap."""
+    text_path = path or DEFAULT_EVAL_TEXT
+    if text_path.stat().st_size > MAX_EVAL_TEXT_BYTES:
+        raise SpecError(
+            f"evaluation text {text_path} is larger than {MAX_EVAL_TEXT_BYTES >> 20} MiB"
+        )
+    try:
+        return text_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"evaluation text {text_path} is not UTF-8: {err}") from None
+
+
+def _converter_version() -> str:
+    from coordinator.conversion.hf_to_gguf import converter_version
+
+    return converter_version()
 
 
 def unwrap_ray_error(error: Exception) -> Exception:

@@ -84,11 +84,15 @@ def resolve_file_ref(ref: str, base_dir: Path) -> Path:
     return (base_dir / ref.removeprefix("file:")).expanduser()
 
 
-def _check_file_ref(ref: str, info: ValidationInfo) -> None:
-    """When loading from a file (``base_dir`` in context), the referenced file must exist."""
+def _check_file_ref(ref: str, info: ValidationInfo, folder_ok: bool = False) -> None:
+    """When loading from a file (``base_dir`` in context), the referenced file (or, with
+    ``folder_ok``, folder) must exist."""
     base_dir = (info.context or {}).get("base_dir")
-    if base_dir is not None and not resolve_file_ref(ref, Path(base_dir)).is_file():
-        raise ValueError(f"file not found: {resolve_file_ref(ref, Path(base_dir))}")
+    if base_dir is None:
+        return
+    path = resolve_file_ref(ref, Path(base_dir))
+    if not (path.is_file() or (folder_ok and path.is_dir())):
+        raise ValueError(f"{'path' if folder_ok else 'file'} not found: {path}")
 
 
 class ModelEntry(BaseModel):
@@ -137,7 +141,7 @@ class ModelEntry(BaseModel):
                 "(expected 'builtin:NAME', 'file:PATH' or 'hf:ORG/REPO')"
             )
         if kind == "file":
-            _check_file_ref(value, info)
+            _check_file_ref(value, info, folder_ok=True)
         return value
 
     @field_validator("eval", "calibration")

@@ -142,6 +142,20 @@ class HubJobFailed(TaskError):
     kind = "hub_job_failed"
 
 
+class ConversionError(TaskError):
+    """A conversion step failed, or its output failed the check against the source
+    checkpoint's logits (the message names the step, the model and the measured error)."""
+
+    kind = "conversion_error"
+
+
+class UnsupportedArchitecture(TaskError):
+    """A backend (or its converter) cannot take this model architecture; the message
+    names the architecture and the backend."""
+
+    kind = "unsupported_architecture"
+
+
 TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
     cls.kind: cls
     for cls in (
@@ -154,6 +168,8 @@ TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
         UnsupportedScheme,
         LeaseExpired,
         HubJobFailed,
+        ConversionError,
+        UnsupportedArchitecture,
     )
 }
 

@@ -4,6 +4,7 @@ ONNX graph, the calibration set and the eval set, in one artifact per model."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,13 @@ from agent.evaldata import ARRAYS as EVAL_ARRAYS
 from agent.hub.bundle import InputSpec, save_hub_inputs
 
 
-def onnx_input_spec(model: bytes) -> list[InputSpec]:
-    """The graph inputs of an ONNX model (initializers excluded), symbolic dims as None."""
+def onnx_input_spec(model: Path) -> list[InputSpec]:
+    """The graph inputs of an ONNX model (initializers excluded), symbolic dims as None;
+    the weights are not read."""
     import onnx
     from onnx import helper
 
-    proto = onnx.load_model_from_string(model)
+    proto = onnx.load(str(model), load_external_data=False)
     initializers = {init.name for init in proto.graph.initializer}
     specs = []
     for value in proto.graph.input:
@@ -31,7 +33,7 @@ def onnx_input_spec(model: bytes) -> list[InputSpec]:
 
 
 def build_hub_inputs(
-    model: bytes, eval_npz: bytes | None, calibration_npz: bytes | None
+    model: Path, eval_npz: bytes | None, calibration_npz: bytes | None
 ) -> tuple[bytes, dict[str, Any]]:
     """The hub inputs file's bytes and its provenance."""
     spec = onnx_input_spec(model)

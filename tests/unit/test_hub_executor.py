@@ -35,7 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("digits")
     bundle = build_digits_model(folder, seed=0, hidden_layers=(16,))
     data, _ = build_hub_inputs(
-        bundle.model_path.read_bytes(),
+        bundle.model_path,
         bundle.eval_path.read_bytes(),
         bundle.calibration_path.read_bytes(),
     )
@@ -192,7 +192,7 @@ def test_quantized_scheme_without_calibration_fails_clearly(
     files: tuple[Path, Path], api: HubApi, tmp_path: Path
 ) -> None:
     model, _ = files
-    data, _ = build_hub_inputs(model.read_bytes(), None, None)
+    data, _ = build_hub_inputs(model, None, None)
     bare = tmp_path / "bare.npz"
     bare.write_bytes(data)
     with pytest.raises(UnsupportedScheme, match="needs the model's calibration set"):

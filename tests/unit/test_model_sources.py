@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -15,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.models import smollm2
-from coordinator.models.sources import parse_hf_source, register_llm_source, resolve_llm_source
+from coordinator.models.sources import (
+    checkpoint_files,
+    parse_hf_source,
+    register_llm_source,
+    resolve_llm_source,
+)
 from edgefarm.errors import ConnectionFailed, MissingExtra, SpecError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a 40-hex commit id, as the hub uses
@@ -112,6 +118,8 @@ def test_file_source_must_exist_and_be_gguf(tmp_path: Path) -> None:
         ("org/repo/m.gguf", ("org/repo", "m.gguf", None)),
         ("org/repo/sub/dir/m.gguf@v1.0", ("org/repo", "sub/dir/m.gguf", "v1.0")),
         (f"org/repo/m.gguf@{COMMIT}", ("org/repo", "m.gguf", COMMIT)),
+        ("Qwen/Qwen3-0.6B", ("Qwen/Qwen3-0.6B", None, None)),
+        (f"org/repo@{COMMIT}", ("org/repo", None, COMMIT)),
     ],
 )
 def test_parse_hf_source(value: str, expected: tuple[str, str, str | None]) -> None:
@@ -119,10 +127,10 @@ def test_parse_hf_source(value: str, expected: tuple[str, str, str | None]) -> N
 
 
 @pytest.mark.parametrize(
-    "value", ["org/m.gguf", "org/repo/m.safetensors", "org//m.gguf", "org/repo/m.gguf@"]
+    "value", ["org", "org/repo/m.safetensors", "org//m.gguf", "org/repo/m.gguf@", "org/@v1"]
 )
 def test_parse_hf_source_rejects_malformed(value: str) -> None:
-    with pytest.raises(SpecError, match=r"hf:ORG/REPO/FILE\.gguf"):
+    with pytest.raises(SpecError, match=r"hf:ORG/REPO\[@REVISION\]"):
         parse_hf_source(value)
 
 
@@ -211,3 +219,48 @@ def test_register_llm_source_adds_a_scheme(tmp_path: Path) -> None:
 
         sources._RESOLVERS.pop("test-scheme")
     assert seen == [("abc", tmp_path, tmp_path / "c")]
+
+
+def _checkpoint_files(config: dict[str, object] | None = None) -> dict[str, bytes]:
+    return {
+        "config.json": json.dumps(config or {"model_type": "qwen3"}).encode(),
+        "model.safetensors": b"weights",
+        "tokenizer.json": b"{}",
+        "pytorch_model.bin": b"not read",
+        "onnx/model.onnx": b"not read",
+    }
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_hf_checkpoint_repository_resolves_from_a_prefilled_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    snapshot = _hub_cache(cache, "acme/tiny-qwen3", _checkpoint_files())
+    folder = resolve_llm_source("hf:acme/tiny-qwen3", tmp_path, cache)
+    assert folder == snapshot
+    assert resolve_llm_source(f"hf:acme/tiny-qwen3@{COMMIT}", tmp_path, cache) == snapshot
+    names = [name for name, _ in checkpoint_files(folder)]
+    assert names == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+@pytest.mark.usefixtures("offline_hub")
+def test_hf_checkpoint_not_cached_offline_is_a_connection_failure(tmp_path: Path) -> None:
+    with pytest.raises(ConnectionFailed, match="not in the hub cache"):
+        resolve_llm_source("hf:acme/never-seen", tmp_path, tmp_path / "hub")
+
+
+def test_checkpoint_folder_source_and_its_checks(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    for name, data in _checkpoint_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    assert resolve_llm_source("file:ckpt", tmp_path, tmp_path) == folder
+    (folder / "config.json").write_text("[1, 2")
+    with pytest.raises(SpecError, match=r"config.json is not valid JSON"):
+        resolve_llm_source("file:ckpt", tmp_path, tmp_path)
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(SpecError, match="names no model_type"):
+        resolve_llm_source("file:ckpt", tmp_path, tmp_path)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(SpecError, match=r"no \*\.safetensors weights \(pytorch_model.bin found"):
+        resolve_llm_source("file:ckpt", tmp_path, tmp_path)

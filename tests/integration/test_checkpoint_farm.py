@@ -1,0 +1,132 @@
+"""Bring your own checkpoint, through the real farm: random-weight checkpoints of the
+Llama, Qwen3, Phi-3 and Gemma 3 architectures (one of them as a hub id resolved through
+a pre-filled hub cache) converted on Ray to every backend's format, each full-precision
+conversion checked against the checkpoint's logits, measured on an agent."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from coordinator.localfarm import LocalFarm
+from coordinator.runner import run_campaign
+from edgefarm.errors import CampaignFailed
+from tests.integration.conftest import open_store
+
+pytestmark = pytest.mark.integration
+for _module in ("llama_cpp", "ray", "transformers", "openvino", "mlx_lm"):
+    pytest.importorskip(_module, reason=f"{_module} (an extra of the full suite) is not installed")
+
+MakeFarm = Callable[[int], LocalFarm]
+ARCHS = ("llama", "qwen3", "phi3", "gemma3")
+HUB_REPO = "edgefarm-test/tiny-llama"
+COMMIT = "1234567890abcdef1234567890abcdef12345678"
+FULL_PRECISION = {"llama-cpp": "F16", "onnxruntime": "fp32", "openvino": "fp32", "mlx": "fp16"}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from coordinator.models.checkpoints import build_random_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for arch in ARCHS:
+        build_random_checkpoint(arch, root / arch, seed=1)
+        out[arch] = root / arch
+    return out
+
+
+def _prefill_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as huggingface_hub's cache holds a downloaded snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / COMMIT / path.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../..") / "blobs" / blob.name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+
+
+def test_checkpoints_of_four_architectures_on_four_backends(
+    make_farm: MakeFarm, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    farm = make_farm(1)
+    _prefill_hub_cache(farm.home / "hub-cache", HUB_REPO, checkpoints["llama"])
+    text = (Path(__file__).parents[2] / "coordinator/models/texts/eval_en.txt").read_text()
+    (tmp_path / "eval.txt").write_text(text[:600])
+    sources = {arch: f"file:{checkpoints[arch]}" for arch in ARCHS}
+    sources["llama"] = f"hf:{HUB_REPO}"
+    models = "".join(
+        f"  - name: tiny-{arch}\n    source: {source}\n    eval: file:eval.txt\n"
+        for arch, source in sources.items()
+    )
+    spec = tmp_path / "byoc.yaml"
+    spec.write_text(
+        f"""name: byoc
+models:
+{models}backends:
+  - name: llama-cpp
+    schemes: [F16, Q4_K_M]
+  - name: onnxruntime
+    schemes: [fp32]
+  - name: openvino
+    schemes: [fp32]
+  - name: mlx
+    schemes: [fp16]
+measurement:
+  warmup_iterations: 1
+  min_iterations: 3
+  min_duration_s: 0
+  trials: 1
+  threads: 1
+  prompt_tokens: 8
+  context_tokens: 64
+  timeout_s: 240
+"""
+    )
+    try:
+        campaign_id = run_campaign(farm.address, farm.token, spec)
+    except CampaignFailed:
+        campaign_id = None
+    with open_store(farm) as store:
+        rows = store.query_results()
+        by_key = {(r["model"], r["backend"], r["scheme"]): r for r in rows}
+        unsupported = []
+        for arch in ARCHS:
+            for backend, schemes in {
+                "llama-cpp": ("F16", "Q4_K_M"),
+                "onnxruntime": ("fp32",),
+                "openvino": ("fp32",),
+                "mlx": ("fp16",),
+            }.items():
+                for scheme in schemes:
+                    row = by_key[(f"tiny-{arch}", backend, scheme)]
+                    if row["ok"]:
+                        assert row["valid"], row
+                        assert row["accuracy"]["perplexity"] > 1, row
+                        continue
+                    # the only failure allowed: a typed refusal naming architecture and backend
+                    assert row["error_kind"] == "unsupported_architecture", row
+                    assert backend in row["error_message"], row
+                    unsupported.append((arch, backend))
+        assert len(unsupported) <= 2, unsupported
+        if not unsupported:
+            assert campaign_id is not None
+        checks = {}
+        for record in store.list_artifacts():
+            check = record.provenance.get("logit_check")
+            if check:
+                checks.setdefault(check["format"], []).append(check)
+                assert check["max_abs_diff"] <= check["tolerance"], check
+        # every full-precision format was checked for every architecture that converted
+        assert {"gguf-f16", "onnx-fp32", "openvino-fp32", "mlx-fp16"} <= set(checks)
+        assert len(checks["gguf-f16"]) == len(ARCHS)
+    assert os.path.isdir(farm.home / "hub-cache")
