@@ -42,6 +42,8 @@ class ComparisonRow:
     ok: bool
     note: str = ""
     bits_per_weight: float | None = None  # GGUF tensor bits per element (llama.cpp)
+    # a full-precision conversion's max |logit difference| from its source checkpoint
+    logit_max_abs_diff: float | None = None
 
 
 def _speed(row: Row) -> float | None:
@@ -76,8 +78,13 @@ def _fidelity(row: Row, llm: bool) -> dict[str, float]:
     return {k: float(accuracy[k]) for k in keys if accuracy.get(k) is not None}
 
 
-def compare(rows: list[Row]) -> list[ComparisonRow]:
-    """Comparison rows, grouped by device, model and framework, full precision first."""
+def compare(
+    rows: list[Row], logit_checks: dict[str, dict[str, Any]] | None = None
+) -> list[ComparisonRow]:
+    """Comparison rows, grouped by device, model and framework, full precision first.
+    ``logit_checks`` (artifact sha256 -> its logit check) adds each full-precision
+    conversion's measured difference from the source checkpoint."""
+    logit_checks = logit_checks or {}
     baselines: dict[tuple[str, str, str], Row] = {}
     for row in rows:
         key = (device_label(row), row["model"], row["backend"])
@@ -115,6 +122,9 @@ def compare(rows: list[Row]) -> list[ComparisonRow]:
                 bits_per_weight=(row.get("metrics") or {}).get("bits_per_weight")
                 if row.get("ok")
                 else None,
+                logit_max_abs_diff=(logit_checks.get(row.get("artifact_sha256", "")) or {}).get(
+                    "max_abs_diff"
+                ),
             )
         )
     # stable: within a framework, full precision first, then the spec's order
@@ -161,6 +171,8 @@ def cells(r: ComparisonRow) -> list[str]:
             )
             if key in r.fidelity
         )
+        if r.logit_max_abs_diff is not None:
+            fidelity += f"{', ' if fidelity else ''}logits vs checkpoint {r.logit_max_abs_diff:.1e}"
     else:
         fidelity = ", ".join(
             f"{name} {_fmt(r.fidelity.get(key), '.4f')}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -505,6 +505,22 @@ class ResultsStore:
                 conn.execute(sa.select(artifacts).where(artifacts.c.key == key)).mappings().first()
             )
         return None if row is None else rows.row_to_artifact(row)
+
+    def logit_checks(self, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The logit check (provenance ``logit_check``: the conversion's maximum absolute
+        logit difference from its source checkpoint) of each artifact that has one."""
+        wanted = sorted(set(sha256s))
+        out: dict[str, dict[str, Any]] = {}
+        with self._tx() as conn:
+            for start in range(0, len(wanted), 500):
+                stmt = sa.select(artifacts).where(
+                    artifacts.c.sha256.in_(wanted[start : start + 500])
+                )
+                for row in conn.execute(stmt).mappings():
+                    check = rows.row_to_artifact(row).provenance.get("logit_check")
+                    if isinstance(check, dict):
+                        out[row["sha256"]] = check
+        return out
 
     def list_artifacts(self) -> list[ArtifactRecord]:
         """Every artifact, oldest first."""

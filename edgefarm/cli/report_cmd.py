@@ -32,7 +32,8 @@ def compare(campaign: str, fmt: str, store_url: str | None, home: str | None) ->
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
-        rows = build(store.results_for_campaign(record.campaign_id))
+        results = store.results_for_campaign(record.campaign_id)
+        rows = build(results, store.logit_checks(r["artifact_sha256"] for r in results))
     if not rows:
         raise UsageError(f"campaign {record.campaign_id} has no results yet")
     if fmt == "markdown":

@@ -62,3 +62,13 @@ def test_a_gguf_row_shows_its_effective_bits_per_weight() -> None:
     out = compare([row("llama-cpp", "F16", 20.0, 300, 12 << 20), q3])
     assert out[1].bits_per_weight == 4.8612 and out[0].bits_per_weight is None
     assert "| 3.0 (4.86 b/w) |" in to_markdown(out)
+
+
+def test_a_full_precision_conversion_shows_its_logit_check() -> None:
+    f16 = row("llama-cpp", "F16", 20.0, 300, 100, kld_mean=0.0, ppl_ratio=1.0, top1_agreement=1.0)
+    q4 = row("llama-cpp", "Q4_0", 10.0, 100, 25, kld_mean=0.2, ppl_ratio=1.2, top1_agreement=0.7)
+    f16["artifact_sha256"], q4["artifact_sha256"] = "a" * 64, "b" * 64
+    checks = {"a" * 64: {"format": "gguf-f16", "max_abs_diff": 0.0021, "tolerance": 0.05}}
+    out = {r.scheme: r for r in compare([f16, q4], checks)}
+    assert out["F16"].logit_max_abs_diff == 0.0021 and out["Q4_0"].logit_max_abs_diff is None
+    assert "logits vs checkpoint 2.1e-03" in to_markdown(list(out.values()))

@@ -189,7 +189,13 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
     finally:
         db.close()
     assert {
-        "meta", "campaigns", "tasks", "results", "artifacts", "devices_seen", "nightly_runs"
+        "meta",
+        "campaigns",
+        "tasks",
+        "results",
+        "artifacts",
+        "devices_seen",
+        "nightly_runs",
     } <= tables
     assert version == str(schema.SCHEMA_VERSION) == "3"
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
@@ -550,6 +556,15 @@ def test_artifacts_are_recorded_once_per_key(store: ResultsStore) -> None:
     assert store.list_artifacts() == [other, first]
 
 
+def test_logit_checks_of_artifacts(store: ResultsStore) -> None:
+    check = {"format": "onnx-fp32", "max_abs_diff": 1e-4, "tolerance": 0.01}
+    checked = ArtifactRecord("k1", "d" * 64, 10, "onnx", "m.onnx", {"logit_check": check}, 1.0)
+    plain = ArtifactRecord("k2", "e" * 64, 10, "onnx", "q.onnx", {"tool": "x"}, 2.0)
+    store.record_artifact(checked)
+    store.record_artifact(plain)
+    assert store.logit_checks(["d" * 64, "e" * 64, "f" * 64]) == {"d" * 64: check}
+
+
 def test_devices_seen_upsert_and_touch(store: ResultsStore) -> None:
     seen = DeviceSeen(
         agent_id="agent-2",
@@ -606,8 +621,9 @@ def test_v2_store_is_migrated_to_v3(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
     with ResultsStore.open(url) as store:
         store.create_nightly_run(
-            NightlyRun(run_id="n-1", suite="s", night="2026-11-22", status="running",
-                       created_at=1.0)
+            NightlyRun(
+                run_id="n-1", suite="s", night="2026-11-22", status="running", created_at=1.0
+            )
         )
         store.update_nightly_run("n-1", status="passed", summary={"verdicts": []})
         run = store.get_nightly_run("n-1")
