@@ -3,8 +3,11 @@
 Two random-weight checkpoints of published shapes (:mod:`coordinator.models.checkpoints`,
 bfloat16, as the hub ships them):
 
-1. ``qwen3``: Qwen3-0.6B through all four backends (llama.cpp F16 and Q4_K_M,
-   onnxruntime fp32 and int4-weight, OpenVINO fp32 and int8-weights, MLX fp16 and q4).
+1. ``qwen3``: Qwen3-0.6B through all four backends (llama.cpp's whole type ladder from
+   F16 to Q2_K, onnxruntime fp32 and int4-weight, OpenVINO fp32 and int8-weights, MLX
+   fp16 and q4). A second table gives the llama.cpp ladder ordered by measured bits per
+   weight with its KL divergence from the F16 reference (made from the checkpoint, so
+   a full-precision source: the order should hold).
 2. ``phi4``: Phi-4-mini (Phi3ForCausalLM, 3.8B parameters) through GGUF F16 -> Q4_K_M,
    measured on llama.cpp.
 
@@ -26,9 +29,11 @@ in float32). Keep the machine quiet.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ CAMPAIGNS: dict[str, tuple[str, str]] = {
     "qwen3": (
         "qwen3",
         """  - name: llama-cpp
-    schemes: [F16, Q4_K_M]
+    schemes: [F16, Q8_0, Q6_K, Q5_K_M, Q5_1, Q4_K_M, Q4_0, Q3_K_M, Q2_K]
   - name: onnxruntime
     schemes: [fp32, int4-weight]
   - name: openvino
@@ -99,8 +104,12 @@ def _checkpoint(work: Path, model: str, arch: str) -> tuple[Path, float]:
     return folder, time.perf_counter() - started
 
 
-def run_one(work: Path, model: str) -> list[tuple[str, str, str, str, str]]:
-    """Run one model's campaign; its table rows."""
+Ladder = list[tuple[str, float, float, float]]
+
+
+def run_one(work: Path, model: str) -> tuple[list[tuple[str, str, str, str, str]], Ladder]:
+    """Run one model's campaign; its table rows and its llama.cpp ladder
+    (type, bits per weight, KLD mean, perplexity ratio)."""
     arch, backends = CAMPAIGNS[model]
     checkpoint, build_s = _checkpoint(work, model, arch)
     size = sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file())
@@ -119,10 +128,9 @@ def run_one(work: Path, model: str) -> list[tuple[str, str, str, str, str]]:
     failed = ""
     with farm:
         try:
-            campaign_id = run_campaign(farm.address, farm.token, spec)
+            run_campaign(farm.address, farm.token, spec)
         except CampaignFailed as err:
             failed = str(err)
-            campaign_id = ""
         wall = time.perf_counter() - started
         assert farm.coordinator_proc is not None
         coordinator_peak = _vm_hwm(farm.coordinator_proc.pid)
@@ -144,7 +152,20 @@ def run_one(work: Path, model: str) -> list[tuple[str, str, str, str, str]]:
                     f"{prov['step_children_peak_rss_bytes'] / MIB:,.0f}",
                 )
             )
-        results = store.results_for_campaign(campaign_id) if campaign_id else []
+        results = store.query_results(model=model)
+        ladder = sorted(
+            (
+                (
+                    row["scheme"],
+                    row["metrics"]["bits_per_weight"],
+                    row["accuracy"]["kld_mean"],
+                    row["accuracy"]["ppl_ratio"],
+                )
+                for row in results
+                if row["ok"] and row["backend"] == "llama-cpp"
+            ),
+            key=lambda entry: -entry[1],
+        )
         for row in results:
             status = "ok" if row["ok"] else f"failed: {row['error_message'][:60]}"
             rows.append(
@@ -161,7 +182,13 @@ def run_one(work: Path, model: str) -> list[tuple[str, str, str, str, str]]:
     rows.append((model, "agent process (peak)", "", f"{agent_peak / MIB:,.0f}", ""))
     if failed:
         rows.append((model, failed, "", "", ""))
-    return rows
+    return rows, ladder
+
+
+def _print(header: tuple[str, ...], table: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def main() -> int:
@@ -171,12 +198,21 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     table: list[tuple[str, str, str, str, str]] = []
+    ladders: dict[str, Ladder] = {}
     for model in args.models.split(","):
-        table += run_one(args.work, model)
-    header = ("model", "what", "wall s", "peak RSS MiB", "children MiB")
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(5)]
-    for row in [header, *table]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        rows, ladders[model] = run_one(args.work, model)
+        table += rows
+    _print(("model", "what", "wall s", "peak RSS MiB", "children MiB"), table)
+    for model, ladder in ladders.items():
+        if len(ladder) < 3:
+            continue
+        klds = [kld for _, _, kld, _ in ladder]
+        monotone = all(a <= b for a, b in itertools.pairwise(klds))
+        print(f"\n{model}: llama.cpp ladder by bits per weight (KLD monotone: {monotone})")
+        _print(
+            ("type", "bits/weight", "KLD mean", "ppl ratio"),
+            [(t, f"{b:.2f}", f"{k:.5f}", f"{p:.4f}") for t, b, k, p in ladder],
+        )
     return 0
 
 

@@ -41,7 +41,7 @@ from coordinator import steps
 from coordinator.artifacts import ArtifactStore
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
 from edgefarm.domain import HUB_BACKEND, ArtifactRef
-from edgefarm.errors import ArtifactError, SpecError, UnsupportedScheme
+from edgefarm.errors import ArtifactError, ConversionError, SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
 from results.store import ResultsStore
 
@@ -208,8 +208,15 @@ class Preparer:
         run: Any,
         args: tuple[Any, ...],
     ) -> ArtifactRef:
-        log.info("running %s on Ray for %s", getattr(run, "__name__", "step"), name)
-        out = await run.remote(str(self.artifacts.root), *args)
+        step = getattr(run, "__name__", None) or getattr(run, "_function_name", "step")
+        log.info("running %s on Ray for %s", step, name)
+        try:
+            out = await run.remote(str(self.artifacts.root), *args)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
+            raise ConversionError(
+                f"{name}: the {step.rsplit('.', 1)[-1]} step's process died "
+                f"(a native crash or out of memory): {str(err).splitlines()[0]}"
+            ) from err
         stats.run += 1
         if not self.artifacts.has(out["sha256"]):
             raise ArtifactError(f"step for {name} reported an artifact that is not in the store")
