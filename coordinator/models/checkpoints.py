@@ -15,6 +15,7 @@ RoPE variants and tokenizers are real. Nothing is downloaded.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,13 @@ def build_random_checkpoint(
     }
     config = config_cls(**kwargs, **{k: v for k, v in special.items() if v is not None})
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = model_cls(config).to(getattr(torch, dtype)).eval()
-    _scale_for_realistic_logits(model, torch)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in place: one copy, not two
+    try:
+        model = model_cls(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    _realistic_scales(model, arch, torch)
     model.generation_config = transformers.GenerationConfig(
         **{k: v for k, v in special.items() if v is not None}
     )
@@ -242,13 +247,39 @@ def build_random_checkpoint(
     }
 
 
-def _scale_for_realistic_logits(model: Any, torch: Any) -> None:
-    """Widen the embedding's spread so random logits are not all near zero (an LM head
-    tied to a 0.02-std embedding gives logits of a few hundredths: every conversion
-    would pass a logit check trivially)."""
+def _realistic_scales(model: Any, arch: str, torch: Any) -> None:
+    """Give the random weights the spread a trained model has, so conversion checks can
+    tell a right conversion from a wrong one:
+
+    - the embedding (and the LM head tied to it) x25: logits of a few units, not a few
+      hundredths;
+    - queries and keys x3 and the attention output x4: attention that is sharp, not
+      nearly uniform. With uniform attention a wrong RoPE base or an ignored LongRoPE
+      moved the logits by 1e-3 of their range, inside fp16's honest error; sharp, by
+      3e-2 to 3e-1 (measured with :mod:`coordinator.conversion.logit_check`).
+
+    Qwen3 and Gemma 3 normalise queries and keys after the projection, so their q/k
+    norms carry the factor (Gemma's norms multiply by ``1 + w``)."""
     with torch.no_grad():
-        embed = model.get_input_embeddings().weight
-        embed.mul_(25.0)
+        model.get_input_embeddings().weight.mul_(25.0)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if arch == "gemma3":
+                for norm, factor in ((attn.q_norm, 3.0), (attn.k_norm, 3.0)):
+                    norm.weight.copy_(factor * (1.0 + norm.weight) - 1.0)
+                post = layer.post_attention_layernorm.weight
+                post.copy_(4.0 * (1.0 + post) - 1.0)
+                continue
+            if arch == "qwen3":
+                attn.q_norm.weight.mul_(3.0)
+                attn.k_norm.weight.mul_(3.0)
+            elif arch == "phi3":  # fused qkv_proj: rows [q | k | v]
+                heads = model.config.num_attention_heads + model.config.num_key_value_heads
+                attn.qkv_proj.weight[: heads * attn.head_dim].mul_(3.0)
+            else:
+                attn.q_proj.weight.mul_(3.0)
+                attn.k_proj.weight.mul_(3.0)
+            attn.o_proj.weight.mul_(4.0)
 
 
 def _hub_style_config(config_json: Path, kwargs: dict[str, Any]) -> None:
@@ -262,6 +293,7 @@ def _hub_style_config(config_json: Path, kwargs: dict[str, Any]) -> None:
     config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+@functools.cache
 def _smollm2_tokenizer() -> Any:
     """SmolLM2's tokenizer, read from the packaged GGUF."""
     from transformers import AutoTokenizer

@@ -160,28 +160,13 @@ def test_checkpoint_logits_needs_a_checkpoint(tmp_path: Path) -> None:
 # ----- a real tiny checkpoint ---------------------------------------------------------
 
 
-def _sharpen_attention(folder: Path) -> None:
-    """Make a random Qwen3's attention sharp: q/k RMSNorm weights x3, o_proj x4."""
-    from safetensors.numpy import load_file, save_file
-
-    path = folder / "model.safetensors"
-    weights = load_file(str(path))
-    for name in weights:
-        if name.endswith(("q_norm.weight", "k_norm.weight")):
-            weights[name] = weights[name] * np.float32(3.0)
-        elif name.endswith("o_proj.weight"):
-            weights[name] = weights[name] * np.float32(4.0)
-    save_file(weights, str(path), metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _needs("torch", "transformers", "safetensors")
     from coordinator.models.checkpoints import build_random_checkpoint
 
     folder = tmp_path_factory.mktemp("logit-check") / ARCH
-    build_random_checkpoint(ARCH, folder)
-    _sharpen_attention(folder)
+    build_random_checkpoint(ARCH, folder)  # attention made sharp by the builder
     return folder
 
 
