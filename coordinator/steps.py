@@ -253,16 +253,17 @@ def checkpoint_logits(root: str, checkpoint: ArtifactRef, text: str) -> dict[str
 
 
 def _logit_check(
-    store: ArtifactStore, logits_ref: ArtifactRef | None, fmt: str, run: Any
+    store: ArtifactStore, logits_ref: ArtifactRef | None, fmt: str, source: ArtifactRef, run: Any
 ) -> dict[str, Any]:
-    """Compare a conversion with the checkpoint's logits (ConversionError when outside
-    the format's tolerance); ``run(tokens)`` gives the converted model's logits."""
+    """Compare a conversion of ``source`` with the checkpoint's logits (ConversionError
+    when outside the format's tolerance); ``run(tokens)`` gives the conversion's logits."""
     if logits_ref is None:
         return {}
     from coordinator.conversion import logit_check
 
     reference = logit_check.load_checkpoint_logits(store.existing(logits_ref))
-    return logit_check.check_conversion(fmt, reference, run(reference["tokens"]))
+    model = source.name.split(".")[0] or "the model"
+    return logit_check.check_conversion(fmt, reference, run(reference["tokens"]), model=model)
 
 
 @ray.remote(num_cpus=1, max_retries=0, max_calls=1)
@@ -279,7 +280,11 @@ def checkpoint_to_gguf(
         dst = staging / "F16.gguf"
         provenance = convert_checkpoint(store.folder(checkpoint.sha256), dst, "f16")
         provenance |= _logit_check(
-            store, logits, "gguf-f16", lambda tokens: logit_check.gguf_logits(dst, tokens)
+            store,
+            logits,
+            "gguf-f16",
+            checkpoint,
+            lambda tokens: logit_check.gguf_logits(dst, tokens),
         )
         return _done(store.adopt(dst, "F16.gguf"), provenance, started)
 
@@ -298,7 +303,7 @@ def export_onnx(root: str, hf: ArtifactRef, logits: ArtifactRef | None) -> dict[
         out = out_dir / "model.onnx"
         provenance = export_causal_lm(store.folder(hf.sha256), out)
         provenance |= _logit_check(
-            store, logits, "onnx-fp32", lambda tokens: logit_check.onnx_logits(out, tokens)
+            store, logits, "onnx-fp32", hf, lambda tokens: logit_check.onnx_logits(out, tokens)
         )
         return _done(store_onnx(store, out, "model.onnx"), provenance, started)
 
@@ -328,6 +333,7 @@ def convert_openvino(
                 store,
                 logits,
                 f"openvino-{scheme}",
+                model,
                 lambda tokens: logit_check.openvino_logits(xml, tokens),
             )
         return _done(store.put_folder(xml.parent, "ir.tar"), provenance, started)
@@ -352,7 +358,7 @@ def convert_mlx(
         provenance = convert(store.folder(hf.sha256), out, scheme, params or None)
         if scheme == "fp16":
             provenance |= _logit_check(
-                store, logits, "mlx-fp16", lambda tokens: logit_check.mlx_logits(out, tokens)
+                store, logits, "mlx-fp16", hf, lambda tokens: logit_check.mlx_logits(out, tokens)
             )
         return _done(store.put_folder(out, "mlx.tar"), provenance, started)
 
