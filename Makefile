@@ -35,11 +35,17 @@ llama-cpp: $(BIN)/python
 	fi
 	$(PIP) install -q -c constraints.txt --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 
+# llama.cpp's own HF -> GGUF converter, from the sdist of the llama-cpp-python installed
+# (reused when already fetched): coordinator/conversion/llama_converter.py.
+FETCH_CONVERTER := $(BIN)/python -m coordinator.conversion.llama_converter fetch
+
 install: llama-cpp
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS_RUN)]"
+	$(FETCH_CONVERTER)
 
 install-dev: llama-cpp
 	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS_TEST)]"
+	$(FETCH_CONVERTER)
 
 quickstart: install
 	$(BIN)/edgefarm quickstart
