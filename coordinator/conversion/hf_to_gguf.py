@@ -69,7 +69,7 @@ def convert_checkpoint(
     ``model_name`` becomes ``general.name`` (default: the folder's name). The converter's
     output goes to ``log_path`` (default: a temporary file, removed afterwards). Returns
     provenance: tool, converter version and script sha256, outtype, architectures, tensor
-    count, output size, wall seconds and the converter's peak RSS.
+    count, output size, wall seconds and the converter's peak RSS (all, and anonymous).
 
     Raises :class:`UnsupportedArchitecture` when llama.cpp's converter has no class for
     the architecture, :class:`ConversionError` for anything else (a missing config.json,
@@ -101,7 +101,9 @@ def convert_checkpoint(
             "--outfile", str(partial), "--outtype", outtype, "--model-name", name,
         ]
         started = time.monotonic()
-        code, peak_rss = _run_logged(command, converter_env(info), log, timeout_s, work)
+        code, peak_rss, peak_anon = _run_logged(
+            command, converter_env(info), log, timeout_s, work
+        )
         wall_s = time.monotonic() - started
         if code == "timeout":
             raise ConversionError(
@@ -126,6 +128,7 @@ def convert_checkpoint(
         "size_bytes": out.stat().st_size,
         "wall_s": round(wall_s, 3),
         "peak_rss_bytes": peak_rss,
+        "peak_anon_rss_bytes": peak_anon,
         "staged_changes": changed,
     }
 
@@ -301,20 +304,28 @@ def _vocab_has(folder: Path, token: str) -> bool:
 
 def _run_logged(
     command: list[str], env: dict[str, str], log: Path, timeout_s: float, cwd: Path
-) -> tuple[int | str, int]:
-    """Run ``command`` with its output in ``log``; (exit code or 'timeout', peak RSS bytes)."""
+) -> tuple[int | str, int, int | None]:
+    """Run ``command`` with its output in ``log``: (exit code or 'timeout', peak RSS bytes,
+    peak anonymous RSS bytes sampled every 50 ms, None where /proc cannot tell).
+
+    The peak RSS counts the memory-mapped safetensors pages the converter has touched
+    (file-backed, reclaimable); the anonymous peak is what the converter itself holds."""
     with log.open("wb") as sink:
         child = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=cwd, start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s
+    peak_anon: int | None = None
     try:
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 child.returncode = os.waitstatus_to_exitcode(status)
-                return child.returncode, _rss_bytes(usage.ru_maxrss)
+                return child.returncode, _rss_bytes(usage.ru_maxrss), peak_anon
+            anon = _anon_rss(child.pid)
+            if anon is not None:
+                peak_anon = max(peak_anon or 0, anon)
             if time.monotonic() > deadline:
                 break
             time.sleep(_POLL_S)
@@ -322,7 +333,19 @@ def _run_logged(
         _kill(child)
         raise
     usage = _kill(child)
-    return "timeout", _rss_bytes(usage.ru_maxrss) if usage else 0
+    return "timeout", _rss_bytes(usage.ru_maxrss) if usage else 0, peak_anon
+
+
+def _anon_rss(pid: int) -> int | None:
+    """The process's current anonymous RSS (Linux /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _kill(child: subprocess.Popen[bytes]) -> Any:

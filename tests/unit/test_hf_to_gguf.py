@@ -163,6 +163,8 @@ def test_gguf_rope_and_provenance(arch: str, converted: dict[str, Any]) -> None:
     assert len(prov["script_sha256"]) == 64
     assert prov["tensor_count"] > 0 and prov["size_bytes"] > 1_000_000
     assert prov["peak_rss_bytes"] > 50_000_000 and prov["wall_s"] > 0
+    anon = prov["peak_anon_rss_bytes"]
+    assert anon is None or 0 < anon <= prov["peak_rss_bytes"]
     # llama.cpp cannot load a model named like Phi-3 whose vocabulary lacks '</s>'
     assert "phi3" not in meta["general.name"].lower()
 
