@@ -278,7 +278,10 @@ def checkpoint_to_gguf(
     started = time.perf_counter()
     with _step(root) as (store, staging):
         dst = staging / "F16.gguf"
-        provenance = convert_checkpoint(store.folder(checkpoint.sha256), dst, "f16")
+        name = checkpoint.name.split(".")[0] or None  # the campaign's model name
+        provenance = convert_checkpoint(
+            store.folder(checkpoint.sha256), dst, "f16", model_name=name
+        )
         provenance |= _logit_check(
             store,
             logits,
