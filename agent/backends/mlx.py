@@ -32,18 +32,17 @@ mlx-lm's default base: this backend measures it as it is, and the fidelity shows
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from agent.backends.archive import extract_tar, pack_folder
 from agent.backends.base import check_model_file, check_options, one_line
 from agent.backends.language_model import LanguageModelBackend
 from agent.llm_eval import (
@@ -60,33 +59,11 @@ from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_GLOB = "*.safetensors"
-_FILE_MODE = 0o644
+
+__all__ = ["MlxBackend", "check_model_folder", "pack_folder", "unpack_file", "unpack_folder"]
 
 
-# ----- the artifact: a folder as one uncompressed tar ------------------------------
-
-
-def pack_folder(folder: Path) -> bytes:
-    """Every file under ``folder`` as one uncompressed tar, byte-for-byte reproducible.
-
-    Members are the files' relative POSIX paths in sorted order, with mtime 0, mode
-    0644 and no owner, so the same files always give the same bytes (and artifact hash).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ModelLoadError(f"not a folder: {folder}")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
-            info.size = path.stat().st_size
-            info.mtime = 0
-            info.mode = _FILE_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as fh:
-                tar.addfile(info, fh)
-    return buffer.getvalue()
+# ----- the artifact: a folder as one uncompressed tar (agent.backends.archive) -------
 
 
 def unpack_folder(data: bytes, out_dir: Path) -> Path:
@@ -96,43 +73,16 @@ def unpack_folder(data: bytes, out_dir: Path) -> Path:
     and folders with safe relative names, or when the result lacks ``config.json`` or
     ``*.safetensors`` weights (:func:`check_model_folder`).
     """
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            return _extract(tar, Path(out_dir))
-    except (tarfile.TarError, EOFError) as err:
-        raise ModelLoadError(f"not a readable model folder archive: {err}") from err
+    folder = extract_tar(data, Path(out_dir), "data")
+    check_model_folder(folder)
+    return folder
 
 
 def unpack_file(archive: Path, out_dir: Path) -> Path:
     """:func:`unpack_folder` reading the tar from a file (no copy of it in memory)."""
-    try:
-        with tarfile.open(archive, mode="r:") as tar:
-            return _extract(tar, Path(out_dir))
-    except (tarfile.TarError, EOFError) as err:
-        raise ModelLoadError(
-            f"{archive.name} is not a readable model folder archive: {err}"
-        ) from err
-
-
-def _extract(tar: tarfile.TarFile, out_dir: Path) -> Path:
-    members = tar.getmembers()
-    seen: set[str] = set()
-    for member in members:
-        name = member.name
-        parts = PurePosixPath(name).parts
-        if not name or name.startswith("/") or ".." in parts or "\\" in name:
-            raise ModelLoadError(f"unsafe name in model folder archive: {name!r}")
-        if not (member.isfile() or member.isdir()):
-            raise ModelLoadError(f"model folder archive member is not a plain file: {name!r}")
-        if name in seen:
-            raise ModelLoadError(f"model folder archive holds {name!r} twice")
-        seen.add(name)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ModelLoadError(f"output folder is not empty: {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tar.extractall(out_dir, members=members, filter="data")
-    check_model_folder(out_dir)
-    return out_dir
+    folder = extract_tar(archive, Path(out_dir), archive.name)
+    check_model_folder(folder)
+    return folder
 
 
 def check_model_folder(folder: Path) -> dict[str, Any]:

@@ -19,18 +19,27 @@ Options (``Assignment.options``):
   an LLM reference), which this class delegates to; ``auto`` picks it from the graph,
   ``llm``/``classify`` force a mode. Anything else feeds the declared inputs
   and scores classification accuracy.
+
+The model is one ``.onnx`` file, or an ONNX model whose weights are external data
+(``model.onnx`` + ``model.onnx.data``, as models over 2 GB must be): a folder holding
+exactly one ``.onnx`` file and its data, or that folder as one uncompressed tar (the
+artifact store's form, named ``*.onnx.tar``), which :func:`onnx_model_file` unpacks
+into the backend's own temporary folder (it lives as long as the backend).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from agent.backends.archive import extract_tar, is_tar_file
 from agent.backends.base import (
     SYNTHETIC_INPUT_SEED,
     Backend,
@@ -84,12 +93,49 @@ def session_options_to_check(options: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in options.items() if not k.startswith(PROVIDER_OPTION_PREFIX)}
 
 
+def onnx_model_file(model_path: Path, workdir: Path | None) -> tuple[Path, str]:
+    """The ``.onnx`` file to open for ``model_path`` and the model's layout.
+
+    A file that is a tar (a folder artifact) is unpacked safely into ``workdir``
+    (:func:`agent.backends.archive.extract_tar`); a folder (unpacked or given) must hold
+    exactly one ``.onnx`` file, whose external data onnxruntime finds beside it. Any
+    other file is the model itself. Raises :class:`ModelLoadError`.
+    """
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        return _single_onnx(model_path, model_path.name), "folder"
+    check_model_file(model_path)
+    if not is_tar_file(model_path):
+        return model_path, "file"
+    if workdir is None:
+        raise ModelLoadError(f"{model_path.name} is a folder archive: no folder to unpack it into")
+    folder = extract_tar(model_path, workdir / "model", model_path.name)
+    return _single_onnx(folder, model_path.name), "folder archive"
+
+
+def _single_onnx(folder: Path, label: str) -> Path:
+    found = sorted(p for p in folder.rglob("*.onnx") if p.is_file())
+    if len(found) != 1:
+        names = ", ".join(p.relative_to(folder).as_posix() for p in found) or "none"
+        raise ModelLoadError(
+            f"an ONNX model folder must hold exactly one .onnx file; {label} holds {names}"
+        )
+    return found[0]
+
+
 def open_session(
-    ort: Any, model_path: Path, settings: MeasureSettings, options: dict[str, str]
+    ort: Any,
+    model_path: Path,
+    settings: MeasureSettings,
+    options: dict[str, str],
+    workdir: Path | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """An InferenceSession with explicit threads, sequential execution and one provider,
-    and the environment it ran with."""
-    check_model_file(model_path)
+    and the environment it ran with. ``model_path`` may be a folder or a folder
+    archive (:func:`onnx_model_file`, which unpacks into ``workdir``)."""
+    started = time.perf_counter()
+    onnx_file, layout = onnx_model_file(model_path, workdir)
+    unpack_s = time.perf_counter() - started
 
     provider = options.get("execution_provider", DEFAULT_PROVIDER)
     available = list(ort.get_available_providers())
@@ -116,7 +162,7 @@ def open_session(
     extra = {"provider_options": [chosen]} if chosen else {}
     try:
         session = ort.InferenceSession(
-            str(model_path), sess_options=so, providers=[provider], **extra
+            str(onnx_file), sess_options=so, providers=[provider], **extra
         )
     except Exception as err:  # onnxruntime raises several unrelated types here
         raise ModelLoadError(
@@ -130,7 +176,10 @@ def open_session(
         "onnxruntime.inter_op_num_threads": str(so.inter_op_num_threads),
         "onnxruntime.execution_mode": "sequential",
         "onnxruntime.graph_optimization_level": _OPT_LEVELS[level_key],
+        "onnxruntime.model_layout": layout,
     }
+    if layout == "folder archive":
+        environment["onnxruntime.unpack_ms"] = f"{unpack_s * 1e3:.1f}"
     if chosen:
         environment["onnxruntime.provider_options"] = ",".join(
             f"{key}={value}" for key, value in sorted(chosen.items())
@@ -163,6 +212,7 @@ class OnnxRuntimeBackend(Backend):
         self._environment: dict[str, str] = {}
         self._llm: Backend | None = None  # the LLM mode, when the model is a causal LM
         self._eval_is_llm = False
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None  # an unpacked model
 
     def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
         """An LLM reference's tokens, else the first inputs of a classification eval file."""
@@ -176,7 +226,10 @@ class OnnxRuntimeBackend(Backend):
         """Create the session; hand a causal LM to the LLM mode (see the module docstring)."""
         check_options(self.NAME, session_options_to_check(options), self.OPTIONS)
         ort = self._ort = self.require()
-        self._session, self._environment = open_session(ort, model_path, settings, options)
+        self._workdir = tempfile.TemporaryDirectory(prefix="edgefarm-onnxruntime-")
+        self._session, self._environment = open_session(
+            ort, model_path, settings, options, Path(self._workdir.name)
+        )
         from agent.backends.onnxruntime_llm import llm_mode
 
         self._llm = llm_mode(self._session, self._environment, settings, options, self._eval_is_llm)

@@ -34,6 +34,7 @@ What is timed (the same protocol as the llama-cpp backend, so the figures compar
 
 from __future__ import annotations
 
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -291,6 +292,7 @@ class OnnxRuntimeLlmBackend(LanguageModelBackend):
         self._settings = MeasureSettings()
         self._tokens: np.ndarray | None = None
         self._step: OrtDecodeStep | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None  # an unpacked model
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Open the session (as the onnxruntime backend does) and read the graph layout."""
@@ -298,7 +300,10 @@ class OnnxRuntimeLlmBackend(LanguageModelBackend):
         if options.get("task", "llm") not in ("auto", "llm"):
             raise TaskError(f"the LLM mode cannot run task '{options['task']}'")
         ort = self.require()
-        session, environment = open_session(ort, model_path, settings, options)
+        self._workdir = tempfile.TemporaryDirectory(prefix="edgefarm-onnxruntime-")
+        session, environment = open_session(
+            ort, model_path, settings, options, Path(self._workdir.name)
+        )
         self.attach(session, environment, settings)
 
     def attach(self, session: Any, environment: dict[str, str], settings: MeasureSettings) -> None:

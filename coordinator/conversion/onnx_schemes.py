@@ -8,6 +8,14 @@ int8-static     ``quantize_static``, QDQ format, calibrated on training examples
 int4-weight     MatMulNBits, 4-bit block-wise weights (``block_size``, ``symmetric``)
 =============== ===========================================================
 
+A source whose weights are external data (``model.onnx`` + ``model.onnx.data``, see
+:mod:`coordinator.conversion.onnx_files`) gives a result in the same layout: ``dst`` and
+``dst.name + ".data"`` beside it; a single-file source gives a single file unless the
+result is over the protobuf limit. The source's folder is never written to: the int8
+quantizers write a shape-inferred copy of the graph beside their input, so they read
+an external-data source from a copy in a temporary folder beside ``dst`` (onnx refuses
+external data reached through symbolic or hard links); the other schemes only read it.
+
 ``quant_pre_process`` (shape inference + graph optimization) runs only before
 ``int8-static``, where its MatMul + Add -> Gemm fusion gives QDQ Gemm nodes that
 onnxruntime runs faster; it is never run before ``int4-weight`` (the MatMulNBits
@@ -33,6 +41,7 @@ import onnx
 import onnxruntime
 from onnx import numpy_helper
 
+from coordinator.conversion import onnx_files
 from coordinator.conversion.files import merge_scheme_params
 from edgefarm.errors import UnsupportedScheme, UsageError
 
@@ -67,9 +76,10 @@ def quantize_onnx(
     """Write ``src`` converted to ``scheme`` at ``dst``; return its provenance.
 
     Provenance: tool, tool version, scheme, the parameters actually used, the op-type
-    counts of the result and its size. Raises :class:`UnsupportedScheme` for an
-    unknown scheme and :class:`UsageError` for bad parameters or (``int8-static``)
-    missing calibration inputs.
+    counts of the result, the files written (``files``: names beside ``dst``, the
+    external-data file second when there is one) and their total size. Raises
+    :class:`UnsupportedScheme` for an unknown scheme and :class:`UsageError` for bad
+    parameters or (``int8-static``) missing calibration inputs.
     """
     if scheme not in ONNX_SCHEMES:
         raise UnsupportedScheme(
@@ -79,8 +89,17 @@ def quantize_onnx(
     if not src.is_file():
         raise UsageError(f"source model not found: {src}")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _root_logging_untouched():
-        details = _CONVERTERS[scheme](src, dst, calibration_inputs, used)
+    external = onnx_files.has_external_data(src)
+    (dst.parent / onnx_files.data_file_name(dst)).unlink(missing_ok=True)
+    with (
+        _root_logging_untouched(),
+        tempfile.TemporaryDirectory(prefix=".quant-src-", dir=dst.parent) as tmp,
+    ):
+        staged = _staged(src, Path(tmp)) if external and scheme.startswith("int8") else src
+        details = _CONVERTERS[scheme](
+            staged, dst, calibration_inputs, {**used, _EXTERNAL: external}
+        )
+    files = onnx_files.model_files(dst)
     return {
         "tool": "onnxruntime",
         "tool_version": onnxruntime.__version__,
@@ -88,9 +107,23 @@ def quantize_onnx(
         "scheme": scheme,
         "parameters": used,
         **details,
-        "op_types": op_type_counts(onnx.load(str(dst))),
-        "size_bytes": dst.stat().st_size,
+        "op_types": op_type_counts(onnx.load(str(dst), load_external_data=False)),
+        "external_data": len(files) > 1,
+        "files": [path.name for path in files],
+        "size_bytes": sum(path.stat().st_size for path in files),
     }
+
+
+# Passed to the converters beside the scheme's parameters: whether the source keeps its
+# weights as external data (the result then does too).
+_EXTERNAL = "_external_data"
+
+
+def _staged(src: Path, folder: Path) -> Path:
+    """``src`` and its external-data files copied into ``folder``."""
+    for path in onnx_files.model_files(src):
+        shutil.copyfile(path, folder / path.name)
+    return folder / src.name
 
 
 def op_type_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -113,16 +146,20 @@ def _resolve_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fp32(src: Path, dst: Path, _calib: np.ndarray | None, _p: dict[str, Any]) -> dict[str, Any]:
-    if src.resolve() != dst.resolve():
-        shutil.copyfile(src, dst)
+    onnx_files.copy_model(src, dst)
     return {}
 
 
-def _fp16(src: Path, dst: Path, _calib: np.ndarray | None, _p: dict[str, Any]) -> dict[str, Any]:
+def _save(model: onnx.ModelProto, dst: Path, p: dict[str, Any]) -> None:
+    """Save a converted model: with external data when the source had it (or when large)."""
+    onnx_files.save_model(model, dst, external=True if p[_EXTERNAL] else None)
+
+
+def _fp16(src: Path, dst: Path, _calib: np.ndarray | None, p: dict[str, Any]) -> dict[str, Any]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
+    _save(model, dst, p)
     return {"function": "onnxruntime.transformers.float16.convert_float_to_float16"}
 
 
@@ -137,6 +174,7 @@ def _int8_dynamic(
         per_channel=bool(p["per_channel"]),
         reduce_range=bool(p["reduce_range"]),
         weight_type=QuantType.QInt8,
+        use_external_data_format=bool(p[_EXTERNAL]),
     )
     return {"function": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8"}
 
@@ -171,6 +209,7 @@ def _int8_static(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, _CALIBRATE_METHODS[p["calibrate_method"]]),
+            use_external_data_format=bool(p[_EXTERNAL]),
         )
     return {
         "function": "onnxruntime.quantization.quantize_static",
@@ -202,7 +241,7 @@ def _int4_weight(
         quantizer.process()
         quantized = quantizer.model.model
         implementation = "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
-    onnx.save(quantized, str(dst))
+    _save(quantized, dst, p)
     return {"implementation": implementation, "bits": 4}
 
 

@@ -24,6 +24,11 @@ the same model, scheme and parameters give the same IR bytes; the IR also record
 source file's name (not its folder), so convert from a fixed file name. The IR is two
 files: :func:`agent.backends.openvino.pack_ir` turns it into the single tar the artifact
 store holds. openvino, nncf and onnx are imported only when converting.
+
+The source may keep its weights as external data (``model.onnx`` + ``model.onnx.data``,
+:mod:`coordinator.conversion.onnx_files`): OpenVINO reads them from beside the graph. A
+graph OpenVINO cannot convert raises :class:`UnsupportedArchitecture` naming the
+architecture the export recorded in the graph's metadata and ``openvino``.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from agent.backends.base import one_line
 from agent.backends.openvino import pack_ir, unpack_ir
 from coordinator.conversion.files import merge_scheme_params
 from coordinator.conversion.telemetry import decline_openvino_telemetry
-from edgefarm.errors import UnsupportedScheme, UsageError
+from edgefarm.errors import UnsupportedArchitecture, UnsupportedScheme, UsageError
 
 __all__ = [
     "OPENVINO_SCHEMES",
@@ -104,7 +110,8 @@ def convert_openvino(
     Returns the provenance: tool versions, scheme, the parameters actually used, the
     NNCF call, the IR's op-type counts, how each weight is stored and the sizes.
     Raises :class:`UnsupportedScheme` for an unknown scheme and :class:`UsageError`
-    for bad parameters, a group size NNCF refuses, or (``int8-ptq``) no calibration.
+    for bad parameters, a group size NNCF refuses, or (``int8-ptq``) no calibration,
+    and :class:`UnsupportedArchitecture` for a graph OpenVINO cannot convert.
     """
     if scheme not in OPENVINO_SCHEMES:
         raise UnsupportedScheme(
@@ -121,7 +128,15 @@ def convert_openvino(
     decline_openvino_telemetry()
     import openvino as ov
 
-    model = ov.convert_model(str(src_onnx))
+    try:
+        model = ov.convert_model(str(src_onnx))
+    except Exception as err:  # OpenVINO's frontends raise several unrelated types
+        raise UnsupportedArchitecture(
+            one_line(
+                f"{_architecture(src_onnx)}: OpenVINO cannot convert its ONNX graph "
+                f"(openvino): {err}"
+            )
+        ) from err
     converted, to_fp16, details = _CONVERTERS[scheme](model, calibration_inputs, used)
     renamed = canonical_names(converted, _onnx_names(src_onnx))
     dst_xml.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +235,20 @@ def _onnx_names(src_onnx: Path) -> set[str]:
     names.update(name for node in graph.node for name in (*node.input, *node.output))
     names.update(t.name for t in graph.initializer)
     return names - {""}
+
+
+def _architecture(src_onnx: Path) -> str:
+    """The architecture the ONNX export recorded in the graph's metadata, if any."""
+    from coordinator.conversion.hf_to_onnx import ARCH_KEY, CLASS_KEY
+    from coordinator.conversion.onnx_files import read_metadata
+
+    try:
+        meta = read_metadata(src_onnx)
+    except Exception:  # an unreadable graph: OpenVINO's own message says more
+        return f"the model in {src_onnx.name}"
+    if ARCH_KEY not in meta:
+        return f"the model in {src_onnx.name}"
+    return f"{meta[ARCH_KEY]} ({meta.get(CLASS_KEY, '?')})"
 
 
 def _resolve_params(scheme: str, params: dict[str, Any]) -> dict[str, Any]:

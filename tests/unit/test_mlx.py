@@ -24,9 +24,20 @@ import pytest
 
 from agent.backends.mlx import MlxBackend, pack_folder, unpack_folder
 from agent.runner import TrialsReport, run_measurement
-from coordinator.conversion.mlx_convert import convert_mlx, convert_mlx_archive, source_rope_theta
+from coordinator.conversion.mlx_convert import (
+    convert_mlx,
+    convert_mlx_archive,
+    mlx_config,
+    source_rope_theta,
+)
 from edgefarm.domain import MeasureSettings
-from edgefarm.errors import ModelLoadError, TaskError, UnsupportedScheme, UsageError
+from edgefarm.errors import (
+    ModelLoadError,
+    TaskError,
+    UnsupportedArchitecture,
+    UnsupportedScheme,
+    UsageError,
+)
 from tests.unit.conftest import REF_TOKENS
 
 SMOLLM2_ROPE_THETA = 100000.0
@@ -140,6 +151,61 @@ def test_the_rope_base_is_read_where_transformers_5_keeps_it() -> None:
     assert source_rope_theta(nested) == (100000.0, "rope_parameters.rope_theta")
     assert source_rope_theta({"rope_theta": 5e5}) == (5e5, "rope_theta")
     assert source_rope_theta({"model_type": "gpt2"}) == (None, None)
+    per_type = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}}}
+    assert source_rope_theta(per_type) == (1e6, "rope_parameters.full_attention.rope_theta")
+
+
+def test_the_config_gets_the_keys_mlx_lm_reads() -> None:
+    _needs("mlx_lm")
+    # Gemma 3 (transformers 5): both bases nested per layer type, the pattern as a list
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    gemma3 = {
+        "model_type": "gemma3_text",
+        "layer_types": types * 2,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    }
+    config, changes = mlx_config(gemma3)
+    assert (config["rope_theta"], config["rope_local_base_freq"]) == (1e6, 1e4)
+    assert config["sliding_window_pattern"] == 6
+    assert config["rope_scaling"] == {"type": "linear", "factor": 8.0}
+    assert set(changes) == {
+        "rope_theta",
+        "rope_local_base_freq",
+        "sliding_window_pattern",
+        "rope_scaling",
+    }
+    with pytest.raises(UnsupportedArchitecture, match=r"gemma3_text: .*every n-th.*\(mlx\)"):
+        mlx_config({**gemma3, "layer_types": [*types, *types[3:]]})  # 6th, then 9th
+    # Phi-3 LongRoPE: "type" and the short factors where mlx-lm takes the long ones
+    longrope = {
+        "rope_type": "longrope",
+        "rope_theta": 1e4,
+        "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 512,
+        "short_factor": [1.0, 1.1],
+        "long_factor": [2.0, 4.0],
+    }
+    phi3 = {"model_type": "phi3", "max_position_embeddings": 16384, "rope_parameters": longrope}
+    config, changes = mlx_config(phi3)
+    assert config["rope_scaling"] == {
+        "type": "longrope",
+        "short_factor": [1.0, 1.1],
+        "long_factor": [1.0, 1.1],
+    }
+    assert (config["partial_rotary_factor"], config["original_max_position_embeddings"]) == (
+        0.75,
+        512,
+    )
+    assert changes["longrope"]["valid_up_to_tokens"] == 512
+    with pytest.raises(UnsupportedArchitecture, match=r"phi3: .*attention_factor"):
+        mlx_config({**phi3, "rope_parameters": {**longrope, "attention_factor": 1.0}})
+    # an architecture mlx-lm has no module for
+    with pytest.raises(UnsupportedArchitecture, match=r"^no_such_arch: mlx-lm has no model"):
+        mlx_config({"model_type": "no_such_arch"})
+    assert mlx_config({"model_type": "llama", "rope_theta": 1e5})[1] == {}
 
 
 # ----- the real model -----------------------------------------------------------------
@@ -212,6 +278,8 @@ def test_conversion_provenance_and_the_rope_guard(
     assert set(fp16["tool_versions"]) == {"mlx", "mlx-lm"}
     assert fp16["rope_theta_action"] == "kept"
     assert q4["rope_theta_action"] == "added"  # the source lacked it at the top level
+    assert q4["config_normalisation"] == {"rope_theta": SMOLLM2_ROPE_THETA}
+    assert fp16["config_normalisation"] == {}
     for folder, archive, provenance in converted.values():
         assert pack_folder(folder) == archive.read_bytes()  # the same files, the same bytes
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
