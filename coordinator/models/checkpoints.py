@@ -251,8 +251,11 @@ def _realistic_scales(model: Any, arch: str, torch: Any) -> None:
     """Give the random weights the spread a trained model has, so conversion checks can
     tell a right conversion from a wrong one:
 
-    - the embedding (and the LM head tied to it) x25: logits of a few units, not a few
-      hundredths;
+    - the final norm x8: logits with a spread of a few units (std about 2.5), not a few
+      hundredths, and next-token distributions that are neither flat nor one-hot
+      (entropy about 7 nats). Scaling the tied embedding instead made every position
+      predict its own input token with certainty: perplexity and KL divergence were
+      meaningless;
     - queries and keys x3 and the attention output x4: attention that is sharp, not
       nearly uniform. With uniform attention a wrong RoPE base or an ignored LongRoPE
       moved the logits by 1e-3 of their range, inside fp16's honest error; sharp, by
@@ -261,7 +264,8 @@ def _realistic_scales(model: Any, arch: str, torch: Any) -> None:
     Qwen3 and Gemma 3 normalise queries and keys after the projection, so their q/k
     norms carry the factor (Gemma's norms multiply by ``1 + w``)."""
     with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(25.0)
+        final = model.model.norm.weight
+        final.copy_(8.0 * (1.0 + final) - 1.0 if arch == "gemma3" else 8.0 * final)
         for layer in model.model.layers:
             attn = layer.self_attn
             if arch == "gemma3":
