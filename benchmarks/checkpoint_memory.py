@@ -77,7 +77,7 @@ backends:
 {backends}measurement:
   warmup_iterations: 1
   min_iterations: 4
-  min_duration_s: 0
+  min_duration_s: 0.01
   trials: 1
   threads: 2
   prompt_tokens: 16

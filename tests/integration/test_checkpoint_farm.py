@@ -84,7 +84,7 @@ models:
 measurement:
   warmup_iterations: 1
   min_iterations: 3
-  min_duration_s: 0
+  min_duration_s: 0.01
   trials: 1
   threads: 1
   prompt_tokens: 8
