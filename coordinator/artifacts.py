@@ -18,19 +18,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
+from agent.backends.archive import extract_tar, write_folder_tar
 from edgefarm.domain import ArtifactRef
 from edgefarm.errors import ArtifactError
 
 CHUNK_BYTES = 1 << 20
 STAGING = ".staging"
 UNPACKED = "unpacked"
-_FILE_MODE = 0o644
 
 
 class _HashingWriter:
@@ -51,31 +50,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.raw.flush()
-
-
-def write_folder_tar(
-    folder: Path, out: IO[bytes], include: Callable[[str], bool] | None = None
-) -> None:
-    """Every file under ``folder`` (those whose relative POSIX path ``include`` accepts)
-    as one uncompressed tar, byte-for-byte reproducible: members in sorted order with
-    mtime 0, mode 0644 and no owner (symbolic links are followed, so a hub-cache
-    snapshot packs its blobs). Streamed: no file is held in memory whole."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    if include is not None:
-        files = [p for p in files if include(p.relative_to(folder).as_posix())]
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-        for path in files:
-            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
-            info.size = path.stat().st_size
-            info.mtime = 0
-            info.mode = _FILE_MODE
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            with path.open("rb") as handle:
-                tar.addfile(info, handle)
 
 
 class ArtifactStore:
@@ -174,7 +148,7 @@ class ArtifactStore:
             raise ArtifactError(f"artifact {sha256[:12]} is not in the store")
         staging = self.staging()
         try:
-            unpacked = unpack_tar(archive, staging / "folder")
+            unpacked = extract_tar(archive, staging / "folder", archive.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(unpacked, target)
@@ -220,22 +194,3 @@ class ArtifactStore:
         target = self.path(sha)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, target)
-
-
-def unpack_tar(archive: Path, out_dir: Path) -> Path:
-    """Extract an uncompressed tar of plain files and folders with safe relative names
-    into ``out_dir`` (streamed); ArtifactError for anything else."""
-    try:
-        with tarfile.open(archive, mode="r:") as tar:
-            members = tar.getmembers()
-            for member in members:
-                parts = PurePosixPath(member.name).parts
-                if member.name.startswith("/") or ".." in parts or not parts:
-                    raise ArtifactError(f"{archive.name}: unsafe name {member.name!r}")
-                if not (member.isfile() or member.isdir()):
-                    raise ArtifactError(f"{archive.name}: {member.name!r} is not a plain file")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tar.extractall(out_dir, members=members, filter="data")
-    except (tarfile.TarError, EOFError) as err:
-        raise ArtifactError(f"{archive.name} is not a readable folder archive: {err}") from err
-    return out_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -20,18 +21,25 @@ FILE_MODE = 0o644
 TAR_MAGIC_OFFSET, TAR_MAGIC = 257, b"ustar"
 
 
-def write_folder_tar(folder: Path, out: IO[bytes]) -> None:
-    """Stream every file under ``folder`` into ``out`` as one uncompressed tar.
+def write_folder_tar(
+    folder: Path, out: IO[bytes], include: Callable[[str], bool] | None = None
+) -> None:
+    """Stream every file under ``folder`` (those whose relative POSIX path ``include``
+    accepts) into ``out`` as one uncompressed tar.
 
     Members are the files' relative POSIX paths in sorted order, with mtime 0, mode
     0644 and no owner, so the same files always give the same bytes (and artifact
-    hash). Each file is copied in blocks: no file is held in memory whole.
+    hash); symbolic links are followed (a hub-cache snapshot packs its blobs). Each
+    file is copied in blocks: no file is held in memory whole.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    if include is not None:
+        files = [p for p in files if include(p.relative_to(folder).as_posix())]
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in files:
             info = tarfile.TarInfo(path.relative_to(folder).as_posix())
             info.size = path.stat().st_size
             info.mtime = 0

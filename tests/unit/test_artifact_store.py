@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.artifacts import ArtifactStore, unpack_tar, write_folder_tar
-from edgefarm.errors import ArtifactError
+from agent.backends.archive import extract_tar, write_folder_tar
+from coordinator.artifacts import ArtifactStore
+from edgefarm.errors import ArtifactError, ModelLoadError
 
 
 def _folder(root: Path) -> Path:
@@ -100,8 +101,8 @@ def test_hostile_archives_are_refused(tmp_path: Path, member: str, kind: bytes) 
             data = b"x"
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ArtifactError, match="bad.tar"):
-        unpack_tar(archive, tmp_path / "out")
+    with pytest.raises(ModelLoadError, match=r"bad\.tar"):
+        extract_tar(archive, tmp_path / "out", archive.name)
     assert not (tmp_path / "escape.txt").exists()
 
 
@@ -113,5 +114,5 @@ def test_missing_and_malformed_artifacts(tmp_path: Path) -> None:
         store.folder("0" * 64)
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"\x00not a tar" * 100)
-    with pytest.raises(ArtifactError, match="not a readable folder archive"):
-        unpack_tar(garbage, tmp_path / "out")
+    with pytest.raises(ModelLoadError, match="not a readable model folder archive"):
+        extract_tar(garbage, tmp_path / "out", garbage.name)
