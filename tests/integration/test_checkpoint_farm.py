@@ -55,6 +55,7 @@ def _prefill_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
     (repo / "refs" / "main").write_text(COMMIT)
 
 
+@pytest.mark.timeout(1500)  # 16 conversions and 16 measurements on 2 cores: ~5 minutes
 def test_checkpoints_of_four_architectures_on_four_backends(
     make_farm: MakeFarm, checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -74,7 +75,7 @@ def test_checkpoints_of_four_architectures_on_four_backends(
 models:
 {models}backends:
   - name: llama-cpp
-    schemes: [F16, Q4_K_M]
+    schemes: [F16]
   - name: onnxruntime
     schemes: [fp32]
   - name: openvino
@@ -102,7 +103,7 @@ measurement:
         unsupported = []
         for arch in ARCHS:
             for backend, schemes in {
-                "llama-cpp": ("F16", "Q4_K_M"),
+                "llama-cpp": ("F16",),
                 "onnxruntime": ("fp32",),
                 "openvino": ("fp32",),
                 "mlx": ("fp16",),
@@ -125,7 +126,7 @@ measurement:
             check = record.provenance.get("logit_check")
             if check:
                 checks.setdefault(check["format"], []).append(check)
-                assert check["max_abs_diff"] <= check["tolerance"], check
+                assert check["relative"] <= check["tolerance"], check
         # every full-precision format was checked for every architecture that converted
         assert {"gguf-f16", "onnx-fp32", "openvino-fp32", "mlx-fp16"} <= set(checks)
         assert len(checks["gguf-f16"]) == len(ARCHS)
