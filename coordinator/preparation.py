@@ -29,8 +29,10 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -94,7 +96,7 @@ def init_ray() -> None:
 # of that step's key, so upgrading one tool redoes only the steps that use it.
 STEP_TOOLS: dict[str, tuple[str, ...]] = {
     "builtin": ("numpy", "scikit-learn", "onnx", "onnxruntime"),
-    "checkpoint": (),
+    "source-files": (),
     "reference": ("numpy", "onnxruntime"),
     "gguf-f16": ("numpy", "gguf"),
     "llm-reference": ("numpy", "llama-cpp-python"),
@@ -208,13 +210,13 @@ class Preparer:
         run: Any,
         args: tuple[Any, ...],
     ) -> ArtifactRef:
-        step = getattr(run, "__name__", None) or getattr(run, "_function_name", "step")
+        step = str(getattr(run, "_function_name", "step")).rsplit(".", 1)[-1]
         log.info("running %s on Ray for %s", step, name)
         try:
             out = await run.remote(str(self.artifacts.root), *args)
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as err:
             raise ConversionError(
-                f"{name}: the {step.rsplit('.', 1)[-1]} step's process died "
+                f"{name}: the {step} step's process died "
                 f"(a native crash or out of memory): {str(err).splitlines()[0]}"
             ) from err
         stats.run += 1
@@ -284,7 +286,13 @@ class Preparer:
         path = await asyncio.to_thread(resolve_llm_source, source, spec_dir, self.cache_dir)
         if path.is_dir():
             return await self._checkpoint_source(model_name, source, path, stats)
-        original = await asyncio.to_thread(self.artifacts.put_file, path, path.name)
+        st = path.stat()
+        original = await self._ingest(
+            source,
+            [(path.name, st)],
+            lambda: self.artifacts.put_file(path, path.name),
+            path,
+        )
         f16 = await self._step(
             step_key("gguf-f16", source=original.sha256),
             "gguf",
@@ -309,23 +317,14 @@ class Preparer:
         from coordinator.models.sources import checkpoint_files
 
         files = await asyncio.to_thread(checkpoint_files, folder)
-        fingerprint = step_key(
-            "checkpoint",
-            folder=str(folder.resolve()),
-            files=[(name, st.st_size, st.st_mtime_ns) for name, st in files],
+        names = {name for name, _ in files}
+        stored = await self._ingest(
+            source,
+            files,
+            lambda: self.artifacts.put_folder(folder, "checkpoint.tar", lambda rel: rel in names),
+            folder,
         )
-        found = self._cached(fingerprint.value)
-        if found is not None:
-            checkpoint = _ref(found)
-        else:
-            names = {name for name, _ in files}
-            checkpoint = await asyncio.to_thread(
-                self.artifacts.put_folder,
-                folder,
-                f"{model_name}.checkpoint.tar",
-                lambda rel: rel in names,
-            )
-            self._record(fingerprint.value, checkpoint, "checkpoint", {"source": source})
+        checkpoint = replace(stored, name=f"{model_name}.checkpoint.tar")
         prepared = PreparedSource(
             checkpoint,  # replaced by the F16 GGUF below
             None,
@@ -350,6 +349,28 @@ class Preparer:
             logits,
         )
         return prepared
+
+    async def _ingest(
+        self,
+        source: str,
+        files: list[tuple[str, os.stat_result]],
+        put: Callable[[], ArtifactRef],
+        path: Path,
+    ) -> ArtifactRef:
+        """A source's files in the artifact store, copied (and hashed) only when one of
+        them changed size or modification time since they were last stored: a model of
+        several GB is not re-read for every campaign."""
+        fingerprint = step_key(
+            "source-files",
+            path=str(path.resolve()),
+            files=[(name, st.st_size, st.st_mtime_ns) for name, st in files],
+        )
+        found = self._cached(fingerprint.value)
+        if found is not None:
+            return _ref(found)
+        ref = await asyncio.to_thread(put)
+        self._record(fingerprint.value, ref, "source", {"source": source, "path": str(path)})
+        return ref
 
     async def attach_files(
         self,
