@@ -227,7 +227,7 @@ def build_random_checkpoint(
         model = model_cls(config).eval()
     finally:
         torch.set_default_dtype(default)
-    _realistic_scales(model, arch, torch)
+    _realistic_scales(model, arch, torch, sharp_attention=size == "tiny")
     model.generation_config = transformers.GenerationConfig(
         **{k: v for k, v in special.items() if v is not None}
     )
@@ -247,7 +247,7 @@ def build_random_checkpoint(
     }
 
 
-def _realistic_scales(model: Any, arch: str, torch: Any) -> None:
+def _realistic_scales(model: Any, arch: str, torch: Any, sharp_attention: bool) -> None:
     """Give the random weights the spread a trained model has, so conversion checks can
     tell a right conversion from a wrong one:
 
@@ -256,16 +256,22 @@ def _realistic_scales(model: Any, arch: str, torch: Any) -> None:
       (entropy about 7 nats). Scaling the tied embedding instead made every position
       predict its own input token with certainty: perplexity and KL divergence were
       meaningless;
-    - queries and keys x3 and the attention output x4: attention that is sharp, not
-      nearly uniform. With uniform attention a wrong RoPE base or an ignored LongRoPE
-      moved the logits by 1e-3 of their range, inside fp16's honest error; sharp, by
-      3e-2 to 3e-1 (measured with :mod:`coordinator.conversion.logit_check`).
+    - at the tiny size only, queries and keys x3 and the attention output x4:
+      attention that is sharp, not nearly uniform. With uniform attention a wrong RoPE
+      base or an ignored LongRoPE moved the logits by 1e-3 of their range, inside
+      fp16's honest error; sharp, by 3e-2 to 3e-1 (measured with
+      :mod:`coordinator.conversion.logit_check`). At published depth the same factors
+      make the random network chaotic (Qwen3-0.6B: llama.cpp's fp16 rounding grew to
+      8% of the logits' spread over 28 layers, 0.08% without them), which a trained
+      model is not, so published sizes keep the initialiser's attention.
 
     Qwen3 and Gemma 3 normalise queries and keys after the projection, so their q/k
     norms carry the factor (Gemma's norms multiply by ``1 + w``)."""
     with torch.no_grad():
         final = model.model.norm.weight
         final.copy_(8.0 * (1.0 + final) - 1.0 if arch == "gemma3" else 8.0 * final)
+        if not sharp_attention:
+            return
         for layer in model.model.layers:
             attn = layer.self_attn
             if arch == "gemma3":
