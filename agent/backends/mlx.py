@@ -55,12 +55,23 @@ from agent.llm_eval import (
 )
 from agent.llm_fidelity import log_softmax
 from edgefarm.domain import MeasureSettings
-from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
+from edgefarm.errors import ArtifactError, ModelLoadError, TaskError, UnsupportedArchitecture
 
 CONFIG_FILE = "config.json"
 WEIGHTS_GLOB = "*.safetensors"
+# Set by the converter when the MLX model matches its checkpoint only up to a length
+# (Phi-3 LongRoPE: mlx-lm applies one factor set at every length); longer contexts
+# are refused rather than measured wrong.
+MAX_CONTEXT_KEY = "edgefarm_max_context_tokens"
 
-__all__ = ["MlxBackend", "check_model_folder", "pack_folder", "unpack_file", "unpack_folder"]
+__all__ = [
+    "MAX_CONTEXT_KEY",
+    "MlxBackend",
+    "check_model_folder",
+    "pack_folder",
+    "unpack_file",
+    "unpack_folder",
+]
 
 
 # ----- the artifact: a folder as one uncompressed tar (agent.backends.archive) -------
@@ -211,6 +222,17 @@ class MlxBackend(LanguageModelBackend):
             raise ModelLoadError(
                 one_line(f"mlx-lm could not load {model_path.name}: {type(err).__name__}: {err}")
             ) from err
+        self._check_context(settings.context_tokens, "context_tokens")
+
+    def _check_context(self, tokens: int, what: str) -> None:
+        """Refuse a sequence longer than the converter says the model is right for."""
+        limit = self._config.get(MAX_CONTEXT_KEY)
+        if isinstance(limit, int) and tokens > limit:
+            raise UnsupportedArchitecture(
+                f"{self._config.get('model_type', 'this model')}: mlx-lm applies one RoPE "
+                f"scaling at every length, so this MLX model matches its checkpoint up to "
+                f"{limit} tokens; {what} is {tokens} (mlx)"
+            )
 
     def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> np.ndarray:
         """The token at every context position: the eval tokens (or fallback text), cycled.
@@ -319,6 +341,7 @@ class MlxBackend(LanguageModelBackend):
     def _chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows of each reference chunk, from an empty context."""
         mx = self._mx
+        self._check_context(n_ctx, "the reference's n_ctx")
         for chunk in token_chunks(np.asarray(tokens, dtype=np.int32), n_ctx):
             logits = self._model(mx.array(chunk[None, :], dtype=mx.int32))
             rows = logits[0, :-1].astype(mx.float32)
@@ -347,6 +370,8 @@ def _model_environment(model: Any, config: dict[str, Any]) -> dict[str, str]:
         ),
         "mlx.rope_theta": "" if rope_theta is None else repr(float(rope_theta)),
     }
+    if config.get(MAX_CONTEXT_KEY) is not None:
+        env["mlx.max_context_tokens"] = str(config[MAX_CONTEXT_KEY])
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params.get("rope_theta") is not None:
         env["mlx.config_rope_parameters_theta"] = repr(float(params["rope_theta"]))

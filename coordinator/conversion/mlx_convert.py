@@ -32,7 +32,9 @@ transformers 5's ``rope_parameters``. What each architecture needs at the top le
   ``short_factor`` up to ``original_max_position_embeddings`` tokens and ``long_factor``
   beyond; the config therefore gets ``short_factor`` as its ``long_factor``, which is
   transformers' computation for contexts up to that length (4096 for Phi-4-mini; the
-  farm measures 512 by default) and is recorded in the provenance (``longrope``). A
+  farm measures 512 by default) and is recorded in the provenance (``longrope``); the
+  config also gets ``edgefarm_max_context_tokens``, above which the MLX backend refuses
+  to measure (:class:`UnsupportedArchitecture`) rather than measure a wrong model. A
   config whose ``attention_factor`` or ``factor`` differ from what mlx-lm derives
   (``sqrt(1 + ln(max / original) / ln(original))``) is refused;
 - ``gemma3_text``: ``rope_theta`` (global layers), ``rope_local_base_freq`` (sliding
@@ -57,7 +59,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.backends.mlx import check_model_folder, pack_folder, unpack_folder
+from agent.backends.mlx import MAX_CONTEXT_KEY, check_model_folder, pack_folder, unpack_folder
 from coordinator.conversion.files import folder_manifest
 from edgefarm.errors import (
     MissingExtra,
@@ -260,6 +262,7 @@ def _phi3_longrope(out: dict[str, Any], params: dict[str, Any], put: Any) -> dic
         )
     put("partial_rotary_factor", params.get("partial_rotary_factor"))
     put("original_max_position_embeddings", original)
+    put(MAX_CONTEXT_KEY, original)  # the MLX backend refuses longer sequences
     put(
         "rope_scaling",
         {

@@ -100,6 +100,8 @@ def quantize_onnx(
             staged, dst, calibration_inputs, {**used, _EXTERNAL: external}
         )
     files = onnx_files.model_files(dst)
+    for path in files[1:]:
+        path.chmod(0o644)  # onnx and onnxruntime create external data owner-only
     return {
         "tool": "onnxruntime",
         "tool_version": onnxruntime.__version__,

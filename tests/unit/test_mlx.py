@@ -200,6 +200,7 @@ def test_the_config_gets_the_keys_mlx_lm_reads() -> None:
         512,
     )
     assert changes["longrope"]["valid_up_to_tokens"] == 512
+    assert config["edgefarm_max_context_tokens"] == 512
     with pytest.raises(UnsupportedArchitecture, match=r"phi3: .*attention_factor"):
         mlx_config({**phi3, "rope_parameters": {**longrope, "attention_factor": 1.0}})
     # an architecture mlx-lm has no module for
