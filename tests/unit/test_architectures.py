@@ -11,7 +11,6 @@ this process (no trial children) with a few decode steps each.
 
 from __future__ import annotations
 
-import functools
 import io
 from pathlib import Path
 from typing import Any
@@ -49,20 +48,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     """arch -> its checkpoint folder, ONNX export (+ provenance) and LLM reference."""
     work = tmp_path_factory.mktemp("archs")
     found: dict[str, dict[str, Any]] = {}
-    with pytest.MonkeyPatch.context() as patch:
-        # the tokenizer is read from the packaged GGUF (~10 s): once for all four
-        cached = functools.lru_cache(maxsize=1)(checkpoints._smollm2_tokenizer)
-        patch.setattr(checkpoints, "_smollm2_tokenizer", cached)
-        for arch in ARCHS:
-            folder = work / arch / "hf"
-            checkpoints.build_random_checkpoint(arch, folder)
-            onnx_path = work / arch / "onnx" / "model.onnx"
-            found[arch] = {
-                "hf": folder,
-                "onnx": onnx_path,
-                "export": export_causal_lm(folder, onnx_path),
-                "reference": _reference(folder, work / arch / "ref.npz"),
-            }
+    for arch in ARCHS:  # the tokenizer is read from the packaged GGUF once per process
+        folder = work / arch / "hf"
+        checkpoints.build_random_checkpoint(arch, folder)
+        onnx_path = work / arch / "onnx" / "model.onnx"
+        found[arch] = {
+            "hf": folder,
+            "onnx": onnx_path,
+            "export": export_causal_lm(folder, onnx_path),
+            "reference": _reference(folder, work / arch / "ref.npz"),
+        }
     return found
 
 
