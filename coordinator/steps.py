@@ -16,7 +16,6 @@ import contextlib
 import json
 import resource
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import ray
 
 from coordinator.artifacts import ArtifactStore
+from coordinator.conversion.files import maxrss_bytes
 from edgefarm.domain import ArtifactRef
 from edgefarm.errors import UsageError
 
@@ -39,8 +39,7 @@ def jsonable(data: Any) -> Any:
 
 
 def _rss_bytes(who: int) -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return int(resource.getrusage(who).ru_maxrss) * scale
+    return maxrss_bytes(resource.getrusage(who).ru_maxrss)
 
 
 @contextlib.contextmanager

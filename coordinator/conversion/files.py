@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def maxrss_bytes(maxrss: int) -> int:
+    """``ru_maxrss`` in bytes (the kernel reports KiB on Linux, bytes on macOS)."""
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 
 
 def folder_manifest(folder: Path) -> list[dict[str, Any]]:

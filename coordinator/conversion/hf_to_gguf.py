@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from coordinator.conversion.files import maxrss_bytes
 from coordinator.conversion.llama_converter import SCRIPT, ConverterInfo, find_converter
 from edgefarm.errors import ConversionError, MissingExtra, UnsupportedArchitecture, UsageError
 
@@ -322,7 +323,7 @@ def _run_logged(
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
             if pid:
                 child.returncode = os.waitstatus_to_exitcode(status)
-                return child.returncode, _rss_bytes(usage.ru_maxrss), peak_anon
+                return child.returncode, maxrss_bytes(usage.ru_maxrss), peak_anon
             anon = _anon_rss(child.pid)
             if anon is not None:
                 peak_anon = max(peak_anon or 0, anon)
@@ -333,7 +334,7 @@ def _run_logged(
         _kill(child)
         raise
     usage = _kill(child)
-    return "timeout", _rss_bytes(usage.ru_maxrss) if usage else 0, peak_anon
+    return "timeout", maxrss_bytes(usage.ru_maxrss) if usage else 0, peak_anon
 
 
 def _anon_rss(pid: int) -> int | None:
@@ -358,10 +359,6 @@ def _kill(child: subprocess.Popen[bytes]) -> Any:
         return None
     child.returncode = os.waitstatus_to_exitcode(status)
     return usage
-
-
-def _rss_bytes(maxrss: int) -> int:
-    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 
 
 def _raise_failure(log: Path, architecture: str, info: ConverterInfo, folder: Path) -> None:
