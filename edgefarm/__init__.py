@@ -8,4 +8,4 @@ the agent imports it, so nothing here may import ray, sqlalchemy or a backend.
 __version__ = "0.1.0"
 
 # Bumped whenever agent <-> coordinator messages change incompatibly.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

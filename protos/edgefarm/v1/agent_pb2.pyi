@@ -41,13 +41,20 @@ class RegisterRequest(google.protobuf.message.Message):
     NAME_FIELD_NUMBER: builtins.int
     LABELS_FIELD_NUMBER: builtins.int
     CAPABILITIES_FIELD_NUMBER: builtins.int
+    CREDENTIAL_FIELD_NUMBER: builtins.int
     token: builtins.str
-    """Shared fleet token."""
+    """The fleet's enrolment secret. Needed only for an agent's first registration
+    (enrolment); ignored when `credential` is given.
+    """
     agent_version: builtins.str
     """edgefarm version of the agent, and the wire protocol version it speaks."""
     protocol_version: builtins.int
     name: builtins.str
     """Human name of this agent (unique per fleet)."""
+    credential: builtins.str
+    """This agent's own credential, issued once at enrolment (RegisterResponse.credential).
+    Empty for the first registration, which must then carry the enrolment `token`.
+    """
     @property
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
         """Free-form labels used by campaign selectors, e.g. {"rack": "a"}."""
@@ -63,9 +70,10 @@ class RegisterRequest(google.protobuf.message.Message):
         name: builtins.str = ...,
         labels: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         capabilities: protos.edgefarm.v1.common_pb2.DeviceCapabilities | None = ...,
+        credential: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["capabilities", b"capabilities"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "labels", b"labels", "name", b"name", "protocol_version", b"protocol_version", "token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_version", b"agent_version", "capabilities", b"capabilities", "credential", b"credential", "labels", b"labels", "name", b"name", "protocol_version", b"protocol_version", "token", b"token"]) -> None: ...
 
 global___RegisterRequest = RegisterRequest
 
@@ -80,12 +88,22 @@ class RegisterResponse(google.protobuf.message.Message):
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: builtins.int
     LEASE_DURATION_S_FIELD_NUMBER: builtins.int
     COORDINATOR_VERSION_FIELD_NUMBER: builtins.int
+    CREDENTIAL_FIELD_NUMBER: builtins.int
+    LIMITS_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
     session_token: builtins.str
     """Opaque session credential to present in Hello and FetchArtifact."""
     heartbeat_interval_s: builtins.float
     lease_duration_s: builtins.float
     coordinator_version: builtins.str
+    credential: builtins.str
+    """Set only by the registration that enrolled this agent: its own credential.
+    Keep it (owner-only) and present it in every later Register; it is never sent again.
+    """
+    @property
+    def limits(self) -> global___ProtocolLimits:
+        """What the coordinator accepts from this agent."""
+
     def __init__(
         self,
         *,
@@ -94,10 +112,48 @@ class RegisterResponse(google.protobuf.message.Message):
         heartbeat_interval_s: builtins.float = ...,
         lease_duration_s: builtins.float = ...,
         coordinator_version: builtins.str = ...,
+        credential: builtins.str = ...,
+        limits: global___ProtocolLimits | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "coordinator_version", b"coordinator_version", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_duration_s", b"lease_duration_s", "session_token", b"session_token"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["limits", b"limits"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["agent_id", b"agent_id", "coordinator_version", b"coordinator_version", "credential", b"credential", "heartbeat_interval_s", b"heartbeat_interval_s", "lease_duration_s", b"lease_duration_s", "limits", b"limits", "session_token", b"session_token"]) -> None: ...
 
 global___RegisterResponse = RegisterResponse
+
+@typing.final
+class ProtocolLimits(google.protobuf.message.Message):
+    """Bounds on agent messages; a message beyond them is refused (see ResultAck.reason)."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: builtins.int
+    MAX_TRIALS_FIELD_NUMBER: builtins.int
+    MAX_SAMPLES_PER_TRIAL_FIELD_NUMBER: builtins.int
+    MAX_SAMPLES_PER_RESULT_FIELD_NUMBER: builtins.int
+    MAX_STRING_BYTES_FIELD_NUMBER: builtins.int
+    MAX_MAP_ENTRIES_FIELD_NUMBER: builtins.int
+    MAX_EXAMPLE_OUTCOMES_FIELD_NUMBER: builtins.int
+    max_message_bytes: builtins.int
+    max_trials: builtins.int
+    max_samples_per_trial: builtins.int
+    max_samples_per_result: builtins.int
+    max_string_bytes: builtins.int
+    max_map_entries: builtins.int
+    max_example_outcomes: builtins.int
+    def __init__(
+        self,
+        *,
+        max_message_bytes: builtins.int = ...,
+        max_trials: builtins.int = ...,
+        max_samples_per_trial: builtins.int = ...,
+        max_samples_per_result: builtins.int = ...,
+        max_string_bytes: builtins.int = ...,
+        max_map_entries: builtins.int = ...,
+        max_example_outcomes: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["max_example_outcomes", b"max_example_outcomes", "max_map_entries", b"max_map_entries", "max_message_bytes", b"max_message_bytes", "max_samples_per_result", b"max_samples_per_result", "max_samples_per_trial", b"max_samples_per_trial", "max_string_bytes", b"max_string_bytes", "max_trials", b"max_trials"]) -> None: ...
+
+global___ProtocolLimits = ProtocolLimits
 
 @typing.final
 class AgentMessage(google.protobuf.message.Message):
@@ -318,10 +374,13 @@ class ResultAck(google.protobuf.message.Message):
     ATTEMPT_FIELD_NUMBER: builtins.int
     ACCEPTED_FIELD_NUMBER: builtins.int
     REASON_FIELD_NUMBER: builtins.int
+    DUPLICATE_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     attempt: builtins.int
     accepted: builtins.bool
     reason: builtins.str
+    duplicate: builtins.bool
+    """True when this result had been stored already (a re-send after a lost ack)."""
     def __init__(
         self,
         *,
@@ -329,8 +388,9 @@ class ResultAck(google.protobuf.message.Message):
         attempt: builtins.int = ...,
         accepted: builtins.bool = ...,
         reason: builtins.str = ...,
+        duplicate: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["accepted", b"accepted", "attempt", b"attempt", "reason", b"reason", "task_id", b"task_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accepted", b"accepted", "attempt", b"attempt", "duplicate", b"duplicate", "reason", b"reason", "task_id", b"task_id"]) -> None: ...
 
 global___ResultAck = ResultAck
 

@@ -19,6 +19,24 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
+    @typing.final
+    class FilesEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        @property
+        def value(self) -> global___SpecFile: ...
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: global___SpecFile | None = ...,
+        ) -> None: ...
+        def HasField(self, field_name: typing.Literal["value", b"value"]) -> builtins.bool: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     TOKEN_FIELD_NUMBER: builtins.int
     SPEC_YAML_FIELD_NUMBER: builtins.int
     SPEC_NAME_FIELD_NUMBER: builtins.int
@@ -27,6 +45,7 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
     BLOCKS_FIELD_NUMBER: builtins.int
     SERIES_FIELD_NUMBER: builtins.int
     SEED_FIELD_NUMBER: builtins.int
+    FILES_FIELD_NUMBER: builtins.int
     token: builtins.str
     spec_yaml: builtins.str
     spec_name: builtins.str
@@ -47,6 +66,12 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
     def series(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Only these series ("model/backend/scheme@device_id"); empty: every series."""
 
+    @property
+    def files(self) -> google.protobuf.internal.containers.MessageMap[builtins.str, global___SpecFile]:
+        """The spec's `file:` references, as written (e.g. "file:models/m.gguf"), each
+        uploaded beforehand with UploadArtifact.
+        """
+
     def __init__(
         self,
         *,
@@ -58,10 +83,34 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
         blocks: builtins.int = ...,
         series: collections.abc.Iterable[builtins.str] | None = ...,
         seed: builtins.int = ...,
+        files: collections.abc.Mapping[builtins.str, global___SpecFile] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["baseline_campaign_id", b"baseline_campaign_id", "blocks", b"blocks", "fresh", b"fresh", "seed", b"seed", "series", b"series", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["baseline_campaign_id", b"baseline_campaign_id", "blocks", b"blocks", "files", b"files", "fresh", b"fresh", "seed", b"seed", "series", b"series", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "token", b"token"]) -> None: ...
 
 global___SubmitCampaignRequest = SubmitCampaignRequest
+
+@typing.final
+class SpecFile(google.protobuf.message.Message):
+    """A file or folder a spec names, as uploaded."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: builtins.int
+    FOLDER_FIELD_NUMBER: builtins.int
+    folder: builtins.bool
+    """The artifact is a tar of a folder (e.g. a Hugging Face checkpoint)."""
+    @property
+    def artifact(self) -> protos.edgefarm.v1.common_pb2.ArtifactRef: ...
+    def __init__(
+        self,
+        *,
+        artifact: protos.edgefarm.v1.common_pb2.ArtifactRef | None = ...,
+        folder: builtins.bool = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["artifact", b"artifact"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["artifact", b"artifact", "folder", b"folder"]) -> None: ...
+
+global___SpecFile = SpecFile
 
 @typing.final
 class SubmitCampaignResponse(google.protobuf.message.Message):
@@ -275,6 +324,22 @@ class DeviceStatus(google.protobuf.message.Message):
         ) -> None: ...
         def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
 
+    @typing.final
+    class EnrolmentEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     NAME_FIELD_NUMBER: builtins.int
     DEVICE_ID_FIELD_NUMBER: builtins.int
     STATE_FIELD_NUMBER: builtins.int
@@ -283,6 +348,7 @@ class DeviceStatus(google.protobuf.message.Message):
     LABELS_FIELD_NUMBER: builtins.int
     CAPABILITIES_FIELD_NUMBER: builtins.int
     DECLARED_FIELD_NUMBER: builtins.int
+    ENROLMENT_FIELD_NUMBER: builtins.int
     name: builtins.str
     device_id: builtins.str
     state: builtins.str
@@ -295,6 +361,10 @@ class DeviceStatus(google.protobuf.message.Message):
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     @property
     def capabilities(self) -> protos.edgefarm.v1.common_pb2.DeviceCapabilities: ...
+    @property
+    def enrolment(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
+        """Agent name -> "enrolled" or "revoked"."""
+
     def __init__(
         self,
         *,
@@ -306,9 +376,10 @@ class DeviceStatus(google.protobuf.message.Message):
         labels: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         capabilities: protos.edgefarm.v1.common_pb2.DeviceCapabilities | None = ...,
         declared: builtins.bool = ...,
+        enrolment: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["capabilities", b"capabilities"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["agents", b"agents", "capabilities", b"capabilities", "declared", b"declared", "device_id", b"device_id", "labels", b"labels", "last_heartbeat_unix", b"last_heartbeat_unix", "name", b"name", "state", b"state"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agents", b"agents", "capabilities", b"capabilities", "declared", b"declared", "device_id", b"device_id", "enrolment", b"enrolment", "labels", b"labels", "last_heartbeat_unix", b"last_heartbeat_unix", "name", b"name", "state", b"state"]) -> None: ...
 
 global___DeviceStatus = DeviceStatus
 
@@ -383,3 +454,112 @@ class QueryResultsResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing.Literal["rows_json", b"rows_json"]) -> None: ...
 
 global___QueryResultsResponse = QueryResultsResponse
+
+@typing.final
+class RevokeAgentRequest(google.protobuf.message.Message):
+    """Which agents to revoke."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
+    token: builtins.str
+    name: builtins.str
+    """An agent's name or id, or a device's name (every agent on it)."""
+    def __init__(
+        self,
+        *,
+        token: builtins.str = ...,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name", "token", b"token"]) -> None: ...
+
+global___RevokeAgentRequest = RevokeAgentRequest
+
+@typing.final
+class RevokeAgentResponse(google.protobuf.message.Message):
+    """The agents revoked."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: builtins.int
+    @property
+    def agent_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        agent_ids: collections.abc.Iterable[builtins.str] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["agent_ids", b"agent_ids"]) -> None: ...
+
+global___RevokeAgentResponse = RevokeAgentResponse
+
+@typing.final
+class HasArtifactRequest(google.protobuf.message.Message):
+    """Which artifact to look for."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: builtins.int
+    SHA256_FIELD_NUMBER: builtins.int
+    token: builtins.str
+    sha256: builtins.str
+    def __init__(
+        self,
+        *,
+        token: builtins.str = ...,
+        sha256: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["sha256", b"sha256", "token", b"token"]) -> None: ...
+
+global___HasArtifactRequest = HasArtifactRequest
+
+@typing.final
+class HasArtifactResponse(google.protobuf.message.Message):
+    """Whether it is there."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PRESENT_FIELD_NUMBER: builtins.int
+    SIZE_BYTES_FIELD_NUMBER: builtins.int
+    present: builtins.bool
+    size_bytes: builtins.int
+    def __init__(
+        self,
+        *,
+        present: builtins.bool = ...,
+        size_bytes: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["present", b"present", "size_bytes", b"size_bytes"]) -> None: ...
+
+global___HasArtifactResponse = HasArtifactResponse
+
+@typing.final
+class UploadArtifactChunk(google.protobuf.message.Message):
+    """A piece of an upload; token, sha256, size_bytes and name are read from the first."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: builtins.int
+    SHA256_FIELD_NUMBER: builtins.int
+    SIZE_BYTES_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
+    DATA_FIELD_NUMBER: builtins.int
+    token: builtins.str
+    sha256: builtins.str
+    """Hex sha256 and size of the whole file: the upload is refused if they do not match."""
+    size_bytes: builtins.int
+    name: builtins.str
+    data: builtins.bytes
+    def __init__(
+        self,
+        *,
+        token: builtins.str = ...,
+        sha256: builtins.str = ...,
+        size_bytes: builtins.int = ...,
+        name: builtins.str = ...,
+        data: builtins.bytes = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["data", b"data", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes", "token", b"token"]) -> None: ...
+
+global___UploadArtifactChunk = UploadArtifactChunk

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from protos.edgefarm.v1 import common_pb2 as protos_dot_edgefarm_dot_v1_dot_common__pb2
 from protos.edgefarm.v1 import control_pb2 as protos_dot_edgefarm_dot_v1_dot_control__pb2
 
 GRPC_GENERATED_VERSION = '1.80.1'
@@ -60,6 +61,21 @@ class ControlStub(object):
                 request_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsRequest.SerializeToString,
                 response_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsResponse.FromString,
                 _registered_method=True)
+        self.RevokeAgent = channel.unary_unary(
+                '/edgefarm.v1.Control/RevokeAgent',
+                request_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentRequest.SerializeToString,
+                response_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentResponse.FromString,
+                _registered_method=True)
+        self.HasArtifact = channel.unary_unary(
+                '/edgefarm.v1.Control/HasArtifact',
+                request_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactRequest.SerializeToString,
+                response_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactResponse.FromString,
+                _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/edgefarm.v1.Control/UploadArtifact',
+                request_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.UploadArtifactChunk.SerializeToString,
+                response_deserializer=protos_dot_edgefarm_dot_v1_dot_common__pb2.ArtifactRef.FromString,
+                _registered_method=True)
 
 
 class ControlServicer(object):
@@ -101,6 +117,29 @@ class ControlServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeAgent(self, request, context):
+        """Revoke agents' credentials: their streams close at once, their leases are
+        re-queued, and they are refused (UNAUTHENTICATED) from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HasArtifact(self, request, context):
+        """Whether the coordinator's artifact store holds a file (to skip an upload).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadArtifact(self, request_iterator, context):
+        """Upload a file a spec names (the coordinator never reads a submitted spec's
+        paths itself); chunks in order, the first carries the header fields.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +167,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.QueryResults,
                     request_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsRequest.FromString,
                     response_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsResponse.SerializeToString,
+            ),
+            'RevokeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgent,
+                    request_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentRequest.FromString,
+                    response_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'HasArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasArtifact,
+                    request_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactRequest.FromString,
+                    response_serializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactResponse.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=protos_dot_edgefarm_dot_v1_dot_control__pb2.UploadArtifactChunk.FromString,
+                    response_serializer=protos_dot_edgefarm_dot_v1_dot_common__pb2.ArtifactRef.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +320,87 @@ class Control(object):
             '/edgefarm.v1.Control/QueryResults',
             protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsRequest.SerializeToString,
             protos_dot_edgefarm_dot_v1_dot_control__pb2.QueryResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefarm.v1.Control/RevokeAgent',
+            protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentRequest.SerializeToString,
+            protos_dot_edgefarm_dot_v1_dot_control__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefarm.v1.Control/HasArtifact',
+            protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactRequest.SerializeToString,
+            protos_dot_edgefarm_dot_v1_dot_control__pb2.HasArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgefarm.v1.Control/UploadArtifact',
+            protos_dot_edgefarm_dot_v1_dot_control__pb2.UploadArtifactChunk.SerializeToString,
+            protos_dot_edgefarm_dot_v1_dot_common__pb2.ArtifactRef.FromString,
             options,
             channel_credentials,
             insecure,
