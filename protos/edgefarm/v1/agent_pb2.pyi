@@ -47,20 +47,29 @@ class RegisterRequest(google.protobuf.message.Message):
     (enrolment); ignored when `credential` is given.
     """
     agent_version: builtins.str
-    """edgefarm version of the agent, and the wire protocol version it speaks."""
+    """edgefarm version of the agent (free text), and the wire protocol version it
+    speaks: must be 2 (edgefarm.PROTOCOL_VERSION).
+    """
     protocol_version: builtins.int
     name: builtins.str
-    """Human name of this agent (unique per fleet)."""
+    """Human name of this agent (unique per device; at most MAX_NAME_BYTES (128) bytes).
+    Together with capabilities.device_id it is the enrolled identity.
+    """
     credential: builtins.str
     """This agent's own credential, issued once at enrolment (RegisterResponse.credential).
     Empty for the first registration, which must then carry the enrolment `token`.
     """
     @property
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
-        """Free-form labels used by campaign selectors, e.g. {"rack": "a"}."""
+        """Free-form labels used by campaign selectors, e.g. {"rack": "a"}; the label
+        "device" names the device (default: the host name). At most MAX_MAP_ENTRIES (256)
+        entries of at most MAX_STRING_BYTES (65536) bytes each.
+        """
 
     @property
-    def capabilities(self) -> protos.edgefarm.v1.common_pb2.DeviceCapabilities: ...
+    def capabilities(self) -> protos.edgefarm.v1.common_pb2.DeviceCapabilities:
+        """What the device is and which backends it has; capabilities.device_id is required."""
+
     def __init__(
         self,
         *,
@@ -91,11 +100,17 @@ class RegisterResponse(google.protobuf.message.Message):
     CREDENTIAL_FIELD_NUMBER: builtins.int
     LIMITS_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
+    """Stable id of this agent (the same across registrations of the same identity)."""
     session_token: builtins.str
-    """Opaque session credential to present in Hello and FetchArtifact."""
+    """Opaque session credential to present in Hello and FetchArtifact; valid until the
+    next Register of this agent (or revocation).
+    """
     heartbeat_interval_s: builtins.float
+    """Send a Heartbeat at least this often (seconds; default 2)."""
     lease_duration_s: builtins.float
+    """How long a lease lasts without renewal (seconds; default 15)."""
     coordinator_version: builtins.str
+    """edgefarm version of the coordinator (free text)."""
     credential: builtins.str
     """Set only by the registration that enrolled this agent: its own credential.
     Keep it (owner-only) and present it in every later Register; it is never sent again.
@@ -122,7 +137,10 @@ global___RegisterResponse = RegisterResponse
 
 @typing.final
 class ProtocolLimits(google.protobuf.message.Message):
-    """Bounds on agent messages; a message beyond them is refused (see ResultAck.reason)."""
+    """Bounds on agent messages; a message beyond them is refused (see ResultAck.reason).
+    Zero in any field means the coordinator does not state that bound: the agent then
+    keeps to the protocol-2 value quoted on the field (never "unlimited").
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -134,12 +152,25 @@ class ProtocolLimits(google.protobuf.message.Message):
     MAX_MAP_ENTRIES_FIELD_NUMBER: builtins.int
     MAX_EXAMPLE_OUTCOMES_FIELD_NUMBER: builtins.int
     max_message_bytes: builtins.int
+    """Largest gRPC message either way: MAX_MESSAGE_BYTES (25165824)."""
     max_trials: builtins.int
+    """Trials in one TaskResult: MAX_TRIALS (100)."""
     max_samples_per_trial: builtins.int
+    """Trial.samples_ms entries in one trial: MAX_SAMPLES_PER_TRIAL (1000000)."""
     max_samples_per_result: builtins.int
+    """Trial.samples_ms entries over all trials of one TaskResult:
+    MAX_SAMPLES_PER_RESULT (2000000).
+    """
     max_string_bytes: builtins.int
+    """Bytes of any one string (names, reasons, error messages, map keys and values):
+    MAX_STRING_BYTES (65536).
+    """
     max_map_entries: builtins.int
+    """Entries of any one map (labels, environment, metrics, accuracy, options):
+    MAX_MAP_ENTRIES (256).
+    """
     max_example_outcomes: builtins.int
+    """Bytes of TaskResult.example_outcomes: MAX_EXAMPLE_OUTCOMES (1000000)."""
     def __init__(
         self,
         *,
@@ -189,13 +220,14 @@ global___AgentMessage = AgentMessage
 
 @typing.final
 class Hello(google.protobuf.message.Message):
-    """First message on a stream: binds it to a registered session."""
+    """First message on a stream (and only the first): binds it to a registered session."""
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: builtins.int
     SESSION_TOKEN_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
+    """agent_id and session_token from this agent's latest RegisterResponse."""
     session_token: builtins.str
     def __init__(
         self,
@@ -209,14 +241,17 @@ global___Hello = Hello
 
 @typing.final
 class Heartbeat(google.protobuf.message.Message):
-    """Periodic liveness; renews the lease of the task in hand."""
+    """Periodic liveness, every RegisterResponse.heartbeat_interval_s; renews the lease of
+    the task in hand when that lease is held by this agent and has not yet expired.
+    Nothing is sent back: a heartbeat that renews nothing is not an error.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: builtins.int
     LEASE_ID_FIELD_NUMBER: builtins.int
     task_id: builtins.str
-    """Task being worked on, empty when idle."""
+    """Task being worked on and its lease id, both empty when idle."""
     lease_id: builtins.str
     def __init__(
         self,
@@ -230,7 +265,7 @@ global___Heartbeat = Heartbeat
 
 @typing.final
 class TaskProgress(google.protobuf.message.Message):
-    """Progress of the task in hand."""
+    """Progress of the task in hand (optional; renews its lease like a Heartbeat)."""
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -244,6 +279,7 @@ class TaskProgress(google.protobuf.message.Message):
     phase: builtins.str
     """"fetching", "measuring", "accuracy"."""
     trial: builtins.int
+    """Trials finished so far, of `trials` (MeasureSettings.trials)."""
     trials: builtins.int
     def __init__(
         self,
@@ -288,7 +324,20 @@ global___CoordinatorMessage = CoordinatorMessage
 
 @typing.final
 class TaskAssignment(google.protobuf.message.Message):
-    """One measurement, owned by the agent until lease_expires_unix unless renewed."""
+    """One measurement, owned by the agent until lease_expires_unix unless renewed.
+
+    What to do with it: fetch `artifact` (and `eval_data` when present) with
+    FetchArtifact, check their sha256, measure as `settings` say with `backend` and
+    `options`, and send one TaskResult with the same task_id, attempt and lease_id.
+    A failure is a TaskResult with ok=false and error_kind / error_message, never
+    silence (silence lets the lease expire and costs the task an attempt).
+
+    Backends: "onnxruntime", "openvino", "llama-cpp", "mlx", "qai-hub" measure real
+    runtimes. "noop" loads nothing (its load reads the model file's size) and each timed
+    iteration does nothing, so its latencies are the harness's own per-iteration cost;
+    its predict() is the one-hot (10 classes) of the argmax of each example's first 10
+    flattened input features, scored like any classification backend.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -322,26 +371,79 @@ class TaskAssignment(google.protobuf.message.Message):
     OPTIONS_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     attempt: builtins.int
+    """Attempt number of this task, from 1; repeated in the TaskResult."""
     lease_id: builtins.str
     lease_expires_unix: builtins.float
+    """Unix time (seconds) when the lease ends unless renewed by heartbeats."""
     campaign_id: builtins.str
     model: builtins.str
     backend: builtins.str
-    """Backend name, e.g. "onnxruntime", and quantization scheme, e.g. "int8-static"."""
+    """Backend name, e.g. "onnxruntime", and quantization scheme, e.g. "int8-static"
+    ("none" for noop). An agent assigned a backend it does not have answers ok=false,
+    error_kind "backend_unavailable".
+    """
     scheme: builtins.str
     @property
     def artifact(self) -> protos.edgefarm.v1.common_pb2.ArtifactRef:
-        """The model file to measure."""
+        """The model file to measure (a folder travels as one tar file)."""
 
     @property
     def eval_data(self) -> protos.edgefarm.v1.common_pb2.ArtifactRef:
-        """Evaluation inputs, labels and reference outputs (absent: no accuracy)."""
+        """Evaluation data (absent: no accuracy). Always named "eval.npz"; an uncompressed or
+        compressed NumPy .npz (a zip of .npy files, little-endian, no pickled objects) in
+        one of two layouts, told apart by the array "kind":
+
+          Classification (no "kind" array):
+            inputs     float32 (N, features...)  preprocessed exactly as the model expects
+            labels     int64   (N,)              the true classes
+            reference  float32 (N, classes)      the full-precision model's outputs
+          Accuracy: run the model over all N inputs in batches of settings.batch_size
+          (the last batch padded by repeating its last example, padding outputs dropped)
+          and report in TaskResult.accuracy:
+            top1            share of examples whose argmax output equals the label
+            agreement       share whose argmax equals the reference's argmax
+            reference_top1  the reference's own top1
+            max_abs_diff    largest |output - reference| over all outputs
+            examples        N
+          and in TaskResult.example_outcomes one byte per example (1: argmax == label).
+
+          Language models (kind = "llm", a 0-d unicode string array):
+            tokens              int32 (T,)    the evaluation text's token ids
+            n_ctx               int32 ()      chunk length
+            top_k               int32 ()      k
+            targets             int32 (P,)    next-token id of every scored position
+            ref_target_logprob  float32 (P,)  reference log-probability of each target
+            ref_topk_ids        int32 (P, k)  reference's k most likely ids (col 0: argmax)
+            ref_topk_logprob    float32 (P, k) their log-probabilities
+          `tokens` is cut into consecutive, non-overlapping chunks of n_ctx tokens; each
+          chunk is evaluated from an empty KV cache and its positions 0..len-2 predict
+          tokens 1..len-1 (a final one-token chunk scores nothing); P counts those
+          positions over all chunks, in order. With the variant's float32 log-softmax rows:
+            perplexity            exp(-mean log p(target)) of the variant
+            reference_perplexity  the same from ref_target_logprob
+            ppl_ratio             perplexity / reference_perplexity
+            kld_mean, kld_p99, kld_max  mean, 99th percentile and max over positions of
+                KL(ref || variant) over the reference's top-k tokens plus one "any other
+                token" outcome (residual masses 1 - sum p, clamped at 1e-10)
+            top1_agreement        share of positions where the variant's argmax equals
+                                  ref_topk_ids[:, 0]
+            examples              P
+          (no example_outcomes for language models).
+
+        Accuracy is computed once per task, in the first trial, unless
+        settings.skip_evaluation is set; an agent that cannot score a layout leaves
+        TaskResult.accuracy empty (the result is still valid timing).
+        """
 
     @property
-    def settings(self) -> protos.edgefarm.v1.common_pb2.MeasureSettings: ...
+    def settings(self) -> protos.edgefarm.v1.common_pb2.MeasureSettings:
+        """How to measure (see MeasureSettings in common.proto)."""
+
     @property
     def options(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
-        """Backend-specific options, e.g. {"execution_provider": "CPUExecutionProvider"}."""
+        """Backend-specific options, e.g. {"execution_provider": "CPUExecutionProvider"};
+        an option the backend does not know fails the task (error_kind "task_error").
+        """
 
     def __init__(
         self,
@@ -366,7 +468,17 @@ global___TaskAssignment = TaskAssignment
 
 @typing.final
 class ResultAck(google.protobuf.message.Message):
-    """Whether a result was accepted (false: stale lease or unknown task)."""
+    """The answer to every TaskResult, whether stored or refused.
+
+    accepted=true: the result is stored (duplicate=true: it had been stored already,
+    this was a re-send); forget it. accepted=false: it was refused and will never be
+    stored; `reason` says why in one line, e.g. "lease expired", "lease superseded",
+    "lease held by another agent", "no lease in force for this task", or a validation
+    failure naming the field ("trials[0].samples_ms[3]: not finite", "too many trials:
+    101 > MAX_TRIALS (100)"). Results are validated before anything is stored: every
+    sample finite and >= 0, durations, times and metric values finite (>= 0 where a
+    time or size), counts and sizes within ProtocolLimits.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -396,7 +508,9 @@ global___ResultAck = ResultAck
 
 @typing.final
 class CancelTask(google.protobuf.message.Message):
-    """Stop working on a task (its lease was given to another agent)."""
+    """Stop working on a task (its lease expired, or was given to another agent): drop the
+    work and send no result for it.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -425,9 +539,16 @@ class FetchArtifactRequest(google.protobuf.message.Message):
     SHA256_FIELD_NUMBER: builtins.int
     OFFSET_FIELD_NUMBER: builtins.int
     agent_id: builtins.str
+    """The session from this agent's latest RegisterResponse."""
     session_token: builtins.str
     sha256: builtins.str
+    """Lowercase hex sha256 (64 digits) of an artifact named by an assignment this agent
+    holds (TaskAssignment.artifact or .eval_data).
+    """
     offset: builtins.int
+    """First byte wanted: 0, or the size of a partial download to resume (at most the
+    artifact's size).
+    """
     def __init__(
         self,
         *,
@@ -442,7 +563,9 @@ global___FetchArtifactRequest = FetchArtifactRequest
 
 @typing.final
 class ArtifactChunk(google.protobuf.message.Message):
-    """A piece of an artifact."""
+    """A piece of an artifact (chunks of 1 MiB, in order, from the requested offset; the
+    last may be shorter, and an offset equal to the size yields no chunk).
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -451,6 +574,7 @@ class ArtifactChunk(google.protobuf.message.Message):
     TOTAL_SIZE_FIELD_NUMBER: builtins.int
     SHA256_FIELD_NUMBER: builtins.int
     offset: builtins.int
+    """Where `data` starts in the whole file."""
     data: builtins.bytes
     total_size: builtins.int
     sha256: builtins.str

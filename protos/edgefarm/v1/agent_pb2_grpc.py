@@ -26,7 +26,75 @@ if _version_not_supported:
 
 
 class AgentGatewayStub(object):
-    """Served by the coordinator; agents dial out to it (works behind NAT).
+    """This file, with common.proto, is the whole contract between a device agent and
+    the coordinator: an agent in any language can be written from it alone
+    (tests/conformance/minimal_agent.py is one, built from the generated stubs only).
+
+    PROTOCOL VERSION. The wire protocol described here is version 2
+    (edgefarm.PROTOCOL_VERSION = 2). It is bumped whenever these messages change
+    incompatibly; RegisterRequest.protocol_version must equal it.
+
+    LIMITS. Every bound below is quoted as NAME (value), NAME being its constant in
+    edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
+    The coordinator repeats the figures in RegisterResponse.limits; an agent that
+    exceeds one gets its message refused (see ResultAck and the status codes below).
+    Any gRPC message, in either direction, is at most MAX_MESSAGE_BYTES (25165824)
+    bytes: agents should accept messages of that size from the coordinator.
+
+    IDENTITY AND ENROLMENT.
+    - The fleet token is an enrolment secret: an agent presents it only in its first
+    Register (RegisterRequest.token, with `credential` empty).
+    - That first registration enrols the agent's identity (its `name` on its
+    `capabilities.device_id`; the agent id is derived from both) and returns the
+    agent's own credential in RegisterResponse.credential, exactly once. The agent
+    stores it with owner-only permissions (the Python agent: `<work_dir>/credential`,
+    mode 0600) and presents it in RegisterRequest.credential in every later
+    Register; the fleet token is then not needed.
+    - A Register for an enrolled identity without its credential (fleet token only, or
+    a wrong credential) is refused with UNAUTHENTICATED: a second token holder
+    cannot take over an enrolled agent.
+    - With mutual TLS the client certificate is bound to the identity at enrolment
+    (sha256 of its DER encoding) and counts as the credential: later registrations
+    presenting the same certificate need neither token nor credential.
+    - An operator can revoke an agent (Control.RevokeAgent): its stream is closed at
+    once, its lease is re-queued, and every later call is refused with
+    UNAUTHENTICATED. Agents treat UNAUTHENTICATED as final (the Python agent exits
+    with code 6) and do not retry.
+
+    A SESSION.
+    1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
+    lease_duration_s, limits. The session_token binds the following calls to this
+    registration; a new Register replaces the previous session (its stream is
+    closed, its session token stops working).
+    2. Connect (bidirectional stream). The first message up must be a Hello with the
+    agent_id and session_token from step 1, sent within 5 seconds of opening the
+    stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message
+    is something else, DEADLINE_EXCEEDED when none comes in time).
+    3. Up the stream: a Heartbeat every heartbeat_interval_s (carrying the task and
+    lease in hand, if any), TaskProgress while working, one TaskResult per finished
+    assignment. Down the stream: TaskAssignment (at most one at a time per agent
+    and per device), ResultAck for every TaskResult, CancelTask.
+    4. FetchArtifact (unary -> stream) downloads the files an assignment names.
+
+    LEASES. An assignment is owned by the agent under its lease until
+    TaskAssignment.lease_expires_unix (lease_duration_s after assignment). Heartbeats and
+    progress messages renew only a lease held by the sending agent's current session,
+    for another lease_duration_s; a heartbeat naming another agent's lease, a wrong lease
+    id, or an expired lease renews nothing. A TaskResult is accepted only under the
+    task's current, unexpired lease, held by the sending agent. An expired lease puts the
+    task back in the queue (after the coordinator's maximum attempts, 3 by default, it
+    fails) and the coordinator sends CancelTask to the holder if it is still connected.
+
+    RECONNECTING. When the channel or stream breaks (any status other than
+    UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
+    backoff (the Python agent: uniform in [0.125 s, min(30 s, 0.5 s * 2^n)] for the n-th
+    consecutive failure, reset after a successful Hello), registers again with its
+    credential, and sends Hello with the NEW session token. It keeps working on an
+    assignment in hand (its lease still runs, renewed by heartbeats on the new stream)
+    and re-sends every TaskResult it has not seen acknowledged. A re-sent result that
+    the coordinator had already stored is acknowledged with accepted=true and
+    duplicate=true; the agent then forgets it. An agent must not send two different
+    results for one (task_id, attempt).
     """
 
     def __init__(self, channel):
@@ -53,12 +121,90 @@ class AgentGatewayStub(object):
 
 
 class AgentGatewayServicer(object):
-    """Served by the coordinator; agents dial out to it (works behind NAT).
+    """This file, with common.proto, is the whole contract between a device agent and
+    the coordinator: an agent in any language can be written from it alone
+    (tests/conformance/minimal_agent.py is one, built from the generated stubs only).
+
+    PROTOCOL VERSION. The wire protocol described here is version 2
+    (edgefarm.PROTOCOL_VERSION = 2). It is bumped whenever these messages change
+    incompatibly; RegisterRequest.protocol_version must equal it.
+
+    LIMITS. Every bound below is quoted as NAME (value), NAME being its constant in
+    edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
+    The coordinator repeats the figures in RegisterResponse.limits; an agent that
+    exceeds one gets its message refused (see ResultAck and the status codes below).
+    Any gRPC message, in either direction, is at most MAX_MESSAGE_BYTES (25165824)
+    bytes: agents should accept messages of that size from the coordinator.
+
+    IDENTITY AND ENROLMENT.
+    - The fleet token is an enrolment secret: an agent presents it only in its first
+    Register (RegisterRequest.token, with `credential` empty).
+    - That first registration enrols the agent's identity (its `name` on its
+    `capabilities.device_id`; the agent id is derived from both) and returns the
+    agent's own credential in RegisterResponse.credential, exactly once. The agent
+    stores it with owner-only permissions (the Python agent: `<work_dir>/credential`,
+    mode 0600) and presents it in RegisterRequest.credential in every later
+    Register; the fleet token is then not needed.
+    - A Register for an enrolled identity without its credential (fleet token only, or
+    a wrong credential) is refused with UNAUTHENTICATED: a second token holder
+    cannot take over an enrolled agent.
+    - With mutual TLS the client certificate is bound to the identity at enrolment
+    (sha256 of its DER encoding) and counts as the credential: later registrations
+    presenting the same certificate need neither token nor credential.
+    - An operator can revoke an agent (Control.RevokeAgent): its stream is closed at
+    once, its lease is re-queued, and every later call is refused with
+    UNAUTHENTICATED. Agents treat UNAUTHENTICATED as final (the Python agent exits
+    with code 6) and do not retry.
+
+    A SESSION.
+    1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
+    lease_duration_s, limits. The session_token binds the following calls to this
+    registration; a new Register replaces the previous session (its stream is
+    closed, its session token stops working).
+    2. Connect (bidirectional stream). The first message up must be a Hello with the
+    agent_id and session_token from step 1, sent within 5 seconds of opening the
+    stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message
+    is something else, DEADLINE_EXCEEDED when none comes in time).
+    3. Up the stream: a Heartbeat every heartbeat_interval_s (carrying the task and
+    lease in hand, if any), TaskProgress while working, one TaskResult per finished
+    assignment. Down the stream: TaskAssignment (at most one at a time per agent
+    and per device), ResultAck for every TaskResult, CancelTask.
+    4. FetchArtifact (unary -> stream) downloads the files an assignment names.
+
+    LEASES. An assignment is owned by the agent under its lease until
+    TaskAssignment.lease_expires_unix (lease_duration_s after assignment). Heartbeats and
+    progress messages renew only a lease held by the sending agent's current session,
+    for another lease_duration_s; a heartbeat naming another agent's lease, a wrong lease
+    id, or an expired lease renews nothing. A TaskResult is accepted only under the
+    task's current, unexpired lease, held by the sending agent. An expired lease puts the
+    task back in the queue (after the coordinator's maximum attempts, 3 by default, it
+    fails) and the coordinator sends CancelTask to the holder if it is still connected.
+
+    RECONNECTING. When the channel or stream breaks (any status other than
+    UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
+    backoff (the Python agent: uniform in [0.125 s, min(30 s, 0.5 s * 2^n)] for the n-th
+    consecutive failure, reset after a successful Hello), registers again with its
+    credential, and sends Hello with the NEW session token. It keeps working on an
+    assignment in hand (its lease still runs, renewed by heartbeats on the new stream)
+    and re-sends every TaskResult it has not seen acknowledged. A re-sent result that
+    the coordinator had already stored is acknowledged with accepted=true and
+    duplicate=true; the agent then forgets it. An agent must not send two different
+    results for one (task_id, attempt).
     """
 
     def Register(self, request, context):
-        """Version and capability handshake. Refused with UNAUTHENTICATED for a wrong
-        token and FAILED_PRECONDITION for an incompatible protocol version.
+        """Version and identity handshake; opens a session.
+        Errors:
+        UNAUTHENTICATED      wrong fleet token (first registration), wrong or missing
+        credential for an enrolled identity, revoked agent.
+        Final: do not retry.
+        FAILED_PRECONDITION  protocol_version is not 2 (the details name both versions).
+        Final until one side is upgraded.
+        INVALID_ARGUMENT     malformed request: empty name or capabilities.device_id,
+        name or device_id longer than MAX_NAME_BYTES (128) bytes, or
+        a string, map or list beyond MAX_STRING_BYTES (65536),
+        MAX_MAP_ENTRIES (256), MAX_LIST_ENTRIES (4096).
+        RESOURCE_EXHAUSTED   this peer registers too often: back off and retry later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -67,14 +213,33 @@ class AgentGatewayServicer(object):
     def Connect(self, request_iterator, context):
         """One long-lived stream per agent: heartbeats, progress and results go up;
         task assignments (each under a lease) and cancellations come down. The first
-        message up must be a Hello carrying the session from Register.
+        message up must be a Hello carrying the session from Register, within 5 seconds.
+        A bad message later on the stream never ends it silently: a bad TaskResult is
+        answered with ResultAck(accepted=false, reason); a malformed message the
+        coordinator cannot attribute closes the stream with INVALID_ARGUMENT.
+        Errors (as the stream's final status):
+        UNAUTHENTICATED    Hello with an unknown or replaced session, or the agent was
+        revoked (also mid-stream). Register again (a revoked agent's
+        Register is refused with UNAUTHENTICATED: final).
+        INVALID_ARGUMENT   the first message is not a Hello, or a message is malformed.
+        DEADLINE_EXCEEDED  no Hello within 5 seconds of opening the stream.
+        CANCELLED / UNAVAILABLE  the session was replaced by a newer Register, or the
+        coordinator is shutting down: reconnect (see RECONNECTING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchArtifact(self, request, context):
-        """Chunked download of an artifact; the agent verifies the sha256.
+        """Chunked download of an artifact; the agent verifies the sha256 of the whole file
+        against ArtifactRef.sha256 before using it.
+        Errors:
+        UNAUTHENTICATED    unknown, replaced or revoked session.
+        INVALID_ARGUMENT   sha256 is not 64 lowercase hex digits, or offset is beyond the
+        artifact's size.
+        NOT_FOUND          no artifact with that sha256 in the coordinator's store.
+        PERMISSION_DENIED  the artifact is neither the model nor the eval data of an
+        assignment this agent holds now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,7 +272,75 @@ def add_AgentGatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentGateway(object):
-    """Served by the coordinator; agents dial out to it (works behind NAT).
+    """This file, with common.proto, is the whole contract between a device agent and
+    the coordinator: an agent in any language can be written from it alone
+    (tests/conformance/minimal_agent.py is one, built from the generated stubs only).
+
+    PROTOCOL VERSION. The wire protocol described here is version 2
+    (edgefarm.PROTOCOL_VERSION = 2). It is bumped whenever these messages change
+    incompatibly; RegisterRequest.protocol_version must equal it.
+
+    LIMITS. Every bound below is quoted as NAME (value), NAME being its constant in
+    edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
+    The coordinator repeats the figures in RegisterResponse.limits; an agent that
+    exceeds one gets its message refused (see ResultAck and the status codes below).
+    Any gRPC message, in either direction, is at most MAX_MESSAGE_BYTES (25165824)
+    bytes: agents should accept messages of that size from the coordinator.
+
+    IDENTITY AND ENROLMENT.
+    - The fleet token is an enrolment secret: an agent presents it only in its first
+    Register (RegisterRequest.token, with `credential` empty).
+    - That first registration enrols the agent's identity (its `name` on its
+    `capabilities.device_id`; the agent id is derived from both) and returns the
+    agent's own credential in RegisterResponse.credential, exactly once. The agent
+    stores it with owner-only permissions (the Python agent: `<work_dir>/credential`,
+    mode 0600) and presents it in RegisterRequest.credential in every later
+    Register; the fleet token is then not needed.
+    - A Register for an enrolled identity without its credential (fleet token only, or
+    a wrong credential) is refused with UNAUTHENTICATED: a second token holder
+    cannot take over an enrolled agent.
+    - With mutual TLS the client certificate is bound to the identity at enrolment
+    (sha256 of its DER encoding) and counts as the credential: later registrations
+    presenting the same certificate need neither token nor credential.
+    - An operator can revoke an agent (Control.RevokeAgent): its stream is closed at
+    once, its lease is re-queued, and every later call is refused with
+    UNAUTHENTICATED. Agents treat UNAUTHENTICATED as final (the Python agent exits
+    with code 6) and do not retry.
+
+    A SESSION.
+    1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
+    lease_duration_s, limits. The session_token binds the following calls to this
+    registration; a new Register replaces the previous session (its stream is
+    closed, its session token stops working).
+    2. Connect (bidirectional stream). The first message up must be a Hello with the
+    agent_id and session_token from step 1, sent within 5 seconds of opening the
+    stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message
+    is something else, DEADLINE_EXCEEDED when none comes in time).
+    3. Up the stream: a Heartbeat every heartbeat_interval_s (carrying the task and
+    lease in hand, if any), TaskProgress while working, one TaskResult per finished
+    assignment. Down the stream: TaskAssignment (at most one at a time per agent
+    and per device), ResultAck for every TaskResult, CancelTask.
+    4. FetchArtifact (unary -> stream) downloads the files an assignment names.
+
+    LEASES. An assignment is owned by the agent under its lease until
+    TaskAssignment.lease_expires_unix (lease_duration_s after assignment). Heartbeats and
+    progress messages renew only a lease held by the sending agent's current session,
+    for another lease_duration_s; a heartbeat naming another agent's lease, a wrong lease
+    id, or an expired lease renews nothing. A TaskResult is accepted only under the
+    task's current, unexpired lease, held by the sending agent. An expired lease puts the
+    task back in the queue (after the coordinator's maximum attempts, 3 by default, it
+    fails) and the coordinator sends CancelTask to the holder if it is still connected.
+
+    RECONNECTING. When the channel or stream breaks (any status other than
+    UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
+    backoff (the Python agent: uniform in [0.125 s, min(30 s, 0.5 s * 2^n)] for the n-th
+    consecutive failure, reset after a successful Hello), registers again with its
+    credential, and sends Hello with the NEW session token. It keeps working on an
+    assignment in hand (its lease still runs, renewed by heartbeats on the new stream)
+    and re-sends every TaskResult it has not seen acknowledged. A re-sent result that
+    the coordinator had already stored is acknowledged with accepted=true and
+    duplicate=true; the agent then forgets it. An agent must not send two different
+    results for one (task_id, attempt).
     """
 
     @staticmethod

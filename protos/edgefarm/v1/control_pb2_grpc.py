@@ -84,6 +84,11 @@ class ControlServicer(object):
 
     def SubmitCampaign(self, request, context):
         """Validate and start a campaign; returns once its tasks exist.
+        Errors: INVALID_ARGUMENT for a spec that does not validate (one line naming
+        file, line and field; the spec is at most MAX_SPEC_BYTES (1048576) bytes,
+        MAX_SPEC_DEPTH (32) levels deep and MAX_SPEC_NODES (100000) values after alias
+        expansion) or a `file:` reference missing from `files`; FAILED_PRECONDITION when
+        preparing its models fails (conversion, download); UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,20 +96,21 @@ class ControlServicer(object):
 
     def WatchCampaign(self, request, context):
         """Stream progress until the campaign is finished.
+        Errors: NOT_FOUND for an unknown campaign id; UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCampaigns(self, request, context):
-        """Campaigns, newest first.
+        """Campaigns, newest first. Errors: UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDevices(self, request, context):
-        """Declared and live devices with their state.
+        """Declared and live devices with their state and enrolment. Errors: UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +118,7 @@ class ControlServicer(object):
 
     def QueryResults(self, request, context):
         """Stored results as JSON rows (the store's own row format).
+        Errors: NOT_FOUND for an unknown campaign id; UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +127,7 @@ class ControlServicer(object):
     def RevokeAgent(self, request, context):
         """Revoke agents' credentials: their streams close at once, their leases are
         re-queued, and they are refused (UNAUTHENTICATED) from then on.
+        Errors: NOT_FOUND when no agent or device has that name; UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,6 +135,8 @@ class ControlServicer(object):
 
     def HasArtifact(self, request, context):
         """Whether the coordinator's artifact store holds a file (to skip an upload).
+        Errors: INVALID_ARGUMENT for a sha256 that is not 64 lowercase hex digits;
+        UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +145,8 @@ class ControlServicer(object):
     def UploadArtifact(self, request_iterator, context):
         """Upload a file a spec names (the coordinator never reads a submitted spec's
         paths itself); chunks in order, the first carries the header fields.
+        Errors: INVALID_ARGUMENT when the bytes received do not match size_bytes or
+        sha256, or the header is malformed; UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
