@@ -3,6 +3,11 @@
 One measurement at a time; each trial runs in a child process (``agent.runner``),
 so a crash or hang fails that task, never the agent. Results stay in memory until
 the coordinator acknowledges them and are sent again after a reconnect.
+
+Identity: the first registration presents the fleet token and receives this agent's
+own credential, kept in ``<work_dir>/credential`` (owner-only); every later
+registration presents the credential instead. A refusal (UNAUTHENTICATED: a wrong
+or revoked credential) is final.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +27,9 @@ from agent.artifact_cache import ArtifactCache
 from agent.backoff import Backoff
 from agent.executor import Executor, LocalExecutor
 from edgefarm.domain import Assignment, DeviceCapabilities, MeasurementResult
-from edgefarm.errors import ArtifactError, AuthError, TaskError
+from edgefarm.errors import ArtifactError, AuthError, ConfigError, TaskError
+from edgefarm.transport import ClientTls, aio_channel
+from edgefarm.wire_limits import MAX_MESSAGE_BYTES
 from protos.convert import assignment_from_pb, capabilities_to_pb, result_to_pb
 from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -29,8 +37,10 @@ log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 10.0
 FETCH_RETRIES = 3
+CREDENTIAL_FILE = "credential"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
@@ -46,6 +56,39 @@ class AgentConfig:
     work_dir: Path
     labels: dict[str, str] = field(default_factory=dict)
     cache_max_bytes: int | None = None  # the artifact cache's bound (None: unbounded)
+    tls: ClientTls | None = None  # None: plaintext (loopback and trusted networks only)
+
+    @property
+    def credential_path(self) -> Path:
+        """Where this agent keeps the credential issued at enrolment."""
+        return self.work_dir / CREDENTIAL_FILE
+
+
+def read_credential(path: Path) -> str:
+    """The stored credential ('' before enrolment); tightens loose file permissions."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+        if path.stat().st_mode & 0o077:
+            log.warning("%s was readable by others; making it owner-only", path)
+            path.chmod(0o600)
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read the agent credential {path}: {error}") from None
+    return text
+
+
+def write_credential(path: Path, credential: str) -> None:
+    """Store a credential owner-only, atomically (a crash leaves the old file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, credential.encode("ascii") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 class Agent:
@@ -102,8 +145,10 @@ class Agent:
                 await worker
 
     def _register_request(self) -> agent_pb2.RegisterRequest:
+        credential = read_credential(self.config.credential_path)
         return agent_pb2.RegisterRequest(
-            token=self.config.token,
+            token="" if credential else self.config.token,
+            credential=credential,
             agent_version=edgefarm.__version__,
             protocol_version=edgefarm.PROTOCOL_VERSION,
             name=self.config.name,
@@ -112,11 +157,14 @@ class Agent:
         )
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(
-            self.config.coordinator, options=CHANNEL_OPTIONS
+        async with aio_channel(
+            self.config.coordinator, self.config.tls, CHANNEL_OPTIONS
         ) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
             reply = await stub.Register(self._register_request(), timeout=REGISTER_TIMEOUT_S)
+            if reply.credential:
+                write_credential(self.config.credential_path, reply.credential)
+                log.info("enrolled; credential kept in %s", self.config.credential_path)
             self.stub, self.agent_id, self.session_token = stub, reply.agent_id, reply.session_token
             log.info("registered with %s as %s", self.config.coordinator, reply.agent_id)
             call = stub.Connect()
@@ -159,7 +207,9 @@ class Agent:
             self.assignments.put_nowait(assignment)
         elif kind == "ack":
             self.unacked.pop((message.ack.task_id, message.ack.attempt), None)
-            if not message.ack.accepted:
+            if message.ack.duplicate:
+                log.info("result for %s had been stored already", message.ack.task_id)
+            elif not message.ack.accepted:
                 log.warning("result for %s refused: %s", message.ack.task_id, message.ack.reason)
         elif kind == "cancel":
             current = self.current

@@ -1,7 +1,9 @@
 """The AgentGateway gRPC service: registration, the agent stream, artifact download.
 
-Protobuf stops here: requests are converted to domain objects and handed to the
-scheduler; the scheduler's outbox messages are converted back on the way down.
+Protobuf stops here: every message is checked (:mod:`coordinator.validation`) and
+converted to domain objects before the scheduler sees it; the scheduler's outbox
+messages are converted back on the way down. Identity checks and store work run
+off the event loop, so one agent's large result never delays another's heartbeat.
 """
 
 from __future__ import annotations
@@ -9,34 +11,51 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
 
 import edgefarm
 from coordinator.artifacts import ArtifactStore
+from coordinator.identity import admit
 from coordinator.scheduler import (
     AckMessage,
     AgentSession,
     AssignMessage,
+    CancelMessage,
+    CloseMessage,
     OutboundMessage,
     Scheduler,
+    agent_id_for,
 )
-from edgefarm.errors import ArtifactError
+from coordinator.validation import check_ids, check_register, check_result, check_sha256
+from edgefarm import wire_limits
+from edgefarm.errors import AuthError
 from protos.convert import assignment_to_pb, capabilities_from_pb, result_from_pb
-from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc
+from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 log = logging.getLogger(__name__)
 
+HELLO_TIMEOUT_S = 5.0  # a Connect stream must bind to a session within this
+REGISTER_BURST = 60  # registrations one peer address may make at once...
+REGISTER_PER_S = 5.0  # ...and per second after that
+_PEERS_TRACKED = 10_000
 
-def token_ok(expected: str, given: str) -> bool:
-    """Constant-time token check."""
-    return secrets.compare_digest(expected.encode(), given.encode())
+PROTOCOL_LIMITS = agent_pb2.ProtocolLimits(
+    max_message_bytes=wire_limits.MAX_MESSAGE_BYTES,
+    max_trials=wire_limits.MAX_TRIALS,
+    max_samples_per_trial=wire_limits.MAX_SAMPLES_PER_TRIAL,
+    max_samples_per_result=wire_limits.MAX_SAMPLES_PER_RESULT,
+    max_string_bytes=wire_limits.MAX_STRING_BYTES,
+    max_map_entries=wire_limits.MAX_MAP_ENTRIES,
+    max_example_outcomes=wire_limits.MAX_EXAMPLE_OUTCOMES,
+)
 
 
 def to_pb(message: OutboundMessage) -> agent_pb2.CoordinatorMessage:
-    """Scheduler outbox message -> wire."""
+    """Scheduler outbox message -> wire (a CloseMessage ends the stream instead)."""
     if isinstance(message, AssignMessage):
         return agent_pb2.CoordinatorMessage(
             assignment=assignment_to_pb(message.assignment, message.lease_expires_at)
@@ -48,11 +67,44 @@ def to_pb(message: OutboundMessage) -> agent_pb2.CoordinatorMessage:
                 attempt=message.attempt,
                 accepted=message.accepted,
                 reason=message.reason,
+                duplicate=message.duplicate,
             )
         )
+    assert isinstance(message, CancelMessage)
     return agent_pb2.CoordinatorMessage(
         cancel=agent_pb2.CancelTask(task_id=message.task_id, lease_id=message.lease_id)
     )
+
+
+def peer_host(peer: str) -> str:
+    """``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7`` (the port changes per connection)."""
+    head, sep, _ = peer.rpartition(":")
+    return head if sep and head else peer
+
+
+class RateLimiter:
+    """A token bucket per peer address (the least recently seen peers are forgotten)."""
+
+    def __init__(self, burst: float, per_s: float) -> None:
+        self.burst, self.per_s = burst, per_s
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        """Take one token for ``key``; False when its bucket is empty."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_s)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        while len(self._buckets) > _PEERS_TRACKED:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+def _client_cert(context: grpc.aio.ServicerContext) -> bytes | None:
+    """The verified client certificate under mutual TLS, else None."""
+    certs = list(context.auth_context().get("x509_pem_cert") or [])
+    return bytes(certs[0]) if certs else None
 
 
 class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
@@ -62,23 +114,47 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         self.scheduler = scheduler
         self.artifacts = artifacts
         self.token = token
+        self.register_limiter = RateLimiter(REGISTER_BURST, REGISTER_PER_S)
 
     async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RegisterResponse:
-        """Check the token and protocol version; open a session."""
-        if not token_ok(self.token, request.token):
-            log.warning("refused registration of %r: invalid token", request.name)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid fleet token")
+        """Check the protocol version and the agent's identity (enrolling it on first
+        contact with the fleet token); open a session."""
+        if not self.register_limiter.allow(peer_host(context.peer())):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many registrations; retry later"
+            )
         if request.protocol_version != edgefarm.PROTOCOL_VERSION:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"agent speaks protocol {request.protocol_version}, coordinator "
                 f"{edgefarm.PROTOCOL_VERSION}: upgrade the older side",
             )
-        if not request.name or not request.capabilities.device_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name and device_id required")
+        problem = check_register(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         caps = capabilities_from_pb(request.capabilities)
+        agent_id = agent_id_for(request.name, caps.device_id)
+        try:
+            admission = await asyncio.to_thread(
+                admit,
+                self.scheduler.store,
+                self.token,
+                token=request.token,
+                agent_id=agent_id,
+                name=request.name,
+                device_id=caps.device_id,
+                credential=request.credential,
+                cert_pem=_client_cert(context),
+            )
+        except AuthError as error:
+            log.warning(
+                "refused registration of %r from %s: %s", request.name, context.peer(), error
+            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+        if admission.credential:
+            log.info("enrolled agent %s (%s)", request.name, agent_id)
         device_name = request.labels.get("device") or caps.hostname or request.name
         session = self.scheduler.register(request.name, device_name, dict(request.labels), caps)
         return agent_pb2.RegisterResponse(
@@ -87,6 +163,8 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             heartbeat_interval_s=self.scheduler.heartbeat_interval_s,
             lease_duration_s=self.scheduler.lease_duration_s,
             coordinator_version=edgefarm.__version__,
+            credential=admission.credential,
+            limits=PROTOCOL_LIMITS,
         )
 
     async def Connect(
@@ -95,7 +173,13 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
         """Bind the stream to a session, then pump messages both ways."""
-        first = await anext(aiter(request_iterator), None)
+        messages = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(messages, None), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no Hello within {HELLO_TIMEOUT_S:g} s"
+            )
         if first is None or not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be Hello")
         assert first is not None
@@ -104,7 +188,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or stale session")
         assert session is not None
         outbox = self.scheduler.connect(session)
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        reader = asyncio.create_task(self._read(session, messages))
         try:
             while True:
                 getter = asyncio.create_task(outbox.get())
@@ -112,7 +196,10 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
                 if getter not in done:
                     getter.cancel()
                     break
-                yield to_pb(getter.result())
+                message = getter.result()
+                if isinstance(message, CloseMessage):
+                    await context.abort(grpc.StatusCode[message.code], message.reason)
+                yield to_pb(message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -120,32 +207,75 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             self.scheduler.disconnect(session)
 
     async def _read(
-        self, session: AgentSession, request_iterator: AsyncIterator[agent_pb2.AgentMessage]
+        self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
     ) -> None:
-        async for message in request_iterator:
-            kind = message.WhichOneof("body")
-            if kind == "heartbeat":
-                self.scheduler.heartbeat(
-                    session, message.heartbeat.task_id, message.heartbeat.lease_id
-                )
-            elif kind == "progress":
-                p = message.progress
-                self.scheduler.report_progress(session, p.task_id, p.trial, p.trials)
-            elif kind == "result":
-                result = result_from_pb(message.result, session.agent_id, session.device_id)
-                ack = self.scheduler.accept_result(session, result)
-                session.outbox.put_nowait(ack)
+        """Handle what the agent sends; a bad message is answered and logged, and the
+        stream goes on."""
+        async for message in messages:
+            try:
+                await self._handle(session, message)
+            except Exception:  # a bug must not end the agent's stream
+                log.exception("handling a message from %s failed", session.name)
+
+    async def _handle(self, session: AgentSession, message: agent_pb2.AgentMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            beat = message.heartbeat
+            if problem := check_ids(beat.task_id, beat.lease_id):
+                log.warning("ignored heartbeat from %s: %s", session.name, problem)
+                return
+            self.scheduler.heartbeat(session, beat.task_id, beat.lease_id)
+        elif kind == "progress":
+            p = message.progress
+            if problem := check_ids(p.task_id, p.lease_id):
+                log.warning("ignored progress from %s: %s", session.name, problem)
+                return
+            self.scheduler.report_progress(session, p.task_id, p.trial, p.trials)
+        elif kind == "result":
+            session.outbox.put_nowait(await self._result(session, message.result))
+        else:
+            log.warning("ignored a message of unknown kind from %s", session.name)
+
+    async def _result(self, session: AgentSession, pb: common_pb2.TaskResult) -> AckMessage:
+        def check_and_convert() -> str | object:
+            problem = check_result(pb)
+            return problem if problem else result_from_pb(pb, session.agent_id, session.device_id)
+
+        checked = await asyncio.to_thread(check_and_convert)
+        if isinstance(checked, str):
+            log.warning("refused result for %.64s from %s: %s", pb.task_id, session.name, checked)
+            return AckMessage(pb.task_id, pb.attempt, False, f"invalid result: {checked}")
+        return await self.scheduler.accept_result(session, checked)  # type: ignore[arg-type]
 
     async def FetchArtifact(
         self, request: agent_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.ArtifactChunk]:
-        """Stream an artifact in chunks from the requested offset."""
-        if self.scheduler.authenticate(request.agent_id, request.session_token) is None:
+        """Stream an artifact of one of the agent's assigned tasks, from an offset."""
+        session = self.scheduler.authenticate(request.agent_id, request.session_token)
+        if session is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or stale session")
+        assert session is not None
+        if problem := check_sha256(request.sha256):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if request.sha256 not in self.scheduler.assigned_artifacts(session):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"artifact {request.sha256[:12]} is not part of a task assigned to this agent",
+            )
         try:
-            for offset, data, total in self.artifacts.read_chunks(request.sha256, request.offset):
-                yield agent_pb2.ArtifactChunk(
-                    offset=offset, data=data, total_size=total, sha256=request.sha256
-                )
-        except ArtifactError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+            size = self.artifacts.path(request.sha256).stat().st_size
+        except FileNotFoundError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"artifact {request.sha256[:12]} is not in the store"
+            )
+        if request.offset > size:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"offset {request.offset} is beyond the artifact's size ({size} bytes)",
+            )
+        chunks = self.artifacts.read_chunks(request.sha256, request.offset)
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            offset, data, total = chunk
+            yield agent_pb2.ArtifactChunk(
+                offset=offset, data=data, total_size=total, sha256=request.sha256
+            )

@@ -11,7 +11,10 @@ Rules:
 - never two measurements at once on one device (several agents may share a host);
 - a lease is renewed by the agent's heartbeats; an expired lease puts the task back
   in the queue (or fails it after ``max_attempts``);
-- a result is accepted only under the task's current, unexpired lease.
+- a result is accepted only under the task's current, unexpired lease, from the
+  agent holding it; a heartbeat renews only the sender's own lease;
+- store writes go through a :class:`~coordinator.store_writer.StoreWriter`, in order
+  and (in the daemon) off the event loop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
     FINISHED_TASK_STATUSES,
     ArtifactRef,
@@ -63,6 +67,7 @@ class AckMessage:
     attempt: int
     accepted: bool
     reason: str = ""
+    duplicate: bool = False  # the result had been stored already
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,15 @@ class CancelMessage:
     lease_id: str
 
 
-OutboundMessage = AssignMessage | AckMessage | CancelMessage
+@dataclass(frozen=True)
+class CloseMessage:
+    """Down the stream: end it with this status (e.g. the agent was revoked)."""
+
+    code: str  # a grpc.StatusCode name
+    reason: str
+
+
+OutboundMessage = AssignMessage | AckMessage | CancelMessage | CloseMessage
 
 
 @dataclass
@@ -86,6 +99,7 @@ class Lease:
     device_id: str
     attempt: int
     expires_at: float
+    storing: bool = False  # its result is being written: it cannot expire now
 
 
 @dataclass
@@ -135,8 +149,10 @@ class Scheduler:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         max_attempts: int = MAX_ATTEMPTS,
         clock: Callable[[], float] = time.time,
+        writer: StoreWriter | None = None,
     ) -> None:
         self.store = store
+        self.writer = writer or StoreWriter()
         self.lease_duration_s = lease_duration_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_attempts = max_attempts
@@ -148,6 +164,8 @@ class Scheduler:
         self.tasks: dict[str, TaskRecord] = {}  # unfinished tasks by id
         self.progress: dict[str, tuple[int, int]] = {}  # task_id -> (trial, trials)
         self._watchers: dict[str, list[asyncio.Queue[ProgressEvent]]] = {}
+        self._heartbeats: dict[str, float] = {}  # agent_id -> time, not yet written
+        self._heartbeats_written = clock()
 
     # ----- agents -------------------------------------------------------------
 
@@ -176,8 +194,10 @@ class Scheduler:
         if old is not None and old.connected:
             # A second registration under the same name replaces the first stream.
             old.connected = False
+            old.outbox.put_nowait(CloseMessage("ABORTED", "replaced by a newer registration"))
         self.sessions[agent_id] = session
-        self.store.upsert_device_seen(
+        self.writer.post(
+            self.store.upsert_device_seen,
             DeviceSeen(
                 agent_id=agent_id,
                 agent_name=name,
@@ -186,7 +206,7 @@ class Scheduler:
                 labels=dict(labels),
                 registered_at=now,
                 last_heartbeat=now,
-            )
+            ),
         )
         log.info("agent %s (%s) registered on device %s", name, agent_id, caps.device_id)
         return session
@@ -213,13 +233,39 @@ class Scheduler:
             log.info("agent %s disconnected", session.name)
 
     def heartbeat(self, session: AgentSession, task_id: str, lease_id: str) -> None:
-        """Liveness; renews the lease of the task the agent says it holds."""
+        """Liveness; renews the lease of the task the agent says it holds, if it is
+        that agent's own unexpired lease."""
         now = self.clock()
         session.last_heartbeat = now
-        self.store.touch_device(session.agent_id, now)
+        self._heartbeats[session.agent_id] = now
         lease = self.leases.get(task_id) if task_id else None
-        if lease is not None and lease.lease_id == lease_id and lease.expires_at >= now:
+        if (
+            lease is not None
+            and lease.lease_id == lease_id
+            and lease.agent_id == session.agent_id
+            and lease.expires_at >= now
+        ):
             lease.expires_at = now + self.lease_duration_s
+
+    def flush_heartbeats(self, every_s: float = 5.0) -> None:
+        """Write the latest heartbeat of each agent, at most once per ``every_s``."""
+        now = self.clock()
+        if not self._heartbeats or now - self._heartbeats_written < every_s:
+            return
+        beats, self._heartbeats = self._heartbeats, {}
+        self._heartbeats_written = now
+        for agent_id, at in beats.items():
+            self.writer.post(self.store.touch_device, agent_id, at)
+
+    def revoke(self, agent_id: str) -> None:
+        """An agent's credential was revoked: close its stream now and re-queue its task."""
+        session = self.sessions.pop(agent_id, None)
+        if session is not None:
+            session.connected = False
+            session.outbox.put_nowait(CloseMessage("UNAUTHENTICATED", "credential revoked"))
+        for lease in [lease for lease in self.leases.values() if lease.agent_id == agent_id]:
+            self._lease_lost(lease, "agent revoked")
+        self.dispatch()
 
     def report_progress(self, session: AgentSession, task_id: str, trial: int, trials: int) -> None:
         """Progress of a trial; counts as a heartbeat for the lease."""
@@ -305,7 +351,8 @@ class Scheduler:
             session.agent_id,
             lease.expires_at,
         )
-        self.store.update_task(
+        self.writer.post(
+            self.store.update_task,
             task.task_id,
             status=TaskStatus.ASSIGNED,
             attempt=attempt,
@@ -331,8 +378,10 @@ class Scheduler:
         session.outbox.put_nowait(AssignMessage(assignment, lease.expires_at))
         self._notify(task, f"{_label(task)} -> {session.name} (attempt {attempt})")
 
-    def accept_result(self, session: AgentSession, result: MeasurementResult) -> AckMessage:
-        """Store a result if it comes under the task's current, unexpired lease."""
+    async def accept_result(self, session: AgentSession, result: MeasurementResult) -> AckMessage:
+        """Store a result if it comes under the task's current, unexpired lease held by
+        the sending agent; a re-sent result that is stored already is acknowledged as
+        stored. The write runs on the store writer; the lease cannot expire meanwhile."""
         now = self.clock()
         lease = self.leases.get(result.task_id)
         task = self.tasks.get(result.task_id)
@@ -343,48 +392,82 @@ class Scheduler:
             reason = "lease superseded"
         elif lease.agent_id != session.agent_id:
             reason = "lease held by another agent"
+        elif lease.storing:
+            reason = "this result is being stored"
         elif lease.expires_at < now:
             reason = "lease expired"
         if reason or task is None or lease is None:
+            if reason != "lease held by another agent" and await self.writer.run(
+                self._already_stored, session.agent_id, result
+            ):
+                return AckMessage(result.task_id, result.attempt, True, duplicate=True)
             log.warning("refused result for %s from %s: %s", result.task_id, session.name, reason)
             return AckMessage(result.task_id, result.attempt, False, reason)
-        self.store.ingest_result(task, result, session.device_name)
+        lease.storing = True
+        try:
+            await self.writer.run(self.store.ingest_result, task, result, session.device_name)
+        except Exception:
+            lease.storing = False
+            raise
         self._release(lease)
         task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
-        del self.tasks[task.task_id]
+        self.tasks.pop(task.task_id, None)
         outcome = "done" if result.ok else f"failed ({result.error_kind}: {result.error_message})"
         self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
         self._check_campaign(task.campaign_id)
         self.dispatch()
         return AckMessage(result.task_id, result.attempt, True)
 
+    def _already_stored(self, agent_id: str, result: MeasurementResult) -> bool:
+        """Whether this very result (task, attempt, lease, agent) is in the store."""
+        stored = self.store.get_task(result.task_id)
+        return (
+            stored is not None
+            and stored.result_id is not None
+            and stored.status in (TaskStatus.DONE, TaskStatus.FAILED)
+            and stored.attempt == result.attempt
+            and stored.lease_id == result.lease_id
+            and stored.agent_id == agent_id
+        )
+
     def expire_leases(self) -> int:
         """Re-queue (or fail) tasks whose lease ran out; returns how many expired."""
         now = self.clock()
-        expired = [lease for lease in self.leases.values() if lease.expires_at < now]
+        expired = [
+            lease for lease in self.leases.values() if lease.expires_at < now and not lease.storing
+        ]
         for lease in expired:
-            task = self.tasks[lease.task_id]
-            self._release(lease)
             holder = self.sessions.get(lease.agent_id)
             if holder is not None and holder.connected:
                 holder.outbox.put_nowait(CancelMessage(lease.task_id, lease.lease_id))
-            if task.attempt >= self.max_attempts:
-                error = LeaseExpired(f"lease expired {task.attempt} times; giving up")
-                self.store.record_failure(task, error.kind, str(error))
-                task.status = TaskStatus.FAILED
-                del self.tasks[task.task_id]
-                self._notify(task, f"{_label(task)}: failed ({error})")
-                self._check_campaign(task.campaign_id)
-            else:
-                task.status, task.lease_id, task.agent_id = TaskStatus.PENDING, None, None
-                self.store.update_task(
-                    task.task_id, status=TaskStatus.PENDING, lease_id=None, agent_id=None
-                )
-                self.pending.insert(0, task)
-                self._notify(task, f"{_label(task)}: lease expired, re-queued")
+            self._lease_lost(lease, "lease expired")
         if expired:
             self.dispatch()
         return len(expired)
+
+    def _lease_lost(self, lease: Lease, why: str) -> None:
+        """The holder of ``lease`` will not deliver: re-queue its task, or fail it after
+        ``max_attempts``."""
+        task = self.tasks[lease.task_id]
+        self._release(lease)
+        if task.attempt >= self.max_attempts:
+            error = LeaseExpired(f"{why} {task.attempt} times; giving up")
+            self.writer.post(self.store.record_failure, task, error.kind, str(error))
+            task.status = TaskStatus.FAILED
+            del self.tasks[task.task_id]
+            self._notify(task, f"{_label(task)}: failed ({error})")
+            self._check_campaign(task.campaign_id)
+        else:
+            task.status, task.lease_id, task.agent_id = TaskStatus.PENDING, None, None
+            self.writer.post(
+                self.store.update_task,
+                task.task_id,
+                status=TaskStatus.PENDING,
+                lease_id=None,
+                agent_id=None,
+            )
+            self.pending.insert(0, task)
+            self._notify(task, f"{_label(task)}: {why}, re-queued")
 
     def _release(self, lease: Lease) -> None:
         self.leases.pop(lease.task_id, None)
@@ -398,13 +481,19 @@ class Scheduler:
     # ----- campaigns ----------------------------------------------------------
 
     def _check_campaign(self, campaign_id: str) -> None:
+        # After the writes queued so far, so that the counts include them.
+        self.writer.post(self._finish_campaign_if_done, campaign_id)
+
+    def _finish_campaign_if_done(self, campaign_id: str) -> None:
+        """On the store writer: mark the campaign finished if no task is open."""
         counts = self.store.campaign_counts(campaign_id)
         open_tasks = counts.get(TaskStatus.PENDING, 0) + counts.get(TaskStatus.ASSIGNED, 0)
         if open_tasks:
             return
         status = CampaignStatus.FAILED if counts.get(TaskStatus.FAILED, 0) else CampaignStatus.DONE
         self.store.set_campaign_status(campaign_id, status, finished_at=self.clock())
-        self._publish(ProgressEvent(campaign_id, f"campaign {status}"))
+        event = ProgressEvent(campaign_id, f"campaign {status}")
+        self.writer.call_on_loop(lambda: self._publish(event))
 
     def check_campaign(self, campaign_id: str) -> None:
         """Mark a campaign finished if no task is open (e.g. everything was reused)."""
@@ -436,6 +525,17 @@ class Scheduler:
     def _campaign_of(self, lease: Lease) -> str:
         task = self.tasks.get(lease.task_id)
         return task.campaign_id if task else ""
+
+    def assigned_artifacts(self, session: AgentSession) -> set[str]:
+        """The artifacts (model and eval data) of the tasks this agent holds leases for."""
+        found: set[str] = set()
+        for lease in self.leases.values():
+            task = self.tasks.get(lease.task_id)
+            if lease.agent_id == session.agent_id and task is not None:
+                found.add(task.artifact_sha256)
+                if task.eval_sha256:
+                    found.add(task.eval_sha256)
+        return found
 
     def online_sessions(self) -> list[AgentSession]:
         """Agents with a live stream."""

@@ -106,6 +106,7 @@ def _declared_device(
         labels=labels,
         capabilities=latest.capabilities if latest else None,
         declared=True,
+        enrolment=_enrolment(agents),
     )
 
 
@@ -122,7 +123,12 @@ def _live_device(agents: list[LiveAgent], now: float, missing_after_s: float) ->
         labels=dict(latest.labels),
         capabilities=latest.capabilities,
         declared=False,
+        enrolment=_enrolment(agents),
     )
+
+
+def _enrolment(agents: list[LiveAgent]) -> dict[str, str]:
+    return {a.agent_name: a.enrolment for a in agents if a.enrolment}
 
 
 def format_ago(then: float | None, now: float) -> str:
@@ -137,14 +143,15 @@ def format_ago(then: float | None, now: float) -> str:
 
 
 def render_fleet_table(devices: list[FleetDevice], now: float | None = None) -> str:
-    """A plain-text table: name, state, last heartbeat, arch, cores, backends.
+    """A plain-text table: name, state, last heartbeat, arch, cores, backends, and the
+    enrolment of each agent (``name`` enrolled, ``name!`` revoked).
 
     Devices not in the inventory are marked with ``*`` after their name.
     """
     if not devices:
         return "no devices (none declared, none seen)"
     now = time.time() if now is None else now
-    header = ("NAME", "STATE", "LAST HEARTBEAT", "ARCH", "CORES", "BACKENDS")
+    header = ("NAME", "STATE", "LAST HEARTBEAT", "ARCH", "CORES", "BACKENDS", "AGENTS")
     rows = [header]
     for device in devices:
         caps = device.capabilities
@@ -156,6 +163,7 @@ def render_fleet_table(devices: list[FleetDevice], now: float | None = None) -> 
                 caps.arch if caps and caps.arch else "-",
                 str(caps.logical_cores) if caps and caps.logical_cores else "-",
                 ",".join(sorted(caps.backends)) if caps and caps.backends else "-",
+                _agents_cell(device.enrolment),
             )
         )
     widths = [max(len(row[col]) for row in rows) for col in range(len(header))]
@@ -165,7 +173,14 @@ def render_fleet_table(devices: list[FleetDevice], now: float | None = None) -> 
     ]
     if any(not d.declared for d in devices):
         lines.append("* not declared in the inventory")
+    if any("revoked" in d.enrolment.values() for d in devices):
+        lines.append("! credential revoked")
     return "\n".join(lines)
+
+
+def _agents_cell(enrolment: dict[str, str]) -> str:
+    marks = {"revoked": "!"}
+    return ",".join(name + marks.get(state, "") for name, state in sorted(enrolment.items())) or "-"
 
 
 def fleet_to_json(devices: list[FleetDevice]) -> list[dict[str, Any]]:

@@ -120,6 +120,7 @@ class LiveAgent:
     online: bool = False
     busy: bool = False
     last_heartbeat: float = 0.0
+    enrolment: str = ""  # "enrolled", "revoked", or "" (seen before enrolment existed)
 
 
 @dataclass
@@ -134,3 +135,4 @@ class FleetDevice:
     labels: dict[str, str] = field(default_factory=dict)
     capabilities: DeviceCapabilities | None = None
     declared: bool = False
+    enrolment: dict[str, str] = field(default_factory=dict)  # agent name -> state

@@ -90,6 +90,24 @@ class NightlyRun:
 
 
 @dataclass
+class AgentIdentity:
+    """An enrolled agent: the hash of its credential, and whether it was revoked."""
+
+    agent_id: str
+    agent_name: str
+    device_id: str
+    credential_sha256: str
+    cert_sha256: str | None
+    enrolled_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the identity may no longer register."""
+        return self.revoked_at is not None
+
+
+@dataclass
 class DeviceSeen:
     """The last registration and heartbeat of an agent on a device."""
 

@@ -233,6 +233,21 @@ devices_seen = sa.Table(
     sa.Column("last_heartbeat", sa.Float, nullable=False),
 )
 
+# One row per enrolled agent identity: the sha256 of the credential it was issued
+# (the credential itself is never stored), the client certificate bound at enrolment
+# under mutual TLS, and when it was revoked.
+agent_credentials = sa.Table(
+    "agent_credentials",
+    metadata,
+    sa.Column("agent_id", sa.String(128), primary_key=True),
+    sa.Column("agent_name", sa.String(256), nullable=False),
+    sa.Column("device_id", sa.String(256), nullable=False, index=True),
+    sa.Column("credential_sha256", sa.String(64), nullable=False),
+    sa.Column("cert_sha256", sa.String(64)),
+    sa.Column("enrolled_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
 
 # --------------------------------------------------------------------------- migrations
 
@@ -255,8 +270,9 @@ def _v3_nightly(conn: Connection) -> None:
     for table in ("tasks", "results"):
         if not has_column(conn, table, "role"):
             conn.execute(
-                sa.text(f"ALTER TABLE {table} ADD COLUMN role VARCHAR(16) NOT NULL "
-                        "DEFAULT 'candidate'")
+                sa.text(
+                    f"ALTER TABLE {table} ADD COLUMN role VARCHAR(16) NOT NULL DEFAULT 'candidate'"
+                )
             )
         if not has_column(conn, table, "block"):
             conn.execute(
@@ -267,7 +283,17 @@ def _v3_nightly(conn: Connection) -> None:
     nightly_runs.create(conn, checkfirst=True)
 
 
-MIGRATIONS: list[Migration] = [_v1_create_tables, _v2_add_metrics, _v3_nightly]
+def _v4_agent_credentials(conn: Connection) -> None:
+    """v3 -> v4: agent identities issued at enrolment (and their revocation)."""
+    agent_credentials.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[Migration] = [
+    _v1_create_tables,
+    _v2_add_metrics,
+    _v3_nightly,
+    _v4_agent_credentials,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -36,8 +36,16 @@ from sqlalchemy.engine import Connection, Engine
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
 from results import rows, schema
-from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
+from results.records import (
+    AgentIdentity,
+    ArtifactRecord,
+    CampaignRecord,
+    DeviceSeen,
+    NightlyRun,
+    TaskRecord,
+)
 from results.schema import (
+    agent_credentials,
     artifacts,
     campaigns,
     devices_seen,
@@ -562,6 +570,40 @@ class ResultsStore:
         stmt = sa.select(devices_seen).order_by(devices_seen.c.device_id, devices_seen.c.agent_id)
         with self._tx() as conn:
             return [rows.row_to_device(r) for r in conn.execute(stmt).mappings()]
+
+    # ---------------------------------------------------------------------- identities
+
+    def enrol_agent(self, identity: AgentIdentity) -> bool:
+        """Record a newly enrolled agent; False if the id is enrolled already (a race)."""
+        try:
+            with self._tx(write=True) as conn:
+                conn.execute(agent_credentials.insert().values(**dataclasses.asdict(identity)))
+        except _Conflict:
+            return False
+        return True
+
+    def agent_identity(self, agent_id: str) -> AgentIdentity | None:
+        """The enrolment of ``agent_id``, if it ever enrolled."""
+        stmt = sa.select(agent_credentials).where(agent_credentials.c.agent_id == agent_id)
+        with self._tx() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return AgentIdentity(**row) if row is not None else None
+
+    def agent_identities(self) -> list[AgentIdentity]:
+        """Every enrolled agent, by agent id."""
+        stmt = sa.select(agent_credentials).order_by(agent_credentials.c.agent_id)
+        with self._tx() as conn:
+            return [AgentIdentity(**row) for row in conn.execute(stmt).mappings()]
+
+    def revoke_agent(self, agent_id: str, at: float) -> bool:
+        """Revoke an enrolled agent's credential; False if it never enrolled."""
+        with self._tx(write=True) as conn:
+            updated = conn.execute(
+                agent_credentials.update()
+                .where(agent_credentials.c.agent_id == agent_id)
+                .values(revoked_at=sa.func.coalesce(agent_credentials.c.revoked_at, at))
+            )
+        return bool(updated.rowcount)
 
     # ------------------------------------------------------------------------ nightly
 

@@ -3,11 +3,20 @@ SQLite store. No sockets, no Ray."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
-from coordinator.scheduler import AckMessage, AssignMessage, CancelMessage, Scheduler
+from coordinator.scheduler import (
+    AckMessage,
+    AgentSession,
+    AssignMessage,
+    CancelMessage,
+    CloseMessage,
+    Scheduler,
+)
+from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
     CampaignStatus,
     DeviceCapabilities,
@@ -97,6 +106,10 @@ def start(sched: Scheduler, store: ResultsStore, tasks: list[TaskRecord]) -> Non
     sched.add_tasks(tasks)
 
 
+def accept(sched: Scheduler, session: AgentSession, result: MeasurementResult) -> AckMessage:
+    return asyncio.run(sched.accept_result(session, result))
+
+
 def drain(queue) -> list:  # type: ignore[no-untyped-def]
     out = []
     while not queue.empty():
@@ -114,7 +127,7 @@ def test_one_measurement_at_a_time_per_device(setup) -> None:  # type: ignore[no
     assert len(assigned) == 1  # two agents, one host: only one measures
     msg = assigned[0]
     holder = a if sched.leases["t1"].agent_id == a.agent_id else b
-    ack = sched.accept_result(holder, ok_result(msg, holder.agent_id))
+    ack = accept(sched, holder, ok_result(msg, holder.agent_id))
     assert ack.accepted
     assert len(drain(qa) + drain(qb)) == 1  # the next task is handed out only now
 
@@ -153,9 +166,9 @@ def test_silent_agent_lease_expires_and_task_moves(setup) -> None:  # type: igno
         second.assignment.attempt == 2 and second.assignment.lease_id != first.assignment.lease_id
     )
     # a comes back late with a result from the expired lease: refused
-    late = sched.accept_result(a, ok_result(first, a.agent_id))
+    late = accept(sched, a, ok_result(first, a.agent_id))
     assert not late.accepted
-    ack = sched.accept_result(b, ok_result(second, b.agent_id))
+    ack = accept(sched, b, ok_result(second, b.agent_id))
     assert ack.accepted
     rows = store.query_results()
     assert len(rows) == 1 and rows[0]["attempt"] == 2
@@ -172,7 +185,7 @@ def test_heartbeat_renews_lease(setup) -> None:  # type: ignore[no-untyped-def]
         clock.now += 8
         sched.heartbeat(a, "t1", msg.assignment.lease_id)
         assert sched.expire_leases() == 0
-    assert sched.accept_result(a, ok_result(msg, a.agent_id)).accepted
+    assert accept(sched, a, ok_result(msg, a.agent_id)).accepted
 
 
 def test_too_many_lost_leases_fail_the_task(setup) -> None:  # type: ignore[no-untyped-def]
@@ -190,16 +203,87 @@ def test_too_many_lost_leases_fail_the_task(setup) -> None:  # type: ignore[no-u
     assert store.get_campaign("c1").status == CampaignStatus.FAILED
 
 
-def test_duplicate_result_is_not_stored_twice(setup) -> None:  # type: ignore[no-untyped-def]
+def test_duplicate_result_is_acknowledged_as_stored_once(setup) -> None:  # type: ignore[no-untyped-def]
     sched, _, store = setup
     a = sched.register("a", "dev-a", {}, caps("dev-a"))
     qa = sched.connect(a)
     start(sched, store, [task(1)])
     (msg,) = drain(qa)
-    assert sched.accept_result(a, ok_result(msg, a.agent_id)).accepted
-    again = sched.accept_result(a, ok_result(msg, a.agent_id))
-    assert isinstance(again, AckMessage) and not again.accepted
+    first = accept(sched, a, ok_result(msg, a.agent_id))
+    assert first.accepted and not first.duplicate
+    again = accept(sched, a, ok_result(msg, a.agent_id))  # the first ack was lost
+    assert again.accepted and again.duplicate
     assert len(store.query_results()) == 1
+    # the same task and attempt under another lease id is no duplicate
+    forged = ok_result(msg, a.agent_id)
+    forged.lease_id = "f" * 32
+    assert not accept(sched, a, forged).accepted
+
+
+def test_heartbeat_renews_only_the_senders_lease(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-b", {}, caps("dev-b"))
+    qa, _ = sched.connect(a), sched.connect(b)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    for _ in range(3):  # b knows a's task and lease id, and heartbeats for it
+        clock.now += 6
+        sched.heartbeat(b, "t1", msg.assignment.lease_id)
+        sched.heartbeat(a, "", "")
+    assert sched.expire_leases() == 1  # a said nothing about t1: its lease ran out
+
+
+def test_result_from_another_agent_is_refused(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qa, _ = sched.connect(a), sched.connect(b)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    ack = accept(sched, b, ok_result(msg, b.agent_id))
+    assert not ack.accepted and ack.reason == "lease held by another agent"
+    assert store.query_results() == []
+
+
+def test_revoke_closes_the_stream_and_requeues_the_task(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    qb = sched.connect(b)
+    sched.revoke(a.agent_id)
+    (close,) = drain(qa)
+    assert isinstance(close, CloseMessage) and close.code == "UNAUTHENTICATED"
+    assert a.agent_id not in sched.sessions
+    (moved,) = drain(qb)
+    assert moved.assignment.task_id == "t1" and moved.assignment.attempt == 2
+    assert not accept(sched, a, ok_result(msg, a.agent_id)).accepted
+    assert sched.assigned_artifacts(b) == {"a" * 64}
+    assert sched.assigned_artifacts(a) == set()
+
+
+def test_background_writer_keeps_order_and_finishes_campaigns(tmp_path: Path) -> None:
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    writer = StoreWriter(background=True)
+    sched = Scheduler(store, lease_duration_s=10, writer=writer)
+
+    async def scenario() -> None:
+        a = sched.register("a", "dev-a", {}, caps("dev-a"))
+        qa = sched.connect(a)
+        events = sched.watch("c1")
+        start(sched, store, [task(1)])
+        (msg,) = drain(qa)
+        assert (await sched.accept_result(a, ok_result(msg, a.agent_id))).accepted
+        while (event := await asyncio.wait_for(events.get(), 5)).message != "campaign done":
+            pass
+
+    asyncio.run(scenario())
+    writer.close()
+    assert store.get_task("t1").status == TaskStatus.DONE
+    assert store.get_campaign("c1").status == CampaignStatus.DONE
 
 
 def test_restore_keeps_leases_for_returning_agents(tmp_path: Path) -> None:
@@ -216,6 +300,6 @@ def test_restore_keeps_leases_for_returning_agents(tmp_path: Path) -> None:
     a2 = second.register("a", "dev-a", {}, caps("dev-a"))
     q2 = second.connect(a2)
     assert drain(q2) == []  # still busy with t1 under its old lease
-    assert second.accept_result(a2, ok_result(msg, a2.agent_id)).accepted
+    assert accept(second, a2, ok_result(msg, a2.agent_id)).accepted
     (nxt,) = drain(q2)  # the ack goes out via the gateway; the next task comes now
     assert nxt.assignment.task_id == "t2"

@@ -1,0 +1,163 @@
+"""Checks of every message an agent sends, before it touches the scheduler or the store.
+
+Each check returns ``None`` for a good message or a one-line reason naming the
+field that is wrong; the gateway answers with that reason (an unaccepted ack or
+INVALID_ARGUMENT). Bounds come from :mod:`edgefarm.wire_limits`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from edgefarm.wire_limits import (
+    MAX_EXAMPLE_OUTCOMES,
+    MAX_LIST_ENTRIES,
+    MAX_MAP_ENTRIES,
+    MAX_NAME_BYTES,
+    MAX_SAMPLES_PER_RESULT,
+    MAX_SAMPLES_PER_TRIAL,
+    MAX_STRING_BYTES,
+    MAX_TRIALS,
+)
+from protos.edgefarm.v1 import agent_pb2, common_pb2
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_ID_BYTES = MAX_NAME_BYTES  # task, lease and session ids are short
+
+
+def _too_long(value: str, limit: int = MAX_STRING_BYTES) -> bool:
+    return len(value) > limit or len(value.encode("utf-8", "surrogatepass")) > limit
+
+
+def _check_strings(fields: Iterable[tuple[str, str]], limit: int = MAX_STRING_BYTES) -> str | None:
+    for name, value in fields:
+        if _too_long(value, limit):
+            return f"{name} is longer than {limit} bytes"
+    return None
+
+
+def _check_map(name: str, values: Mapping[str, object], numbers: bool = False) -> str | None:
+    if len(values) > MAX_MAP_ENTRIES:
+        return f"{name} has {len(values)} entries (at most {MAX_MAP_ENTRIES})"
+    for key, value in values.items():
+        if _too_long(key, MAX_NAME_BYTES):
+            return f"{name} has a key longer than {MAX_NAME_BYTES} bytes"
+        if numbers:
+            if not math.isfinite(float(value)):  # type: ignore[arg-type]
+                return f"{name}[{key[:40]!r}] is not a finite number"
+        elif _too_long(str(value)):
+            return f"{name}[{key[:40]!r}] is longer than {MAX_STRING_BYTES} bytes"
+    return None
+
+
+def _check_list(name: str, values: Iterable[str]) -> str | None:
+    items = list(values)
+    if len(items) > MAX_LIST_ENTRIES:
+        return f"{name} has {len(items)} entries (at most {MAX_LIST_ENTRIES})"
+    return _check_strings((f"{name}[{i}]", v) for i, v in enumerate(items))
+
+
+def check_register(request: agent_pb2.RegisterRequest) -> str | None:
+    """A Register request's fields are present and within bounds."""
+    caps = request.capabilities
+    if not request.name or not caps.device_id:
+        return "name and capabilities.device_id are required"
+    problem = _check_strings(
+        [("name", request.name), ("capabilities.device_id", caps.device_id)], MAX_NAME_BYTES
+    ) or _check_strings(
+        [
+            ("token", request.token),
+            ("credential", request.credential),
+            ("agent_version", request.agent_version),
+            ("capabilities.hostname", caps.hostname),
+            ("capabilities.os", caps.os),
+            ("capabilities.os_release", caps.os_release),
+            ("capabilities.arch", caps.arch),
+            ("capabilities.cpu_model", caps.cpu_model),
+            ("capabilities.python_version", caps.python_version),
+        ]
+    )
+    if problem:
+        return problem
+    if any(ch.isspace() or not ch.isprintable() for ch in request.name):
+        return "name must be printable and contain no whitespace"
+    return (
+        _check_map("labels", request.labels)
+        or _check_map("capabilities.backends", caps.backends)
+        or _check_map("capabilities.extra", caps.extra)
+        or _check_list("capabilities.cpu_flags", caps.cpu_flags)
+        or _check_list("capabilities.accelerators", caps.accelerators)
+    )
+
+
+def check_ids(task_id: str, lease_id: str) -> str | None:
+    """Task and lease ids of a heartbeat or progress message are short."""
+    return _check_strings([("task_id", task_id), ("lease_id", lease_id)], _ID_BYTES)
+
+
+def _check_samples(index: int, samples: Iterable[float]) -> str | None:
+    values = np.fromiter(samples, dtype=np.float64)
+    if values.size and not np.isfinite(values).all():
+        return f"trials[{index}].samples_ms has a value that is not a finite number"
+    if values.size and (values < 0).any():
+        return f"trials[{index}].samples_ms has a negative latency"
+    return None
+
+
+def check_result(result: common_pb2.TaskResult) -> str | None:
+    """A TaskResult is within the limits and holds only finite, non-negative figures."""
+    problem = _check_strings(
+        [("task_id", result.task_id), ("lease_id", result.lease_id)], _ID_BYTES
+    ) or _check_strings(
+        [
+            ("error_kind", result.error_kind),
+            ("error_message", result.error_message),
+            ("backend_version", result.backend_version),
+        ]
+    )
+    if problem:
+        return problem
+    if not result.task_id:
+        return "task_id is required"
+    if len(result.trials) > MAX_TRIALS:
+        return f"{len(result.trials)} trials (at most {MAX_TRIALS})"
+    total = 0
+    for index, trial in enumerate(result.trials):
+        count = len(trial.samples_ms)
+        total += count
+        if count > MAX_SAMPLES_PER_TRIAL:
+            return f"trials[{index}] has {count} samples (at most {MAX_SAMPLES_PER_TRIAL})"
+        if total > MAX_SAMPLES_PER_RESULT:
+            return f"the result has more than {MAX_SAMPLES_PER_RESULT} samples"
+        for name in ("duration_s", "load_time_s"):
+            value = getattr(trial, name)
+            if not math.isfinite(value) or value < 0:
+                return f"trials[{index}].{name} must be a finite, non-negative number"
+        problem = (
+            _check_strings([(f"trials[{index}].invalid_reason", trial.invalid_reason)])
+            or _check_map(f"trials[{index}].metrics", trial.metrics, numbers=True)
+            or _check_samples(index, trial.samples_ms)
+        )
+        if problem:
+            return problem
+    if len(result.example_outcomes) > MAX_EXAMPLE_OUTCOMES:
+        return (
+            f"example_outcomes has {len(result.example_outcomes)} entries "
+            f"(at most {MAX_EXAMPLE_OUTCOMES})"
+        )
+    if result.example_outcomes.translate(None, b"\x00\x01"):
+        return "example_outcomes holds a byte other than 0 or 1"
+    return _check_map("accuracy", result.accuracy, numbers=True) or _check_map(
+        "environment", result.environment
+    )
+
+
+def check_sha256(value: str) -> str | None:
+    """An artifact address: 64 lowercase hex digits."""
+    if not SHA256_HEX.match(value):
+        return "sha256 must be 64 lowercase hex digits"
+    return None
