@@ -3,16 +3,25 @@
 Parsed from YAML with pydantic; every model forbids unknown fields, so a typo is an
 error. Every problem is a one-line :class:`~edgefarm.errors.SpecError`
 ``FILE:LINE: field.path: problem``.
+
+Every value is bounded by what the wire and the store carry and by what a measurement
+can sensibly ask for: numbers (measurement settings as ``uint32`` / finite doubles,
+trial and sample counts by :mod:`edgefarm.wire_limits`, conversion parameters within
+int64), text (names, references, options, selectors: length, no control characters)
+and counts (entries of lists and maps, variants of the sweep). The limits are named
+below or in :mod:`edgefarm.wire_limits`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -24,7 +33,16 @@ from pydantic import (
 
 from edgefarm.domain import MeasureSettings
 from edgefarm.selectors import parse_selector
-from edgefarm.yamlfile import FieldError, load_file, validate
+from edgefarm.wire_limits import (
+    MAX_INT64,
+    MAX_MAP_ENTRIES,
+    MAX_NAME_BYTES,
+    MAX_SAMPLES_PER_RESULT,
+    MAX_SAMPLES_PER_TRIAL,
+    MAX_STRING_BYTES,
+    MAX_TRIALS,
+)
+from edgefarm.yamlfile import FieldError, excerpt, load_file, validate
 
 # Schemes each backend accepts; None: any scheme (not yet pinned down for that backend).
 BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
@@ -49,6 +67,41 @@ _BUILTIN = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+(/[^@\s]+)?(@[\w./-]+)?$")
 _DEFAULTS = MeasureSettings()
 
+# What a spec may ask for, beyond edgefarm.wire_limits (all well inside uint32).
+MAX_REF_BYTES = 4096  # a file: / hf: / builtin: reference (a path)
+MAX_SPEC_ENTRIES = 1024  # models, backends, devices, schemes of one entry
+MAX_VARIANTS = 10_000  # models x backends x schemes
+MAX_DURATION_S = 86_400.0  # min/max_duration_s and timeout_s: one day
+MAX_THREADS = 1024
+MAX_BATCH_SIZE = 65_536
+MAX_TOKENS = 1 << 20  # prompt_tokens, context_tokens
+MAX_CPU_CORES = 4096.0  # max_other_cpu_cores
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _check_text(value: str, limit: int, multiline: bool = False) -> str:
+    """``value`` when it is at most ``limit`` UTF-8 bytes and holds no control
+    characters (tabs and line breaks allowed when ``multiline``)."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueError(f"text of {size} bytes is too long (limit {limit})")
+    bad = (_CONTROL_BUT_WHITESPACE if multiline else _CONTROL).search(value)
+    if bad is not None:
+        raise ValueError(f"control character U+{ord(bad.group()):04X} is not allowed")
+    return value
+
+
+def _bounded(limit: int, multiline: bool = False) -> AfterValidator:
+    return AfterValidator(lambda value: _check_text(value, limit, multiline))
+
+
+NameText = Annotated[str, _bounded(MAX_NAME_BYTES)]
+RefText = Annotated[str, _bounded(MAX_REF_BYTES)]
+ValueText = Annotated[str, _bounded(MAX_STRING_BYTES)]
+Description = Annotated[str, _bounded(MAX_STRING_BYTES, multiline=True)]
+ConvertValue = str | int | float | bool
+
 
 def _scalar_text(value: Any) -> Any:
     """YAML numbers and booleans written as option values become text."""
@@ -68,15 +121,40 @@ def _to_options(value: Any) -> Any:
 
 
 def _to_selector(value: Any) -> Any:
+    """Parse a selector after bounding it, so that no error formats a large value."""
     if value is None:
         return {}
-    if isinstance(value, dict | list | str):
-        return parse_selector(value)
-    return value
+    if isinstance(value, str):
+        _check_text(value, MAX_STRING_BYTES)
+    elif isinstance(value, dict | list):
+        if len(value) > MAX_MAP_ENTRIES:
+            raise ValueError(
+                f"a selector of {len(value)} entries is too many (limit {MAX_MAP_ENTRIES})"
+            )
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(value, dict):
+                _check_text(str(key), MAX_NAME_BYTES)
+            if isinstance(item, dict | list):
+                what = "mapping" if isinstance(item, dict) else "list"
+                where = f"selector key {excerpt(key)}" if isinstance(value, dict) else "an item"
+                raise ValueError(
+                    f"{where} is a {what}: expected 'key=value' text or a single value"
+                )
+            if isinstance(item, str):
+                _check_text(item, MAX_STRING_BYTES)
+    else:
+        return value
+    return parse_selector(value)
 
 
-Options = Annotated[dict[str, str], BeforeValidator(_to_options)]
+Options = Annotated[
+    dict[NameText, ValueText],
+    BeforeValidator(_to_options),
+    Field(max_length=MAX_MAP_ENTRIES),
+]
 SelectorField = Annotated[dict[str, str], BeforeValidator(_to_selector)]
+ConvertParams = Annotated[dict[NameText, ConvertValue], Field(max_length=MAX_MAP_ENTRIES)]
 
 
 def resolve_file_ref(ref: str, base_dir: Path) -> Path:
@@ -90,8 +168,13 @@ def _check_file_ref(ref: str, info: ValidationInfo, folder_ok: bool = False) -> 
     base_dir = (info.context or {}).get("base_dir")
     if base_dir is None:
         return
-    path = resolve_file_ref(ref, Path(base_dir))
-    if not (path.is_file() or (folder_ok and path.is_dir())):
+    try:
+        path = resolve_file_ref(ref, Path(base_dir))
+        found = path.is_file() or (folder_ok and path.is_dir())
+    except (OSError, ValueError, RuntimeError) as err:  # NUL, too long, ~nobody
+        raise ValueError(f"cannot use {excerpt(ref)}: {excerpt(str(err), 120)}") from None
+    if not found:
+        # the reference is bounded (MAX_REF_BYTES), so the path is short enough to show
         raise ValueError(f"{'path' if folder_ok else 'file'} not found: {path}")
 
 
@@ -100,12 +183,12 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    source: str
-    eval: str | None = None
-    calibration: str | None = None
+    name: NameText
+    source: RefText
+    eval: RefText | None = None
+    calibration: RefText | None = None
     # Only these backends measure this model (default: every backend of the campaign).
-    backends: list[str] | None = None
+    backends: list[NameText] | None = Field(default=None, max_length=MAX_SPEC_ENTRIES)
 
     @property
     def kind(self) -> str:
@@ -122,7 +205,7 @@ class ModelEntry(BaseModel):
     def _check_name(cls, value: str) -> str:
         if not _MODEL_NAME.match(value):
             raise ValueError(
-                f"invalid model name {value!r} (use letters, digits, '.', '_' and '-')"
+                f"invalid model name {excerpt(value)} (use letters, digits, '.', '_' and '-')"
             )
         return value
 
@@ -137,7 +220,7 @@ class ModelEntry(BaseModel):
         )
         if not good:
             raise ValueError(
-                f"invalid model source {value!r} "
+                f"invalid model source {excerpt(value)} "
                 "(expected 'builtin:NAME', 'file:PATH' or 'hf:ORG/REPO')"
             )
         if kind == "file":
@@ -150,7 +233,7 @@ class ModelEntry(BaseModel):
         if value is None:
             return None
         if not value.startswith("file:") or not value[5:].strip():
-            raise ValueError(f"invalid data reference {value!r} (expected 'file:PATH')")
+            raise ValueError(f"invalid data reference {excerpt(value)} (expected 'file:PATH')")
         _check_file_ref(value, info)
         return value
 
@@ -160,23 +243,25 @@ class BackendEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    schemes: list[str] = Field(min_length=1)
+    name: NameText
+    schemes: list[NameText] = Field(min_length=1, max_length=MAX_SPEC_ENTRIES)
     options: Options = Field(default_factory=dict)
     # Overrides of the campaign's measurement settings for this backend.
     measurement: Measurement | None = None
     # Only these models are measured by this entry (default: every model).
-    models: list[str] | None = None
+    models: list[NameText] | None = Field(default=None, max_length=MAX_SPEC_ENTRIES)
     # Conversion parameters per scheme, e.g. {int4-asym: {group_size: 128}} for NNCF or
     # {q4: {group_size: 32}} for MLX; part of each conversion's cache key.
-    convert: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
+    convert: dict[NameText, ConvertParams] = Field(
+        default_factory=dict, max_length=MAX_SPEC_ENTRIES
+    )
 
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
         if value not in BACKEND_SCHEMES:
             raise ValueError(
-                f"unknown backend {value!r} (expected one of {', '.join(KNOWN_BACKENDS)})"
+                f"unknown backend {excerpt(value)} (expected one of {', '.join(KNOWN_BACKENDS)})"
             )
         return value
 
@@ -194,23 +279,43 @@ class Measurement(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    warmup_iterations: int = Field(default=_DEFAULTS.warmup_iterations, ge=0, strict=True)
-    min_iterations: int = Field(default=_DEFAULTS.min_iterations, gt=0, strict=True)
-    max_iterations: int = Field(default=_DEFAULTS.max_iterations, gt=0, strict=True)
+    warmup_iterations: int = Field(
+        default=_DEFAULTS.warmup_iterations, ge=0, le=MAX_SAMPLES_PER_TRIAL, strict=True
+    )
+    min_iterations: int = Field(
+        default=_DEFAULTS.min_iterations, gt=0, le=MAX_SAMPLES_PER_TRIAL, strict=True
+    )
+    max_iterations: int = Field(
+        default=_DEFAULTS.max_iterations, gt=0, le=MAX_SAMPLES_PER_TRIAL, strict=True
+    )
     min_duration_s: float = Field(
-        default=_DEFAULTS.min_duration_s, gt=0, strict=True, allow_inf_nan=False
+        default=_DEFAULTS.min_duration_s,
+        gt=0,
+        le=MAX_DURATION_S,
+        strict=True,
+        allow_inf_nan=False,
     )
     max_duration_s: float = Field(
-        default=_DEFAULTS.max_duration_s, gt=0, strict=True, allow_inf_nan=False
+        default=_DEFAULTS.max_duration_s,
+        gt=0,
+        le=MAX_DURATION_S,
+        strict=True,
+        allow_inf_nan=False,
     )
-    trials: int = Field(default=_DEFAULTS.trials, gt=0, strict=True)
-    threads: int = Field(default=_DEFAULTS.threads, gt=0, strict=True)
-    batch_size: int = Field(default=_DEFAULTS.batch_size, gt=0, strict=True)
-    timeout_s: float = Field(default=_DEFAULTS.timeout_s, gt=0, strict=True, allow_inf_nan=False)
-    prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, strict=True)
-    context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, strict=True)
+    trials: int = Field(default=_DEFAULTS.trials, gt=0, le=MAX_TRIALS, strict=True)
+    threads: int = Field(default=_DEFAULTS.threads, gt=0, le=MAX_THREADS, strict=True)
+    batch_size: int = Field(default=_DEFAULTS.batch_size, gt=0, le=MAX_BATCH_SIZE, strict=True)
+    timeout_s: float = Field(
+        default=_DEFAULTS.timeout_s, gt=0, le=MAX_DURATION_S, strict=True, allow_inf_nan=False
+    )
+    prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, le=MAX_TOKENS, strict=True)
+    context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, le=MAX_TOKENS, strict=True)
     max_other_cpu_cores: float = Field(
-        default=_DEFAULTS.max_other_cpu_cores, ge=0, strict=True, allow_inf_nan=False
+        default=_DEFAULTS.max_other_cpu_cores,
+        ge=0,
+        le=MAX_CPU_CORES,
+        strict=True,
+        allow_inf_nan=False,
     )
 
 
@@ -231,11 +336,13 @@ class CampaignSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    description: str = ""
-    models: list[ModelEntry] = Field(min_length=1)
-    backends: list[BackendEntry] = Field(min_length=1)
-    devices: list[DeviceEntry] = Field(default_factory=lambda: [DeviceEntry()], min_length=1)
+    name: NameText
+    description: Description = ""
+    models: list[ModelEntry] = Field(min_length=1, max_length=MAX_SPEC_ENTRIES)
+    backends: list[BackendEntry] = Field(min_length=1, max_length=MAX_SPEC_ENTRIES)
+    devices: list[DeviceEntry] = Field(
+        default_factory=lambda: [DeviceEntry()], min_length=1, max_length=MAX_SPEC_ENTRIES
+    )
     measurement: Measurement = Field(default_factory=lambda: Measurement())
 
     @classmethod
@@ -286,7 +393,8 @@ class CampaignSpec(BaseModel):
     def _check_name(cls, value: str) -> str:
         if not _CAMPAIGN_NAME.match(value):
             raise ValueError(
-                f"invalid campaign name {value!r} (use lowercase letters, digits, '.', '_', '-')"
+                f"invalid campaign name {excerpt(value)} "
+                "(use lowercase letters, digits, '.', '_', '-')"
             )
         return value
 
@@ -302,7 +410,9 @@ class CampaignSpec(BaseModel):
         """Checks across entries; they run once every field is valid on its own."""
         _unique_models(self.models)
         _known_schemes(self.backends)
+        _convert_values(self.backends)
         _model_backends(self.models, self.backends)
+        _variant_count(self.models, self.backends)
         _bounds(self.measurement)
         for index, backend in enumerate(self.backends):
             if backend.measurement is not None:
@@ -320,7 +430,7 @@ def _unique_models(models: list[ModelEntry]) -> None:
         if model.name in first:
             raise FieldError(
                 ("models", index, "name"),
-                f"duplicate model name {model.name!r} (also models[{first[model.name]}])",
+                f"duplicate model name {excerpt(model.name)} (also models[{first[model.name]}])",
             )
         first[model.name] = index
 
@@ -334,19 +444,19 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
             if allowed is not None and scheme not in allowed:
                 raise FieldError(
                     loc,
-                    f"unknown scheme {scheme!r} for {backend.name} "
+                    f"unknown scheme {excerpt(scheme)} for {backend.name} "
                     f"(expected one of {', '.join(allowed)})",
                 )
             if allowed is None and not _SCHEME.match(scheme):
-                raise FieldError(loc, f"invalid scheme name {scheme!r}")
+                raise FieldError(loc, f"invalid scheme name {excerpt(scheme)}")
             if scheme in backend.schemes[:position]:
-                raise FieldError(loc, f"scheme {scheme!r} is listed twice")
+                raise FieldError(loc, f"scheme {excerpt(scheme)} is listed twice")
         for scheme in backend.convert:
             if scheme not in backend.schemes:
                 raise FieldError(
                     ("backends", index, "convert", scheme),
-                    f"conversion parameters for {scheme!r}, which is not in this entry's "
-                    f"schemes ({', '.join(backend.schemes)})",
+                    f"conversion parameters for {excerpt(scheme)}, which is not in this "
+                    f"entry's schemes ({', '.join(backend.schemes)})",
                 )
         key = (
             backend.name,
@@ -370,7 +480,8 @@ def _model_backends(models: list[ModelEntry], backends: list[BackendEntry]) -> N
             if name not in names:
                 raise FieldError(
                     ("backends", index, "models", position),
-                    f"model {name!r} is not in the campaign's models ({', '.join(sorted(names))})",
+                    f"model {excerpt(name)} is not in the campaign's models "
+                    f"({excerpt(', '.join(sorted(names)), 200)})",
                 )
     listed = {b.name for b in backends}
     for index, model in enumerate(models):
@@ -378,7 +489,7 @@ def _model_backends(models: list[ModelEntry], backends: list[BackendEntry]) -> N
             if name not in listed:
                 raise FieldError(
                     ("models", index, "backends", position),
-                    f"backend {name!r} is not in the campaign's backends "
+                    f"backend {excerpt(name)} is not in the campaign's backends "
                     f"({', '.join(sorted(listed))})",
                 )
 
@@ -390,3 +501,45 @@ def _bounds(measurement: Measurement, at: tuple[str | int, ...] = ("measurement"
             # point at the bound the user wrote (the other may be a default)
             where = low if low in measurement.model_fields_set else high
             raise FieldError((*at, where), f"{low} ({low_value}) is above {high} ({high_value})")
+    samples = measurement.trials * measurement.max_iterations
+    if samples > MAX_SAMPLES_PER_RESULT:
+        where = "trials" if "trials" in measurement.model_fields_set else "max_iterations"
+        raise FieldError(
+            (*at, where),
+            f"trials x max_iterations ({measurement.trials} x {measurement.max_iterations} = "
+            f"{samples}) is above the {MAX_SAMPLES_PER_RESULT} samples one result may carry",
+        )
+
+
+def _convert_values(backends: list[BackendEntry]) -> None:
+    """Conversion parameters: integers within int64, finite numbers, bounded text."""
+    for index, backend in enumerate(backends):
+        for scheme, params in backend.convert.items():
+            for key, value in params.items():
+                loc = ("backends", index, "convert", scheme, key)
+                if isinstance(value, bool):
+                    continue
+                if isinstance(value, int) and not -MAX_INT64 - 1 <= value <= MAX_INT64:
+                    raise FieldError(loc, f"{excerpt(value)} is outside the 64-bit integer range")
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise FieldError(loc, f"{value} is not a finite number")
+                if isinstance(value, str):
+                    try:
+                        _check_text(value, MAX_STRING_BYTES)
+                    except ValueError as err:
+                        raise FieldError(loc, str(err)) from None
+
+
+def _variant_count(models: list[ModelEntry], backends: list[BackendEntry]) -> None:
+    count = sum(
+        len(backend.schemes)
+        for model in models
+        for backend in backends
+        if (model.backends is None or backend.name in model.backends)
+        and (backend.models is None or model.name in backend.models)
+    )
+    if count > MAX_VARIANTS:
+        raise FieldError(
+            ("models",),
+            f"the sweep has {count} variants (models x backends x schemes; limit {MAX_VARIANTS})",
+        )

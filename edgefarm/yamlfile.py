@@ -3,6 +3,13 @@
 :func:`load_yaml_with_lines` parses safely and remembers the line of every key and
 list item; :func:`validate` runs a pydantic model over the data and turns the first
 validation error into a :class:`~edgefarm.errors.SpecError` pointing at that line.
+
+Input is bounded before anything is built from it (:mod:`edgefarm.wire_limits`): the
+text's size, the nesting depth, and the number of values after alias expansion
+(counted over the node graph with memoised sizes, so a "billion laughs" document is
+refused in time proportional to its own size). Whatever the bytes, the outcome is
+data or one ``FILE:LINE: ...`` SpecError; messages never echo more than a short
+excerpt of a value.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import pydantic
 import yaml
 
 from edgefarm.errors import SpecError
+from edgefarm.wire_limits import MAX_SPEC_BYTES, MAX_SPEC_DEPTH, MAX_SPEC_NODES
 
 PathKey = tuple[str | int, ...]
 LineMap = dict[PathKey, int]
@@ -26,6 +34,10 @@ M = TypeVar("M", bound=pydantic.BaseModel)
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# A SpecError message is cut to this many characters (a value echoed in it is cut earlier).
+MAX_MESSAGE_CHARS = 500
+_MAX_PATH_PART = 60  # a longer key is shown cut in a field path
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class FieldError(SpecError):
@@ -48,15 +60,24 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, LineMap]:
 
     A path is the tuple of mapping keys and list indices leading to a value; the
     line of a mapping entry is the line of its key, of a list item its first line.
-    The empty path ``()`` is the document root. Syntax errors and duplicate keys
-    raise :class:`SpecError` ``"FILE:LINE: invalid YAML: ..."``.
+    The empty path ``()`` is the document root. Syntax errors, duplicate keys,
+    control characters, and input beyond the bounds (:data:`MAX_SPEC_BYTES` of text,
+    :data:`MAX_SPEC_DEPTH` levels of nesting, :data:`MAX_SPEC_NODES` values after
+    alias expansion, recursive aliases) raise :class:`SpecError`
+    ``"FILE:LINE: invalid YAML: ..."``; nothing is constructed before the bounds hold.
     """
-    loader = yaml.SafeLoader(text)
+    if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(_clip(f"{source}:1: the file is larger than {MAX_SPEC_BYTES} bytes"))
+    try:
+        loader = _BoundedLoader(text)
+    except yaml.reader.ReaderError as exc:
+        raise SpecError(_clip(_reader_error(exc, text, source))) from None
     try:
         node = loader.get_single_node()
         lines: LineMap = {}
         if node is None:
             return None, lines
+        _check_expanded(node)
         lines[()] = node.start_mark.line + 1
         _walk(loader, node, (), lines, set(), source)
         data = loader.construct_document(node)
@@ -65,12 +86,136 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, LineMap]:
         line = mark.line + 1 if mark is not None else 1
         parts = [part for part in (exc.context, exc.problem) if part]
         problem = _one_line(", ".join(parts)) or "syntax error"
-        raise SpecError(f"{source}:{line}: invalid YAML: {problem}") from None
+        raise SpecError(_clip(f"{source}:{line}: invalid YAML: {problem}")) from None
+    except yaml.reader.ReaderError as exc:
+        raise SpecError(_clip(_reader_error(exc, text, source))) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{source}:1: invalid YAML: {_one_line(str(exc))}") from None
+        raise SpecError(_clip(f"{source}:1: invalid YAML: {_one_line(str(exc))}")) from None
+    except RecursionError:
+        raise SpecError(f"{source}:1: invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
     return data, lines
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader whose composer refuses, as it reads, containers nested deeper
+    than :data:`MAX_SPEC_DEPTH` and documents of more than :data:`MAX_SPEC_NODES`
+    nodes (before alias expansion: :func:`_check_expanded` counts after), and whose
+    constructor turns any failure to build a scalar (an int of too many digits, a
+    date that does not exist) into a marked error."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        self._nodes += 1
+        if self._nodes > MAX_SPEC_NODES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_SPEC_NODES} values", event.start_mark
+            )
+        container = isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent)
+        if container and self._depth >= MAX_SPEC_DEPTH:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"nested deeper than {MAX_SPEC_DEPTH} levels of mappings and lists",
+                event.start_mark,
+            )
+        self._depth += container
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= container
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, TypeError, ArithmeticError) as exc:
+            reason = "too many digits" if "digits" in str(exc) else str(exc)
+            problem = f"cannot read {_excerpt(getattr(node, 'value', ''))}: {reason}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse a node graph whose expansion (every alias replaced by a copy of its
+    anchor) holds more than :data:`MAX_SPEC_NODES` values, nests deeper than
+    :data:`MAX_SPEC_DEPTH`, or never ends (an alias inside its own anchor).
+
+    Sizes and depths are memoised per node, so the cost is linear in the graph,
+    however large the expansion would be; the walk is iterative (no recursion).
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded values, depth)
+    active = {id(root)}
+    stack = [(root, iter(_children(root)))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            active.discard(id(node))
+            kids = [sizes[id(kid)] for kid in _children(node)]
+            size = min(1 + sum(k[0] for k in kids), MAX_SPEC_NODES + 1)
+            container = not isinstance(node, yaml.ScalarNode)
+            depth = container + max((k[1] for k in kids), default=0)
+            sizes[id(node)] = (size, depth)
+            if size > MAX_SPEC_NODES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_SPEC_NODES} values after alias expansion",
+                    node.start_mark,
+                )
+            if depth > MAX_SPEC_DEPTH:
+                raise _too_deep(node)
+            continue
+        key = id(child)
+        if key in sizes:
+            continue
+        if key in active:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "the node anchored here contains an alias of itself (recursive "
+                "structures are not allowed)",
+                child.start_mark,
+            )
+        if len(stack) > MAX_SPEC_DEPTH:
+            raise _too_deep(child)
+        active.add(key)
+        stack.append((child, iter(_children(child))))
+
+
+def _too_deep(node: yaml.Node) -> yaml.MarkedYAMLError:
+    return yaml.composer.ComposerError(
+        None,
+        None,
+        f"nested deeper than {MAX_SPEC_DEPTH} levels of mappings and lists after alias expansion",
+        node.start_mark,
+    )
+
+
+def _reader_error(exc: yaml.reader.ReaderError, text: str, source: str) -> str:
+    """One line for a character YAML does not accept (control characters, NUL)."""
+    position = max(0, min(int(exc.position), len(text)))
+    line = text.count("\n", 0, position) + 1
+    char = exc.character
+    if isinstance(char, int):
+        what = "a NUL byte" if char == 0 else f"control character U+{char:04X}"
+    else:
+        what = "an undecodable byte"
+    return f"{source}:{line}: invalid YAML: {what} is not allowed (write it as an escape)"
 
 
 def _walk(
@@ -100,8 +245,10 @@ def _walk(
                 continue
             if key in first_seen:
                 raise SpecError(
-                    f"{source}:{line}: invalid YAML: duplicate key {key!r} "
-                    f"(first given at line {first_seen[key]})"
+                    _clip(
+                        f"{source}:{line}: invalid YAML: duplicate key {_excerpt(key)} "
+                        f"(first given at line {first_seen[key]})"
+                    )
                 )
             first_seen[key] = line
             lines[(*path, key)] = line
@@ -128,10 +275,12 @@ def validate(
     except FieldError as exc:
         line, shown = locate(exc.loc, lines)
         prefix = f"{format_path(shown)}: " if shown else ""
-        raise SpecError(f"{source}:{line}: {prefix}{exc.message}") from None
+        raise SpecError(_clip(f"{source}:{line}: {prefix}{exc.message}")) from None
     except pydantic.ValidationError as exc:
-        error = _first_error(exc.errors())
-        raise SpecError(describe_error(model_cls, error, lines, source)) from None
+        error = _first_error(exc.errors(include_url=False))
+        raise SpecError(_clip(describe_error(model_cls, error, lines, source))) from None
+    except RecursionError:
+        raise SpecError(f"{source}:1: nested too deeply") from None
 
 
 def _first_error(errors: list[Any]) -> Any:
@@ -155,15 +304,24 @@ def load_file(
 ) -> M:
     """Read ``path`` and :func:`validate` it; an unreadable file is a SpecError naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise SpecError(f"{path}: is a directory, not a YAML file") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a UTF-8 text file") from None
     except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise SpecError(_clip(f"{path}: cannot read: {exc.strerror or exc}")) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}:1: the file is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SpecError(
+            f"{path}:{line}: not a UTF-8 text file (byte 0x{raw[exc.start]:02x} "
+            f"at offset {exc.start})"
+        ) from None
     return validate(model_cls, text, str(path), context=context)
 
 
@@ -193,6 +351,8 @@ def format_path(path: PathKey) -> str:
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif len(part) > _MAX_PATH_PART:
+            out += f"[{_excerpt(part, _MAX_PATH_PART)}]"
         elif _PLAIN_KEY.match(part):
             out += f".{part}" if out else part
         else:
@@ -256,8 +416,33 @@ def _describe_input(value: Any) -> str:
         return "a list"
     if value is None:
         return "nothing"
+    return _excerpt(value)
+
+
+def _excerpt(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters; a long str or a big int is cut
+    before it is formatted (never builds a huge text)."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+    elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 192:
+        return f"an integer of {value.bit_length()} bits"
+    elif isinstance(value, dict | list | tuple | set):
+        return f"a {type(value).__name__} of {len(value)} entries"
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def excerpt(value: Any, limit: int = 60) -> str:
+    """A short, one-line ``repr`` of ``value`` for an error message (see
+    :func:`_excerpt`)."""
+    return _excerpt(value, limit)
+
+
+def _clip(message: str) -> str:
+    """A message as one line of at most :data:`MAX_MESSAGE_CHARS` characters."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return _CONTROL.sub(" ", message)
 
 
 def _one_line(text: str) -> str:

@@ -53,6 +53,8 @@ CHECKPOINT_PATTERNS = (
     "*.tiktoken",
 )
 MAX_CONFIG_BYTES = 4 << 20
+MAX_CONFIG_DEPTH = 64  # nesting of objects and arrays in config.json (real ones: < 6)
+MAX_CONFIG_INT_DIGITS = 40  # an integer in config.json (int64 has 19 digits)
 
 # source text after the scheme prefix, spec folder, cache folder -> local GGUF path
 SourceResolver = Callable[[str, Path, Path], Path]
@@ -197,13 +199,8 @@ def checkpoint_files(folder: Path) -> list[tuple[str, os.stat_result]]:
     config = folder / "config.json"
     if not config.is_file():
         raise SpecError(f"checkpoint folder {folder} has no config.json")
-    if config.stat().st_size > MAX_CONFIG_BYTES:
-        raise SpecError(f"{config} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecError(f"{config} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or not (data.get("model_type") or data.get("architectures")):
+    data = read_config_json(config)
+    if not (data.get("model_type") or data.get("architectures")):
         raise SpecError(f"{config} names no model_type or architectures")
     files = sorted(
         (p.name, p.stat())
@@ -215,6 +212,62 @@ def checkpoint_files(folder: Path) -> list[tuple[str, os.stat_result]]:
         hint = f" ({others} found: save it as safetensors)" if others else ""
         raise SpecError(f"checkpoint folder {folder} holds no *.safetensors weights{hint}")
     return files
+
+
+def read_config_json(config: Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a JSON object, or one-line :class:`SpecError`.
+
+    Hostile files are refused before they cost much: more than :data:`MAX_CONFIG_BYTES`
+    (read no further), not UTF-8, not JSON, NaN / Infinity, integers of more than
+    :data:`MAX_CONFIG_INT_DIGITS` digits, nesting deeper than :data:`MAX_CONFIG_DEPTH`,
+    or anything but an object at the top.
+    """
+    try:
+        with config.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"cannot read {config}: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise SpecError(f"{config} is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_int=_bounded_int)
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{config} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{config} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{config} nests deeper than {MAX_CONFIG_DEPTH} levels") from None
+    except ValueError as err:
+        raise SpecError(f"{config} is not valid JSON: {str(err)[:120]}") from None
+    if json_depth(data) > MAX_CONFIG_DEPTH:
+        raise SpecError(f"{config} nests deeper than {MAX_CONFIG_DEPTH} levels")
+    if not isinstance(data, dict):
+        raise SpecError(f"{config} is not a JSON object (it holds a {type(data).__name__})")
+    return data
+
+
+def json_depth(value: Any) -> int:
+    """The nesting depth of parsed JSON (a scalar: 0); iterative, no recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_CONFIG_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits (limit {MAX_CONFIG_INT_DIGITS})")
+    return int(text)
 
 
 def _checked_gguf(path: Path) -> Path:
