@@ -10,6 +10,7 @@ import grpc
 
 from coordinator.interleave import RunShape
 from edgefarm.errors import AuthError, ConnectionFailed, EdgefarmError, UsageError
+from edgefarm.transport import ClientTls, sync_channel, unreachable_message
 from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
 
 _USER_ERRORS = {
@@ -22,24 +23,27 @@ _USER_ERRORS = {
 }
 
 
-def _translate(error: grpc.RpcError, address: str) -> EdgefarmError:
+def _translate(error: grpc.RpcError, address: str, tls: ClientTls | None = None) -> EdgefarmError:
     code = error.code()  # type: ignore[attr-defined]
     details = error.details()  # type: ignore[attr-defined]
     cls = _USER_ERRORS.get(code, EdgefarmError)
     if cls is ConnectionFailed:
-        return ConnectionFailed(f"coordinator {address} unreachable ({code.name})")
+        return ConnectionFailed(unreachable_message(address, tls, details or code.name))
     return cls(details or code.name)
 
 
 class ControlClient:
     """Calls the coordinator's Control service; gRPC errors become EdgefarmErrors."""
 
-    def __init__(self, address: str, token: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, address: str, token: str, timeout_s: float = 30.0, tls: ClientTls | None = None
+    ) -> None:
         self.address = address
         self.token = token
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 256 << 20)]
+        self.tls = tls
+        self.channel = sync_channel(
+            address, tls, options=[("grpc.max_receive_message_length", 256 << 20)]
         )
         self.stub = control_pb2_grpc.ControlStub(self.channel)
 
@@ -79,7 +83,7 @@ class ControlClient:
                 timeout=timeout_s,
             )
         except grpc.RpcError as error:
-            raise _translate(error, self.address) from None
+            raise _translate(error, self.address, self.tls) from None
 
     def watch(self, campaign_id: str) -> Iterator[control_pb2.CampaignProgress]:
         """Progress snapshots until the campaign finishes."""
@@ -88,7 +92,7 @@ class ControlClient:
                 control_pb2.WatchCampaignRequest(token=self.token, campaign_id=campaign_id)
             )
         except grpc.RpcError as error:
-            raise _translate(error, self.address) from None
+            raise _translate(error, self.address, self.tls) from None
 
     def list_campaigns(self, limit: int = 50) -> list[control_pb2.CampaignSummary]:
         """Campaigns, newest first."""
@@ -98,7 +102,7 @@ class ControlClient:
                 timeout=self.timeout_s,
             )
         except grpc.RpcError as error:
-            raise _translate(error, self.address) from None
+            raise _translate(error, self.address, self.tls) from None
         return list(reply.campaigns)
 
     def list_devices(self) -> list[control_pb2.DeviceStatus]:
@@ -108,7 +112,7 @@ class ControlClient:
                 control_pb2.ListDevicesRequest(token=self.token), timeout=self.timeout_s
             )
         except grpc.RpcError as error:
-            raise _translate(error, self.address) from None
+            raise _translate(error, self.address, self.tls) from None
         return list(reply.devices)
 
     def results(
@@ -133,5 +137,17 @@ class ControlClient:
                 timeout=self.timeout_s,
             )
         except grpc.RpcError as error:
-            raise _translate(error, self.address) from None
+            raise _translate(error, self.address, self.tls) from None
         return [json.loads(row) for row in reply.rows_json]
+
+    def revoke(self, name: str) -> list[str]:
+        """Revoke the credentials of device or agent ``name``: its streams are closed, its
+        leases re-queued, and it is refused from then on. Returns the revoked agent ids."""
+        try:
+            reply = self.stub.RevokeAgent(
+                control_pb2.RevokeAgentRequest(token=self.token, name=name),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address, self.tls) from None
+        return list(reply.agent_ids)

@@ -257,16 +257,16 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         assert session is not None
         if problem := check_sha256(request.sha256):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if request.sha256 not in self.scheduler.assigned_artifacts(session):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"artifact {request.sha256[:12]} is not part of a task assigned to this agent",
-            )
         try:
             size = self.artifacts.path(request.sha256).stat().st_size
         except FileNotFoundError:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"artifact {request.sha256[:12]} is not in the store"
+            )
+        if request.sha256 not in self.scheduler.assigned_artifacts(session):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"artifact {request.sha256[:12]} is not part of a task assigned to this agent",
             )
         if request.offset > size:
             await context.abort(

@@ -12,6 +12,7 @@ from coordinator.interleave import RunShape
 from coordinator.spec import CampaignSpec
 from edgefarm.cli.tables import print_tables, results_tables
 from edgefarm.errors import CampaignFailed
+from edgefarm.transport import ClientTls
 
 
 def print_plan(spec: CampaignSpec) -> None:
@@ -29,9 +30,11 @@ def print_plan(spec: CampaignSpec) -> None:
     )
 
 
-def run_campaign(address: str, token: str, spec_path: Path, fresh: bool = False) -> str:
+def run_campaign(
+    address: str, token: str, spec_path: Path, fresh: bool = False, tls: ClientTls | None = None
+) -> str:
     """Submit and follow a campaign to the end; raises CampaignFailed if a task failed."""
-    with ControlClient(address, token) as client:
+    with ControlClient(address, token, tls=tls) as client:
         campaign_id, failed, total = submit_and_follow(client, spec_path, fresh=fresh)
         rows = client.results(campaign_id=campaign_id)
     print_tables(results_tables(rows, title=f"campaign {campaign_id}"))

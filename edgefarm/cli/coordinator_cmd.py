@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from edgefarm.cli.options import home_option, store_option, token_option, verbose_option
+from edgefarm.cli.options import (
+    home_option,
+    server_tls,
+    server_tls_options,
+    store_option,
+    token_option,
+    verbose_option,
+)
 from edgefarm.home import default_store_url, edgefarm_home
 from edgefarm.logging_setup import configure_logging
 
@@ -43,6 +50,7 @@ def coordinator() -> None:
     default=None,
     help="Agent heartbeat interval in seconds (default 2).",
 )
+@server_tls_options
 @home_option
 @verbose_option
 def serve(
@@ -52,14 +60,27 @@ def serve(
     inventory: str | None,
     lease_s: float | None,
     heartbeat_s: float | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
+    insecure: bool,
     home: str | None,
     verbose: int,
 ) -> None:
-    """Serve agents and the CLI; uses the Ray cluster in RAY_ADDRESS or starts a local one."""
+    """Serve agents and the CLI; uses the Ray cluster in RAY_ADDRESS or starts a local one.
+
+    Serves TLS with --tls-cert/--tls-key (and requires client certificates with
+    --tls-client-ca); plaintext on a non-loopback address draws a warning unless
+    --insecure says it is meant.
+    """
     from coordinator.server import CoordinatorConfig
     from coordinator.server import serve as run_server
+    from edgefarm.transport import server_credentials
 
     configure_logging(verbose + 1)
+    tls = server_tls(tls_cert, tls_key, tls_client_ca)
+    if tls is not None:
+        server_credentials(tls)  # a bad certificate file fails here, before Ray starts
     base = edgefarm_home(home)
     config = CoordinatorConfig(
         listen=listen,
@@ -67,6 +88,8 @@ def serve(
         home=base,
         token=token,
         inventory=Path(inventory) if inventory else None,
+        tls=tls,
+        insecure=insecure,
     )
     overrides: dict[str, float] = {}
     if lease_s is not None:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from edgefarm.cli.options import home_option, store_option, token_option
+from edgefarm.cli.options import (
+    client_tls,
+    client_tls_options,
+    home_option,
+    store_option,
+    token_option,
+)
 from edgefarm.home import default_store_url, edgefarm_home
 
 
@@ -25,6 +31,7 @@ def devices() -> None:
     help="Ask a running coordinator (live state). Default: read the store.",
 )
 @token_option
+@client_tls_options
 @click.option(
     "--inventory",
     type=click.Path(dir_okay=False),
@@ -37,6 +44,9 @@ def devices() -> None:
 def list_devices(
     coordinator: str | None,
     token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     inventory: str | None,
     as_json: bool,
     store_url: str | None,
@@ -50,7 +60,8 @@ def list_devices(
         from coordinator.client import ControlClient
         from protos.convert import capabilities_from_pb
 
-        with ControlClient(coordinator, token) as client:
+        tls = client_tls(tls_ca, tls_cert, tls_key)
+        with ControlClient(coordinator, token, tls=tls) as client:
             fleet = [
                 FleetDevice(
                     name=d.name,
@@ -79,3 +90,36 @@ def list_devices(
         click.echo(json.dumps(fleet_to_json(fleet), indent=2))
     else:
         click.echo(render_fleet_table(fleet))
+
+
+@devices.command()
+@click.argument("name")
+@click.option(
+    "--coordinator",
+    required=True,
+    envvar="EDGEFARM_COORDINATOR",
+    metavar="HOST:PORT",
+    help="The coordinator to revoke on.",
+)
+@token_option
+@client_tls_options
+def revoke(
+    name: str,
+    coordinator: str,
+    token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
+    """Revoke the credentials of NAME (a device, or one agent by name or id): its
+    connection is closed at once, its task goes back to the queue, and it is refused from
+    then on until it is enrolled again."""
+    from coordinator.client import ControlClient
+
+    with ControlClient(coordinator, token, tls=client_tls(tls_ca, tls_cert, tls_key)) as client:
+        revoked = client.revoke(name)
+    if not revoked:
+        click.echo(f"nothing to revoke: no enrolled agent matches {name!r}")
+        return
+    for agent_id in revoked:
+        click.echo(f"revoked {agent_id}")
