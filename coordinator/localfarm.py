@@ -2,7 +2,9 @@
 
 Used by ``edgefarm quickstart``, by ``edgefarm campaign run`` without
 ``--coordinator``, and by the integration tests. The processes talk real gRPC; the
-coordinator starts its own local Ray.
+coordinator starts its own local Ray. Plaintext by default (loopback only); with
+``server_tls`` the coordinator serves TLS and agents and the farm's client dial with
+``client_tls`` (or an agent's own, for mutual TLS).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import IO
 
 from coordinator.client import ControlClient
 from edgefarm.errors import ConnectionFailed
+from edgefarm.transport import ClientTls, ServerTls
 
 LISTEN_LINE = re.compile(r"listening on (\S+:\d+)")
 START_TIMEOUT_S = 120.0
@@ -35,6 +38,8 @@ class LocalFarm:
     lease_s: float | None = None
     heartbeat_s: float | None = None
     agent_labels: dict[str, str] = field(default_factory=dict)
+    server_tls: ServerTls | None = None  # the coordinator serves TLS
+    client_tls: ClientTls | None = None  # how agents and client() dial it
     address: str = ""
     coordinator_proc: subprocess.Popen[str] | None = None
     agent_procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
@@ -85,6 +90,10 @@ class LocalFarm:
             cmd += ["--lease", str(self.lease_s)]
         if self.heartbeat_s is not None:
             cmd += ["--heartbeat", str(self.heartbeat_s)]
+        if self.server_tls is not None:
+            cmd += ["--tls-cert", str(self.server_tls.cert), "--tls-key", str(self.server_tls.key)]
+            if self.server_tls.client_ca is not None:
+                cmd += ["--tls-client-ca", str(self.server_tls.client_ca)]
         log = (self.log_dir / "coordinator.log").open("a")
         self._logs.append(log)
         proc = subprocess.Popen(
@@ -106,9 +115,12 @@ class LocalFarm:
             f"local coordinator did not start; see {self.log_dir / 'coordinator.log'}"
         )
 
-    def start_agent(self, name: str, labels: dict[str, str] | None = None) -> None:
-        """Start one agent process named ``name``."""
-        cmd = self._agent_cmd("serve", name)
+    def start_agent(
+        self, name: str, labels: dict[str, str] | None = None, tls: ClientTls | None = None
+    ) -> None:
+        """Start one agent process named ``name`` (dialling with ``tls``, default
+        :attr:`client_tls`)."""
+        cmd = self._agent_cmd("serve", name, tls)
         for key, value in {**self.agent_labels, **(labels or {})}.items():
             cmd += ["--label", f"{key}={value}"]
         self._spawn(name, cmd, dict(os.environ))
@@ -121,7 +133,7 @@ class LocalFarm:
         cmd = [*self._agent_cmd("hub", name), *args]
         self._spawn(name, cmd, dict(os.environ) if env is None else env)
 
-    def _agent_cmd(self, mode: str, name: str) -> list[str]:
+    def _agent_cmd(self, mode: str, name: str, tls: ClientTls | None = None) -> list[str]:
         """``edgefarm agent MODE`` connected to this farm, named ``name``."""
         return [
             *self._cli(),
@@ -135,6 +147,7 @@ class LocalFarm:
             name,
             "--work-dir",
             str(self.home / f"agent-{name}"),
+            *tls_args(tls or self.client_tls),
         ]
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
@@ -151,7 +164,7 @@ class LocalFarm:
 
     def client(self) -> ControlClient:
         """A Control client for this farm."""
-        return ControlClient(self.address, self.token)
+        return ControlClient(self.address, self.token, tls=self.client_tls)
 
     def wait_for_agents(self, count: int, timeout_s: float = 60.0) -> None:
         """Block until ``count`` agents are online."""
@@ -210,3 +223,14 @@ class LocalFarm:
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+
+def tls_args(tls: ClientTls | None) -> list[str]:
+    """The ``--tls-*`` options of a client command dialling with ``tls``."""
+    if tls is None:
+        return []
+    args = []
+    for option, path in (("--tls-ca", tls.ca), ("--tls-cert", tls.cert), ("--tls-key", tls.key)):
+        if path is not None:
+            args += [option, str(path)]
+    return args

@@ -17,12 +17,18 @@ from coordinator.control import ControlService
 from coordinator.gateway import AgentGateway
 from coordinator.preparation import Preparer, init_ray
 from coordinator.scheduler import HEARTBEAT_INTERVAL_S, LEASE_DURATION_S, MAX_ATTEMPTS, Scheduler
+from edgefarm.transport import ServerTls, is_loopback, server_credentials
 from protos.edgefarm.v1 import agent_pb2_grpc, control_pb2_grpc
 from results.store import ResultsStore
 
 log = logging.getLogger(__name__)
 
 LEASE_CHECK_INTERVAL_S = 0.5
+PLAINTEXT_WARNING = (
+    "INSECURE: serving plaintext gRPC on %s, reachable from other machines: the fleet "
+    "token, agent credentials and results cross the network in clear text and can be "
+    "read or altered; serve TLS (--tls-cert/--tls-key), or pass --insecure to accept this"
+)
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
@@ -42,10 +48,13 @@ class CoordinatorConfig:
     lease_duration_s: float = LEASE_DURATION_S
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     max_attempts: int = MAX_ATTEMPTS
+    tls: ServerTls | None = None  # serve TLS (mutual TLS with a client CA)
+    insecure: bool = False  # plaintext on a non-loopback address was asked for explicitly
 
 
 async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int, Scheduler]:
     """Build and start the gRPC server; returns (server, bound port, scheduler)."""
+    credentials = server_credentials(config.tls) if config.tls is not None else None
     store = ResultsStore.open(config.store_url)
     artifacts = ArtifactStore(config.home / "artifacts")
     scheduler = Scheduler(
@@ -66,11 +75,28 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         ),
         server,
     )
-    port = server.add_insecure_port(config.listen)
+    if credentials is not None:
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
     return server, port, scheduler
+
+
+def say_transport(config: CoordinatorConfig) -> None:
+    """One line on how clients reach this coordinator; a loud one for plaintext that
+    other machines can reach, unless the operator chose it with --insecure."""
+    if config.tls is not None:
+        mutual = ", client certificates required" if config.tls.client_ca else ""
+        log.info("serving TLS on %s%s", config.listen, mutual)
+    elif is_loopback(config.listen):
+        log.info("serving plaintext on loopback %s", config.listen)
+    elif config.insecure:
+        log.info("serving plaintext on %s (--insecure)", config.listen)
+    else:
+        log.warning(PLAINTEXT_WARNING, config.listen)
 
 
 async def _watch_leases(scheduler: Scheduler) -> None:
@@ -81,6 +107,7 @@ async def _watch_leases(scheduler: Scheduler) -> None:
 
 async def serve(config: CoordinatorConfig) -> None:
     """Run until SIGTERM / SIGINT, then stop gracefully."""
+    say_transport(config)  # before Ray starts: the operator sees it at once
     init_ray()
     server, port, scheduler = await create_server(config)
     host = config.listen.rsplit(":", 1)[0]

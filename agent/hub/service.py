@@ -18,6 +18,7 @@ from agent.hub.devices import HubDevice, capabilities, labels, slug
 from agent.hub.executor import HubExecutor
 from agent.hub.jobs import HubJobs, HubSettings
 from agent.hub.journal import Journal
+from edgefarm.transport import ClientTls
 
 JOURNAL_DIR = "journal"
 
@@ -32,6 +33,7 @@ class HubAgentOptions:
     work_dir: Path  # the journal and one artifact cache per device live here
     labels: dict[str, str] = field(default_factory=dict)
     settings: HubSettings = field(default_factory=HubSettings)
+    tls: ClientTls | None = None  # how the agents dial the coordinator (None: plaintext)
 
 
 def hub_agents(hub: HubApi, devices: list[HubDevice], options: HubAgentOptions) -> list[Agent]:
@@ -46,6 +48,7 @@ def hub_agents(hub: HubApi, devices: list[HubDevice], options: HubAgentOptions) 
             name=f"{options.name}-{slug(device.name)}",
             work_dir=options.work_dir / slug(device.name),
             labels={**labels(device), **options.labels},
+            tls=options.tls,
         )
         executor = HubExecutor(hub, device, jobs)
         agents.append(Agent(config, capabilities(device, hub.version), executor))

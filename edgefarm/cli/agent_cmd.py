@@ -8,7 +8,14 @@ import socket
 
 import click
 
-from edgefarm.cli.options import home_option, parse_labels, token_option, verbose_option
+from edgefarm.cli.options import (
+    client_tls,
+    client_tls_options,
+    home_option,
+    parse_labels,
+    token_option,
+    verbose_option,
+)
 from edgefarm.home import edgefarm_home
 from edgefarm.logging_setup import configure_logging
 
@@ -21,6 +28,7 @@ def agent() -> None:
 @agent.command()
 @click.option("--coordinator", required=True, metavar="HOST:PORT", help="Coordinator address.")
 @token_option
+@client_tls_options
 @click.option("--name", default=None, help="Agent name (default: the hostname).")
 @click.option(
     "--label",
@@ -42,6 +50,9 @@ def agent() -> None:
 def serve(
     coordinator: str,
     token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     name: str | None,
     labels: tuple[str, ...],
     work_dir: str | None,
@@ -54,8 +65,12 @@ def serve(
 
     from agent.client import Agent, AgentConfig
     from agent.probe import probe_device
+    from edgefarm.transport import channel_credentials
 
     configure_logging(verbose + 1)
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    if tls is not None:
+        channel_credentials(tls)  # a bad certificate file fails here, not at each reconnect
     agent_name = name or socket.gethostname()
     base = Path(work_dir) if work_dir else edgefarm_home(home) / f"agent-{agent_name}"
     config = AgentConfig(
@@ -65,6 +80,7 @@ def serve(
         work_dir=base,
         labels=parse_labels(labels),
         cache_max_bytes=int(cache_max_gb * 1e9) or None,
+        tls=tls,
     )
     capabilities = probe_device()
     click.echo(
@@ -78,6 +94,7 @@ def serve(
 @agent.command()
 @click.option("--coordinator", required=True, metavar="HOST:PORT", help="Coordinator address.")
 @token_option
+@client_tls_options
 @click.option(
     "--device",
     "devices",
@@ -135,6 +152,9 @@ def serve(
 def hub(
     coordinator: str,
     token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     devices: tuple[str, ...],
     attributes: tuple[str, ...],
     os_version: str,
@@ -162,8 +182,12 @@ def hub(
     from agent.hub.devices import select_devices
     from agent.hub.jobs import HubSettings
     from agent.hub.service import HubAgentOptions, hub_agents, serve
+    from edgefarm.transport import channel_credentials
 
     configure_logging(verbose + 1)
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    if tls is not None:
+        channel_credentials(tls)  # a bad certificate file fails here, not at each reconnect
     config = load_hub_config(hub_config, hub_profile)
     api = open_hub(config)
     chosen = select_devices(api, devices, attributes, os_version, max_devices)
@@ -174,6 +198,7 @@ def hub(
         name=name,
         work_dir=base,
         labels=parse_labels(labels),
+        tls=tls,
         settings=HubSettings(
             poll_interval_s=poll_interval,
             job_timeout_s=job_timeout,

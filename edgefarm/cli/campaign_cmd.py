@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from edgefarm.cli.options import home_option, store_option, token_option, verbose_option
+from edgefarm.cli.options import (
+    client_tls,
+    client_tls_options,
+    home_option,
+    store_option,
+    token_option,
+    verbose_option,
+)
 from edgefarm.home import default_store_url, edgefarm_home
 from edgefarm.logging_setup import configure_logging
 
@@ -26,6 +33,7 @@ def campaign() -> None:
     help="Use this coordinator (default: start a local farm on this machine).",
 )
 @token_option
+@client_tls_options
 @click.option("--dry-run", is_flag=True, help="Validate and show the sweep; run nothing.")
 @click.option("--fresh", is_flag=True, help="Re-measure even when identical results exist.")
 @store_option
@@ -35,6 +43,9 @@ def run(
     spec: str,
     coordinator: str | None,
     token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     dry_run: bool,
     fresh: bool,
     store_url: str | None,
@@ -55,8 +66,11 @@ def run(
         print_plan(parsed)
         return
     if coordinator:
-        run_campaign(coordinator, token, path, fresh=fresh)
+        run_campaign(
+            coordinator, token, path, fresh=fresh, tls=client_tls(tls_ca, tls_cert, tls_key)
+        )
         return
+    # The local farm is plaintext on loopback: the --tls-* settings are for --coordinator.
     from coordinator.localfarm import LocalFarm
 
     base = edgefarm_home(home)

@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgefarm.cli.options import home_option, store_option, token_option, verbose_option
+from edgefarm.cli.options import (
+    client_tls,
+    client_tls_options,
+    home_option,
+    store_option,
+    token_option,
+    verbose_option,
+)
 from edgefarm.errors import CampaignFailed, RegressionFound, UsageError
 from edgefarm.home import default_store_url, edgefarm_home
 from edgefarm.logging_setup import configure_logging
@@ -67,6 +74,7 @@ def _write_reports(report: Report, out_dir: Path, stem: str, formats: tuple[str,
     show_default=True,
 )
 @token_option
+@client_tls_options
 @store_option
 @home_option
 @verbose_option
@@ -77,6 +85,9 @@ def run(
     report_dir: str | None,
     formats: tuple[str, ...],
     token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
     store_url: str | None,
     home: str | None,
     verbose: int,
@@ -95,7 +106,8 @@ def run(
     url = store_url or default_store_url(base)
     with ResultsStore.open(url) as store:
         if coordinator:
-            with ControlClient(coordinator, token) as client:
+            tls = client_tls(tls_ca, tls_cert, tls_key)
+            with ControlClient(coordinator, token, tls=tls) as client:
                 outcome = NightlyRunner(client, store, click.echo).run(path, night)
         else:
             from coordinator.localfarm import LocalFarm
