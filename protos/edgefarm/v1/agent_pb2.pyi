@@ -471,13 +471,16 @@ class ResultAck(google.protobuf.message.Message):
     """The answer to every TaskResult, whether stored or refused.
 
     accepted=true: the result is stored (duplicate=true: it had been stored already,
-    this was a re-send); forget it. accepted=false: it was refused and will never be
-    stored; `reason` says why in one line, e.g. "lease expired", "lease superseded",
-    "lease held by another agent", "no lease in force for this task", or a validation
-    failure naming the field ("trials[0].samples_ms[3]: not finite", "too many trials:
-    101 > MAX_TRIALS (100)"). Results are validated before anything is stored: every
-    sample finite and >= 0, durations, times and metric values finite (>= 0 where a
-    time or size), counts and sizes within ProtocolLimits.
+    this was a re-send); forget it. accepted=false: it was refused; `reason` says why
+    in one line: "lease expired", "lease superseded" (another attempt or lease id),
+    "lease held by another agent", "no lease in force for this task", "this result is
+    being stored" (a re-send while the first copy is still being written: its own ack
+    follows), or "invalid result: ..." naming the field, e.g. "invalid result:
+    trials[0].samples_ms has a negative latency". Results are validated before anything
+    is stored: every sample finite and >= 0; duration_s and load_time_s finite and
+    >= 0; metric and accuracy values finite; example_outcomes bytes 0 or 1; task_id and
+    lease_id, and every map key, at most MAX_NAME_BYTES (128) bytes; counts and sizes
+    within ProtocolLimits.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor

@@ -52,7 +52,9 @@ class AgentGatewayStub(object):
     Register; the fleet token is then not needed.
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
-    cannot take over an enrolled agent.
+    cannot take over an enrolled agent. A credential the coordinator does not know
+    (e.g. its store was replaced) is refused too; the agent's operator deletes the
+    stored credential to enrol again with the fleet token.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
@@ -65,7 +67,7 @@ class AgentGatewayStub(object):
     1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
     lease_duration_s, limits. The session_token binds the following calls to this
     registration; a new Register replaces the previous session (its stream is
-    closed, its session token stops working).
+    closed with ABORTED, its session token stops working).
     2. Connect (bidirectional stream). The first message up must be a Hello with the
     agent_id and session_token from step 1, sent within 5 seconds of opening the
     stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message
@@ -147,7 +149,9 @@ class AgentGatewayServicer(object):
     Register; the fleet token is then not needed.
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
-    cannot take over an enrolled agent.
+    cannot take over an enrolled agent. A credential the coordinator does not know
+    (e.g. its store was replaced) is refused too; the agent's operator deletes the
+    stored credential to enrol again with the fleet token.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
@@ -160,7 +164,7 @@ class AgentGatewayServicer(object):
     1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
     lease_duration_s, limits. The session_token binds the following calls to this
     registration; a new Register replaces the previous session (its stream is
-    closed, its session token stops working).
+    closed with ABORTED, its session token stops working).
     2. Connect (bidirectional stream). The first message up must be a Hello with the
     agent_id and session_token from step 1, sent within 5 seconds of opening the
     stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message
@@ -201,9 +205,11 @@ class AgentGatewayServicer(object):
         FAILED_PRECONDITION  protocol_version is not 2 (the details name both versions).
         Final until one side is upgraded.
         INVALID_ARGUMENT     malformed request: empty name or capabilities.device_id,
-        name or device_id longer than MAX_NAME_BYTES (128) bytes, or
-        a string, map or list beyond MAX_STRING_BYTES (65536),
-        MAX_MAP_ENTRIES (256), MAX_LIST_ENTRIES (4096).
+        name or device_id longer than MAX_NAME_BYTES (128) bytes,
+        a name with whitespace or unprintable characters, a map key
+        longer than MAX_NAME_BYTES (128) bytes, or a string, map or
+        list beyond MAX_STRING_BYTES (65536), MAX_MAP_ENTRIES (256),
+        MAX_LIST_ENTRIES (4096).
         RESOURCE_EXHAUSTED   this peer registers too often: back off and retry later.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -214,17 +220,20 @@ class AgentGatewayServicer(object):
         """One long-lived stream per agent: heartbeats, progress and results go up;
         task assignments (each under a lease) and cancellations come down. The first
         message up must be a Hello carrying the session from Register, within 5 seconds.
-        A bad message later on the stream never ends it silently: a bad TaskResult is
-        answered with ResultAck(accepted=false, reason); a malformed message the
-        coordinator cannot attribute closes the stream with INVALID_ARGUMENT.
+        A bad message later on the stream never ends it: a bad TaskResult is answered
+        with ResultAck(accepted=false, reason); a Heartbeat or TaskProgress whose ids
+        are longer than MAX_NAME_BYTES (128) bytes, or a message of an unknown kind, is
+        logged and ignored.
         Errors (as the stream's final status):
         UNAUTHENTICATED    Hello with an unknown or replaced session, or the agent was
-        revoked (also mid-stream). Register again (a revoked agent's
-        Register is refused with UNAUTHENTICATED: final).
-        INVALID_ARGUMENT   the first message is not a Hello, or a message is malformed.
+        revoked (also mid-stream, "credential revoked"). Register
+        again only to learn the verdict: a revoked agent's Register
+        is refused with UNAUTHENTICATED (final).
+        INVALID_ARGUMENT   the first message is not a Hello.
         DEADLINE_EXCEEDED  no Hello within 5 seconds of opening the stream.
-        CANCELLED / UNAVAILABLE  the session was replaced by a newer Register, or the
-        coordinator is shutting down: reconnect (see RECONNECTING).
+        ABORTED            the session was replaced by a newer Register of this agent.
+        CANCELLED / UNAVAILABLE  the coordinator is shutting down or the network broke:
+        reconnect (see RECONNECTING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,13 +242,14 @@ class AgentGatewayServicer(object):
     def FetchArtifact(self, request, context):
         """Chunked download of an artifact; the agent verifies the sha256 of the whole file
         against ArtifactRef.sha256 before using it.
-        Errors:
+        Errors, checked in this order:
         UNAUTHENTICATED    unknown, replaced or revoked session.
-        INVALID_ARGUMENT   sha256 is not 64 lowercase hex digits, or offset is beyond the
-        artifact's size.
-        NOT_FOUND          no artifact with that sha256 in the coordinator's store.
+        INVALID_ARGUMENT   sha256 is not 64 lowercase hex digits.
         PERMISSION_DENIED  the artifact is neither the model nor the eval data of an
-        assignment this agent holds now.
+        assignment this agent holds now (so also any unknown sha256).
+        NOT_FOUND          the assigned artifact is missing from the coordinator's store.
+        INVALID_ARGUMENT   offset is beyond the artifact's size.
+        The messages carry no internal details.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,7 +308,9 @@ class AgentGateway(object):
     Register; the fleet token is then not needed.
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
-    cannot take over an enrolled agent.
+    cannot take over an enrolled agent. A credential the coordinator does not know
+    (e.g. its store was replaced) is refused too; the agent's operator deletes the
+    stored credential to enrol again with the fleet token.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
@@ -311,7 +323,7 @@ class AgentGateway(object):
     1. Register (unary) -> agent_id, session_token, heartbeat_interval_s,
     lease_duration_s, limits. The session_token binds the following calls to this
     registration; a new Register replaces the previous session (its stream is
-    closed, its session token stops working).
+    closed with ABORTED, its session token stops working).
     2. Connect (bidirectional stream). The first message up must be a Hello with the
     agent_id and session_token from step 1, sent within 5 seconds of opening the
     stream; otherwise the stream is closed (INVALID_ARGUMENT when the first message

@@ -5,8 +5,8 @@ Messages shared by the agent gateway and the control service.
 
 Limits are quoted as NAME (value), NAME being the constant in edgefarm/wire_limits.py
 (see agent.proto: LIMITS). Strings are UTF-8; every string field is at most
-MAX_STRING_BYTES (65536) bytes and every map at most MAX_MAP_ENTRIES (256) entries
-unless a field says otherwise. Times are seconds, latencies milliseconds, sizes bytes.
+MAX_STRING_BYTES (65536) bytes, every map at most MAX_MAP_ENTRIES (256) entries and
+every map key at most MAX_NAME_BYTES (128) bytes, unless a field says otherwise. Times are seconds, latencies milliseconds, sizes bytes.
 """
 
 import builtins

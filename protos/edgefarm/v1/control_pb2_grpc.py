@@ -88,7 +88,8 @@ class ControlServicer(object):
         file, line and field; the spec is at most MAX_SPEC_BYTES (1048576) bytes,
         MAX_SPEC_DEPTH (32) levels deep and MAX_SPEC_NODES (100000) values after alias
         expansion) or a `file:` reference missing from `files`; FAILED_PRECONDITION when
-        preparing its models fails (conversion, download); UNAUTHENTICATED.
+        preparing its models fails (conversion, download); INTERNAL for a coordinator bug
+        (one line; the traceback goes to the coordinator's log); UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,7 +147,9 @@ class ControlServicer(object):
         """Upload a file a spec names (the coordinator never reads a submitted spec's
         paths itself); chunks in order, the first carries the header fields.
         Errors: INVALID_ARGUMENT when the bytes received do not match size_bytes or
-        sha256, or the header is malformed; UNAUTHENTICATED.
+        sha256, the sha256 is not 64 lowercase hex digits, no chunk came, or the file
+        cannot fit in the free space of the artifact store; RESOURCE_EXHAUSTED when the
+        disk fills up during the upload; UNAUTHENTICATED. A failed upload stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
