@@ -144,8 +144,22 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
 
-    def _register_request(self) -> agent_pb2.RegisterRequest:
+    async def _register(self, stub: agent_pb2_grpc.AgentGatewayStub) -> agent_pb2.RegisterResponse:
+        """Register with the credential; if it is refused, try to enrol with the fleet
+        token once (a coordinator with a fresh store never saw the credential; one that
+        did refuses the enrolment too, and the refusal is final)."""
         credential = read_credential(self.config.credential_path)
+        try:
+            return await stub.Register(
+                self._register_request(credential), timeout=REGISTER_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            if not (credential and error.code() == grpc.StatusCode.UNAUTHENTICATED):
+                raise
+            log.warning("credential refused (%s); enrolling with the fleet token", error.details())
+        return await stub.Register(self._register_request(""), timeout=REGISTER_TIMEOUT_S)
+
+    def _register_request(self, credential: str) -> agent_pb2.RegisterRequest:
         return agent_pb2.RegisterRequest(
             token="" if credential else self.config.token,
             credential=credential,
@@ -161,7 +175,7 @@ class Agent:
             self.config.coordinator, self.config.tls, CHANNEL_OPTIONS
         ) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
-            reply = await stub.Register(self._register_request(), timeout=REGISTER_TIMEOUT_S)
+            reply = await self._register(stub)
             if reply.credential:
                 write_credential(self.config.credential_path, reply.credential)
                 log.info("enrolled; credential kept in %s", self.config.credential_path)

@@ -9,6 +9,7 @@ keeps serving afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -147,6 +148,7 @@ def run_farm(
         farm = Farm(
             f"127.0.0.1:{port}", scheduler, ca, transport == "mutual-tls", ref.sha256, tmp_path
         )
+
         async def expire_leases() -> None:  # what the daemon's serve() loop does
             while True:
                 await asyncio.sleep(0.2)
@@ -506,3 +508,63 @@ def test_fetch_artifact_abuse(transport: str, tmp_path: Path) -> None:
         await farm.still_serving()
 
     run_farm(transport, tmp_path, probe)
+
+
+@pytest.mark.parametrize("transport", ["plaintext", "mutual-tls"])
+def test_agent_credential_file_lifecycle(transport: str, tmp_path: Path) -> None:
+    """The real agent: enrols once and keeps its credential owner-only; a credential
+    that does not match is refused for good; a coordinator with a fresh store enrols it
+    again; revoked, the agent stops with an AuthError."""
+    from agent.client import Agent, AgentConfig
+    from edgefarm.domain import DeviceCapabilities
+    from edgefarm.errors import AuthError
+
+    work_dir = tmp_path / "agent-real"
+    path = work_dir / "credential"
+    caps = DeviceCapabilities(device_id="dev-real", hostname="dev-real", backends={"noop": "1"})
+
+    def start(farm: Farm) -> tuple[Agent, asyncio.Task[None]]:
+        config = AgentConfig(
+            coordinator=farm.address,
+            token=FLEET_TOKEN,
+            name="real",
+            work_dir=work_dir,
+            tls=farm.tls("real"),
+        )
+        agent = Agent(config, caps)
+        return agent, asyncio.create_task(agent.run())
+
+    async def online(farm: Farm) -> asyncio.Task[None]:
+        agent, task = start(farm)
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        return task
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def first_coordinator(farm: Farm) -> None:
+        await stop(await online(farm))
+        issued = path.read_text().strip()
+        assert issued and path.stat().st_mode & 0o777 == 0o600
+        await stop(await online(farm))  # the second start registers with the credential
+        assert path.read_text().strip() == issued
+        path.write_text("not-the-issued-credential\n")
+        with pytest.raises(AuthError, match="enrolled already"):
+            await asyncio.wait_for(start(farm)[1], 15)
+        path.write_text(issued + "\n")
+        running = await online(farm)
+        await farm.control().RevokeAgent(
+            control_pb2.RevokeAgentRequest(token=FLEET_TOKEN, name="real"), timeout=10
+        )
+        with pytest.raises(AuthError, match="revoked"):
+            await asyncio.wait_for(running, 15)
+
+    async def fresh_coordinator(farm: Farm) -> None:
+        before = path.read_text().strip()
+        await stop(await online(farm))
+        assert path.read_text().strip() != before
+
+    run_farm(transport, tmp_path / "first", first_coordinator)
+    run_farm(transport, tmp_path / "fresh", fresh_coordinator)
