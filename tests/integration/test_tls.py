@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +172,9 @@ class _InitRay(Exception):
 
 
 @pytest.fixture
-def serve_until_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
+def serve_until_ray(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Callable[..., str]]:
     """``edgefarm coordinator serve ARGS`` run in-process up to the point where Ray would
     start; returns its stderr."""
     import coordinator.server
@@ -198,7 +200,7 @@ def serve_until_ray(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
 
 
 def test_plaintext_on_a_public_address_warns_once_and_insecure_silences_it(
-    serve_until_ray,  # type: ignore[no-untyped-def]
+    serve_until_ray: Callable[..., str],
 ) -> None:
     loud = serve_until_ray("--listen", "0.0.0.0:0")
     warnings = [line for line in loud.splitlines() if "WARNING" in line]

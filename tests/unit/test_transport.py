@@ -59,7 +59,7 @@ def test_bad_files_are_one_line_naming_file_and_option(ca: Authority, tmp_path: 
     other = ca.issue("other", server=False)
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"\x00\x01 not pem")
-    cases = [
+    cases: list[tuple[ClientTls | ServerTls, str, str]] = [
         (ClientTls(ca=tmp_path / "absent.pem"), "--tls-ca", "cannot read"),
         (ClientTls(ca=garbage), "--tls-ca", "not a PEM"),
         (ClientTls(ca=server.key), "--tls-ca", "not a PEM"),
