@@ -367,11 +367,27 @@ class MinimalAgent:
     # --- identity ---
 
     def register(self) -> Any:
-        """Register (enrolling with the fleet token the first time); keep the credential."""
+        """Register (enrolling with the fleet token the first time); keep the credential.
+
+        A refused credential leads to one enrolment try with the fleet token (a
+        coordinator that never saw this identity enrols it again; one that did refuses)."""
         credential = ""
         if self.credential_path.is_file():
             credential = self.credential_path.read_text().strip()
-        request = self.pb.RegisterRequest(
+        try:
+            reply = self.stub.Register(
+                self.register_request(credential), timeout=REGISTER_TIMEOUT_S
+            )
+        except self.grpc.RpcError as error:
+            if not credential or error.code() != self.grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            self.log(f"credential refused ({error.details()}); enrolling with the fleet token")
+            reply = self.stub.Register(self.register_request(""), timeout=REGISTER_TIMEOUT_S)
+        return self._keep(reply)
+
+    def register_request(self, credential: str) -> Any:
+        """The fleet token only when there is no credential to present."""
+        return self.pb.RegisterRequest(
             token="" if credential else self.args.token,
             agent_version=BACKEND_VERSION,
             protocol_version=PROTOCOL_VERSION,
@@ -380,7 +396,9 @@ class MinimalAgent:
             capabilities=self.capabilities(),
             credential=credential,
         )
-        reply = self.stub.Register(request, timeout=REGISTER_TIMEOUT_S)
+
+    def _keep(self, reply: Any) -> Any:
+        """Store a newly issued credential (0600); take the session, tunables and limits."""
         if reply.credential:
             tmp = self.credential_path.with_name("credential.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -53,8 +53,10 @@ class AgentGatewayStub(object):
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
     cannot take over an enrolled agent. A credential the coordinator does not know
-    (e.g. its store was replaced) is refused too; the agent's operator deletes the
-    stored credential to enrol again with the fleet token.
+    (e.g. its store was replaced) is refused too. An agent whose credential is refused
+    may try ONE Register with the fleet token and no credential: a coordinator that
+    never saw the identity enrols it afresh (a new credential replaces the stored
+    one); one that knows it refuses with UNAUTHENTICATED again, and that is final.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
@@ -150,8 +152,10 @@ class AgentGatewayServicer(object):
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
     cannot take over an enrolled agent. A credential the coordinator does not know
-    (e.g. its store was replaced) is refused too; the agent's operator deletes the
-    stored credential to enrol again with the fleet token.
+    (e.g. its store was replaced) is refused too. An agent whose credential is refused
+    may try ONE Register with the fleet token and no credential: a coordinator that
+    never saw the identity enrols it afresh (a new credential replaces the stored
+    one); one that knows it refuses with UNAUTHENTICATED again, and that is final.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
@@ -245,9 +249,9 @@ class AgentGatewayServicer(object):
         Errors, checked in this order:
         UNAUTHENTICATED    unknown, replaced or revoked session.
         INVALID_ARGUMENT   sha256 is not 64 lowercase hex digits.
+        NOT_FOUND          no artifact with that sha256 in the coordinator's store.
         PERMISSION_DENIED  the artifact is neither the model nor the eval data of an
-        assignment this agent holds now (so also any unknown sha256).
-        NOT_FOUND          the assigned artifact is missing from the coordinator's store.
+        assignment this agent holds now.
         INVALID_ARGUMENT   offset is beyond the artifact's size.
         The messages carry no internal details.
         """
@@ -309,8 +313,10 @@ class AgentGateway(object):
     - A Register for an enrolled identity without its credential (fleet token only, or
     a wrong credential) is refused with UNAUTHENTICATED: a second token holder
     cannot take over an enrolled agent. A credential the coordinator does not know
-    (e.g. its store was replaced) is refused too; the agent's operator deletes the
-    stored credential to enrol again with the fleet token.
+    (e.g. its store was replaced) is refused too. An agent whose credential is refused
+    may try ONE Register with the fleet token and no credential: a coordinator that
+    never saw the identity enrols it afresh (a new credential replaces the stored
+    one); one that knows it refuses with UNAUTHENTICATED again, and that is final.
     - With mutual TLS the client certificate is bound to the identity at enrolment
     (sha256 of its DER encoding) and counts as the credential: later registrations
     presenting the same certificate need neither token nor credential.
