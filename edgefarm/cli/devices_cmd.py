@@ -74,6 +74,7 @@ def list_devices(
                     if d.HasField("capabilities")
                     else None,
                     declared=d.declared,
+                    enrolment=dict(d.enrolment),
                 )
                 for d in client.list_devices()
             ]
