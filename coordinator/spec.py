@@ -76,8 +76,8 @@ MAX_THREADS = 1024
 MAX_BATCH_SIZE = 65_536
 MAX_TOKENS = 1 << 20  # prompt_tokens, context_tokens
 MAX_CPU_CORES = 4096.0  # max_other_cpu_cores
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _check_text(value: str, limit: int, multiline: bool = False) -> str:
@@ -88,7 +88,9 @@ def _check_text(value: str, limit: int, multiline: bool = False) -> str:
         raise ValueError(f"text of {size} bytes is too long (limit {limit})")
     bad = (_CONTROL_BUT_WHITESPACE if multiline else _CONTROL).search(value)
     if bad is not None:
-        raise ValueError(f"control character U+{ord(bad.group()):04X} is not allowed")
+        code = ord(bad.group())
+        what = "unpaired surrogate" if 0xD800 <= code <= 0xDFFF else "control character"
+        raise ValueError(f"{what} U+{code:04X} is not allowed")
     return value
 
 

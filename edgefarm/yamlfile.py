@@ -68,10 +68,17 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, LineMap]:
     """
     if len(text) > MAX_SPEC_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
         raise SpecError(_clip(f"{source}:1: the file is larger than {MAX_SPEC_BYTES} bytes"))
-    try:
-        loader = _BoundedLoader(text)
-    except yaml.reader.ReaderError as exc:
-        raise SpecError(_clip(_reader_error(exc, text, source))) from None
+    bad = yaml.reader.Reader.NON_PRINTABLE.search(text)
+    if bad is not None:
+        raise SpecError(_clip(_bad_character(text, bad.start(), source)))
+    return _load(text, source, _Loader)
+
+
+def _load(text: str, source: str, loader_cls: type[Any]) -> tuple[Any, LineMap]:
+    """:func:`load_yaml_with_lines` with one loader class. A syntax error found by
+    libyaml is reported as PyYAML's own parser words it (the same text again with
+    :class:`_PyLoader`): one wording, whichever parser is installed."""
+    loader = loader_cls(text)
     try:
         node = loader.get_single_node()
         lines: LineMap = {}
@@ -81,37 +88,44 @@ def load_yaml_with_lines(text: str, source: str) -> tuple[Any, LineMap]:
         lines[()] = node.start_mark.line + 1
         _walk(loader, node, (), lines, set(), source)
         data = loader.construct_document(node)
-    except yaml.MarkedYAMLError as exc:
+    except (yaml.scanner.ScannerError, yaml.parser.ParserError, yaml.reader.ReaderError) as exc:
+        if loader_cls is _PyLoader:
+            raise _yaml_error(exc, source) from None
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    except RecursionError:
+        raise SpecError(f"{source}:1: invalid YAML: nested too deeply") from None
+    else:
+        return data, lines
+    finally:
+        loader.dispose()
+    return _load(text, source, _PyLoader)
+
+
+def _yaml_error(exc: yaml.YAMLError, source: str) -> SpecError:
+    """One ``FILE:LINE: invalid YAML: ...`` line for a PyYAML error."""
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         parts = [part for part in (exc.context, exc.problem) if part]
         problem = _one_line(", ".join(parts)) or "syntax error"
-        raise SpecError(_clip(f"{source}:{line}: invalid YAML: {problem}")) from None
-    except yaml.reader.ReaderError as exc:
-        raise SpecError(_clip(_reader_error(exc, text, source))) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(_clip(f"{source}:1: invalid YAML: {_one_line(str(exc))}")) from None
-    except RecursionError:
-        raise SpecError(f"{source}:1: invalid YAML: nested too deeply") from None
-    finally:
-        loader.dispose()
-    return data, lines
+        return SpecError(_clip(f"{source}:{line}: invalid YAML: {problem}"))
+    return SpecError(_clip(f"{source}:1: invalid YAML: {_one_line(str(exc))}"))
 
 
-class _BoundedLoader(yaml.SafeLoader):
-    """A SafeLoader whose composer refuses, as it reads, containers nested deeper
-    than :data:`MAX_SPEC_DEPTH` and documents of more than :data:`MAX_SPEC_NODES`
-    nodes (before alias expansion: :func:`_check_expanded` counts after), and whose
-    constructor turns any failure to build a scalar (an int of too many digits, a
-    date that does not exist) into a marked error."""
+class _Bounds:
+    """Composer and constructor hooks of the loaders below: the composer refuses, as
+    it reads, containers nested deeper than :data:`MAX_SPEC_DEPTH` and documents of
+    more than :data:`MAX_SPEC_NODES` nodes (before alias expansion:
+    :func:`_check_expanded` counts after); the constructor turns any failure to build
+    a scalar (an int of too many digits, a date that does not exist) into a marked
+    error."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-        self._nodes = 0
+    _depth = 0
+    _nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[attr-defined]
         self._nodes += 1
         if self._nodes > MAX_SPEC_NODES:
             raise yaml.composer.ComposerError(
@@ -127,17 +141,51 @@ class _BoundedLoader(yaml.SafeLoader):
             )
         self._depth += container
         try:
-            return super().compose_node(parent, index)
+            return super().compose_node(parent, index)  # type: ignore[misc]
         finally:
             self._depth -= container
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
-            return super().construct_object(node, deep=deep)
+            return super().construct_object(node, deep=deep)  # type: ignore[misc]
         except (ValueError, OverflowError, TypeError, ArithmeticError) as exc:
             reason = "too many digits" if "digits" in str(exc) else str(exc)
             problem = f"cannot read {_excerpt(getattr(node, 'value', ''))}: {reason}"
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
+class _PyLoader(_Bounds, yaml.SafeLoader):
+    """The pure-Python reader, scanner and parser, with the bounded composer."""
+
+
+try:
+    from yaml._yaml import CParser as _CParser
+
+    _LIBYAML = True
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    _LIBYAML = False
+
+if _LIBYAML:
+
+    class _CLoader(
+        _Bounds,
+        yaml.composer.Composer,
+        _CParser,  # libyaml's events (some 30 times faster); Python composes
+        yaml.constructor.SafeConstructor,
+        yaml.resolver.Resolver,
+    ):
+        """libyaml's scanner and parser, with the Python (bounded) composer: the
+        Composer comes first, so libyaml's own composer is never used."""
+
+        def __init__(self, stream: str) -> None:
+            _CParser.__init__(self, stream)
+            yaml.composer.Composer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+
+    _Loader: type[Any] = _CLoader
+else:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = _PyLoader
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -206,15 +254,16 @@ def _too_deep(node: yaml.Node) -> yaml.MarkedYAMLError:
     )
 
 
-def _reader_error(exc: yaml.reader.ReaderError, text: str, source: str) -> str:
+def _bad_character(text: str, position: int, source: str) -> str:
     """One line for a character YAML does not accept (control characters, NUL)."""
-    position = max(0, min(int(exc.position), len(text)))
     line = text.count("\n", 0, position) + 1
-    char = exc.character
-    if isinstance(char, int):
-        what = "a NUL byte" if char == 0 else f"control character U+{char:04X}"
+    code = ord(text[position])
+    if code == 0:
+        what = "a NUL byte"
+    elif 0xD800 <= code <= 0xDFFF:
+        what = f"unpaired surrogate U+{code:04X}"
     else:
-        what = "an undecodable byte"
+        what = f"control character U+{code:04X}"
     return f"{source}:{line}: invalid YAML: {what} is not allowed (write it as an escape)"
 
 
@@ -384,6 +433,8 @@ def _problem(
         return "missing required field"
     if kind == "extra_forbidden":
         name = str(loc[-1]) if loc else "?"
+        if len(name) > _MAX_PATH_PART:
+            name = name[: _MAX_PATH_PART - 3] + "..."
         allowed = _allowed_fields(model_cls, loc[:-1])
         hint = ""
         if allowed:
@@ -442,6 +493,7 @@ def _clip(message: str) -> str:
     """A message as one line of at most :data:`MAX_MESSAGE_CHARS` characters."""
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # surrogates
     return _CONTROL.sub(" ", message)
 
 

@@ -202,3 +202,55 @@ def test_conversion_parameters_per_scheme(tmp_path: Path) -> None:
     bad = text.replace("int4-asym: {group", "int4-sym: {group")
     with pytest.raises(SpecError, match=r"p.yaml:9: backends\[0\].convert.int4-sym: conversion"):
         CampaignSpec.from_text(bad, "p.yaml")
+
+
+BOUNDED = """\
+name: bounded
+models:
+  - name: m
+    source: builtin:digits-mlp
+backends:
+  - name: onnxruntime
+    schemes: [fp32]
+    convert:
+      fp32: {low: -9223372036854775808, high: 9223372036854775807, ratio: 0.5, flag: true}
+    measurement:
+      trials: %s
+measurement:
+  trials: 2
+  max_iterations: 1000000
+  timeout_s: 86400
+  context_tokens: 1048576
+"""
+
+
+def test_numbers_at_their_limits_are_accepted() -> None:
+    spec = CampaignSpec.from_text(BOUNDED % 2, "b.yaml")
+    assert spec.measure_settings().max_iterations == 1_000_000
+    assert spec.variants()[0].convert["low"] == -(2**63)
+
+
+def test_a_backend_override_is_checked_against_the_samples_one_result_may_carry() -> None:
+    with pytest.raises(SpecError) as info:
+        CampaignSpec.from_text(BOUNDED % 3, "b.yaml")
+    assert str(info.value) == (
+        "b.yaml:11: backends[0].measurement.trials: trials x max_iterations "
+        "(3 x 1000000 = 3000000) is above the 2000000 samples one result may carry"
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("trials: 2\n  max", "trials: 101\n  max", "13: measurement.trials: input should be less"),
+        ("timeout_s: 86400", "timeout_s: 86401", "15: measurement.timeout_s: input should be less"),
+        ("high: 9223372036854775807", "high: 9223372036854775808", "9: backends[0].convert"),
+        ("ratio: 0.5", "ratio: .nan", "9: backends[0].convert.fp32.ratio: nan is not a finite"),
+        ("name: bounded", "name: " + "b" * 129, "1: name: text of 129 bytes is too long"),
+    ],
+)
+def test_numbers_and_texts_beyond_their_limits(old: str, new: str, expected: str) -> None:
+    text = (BOUNDED % 2).replace(old, new)
+    with pytest.raises(SpecError) as info:
+        CampaignSpec.from_text(text, "b.yaml")
+    assert str(info.value).startswith(f"b.yaml:{expected}")

@@ -159,3 +159,50 @@ def test_format_path() -> None:
     assert format_path(("backends", 0, "schemes", 1)) == "backends[0].schemes[1]"
     assert format_path(("options", "a b")) == "options['a b']"
     assert format_path(()) == ""
+
+
+def test_shared_anchors_within_the_bounds_load() -> None:
+    levels = ["l0: &l0 [a, b, c, d, e, f, g, h, i, j]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 4)]
+    data, lines = load_yaml_with_lines("\n".join(levels) + "\n", "a.yaml")
+    assert len(data["l3"]) == 10 and data["l3"][9][9][9][9] == "j"  # 11,111 values expanded
+    assert lines[("l3",)] == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("a: &a [*a]\n", "a.yaml:1: invalid YAML: the node anchored here contains an alias"),
+        ("a: " + "[" * 33 + "]" * 33 + "\n", "a.yaml:1: invalid YAML: nested deeper than 32"),
+        ("a: [" + ", ".join(["x"] * 100_001) + "]\n", "a.yaml:1: invalid YAML: more than 100000"),
+        ("a: b\x00\n", "a.yaml:1: invalid YAML: a NUL byte is not allowed"),
+        ("a: 1\nb: \x1b[31m\n", "a.yaml:2: invalid YAML: control character U+001B"),
+        ("a: 1" + "0" * 5000 + "\n", "a.yaml:1: invalid YAML: cannot read '1000"),
+        ("a: " + "x" * (1 << 20) + "\n", "a.yaml:1: the file is larger than 1048576 bytes"),
+    ],
+)
+def test_hostile_yaml_is_one_short_line(text: str, fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_yaml_with_lines(text, "a.yaml")
+    message = str(info.value)
+    assert message.startswith(fragment) and "\n" not in message and len(message) <= 500
+
+
+def test_a_32_deep_document_loads() -> None:
+    data, _ = load_yaml_with_lines("a: " + "[" * 31 + "]" * 31 + "\n", "a.yaml")
+    assert isinstance(data["a"], list)
+
+
+def test_error_messages_never_echo_a_huge_value(tmp_path: Path) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_text(f"top: '{'t' * 500_000}'\n")
+    with pytest.raises(SpecError) as info:
+        load_file(Doc, path)
+    assert len(str(info.value)) < 200 and str(info.value).startswith(f"{path}:1: top:")
+
+
+def test_invalid_utf8_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "doc.yaml"
+    path.write_bytes(b"top: 1\nitems:\n  - caf\xe9\n")
+    with pytest.raises(SpecError, match=r"doc\.yaml:3: not a UTF-8 text file \(byte 0xe9"):
+        load_file(Doc, path)
