@@ -162,13 +162,28 @@ def test_format_ago() -> None:
 
 def test_render_table_and_json() -> None:
     declared = [DeclaredDevice(name="box", device_id="d1"), DeclaredDevice(name="ghost")]
-    fleet = merge_fleet(declared, [_agent("a1", "d1"), _agent("a9", "d9")], NOW, 30.0)
+    enrolled, revoked = _agent("a1", "d1"), _agent("a9", "d9")
+    enrolled.agent_name, enrolled.enrolment = "pi-1", "enrolled"
+    revoked.agent_name, revoked.enrolment = "pi-9", "revoked"
+    fleet = merge_fleet(declared, [enrolled, revoked], NOW, 30.0)
     table = render_fleet_table(fleet, now=NOW).splitlines()
-    assert table[0].split() == ["NAME", "STATE", "LAST", "HEARTBEAT", "ARCH", "CORES", "BACKENDS"]
-    assert table[1].split() == ["box", "online", "1s", "ago", "x86_64", "4", "onnxruntime"]
-    assert table[2].split() == ["ghost", "never_seen", "never", "-", "-", "-"]
-    assert table[3].split() == ["d9", "*", "online", "1s", "ago", "x86_64", "4", "onnxruntime"]
+    header = ["NAME", "STATE", "LAST", "HEARTBEAT", "ARCH", "CORES", "BACKENDS", "AGENTS"]
+    assert table[0].split() == header
+    assert table[1].split() == ["box", "online", "1s", "ago", "x86_64", "4", "onnxruntime", "pi-1"]
+    assert table[2].split() == ["ghost", "never_seen", "never", "-", "-", "-", "-"]
+    assert table[3].split() == [
+        "d9",
+        "*",
+        "online",
+        "1s",
+        "ago",
+        "x86_64",
+        "4",
+        "onnxruntime",
+        "pi-9!",
+    ]
     assert table[4] == "* not declared in the inventory"
+    assert table[5] == "! credential revoked"
     assert render_fleet_table([]) == "no devices (none declared, none seen)"
 
     rows = json.loads(json.dumps(fleet_to_json(fleet)))
