@@ -196,8 +196,9 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
         "artifacts",
         "devices_seen",
         "nightly_runs",
+        "agent_credentials",
     } <= tables
-    assert version == str(schema.SCHEMA_VERSION) == "3"
+    assert version == str(schema.SCHEMA_VERSION) == "4"
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
 
 
@@ -602,7 +603,7 @@ def test_v1_store_is_migrated_to_v2(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
         version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-    assert "metrics" in columns and version == "3"
+    assert "metrics" in columns and version == str(schema.SCHEMA_VERSION)
 
 
 def test_v2_store_is_migrated_to_v3(tmp_path: Path) -> None:
@@ -637,3 +638,28 @@ def test_v2_store_is_migrated_to_v3(tmp_path: Path) -> None:
         result_columns = [row[1] for row in db.execute("PRAGMA table_info(results)")]
     assert {"role", "block"} <= set(task_columns)
     assert {"role", "block", "example_outcomes"} <= set(result_columns)
+
+
+def test_v3_store_gains_agent_identities(tmp_path: Path) -> None:
+    """A store from before enrolment gains the agent_credentials table; enrolment,
+    lookup and revocation work on it."""
+    import sqlite3
+
+    from results.records import AgentIdentity
+
+    path = tmp_path / "old.sqlite"
+    url = f"sqlite:///{path}"
+    ResultsStore.open(url).close()
+    with sqlite3.connect(path) as db:  # make it look like a v3 store
+        db.execute("DROP TABLE agent_credentials")
+        db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    with ResultsStore.open(url) as store:
+        identity = AgentIdentity("ag-1", "pi-1", "dev-1", "ab" * 32, None, 10.0)
+        assert store.enrol_agent(identity)
+        assert not store.enrol_agent(identity)  # enrolled already
+        assert store.agent_identity("ag-1") == identity
+        assert store.revoke_agent("ag-1", 20.0) and store.revoke_agent("ag-1", 30.0)
+        revoked = store.agent_identity("ag-1")
+        assert revoked is not None and revoked.revoked and revoked.revoked_at == 20.0
+        assert not store.revoke_agent("ag-unknown", 20.0)
+        assert [i.agent_id for i in store.agent_identities()] == ["ag-1"]
