@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from edgefarm.domain import (
     MeasureSettings,
     TaskStatus,
 )
-from edgefarm.errors import UsageError
+from edgefarm.errors import SpecError, UsageError
 from edgefarm.selectors import matches
 from results.records import CampaignRecord, TaskRecord
 
@@ -144,11 +145,14 @@ class CampaignPlanner:
         self,
         spec: CampaignSpec,
         spec_text: str,
-        spec_path: Path,
+        files: Mapping[str, Path],
         fresh: bool = False,
         shape: RunShape | None = None,
     ) -> SubmitOutcome:
         """Prepare every variant (on Ray), create the tasks and queue them.
+
+        ``files`` maps each ``file:`` reference of the spec, as written, to its path on
+        the coordinator (:func:`coordinator.uploads.resolve_spec_files`).
 
         ``shape`` (nightly runs) restricts the series, replays the baseline campaign's
         differing variants and interleaves blocks (see :mod:`coordinator.interleave`);
@@ -165,15 +169,16 @@ class CampaignPlanner:
             )
         warnings = _missing_backend_warnings(spec, devices)
         stats = PreparationStats()
-        spec_dir = spec_path.parent
         sources: dict[str, PreparedSource | Exception] = {}
         for model in spec.models:
             try:
-                prepared = await self.preparer.source(model.name, model.source, spec_dir, stats)
+                prepared = await self.preparer.source(
+                    model.name, model.source, files.get(model.source), stats
+                )
                 sources[model.name] = await self.preparer.attach_files(
                     prepared,
-                    _file_path(model.eval, spec_dir),
-                    _file_path(model.calibration, spec_dir),
+                    _file_path(model.eval, files),
+                    _file_path(model.calibration, files),
                     stats,
                 )
             except Exception as error:  # a bad model fails its own tasks, not the campaign
@@ -229,7 +234,8 @@ class CampaignPlanner:
             failures = [(t, f) for t, f in failures if t.task_id in kept]
         if not tasks:
             raise UsageError(f"campaign '{spec.name}': no task can run; " + "; ".join(warnings))
-        store.create_campaign(
+        await self.scheduler.writer.run(
+            store.create_campaign,
             CampaignRecord(
                 campaign_id=campaign_id,
                 name=spec.name,
@@ -243,7 +249,8 @@ class CampaignPlanner:
         )
         for task, failure in failures:
             kind = getattr(failure, "kind", "conversion_error")
-            store.record_failure(task, kind, f"preparing {task.scheme} failed: {failure}")
+            message = f"preparing {task.scheme} failed: {failure}"
+            await self.scheduler.writer.run(store.record_failure, task, kind, message)
             task.status = TaskStatus.FAILED
         self.scheduler.add_tasks(tasks)
         self.scheduler.check_campaign(campaign_id)
@@ -327,11 +334,13 @@ def _task_record(
     )
 
 
-def _file_path(ref: str | None, spec_dir: Path) -> Path | None:
+def _file_path(ref: str | None, files: Mapping[str, Path]) -> Path | None:
+    """The coordinator-side path of an eval or calibration reference."""
     if not ref:
         return None
-    kind, _, rest = ref.partition(":")
-    return (spec_dir / (rest if kind == "file" else ref)).expanduser()
+    if ref not in files:
+        raise SpecError(f"{ref} has no coordinator-side path")
+    return files[ref]
 
 
 def _missing_backend_warnings(spec: CampaignSpec, devices: list[DeviceChoice]) -> list[str]:

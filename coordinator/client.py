@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,7 +12,7 @@ import grpc
 from coordinator.interleave import RunShape
 from edgefarm.errors import AuthError, ConnectionFailed, EdgefarmError, UsageError
 from edgefarm.transport import ClientTls, sync_channel, unreachable_message
-from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
+from protos.edgefarm.v1 import common_pb2, control_pb2, control_pb2_grpc
 
 _USER_ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: UsageError,
@@ -64,9 +65,11 @@ class ControlClient:
         fresh: bool = False,
         timeout_s: float = 1800.0,
         shape: RunShape | None = None,
+        files: Mapping[str, control_pb2.SpecFile] | None = None,
     ) -> control_pb2.SubmitCampaignResponse:
         """Submit a campaign (waits while its variants are prepared); ``shape``: a
-        nightly run's baseline replay and interleaving."""
+        nightly run's baseline replay and interleaving; ``files``: the spec's ``file:``
+        references, as written, and their uploads (:mod:`coordinator.uploads`)."""
         shape = shape or RunShape()
         try:
             return self.stub.SubmitCampaign(
@@ -79,6 +82,7 @@ class ControlClient:
                     blocks=shape.blocks,
                     series=sorted(shape.series),
                     seed=shape.seed,
+                    files=dict(files or {}),
                 ),
                 timeout=timeout_s,
             )
@@ -151,3 +155,34 @@ class ControlClient:
         except grpc.RpcError as error:
             raise _translate(error, self.address, self.tls) from None
         return list(reply.agent_ids)
+
+    def has_artifact(self, sha256: str) -> bool:
+        """Whether the coordinator's artifact store holds ``sha256``."""
+        try:
+            reply = self.stub.HasArtifact(
+                control_pb2.HasArtifactRequest(token=self.token, sha256=sha256),
+                timeout=self.timeout_s,
+            )
+        except grpc.RpcError as error:
+            raise _translate(error, self.address, self.tls) from None
+        return bool(reply.present)
+
+    def upload_artifact(
+        self, path: Path, sha256: str, size_bytes: int, name: str
+    ) -> common_pb2.ArtifactRef:
+        """Stream the file at ``path`` (1 MiB chunks) into the coordinator's artifact
+        store; it is refused unless it hashes to ``sha256`` and has ``size_bytes``."""
+        from coordinator.uploads import read_chunks
+
+        def chunks() -> Iterator[control_pb2.UploadArtifactChunk]:
+            yield control_pb2.UploadArtifactChunk(
+                token=self.token, sha256=sha256, size_bytes=size_bytes, name=name
+            )
+            for data in read_chunks(path):
+                yield control_pb2.UploadArtifactChunk(data=data)
+
+        try:
+            reply: common_pb2.ArtifactRef = self.stub.UploadArtifact(chunks())
+        except grpc.RpcError as error:
+            raise _translate(error, self.address, self.tls) from None
+        return reply

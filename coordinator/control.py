@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 
+from coordinator.artifacts import ArtifactWriter, safe_name
 from coordinator.campaigns import CampaignPlanner
-from coordinator.gateway import token_ok
+from coordinator.identity import token_ok
 from coordinator.interleave import RunShape
 from coordinator.scheduler import Scheduler
 from coordinator.spec import CampaignSpec
+from coordinator.uploads import resolve_spec_files
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
-from edgefarm.errors import EdgefarmError, SpecError, UsageError
+from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
 from inventory.fleet import FleetDevice, load_inventory, merge_fleet
 from inventory.model import LiveAgent
 from protos.convert import capabilities_to_pb
-from protos.edgefarm.v1 import control_pb2, control_pb2_grpc
+from protos.edgefarm.v1 import common_pb2, control_pb2, control_pb2_grpc
 from results.store import ResultsStore
 
 log = logging.getLogger(__name__)
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_BAD_SHA256 = "sha256 must be 64 lowercase hex digits"
 
 
 def live_agents_from_store(store: ResultsStore) -> list[LiveAgent]:
@@ -35,6 +42,10 @@ def live_agents_from_store(store: ResultsStore) -> list[LiveAgent]:
 def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAgent]:
     """Every agent ever seen, with its live state."""
     agents = []
+    enrolment = {
+        identity.agent_id: "revoked" if identity.revoked else "enrolled"
+        for identity in store.agent_identities()
+    }
     for seen in store.list_devices_seen():
         session = scheduler.sessions.get(seen.agent_id) if scheduler else None
         caps = dict(seen.capabilities)
@@ -52,6 +63,7 @@ def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAg
                 online=bool(session and session.connected),
                 busy=bool(session and session.lease_id),
                 last_heartbeat=session.last_heartbeat if session else seen.last_heartbeat,
+                enrolment=enrolment.get(seen.agent_id, ""),
             )
         )
     return agents
@@ -66,8 +78,11 @@ class ControlService(control_pb2_grpc.ControlServicer):
         token: str,
         inventory_path: Path | None,
         missing_after_s: float,
+        model_root: Path | None = None,
     ) -> None:
         self.planner = planner
+        self.artifacts = planner.preparer.artifacts
+        self.model_root = model_root  # spec paths allowed on the coordinator (--model-root)
         self.scheduler = planner.scheduler
         self.store = planner.scheduler.store
         self.token = token
@@ -85,7 +100,18 @@ class ControlService(control_pb2_grpc.ControlServicer):
         await self._check(request.token, context)
         source = request.spec_name or "<spec>"
         try:
+            # No base_dir: a submitted spec's paths are never looked at here; its file:
+            # references resolve to their uploads (or under --model-root) only.
             spec = CampaignSpec.from_text(request.spec_yaml, source)
+            files = await asyncio.to_thread(
+                resolve_spec_files,
+                spec,
+                request.spec_yaml,
+                source,
+                request.files,
+                self.artifacts,
+                self.model_root,
+            )
             shape = RunShape(
                 baseline_campaign_id=request.baseline_campaign_id,
                 blocks=max(1, request.blocks),
@@ -93,7 +119,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 seed=request.seed,
             )
             outcome = await self.planner.submit(
-                spec, request.spec_yaml, Path(source).resolve(), fresh=request.fresh, shape=shape
+                spec, request.spec_yaml, files, fresh=request.fresh, shape=shape
             )
         except (SpecError, UsageError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -112,6 +138,69 @@ class ControlService(control_pb2_grpc.ControlServicer):
             warnings=outcome.warnings,
             tasks_baseline=outcome.tasks_baseline,
         )
+
+    async def HasArtifact(
+        self, request: control_pb2.HasArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.HasArtifactResponse:
+        """Whether the artifact store holds a file (the CLI skips its upload then)."""
+        await self._check(request.token, context)
+        if not _SHA256.fullmatch(request.sha256):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_SHA256)
+        path = self.artifacts.path(request.sha256)
+        if not path.is_file():
+            return control_pb2.HasArtifactResponse(present=False)
+        return control_pb2.HasArtifactResponse(present=True, size_bytes=path.stat().st_size)
+
+    async def UploadArtifact(
+        self,
+        request_iterator: AsyncIterator[control_pb2.UploadArtifactChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> common_pb2.ArtifactRef:
+        """Write an upload's chunks into a staging file of the artifact store, hashing as
+        they come; store it only when its sha256 and size are those declared in the
+        first chunk. A failed or cancelled upload leaves nothing behind."""
+        writer: ArtifactWriter | None = None
+        name = ""
+        try:
+            async for chunk in request_iterator:
+                if writer is None:
+                    await self._check(chunk.token, context)
+                    writer = await self._start_upload(chunk, context)
+                    name = safe_name(chunk.name or chunk.sha256[:12])
+                if chunk.data:
+                    await asyncio.to_thread(writer.write, chunk.data)
+            if writer is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload: no chunks")
+            assert writer is not None
+            ref = await asyncio.to_thread(writer.commit, name)
+        except ArtifactError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except OSError as error:
+            log.warning("upload %s failed: %s", name, error)
+            code = grpc.StatusCode.INTERNAL
+            if error.errno == errno.ENOSPC:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, f"upload failed: {error.strerror or error}")
+        finally:
+            if writer is not None:
+                writer.discard()
+        log.info("upload %s stored as %s (%d bytes)", ref.name, ref.sha256[:12], ref.size_bytes)
+        return common_pb2.ArtifactRef(sha256=ref.sha256, size_bytes=ref.size_bytes, name=ref.name)
+
+    async def _start_upload(
+        self, header: control_pb2.UploadArtifactChunk, context: grpc.aio.ServicerContext
+    ) -> ArtifactWriter:
+        """The staging file for an upload, after checking its declared hash and size."""
+        if not _SHA256.fullmatch(header.sha256):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _BAD_SHA256)
+        free = await asyncio.to_thread(self.artifacts.free_bytes)
+        if header.size_bytes > free:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"upload of {header.size_bytes} bytes does not fit: {free} bytes are free in "
+                "the coordinator's artifact store",
+            )
+        return await asyncio.to_thread(self.artifacts.writer, header.sha256, header.size_bytes)
 
     def _progress(self, campaign_id: str, message: str) -> control_pb2.CampaignProgress:
         campaign = self.store.get_campaign(campaign_id)
@@ -187,7 +276,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         """The fleet with each device's state."""
         await self._check(request.token, context)
         out = []
-        for d in self.fleet():
+        # After the queued store writes (e.g. a registration), off the event loop.
+        for d in await self.scheduler.writer.run(self.fleet):
             status = control_pb2.DeviceStatus(
                 name=d.name,
                 device_id=d.device_id or "",
@@ -196,6 +286,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 agents=d.agents,
                 labels=d.labels,
                 declared=d.declared,
+                enrolment=d.enrolment,
             )
             if d.capabilities is not None:
                 status.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
@@ -223,3 +314,28 @@ class ControlService(control_pb2_grpc.ControlServicer):
         if not request.include_samples:
             rows = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
         return control_pb2.QueryResultsResponse(rows_json=[json.dumps(r) for r in rows])
+
+    async def RevokeAgent(
+        self, request: control_pb2.RevokeAgentRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.RevokeAgentResponse:
+        """Revoke the credentials of the agents ``name`` names: stored first (so a
+        re-registration is refused), then their streams close and their tasks move."""
+        await self._check(request.token, context)
+        identities = await asyncio.to_thread(self.store.agent_identities)
+        agents = await asyncio.to_thread(live_agents, self.scheduler, self.store)
+        on_device = {a.agent_id for a in agents if request.name in (a.device_name, a.device_id)}
+        chosen = [
+            i.agent_id
+            for i in identities
+            if request.name in (i.agent_id, i.agent_name) or i.agent_id in on_device
+        ]
+        if not chosen:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no enrolled agent or device named {request.name!r}",
+            )
+        for agent_id in chosen:
+            await self.scheduler.writer.run(self.store.revoke_agent, agent_id, time.time())
+            self.scheduler.revoke(agent_id)
+            log.warning("revoked agent %s", agent_id)
+        return control_pb2.RevokeAgentResponse(agent_ids=chosen)

@@ -141,17 +141,16 @@ def step_key(step: str, **inputs: Any) -> StepKey:
     return StepKey(hashlib.sha256(blob.encode()).hexdigest(), tools)
 
 
-def is_llm_source(source: str, base_dir: Path) -> bool:
+def is_llm_source(source: str, path: Path | None = None) -> bool:
     """True when ``source`` names a language model (a GGUF file, a checkpoint folder,
-    a hub repository or a builtin LLM); False for an ONNX model."""
+    a hub repository or a builtin LLM); False for an ONNX model. ``path``: where a
+    ``file:`` source is on the coordinator (see :mod:`coordinator.uploads`)."""
     kind, _, ref = source.partition(":")
     if kind == "builtin":
         return ref in BUILTIN_GGUF_MODELS
     if kind == "hf":
         return True
-    path = Path(ref).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    return path.suffix == ".gguf" or path.is_dir()
+    return path is not None and (path.suffix == ".gguf" or path.is_dir())
 
 
 class Preparer:
@@ -232,16 +231,19 @@ class Preparer:
     # ----- sources ------------------------------------------------------------
 
     async def source(
-        self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
+        self, model_name: str, source: str, path: Path | None, stats: PreparationStats
     ) -> PreparedSource:
-        """Materialise one model source."""
-        if is_llm_source(source, spec_dir):
-            return await self._llm_source(model_name, source, spec_dir, stats)
+        """Materialise one model source; ``path``: where a ``file:`` source is on the
+        coordinator (its upload, or a file under the model root), never read from the
+        spec itself."""
         kind, _, rest = source.partition(":")
+        if kind == "file" and path is None:
+            raise SpecError(f"model '{model_name}': {source} has no coordinator-side path")
+        if is_llm_source(source, path):
+            return await self._llm_source(model_name, source, path, stats)
         if kind == "builtin":
             return await self._builtin_onnx(model_name, rest, stats)
-        if kind == "file":
-            path = (spec_dir / rest).expanduser()
+        if kind == "file" and path is not None:
             if not path.is_file():
                 raise SpecError(f"model '{model_name}': file not found: {path}")
             ref = await asyncio.to_thread(self.artifacts.put_file, path, path.name)
@@ -279,11 +281,13 @@ class Preparer:
         )
 
     async def _llm_source(
-        self, model_name: str, source: str, spec_dir: Path, stats: PreparationStats
+        self, model_name: str, source: str, local: Path | None, stats: PreparationStats
     ) -> PreparedSource:
         from coordinator.models.sources import resolve_llm_source
 
-        path = await asyncio.to_thread(resolve_llm_source, source, spec_dir, self.cache_dir)
+        # A file: source is resolved from its coordinator-side path, never the spec's.
+        named = f"file:{local}" if local is not None else source
+        path = await asyncio.to_thread(resolve_llm_source, named, self.cache_dir, self.cache_dir)
         if path.is_dir():
             return await self._checkpoint_source(model_name, source, path, stats)
         st = path.stat()

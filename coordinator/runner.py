@@ -10,6 +10,7 @@ import click
 from coordinator.client import ControlClient
 from coordinator.interleave import RunShape
 from coordinator.spec import CampaignSpec
+from coordinator.uploads import upload_spec_files
 from edgefarm.cli.tables import print_tables, results_tables
 from edgefarm.errors import CampaignFailed
 from edgefarm.transport import ClientTls
@@ -46,11 +47,19 @@ def run_campaign(
 def submit_and_follow(
     client: ControlClient, spec_path: Path, fresh: bool = False, shape: RunShape | None = None
 ) -> tuple[str, int, int]:
-    """Submit the campaign in ``spec_path``, follow it to the end; returns
-    ``(campaign_id, tasks_failed, tasks_total)``."""
+    """Upload the files the campaign in ``spec_path`` names, submit it and follow it to
+    the end; returns ``(campaign_id, tasks_failed, tasks_total)``."""
     spec_text = spec_path.read_text()
+    files = upload_spec_files(
+        client,
+        spec_path,
+        spec_text,
+        echo=lambda line: click.echo(line, err=line.startswith("warning:")),
+    )
     click.echo(f"submitting {spec_path} to {client.address} (preparing variants on Ray)...")
-    reply = client.submit(spec_text, str(spec_path.resolve()), fresh=fresh, shape=shape)
+    reply = client.submit(
+        spec_text, str(spec_path.resolve()), fresh=fresh, shape=shape, files=files
+    )
     for warning in reply.warnings:
         click.echo(f"warning: {warning}", err=True)
     replays = f", {reply.tasks_baseline} replaying the baseline" if reply.tasks_baseline else ""

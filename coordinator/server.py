@@ -50,6 +50,8 @@ class CoordinatorConfig:
     max_attempts: int = MAX_ATTEMPTS
     tls: ServerTls | None = None  # serve TLS (mutual TLS with a client CA)
     insecure: bool = False  # plaintext on a non-loopback address was asked for explicitly
+    # Submitted specs may name file: paths under this folder (else only uploads count).
+    model_root: Path | None = None
 
 
 async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int, Scheduler]:
@@ -71,7 +73,11 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
     )
     control_pb2_grpc.add_ControlServicer_to_server(
         ControlService(
-            planner, config.token, config.inventory, missing_after_s=3 * config.heartbeat_interval_s
+            planner,
+            config.token,
+            config.inventory,
+            missing_after_s=3 * config.heartbeat_interval_s,
+            model_root=config.model_root,
         ),
         server,
     )

@@ -50,6 +50,14 @@ def coordinator() -> None:
     default=None,
     help="Agent heartbeat interval in seconds (default 2).",
 )
+@click.option(
+    "--model-root",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    metavar="DIR",
+    help="Let submitted specs name file: paths on this machine, inside DIR only (by default "
+    "the coordinator reads no spec paths: the CLI uploads the files).",
+)
 @server_tls_options
 @home_option
 @verbose_option
@@ -64,6 +72,7 @@ def serve(
     tls_key: str | None,
     tls_client_ca: str | None,
     insecure: bool,
+    model_root: str | None,
     home: str | None,
     verbose: int,
 ) -> None:
@@ -90,6 +99,7 @@ def serve(
         inventory=Path(inventory) if inventory else None,
         tls=tls,
         insecure=insecure,
+        model_root=Path(model_root).resolve() if model_root else None,
     )
     overrides: dict[str, float] = {}
     if lease_s is not None:
