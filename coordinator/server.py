@@ -17,7 +17,9 @@ from coordinator.control import ControlService
 from coordinator.gateway import AgentGateway
 from coordinator.preparation import Preparer, init_ray
 from coordinator.scheduler import HEARTBEAT_INTERVAL_S, LEASE_DURATION_S, MAX_ATTEMPTS, Scheduler
+from coordinator.store_writer import StoreWriter
 from edgefarm.transport import ServerTls, is_loopback, server_credentials
+from edgefarm.wire_limits import MAX_MESSAGE_BYTES
 from protos.edgefarm.v1 import agent_pb2_grpc, control_pb2_grpc
 from results.store import ResultsStore
 
@@ -30,8 +32,8 @@ PLAINTEXT_WARNING = (
     "read or altered; serve TLS (--tls-cert/--tls-key), or pass --insecure to accept this"
 )
 GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 256 << 20),  # result queries can be large
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.server.max_pending_requests", 10_000),
 ]
 
@@ -64,6 +66,7 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         lease_duration_s=config.lease_duration_s,
         heartbeat_interval_s=config.heartbeat_interval_s,
         max_attempts=config.max_attempts,
+        writer=StoreWriter(background=True),
     )
     scheduler.restore(store.unfinished_tasks())
     planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
@@ -109,6 +112,7 @@ async def _watch_leases(scheduler: Scheduler) -> None:
     while True:
         await asyncio.sleep(LEASE_CHECK_INTERVAL_S)
         scheduler.expire_leases()
+        scheduler.flush_heartbeats()
 
 
 async def serve(config: CoordinatorConfig) -> None:
@@ -130,4 +134,5 @@ async def serve(config: CoordinatorConfig) -> None:
     log.info("shutting down")
     watcher.cancel()
     await server.stop(grace=2.0)
+    scheduler.writer.close()
     scheduler.store.close()
