@@ -152,7 +152,7 @@ class ProtocolLimits(google.protobuf.message.Message):
     MAX_MAP_ENTRIES_FIELD_NUMBER: builtins.int
     MAX_EXAMPLE_OUTCOMES_FIELD_NUMBER: builtins.int
     max_message_bytes: builtins.int
-    """Largest gRPC message either way: MAX_MESSAGE_BYTES (25165824)."""
+    """Largest gRPC message the coordinator accepts: MAX_MESSAGE_BYTES (25165824)."""
     max_trials: builtins.int
     """Trials in one TaskResult: MAX_TRIALS (100)."""
     max_samples_per_trial: builtins.int
