@@ -38,10 +38,10 @@ class AgentGatewayStub(object):
     edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
     The coordinator repeats the figures in RegisterResponse.limits; an agent that
     exceeds one gets its message refused (see ResultAck and the status codes below).
-    The coordinator's transport refuses any message larger than MAX_MESSAGE_BYTES
-    (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the stream); what it sends
-    an agent is far smaller (artifact chunks of 1 MiB), but agents should accept
-    messages up to that size.
+    The coordinator's transport refuses any message larger than
+    MAX_MESSAGE_BYTES (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the
+    stream); what it sends an agent is far smaller (artifact chunks of 1 MiB), but
+    agents should accept messages up to that size.
 
     IDENTITY AND ENROLMENT.
     - The fleet token is an enrolment secret: an agent presents it only in its first
@@ -139,10 +139,10 @@ class AgentGatewayServicer(object):
     edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
     The coordinator repeats the figures in RegisterResponse.limits; an agent that
     exceeds one gets its message refused (see ResultAck and the status codes below).
-    The coordinator's transport refuses any message larger than MAX_MESSAGE_BYTES
-    (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the stream); what it sends
-    an agent is far smaller (artifact chunks of 1 MiB), but agents should accept
-    messages up to that size.
+    The coordinator's transport refuses any message larger than
+    MAX_MESSAGE_BYTES (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the
+    stream); what it sends an agent is far smaller (artifact chunks of 1 MiB), but
+    agents should accept messages up to that size.
 
     IDENTITY AND ENROLMENT.
     - The fleet token is an enrolment secret: an agent presents it only in its first
@@ -302,10 +302,10 @@ class AgentGateway(object):
     edgefarm/wire_limits.py (a unit test keeps the quoted values equal to that file).
     The coordinator repeats the figures in RegisterResponse.limits; an agent that
     exceeds one gets its message refused (see ResultAck and the status codes below).
-    The coordinator's transport refuses any message larger than MAX_MESSAGE_BYTES
-    (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the stream); what it sends
-    an agent is far smaller (artifact chunks of 1 MiB), but agents should accept
-    messages up to that size.
+    The coordinator's transport refuses any message larger than
+    MAX_MESSAGE_BYTES (25165824) bytes (status RESOURCE_EXHAUSTED, which ends the
+    stream); what it sends an agent is far smaller (artifact chunks of 1 MiB), but
+    agents should accept messages up to that size.
 
     IDENTITY AND ENROLMENT.
     - The fleet token is an enrolment secret: an agent presents it only in its first
