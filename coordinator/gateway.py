@@ -30,8 +30,15 @@ from coordinator.scheduler import (
     Scheduler,
     agent_id_for,
 )
-from coordinator.validation import check_ids, check_register, check_result, check_sha256
+from coordinator.validation import (
+    check_ids,
+    check_register,
+    check_result,
+    check_samples,
+    check_sha256,
+)
 from edgefarm import wire_limits
+from edgefarm.domain import MeasurementResult
 from edgefarm.errors import AuthError
 from protos.convert import assignment_to_pb, capabilities_from_pb, result_from_pb
 from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
@@ -237,15 +244,18 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             log.warning("ignored a message of unknown kind from %s", session.name)
 
     async def _result(self, session: AgentSession, pb: common_pb2.TaskResult) -> AckMessage:
-        def check_and_convert() -> str | object:
+        def check_and_convert() -> str | MeasurementResult:
             problem = check_result(pb)
-            return problem if problem else result_from_pb(pb, session.agent_id, session.device_id)
+            if problem:
+                return problem
+            result = result_from_pb(pb, session.agent_id, session.device_id)
+            return check_samples(result) or result
 
         checked = await asyncio.to_thread(check_and_convert)
         if isinstance(checked, str):
             log.warning("refused result for %.64s from %s: %s", pb.task_id, session.name, checked)
             return AckMessage(pb.task_id, pb.attempt, False, f"invalid result: {checked}")
-        return await self.scheduler.accept_result(session, checked)  # type: ignore[arg-type]
+        return await self.scheduler.accept_result(session, checked)
 
     async def FetchArtifact(
         self, request: agent_pb2.FetchArtifactRequest, context: grpc.aio.ServicerContext

@@ -405,7 +405,7 @@ class Scheduler:
             return AckMessage(result.task_id, result.attempt, False, reason)
         lease.storing = True
         try:
-            await self.writer.run(self.store.ingest_result, task, result, session.device_name)
+            await self.writer.ingest(self.store, task, result, session.device_name)
         except Exception:
             lease.storing = False
             raise

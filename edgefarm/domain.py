@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 # Qualcomm AI Hub: the backend of hosted devices, and the prefix of their device ids.
 HUB_BACKEND = "qai-hub"
@@ -129,14 +135,18 @@ class LatencySummary:
     max: float
 
     @classmethod
-    def from_samples(cls, samples: list[float]) -> LatencySummary:
+    def from_samples(cls, samples: Sequence[float]) -> LatencySummary:
         """Summarise samples; percentiles use linear interpolation."""
         if not samples:
             nan = math.nan
             return cls(0, nan, nan, nan, nan, nan, nan, nan, nan)
-        ordered = sorted(samples)
-        mean = statistics.fmean(ordered)
-        stdev = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
+        ordered = sorted_samples(samples)
+        if isinstance(ordered, list):
+            mean = statistics.fmean(ordered)
+            stdev = statistics.stdev(ordered) if len(ordered) > 1 else 0.0
+        else:  # a large array: numpy's reductions (pairwise sums) agree to ~1e-15
+            mean = float(ordered.mean())
+            stdev = float(ordered.std(ddof=1)) if len(ordered) > 1 else 0.0
         return cls(
             count=len(ordered),
             mean=mean,
@@ -145,26 +155,66 @@ class LatencySummary:
             p99=percentile(ordered, 99),
             stdev=stdev,
             cv=stdev / mean if mean > 0 else math.nan,
-            min=ordered[0],
-            max=ordered[-1],
+            min=float(ordered[0]),
+            max=float(ordered[-1]),
         )
 
 
-def percentile(ordered: list[float], q: float) -> float:
-    """Linear-interpolated percentile ``q`` (0-100) of an already sorted list."""
-    if not ordered:
+# Above this many samples, sorting runs in numpy, which lets go of the GIL: a result of
+# millions of samples ingested on the coordinator's writer thread must not stall the
+# event loop serving the fleet (Python's sorted() holds the GIL for the whole sort).
+LARGE_SAMPLES = 20_000
+_CHUNK = 16_384
+
+
+def sorted_samples(samples: Sequence[float]) -> list[float] | NDArray[np.float64]:
+    """``samples`` in ascending order: a list, or a float64 array for large inputs."""
+    if len(samples) <= LARGE_SAMPLES:
+        return sorted(samples)
+    import numpy as np  # only for large inputs: the agent's kernel stays light
+
+    parts = [
+        np.asarray(samples[i : i + _CHUNK], dtype=np.float64)
+        for i in range(0, len(samples), _CHUNK)
+    ]
+    ordered = np.concatenate(parts)
+    ordered.sort(kind="stable")
+    return ordered
+
+
+def median(samples: Sequence[float]) -> float:
+    """The median, as :func:`statistics.median` computes it."""
+    if len(samples) <= LARGE_SAMPLES:
+        return statistics.median(samples)
+    ordered = sorted_samples(samples)
+    n = len(ordered)
+    mid = n // 2
+    return float(ordered[mid]) if n % 2 else (float(ordered[mid - 1]) + float(ordered[mid])) / 2
+
+
+def throughput_per_s(batch_size: int, mean_ms: float) -> float:
+    """Items per second at a mean latency of ``mean_ms`` per batch."""
+    return batch_size * 1000.0 / mean_ms if mean_ms and mean_ms > 0 else math.nan
+
+
+def percentile(ordered: Sequence[float] | NDArray[np.float64], q: float) -> float:
+    """Linear-interpolated percentile ``q`` (0-100) of an already sorted sequence."""
+    if not len(ordered):
         return math.nan
     pos = (len(ordered) - 1) * q / 100.0
     lo = math.floor(pos)
     hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    low, high = float(ordered[lo]), float(ordered[hi])
+    return low + (high - low) * (pos - lo)
 
 
 @dataclass
 class TrialOutcome:
     """One trial: a fresh process that loaded, warmed up and measured."""
 
-    samples_ms: list[float]
+    # A list, or (results decoded on the coordinator) an array("d"): compact, and
+    # freed without a walk over a million float objects.
+    samples_ms: Sequence[float]
     warmup_iterations: int
     duration_s: float  # wall time of the timed loop
     load_time_s: float
@@ -174,6 +224,21 @@ class TrialOutcome:
     invalid_reason: str = ""
     # Backend-specific figures of this trial, e.g. prompt_tok_per_s, ttft_ms.
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle the samples as packed doubles: one quick copy instead of a walk over
+        a million float objects (the coordinator hands results to its ingestion
+        process this way, and a long pickle would hold the GIL of its event loop)."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "samples_ms"}
+        samples = self.samples_ms
+        packed = samples if isinstance(samples, array) else array("d", samples)
+        return (_unpickle_trial, (packed.tobytes(), fields))
+
+
+def _unpickle_trial(packed: bytes, fields: dict[str, Any]) -> TrialOutcome:
+    samples = array("d")
+    samples.frombytes(packed)
+    return TrialOutcome(samples_ms=samples.tolist(), **fields)
 
 
 @dataclass
@@ -210,7 +275,7 @@ class MeasurementResult:
     @property
     def trial_medians_ms(self) -> list[float]:
         """Median latency of each trial: the statistical unit for comparisons."""
-        return [statistics.median(t.samples_ms) for t in self.trials if t.samples_ms]
+        return [median(t.samples_ms) for t in self.trials if t.samples_ms]
 
     @property
     def valid(self) -> bool:
@@ -229,8 +294,7 @@ class MeasurementResult:
     @property
     def throughput_per_s(self) -> float:
         """Items per second at the mean latency."""
-        mean = self.latency.mean
-        return self.batch_size * 1000.0 / mean if mean and mean > 0 else math.nan
+        return throughput_per_s(self.batch_size, self.latency.mean)
 
     @property
     def peak_rss_bytes(self) -> int:

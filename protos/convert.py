@@ -6,6 +6,8 @@ dataclasses; these functions translate in both directions.
 
 from __future__ import annotations
 
+from array import array
+
 from edgefarm.domain import (
     ArtifactRef,
     Assignment,
@@ -177,7 +179,7 @@ def result_from_pb(m: common_pb2.TaskResult, agent_id: str, device_id: str) -> M
         batch_size=m.batch_size or 1,
         trials=[
             TrialOutcome(
-                samples_ms=list(t.samples_ms),
+                samples_ms=array("d", t.samples_ms),
                 warmup_iterations=t.warmup_iterations,
                 duration_s=t.duration_s,
                 load_time_s=t.load_time_s,

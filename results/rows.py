@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -24,6 +23,8 @@ from edgefarm.domain import (
     MeasureSettings,
     TaskStatus,
     TrialOutcome,
+    median,
+    throughput_per_s,
 )
 from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
 
@@ -156,7 +157,7 @@ def trial_detail(t: TrialOutcome) -> dict[str, Any]:
     """One ``trials_detail`` entry: a trial without its samples."""
     return {
         "iterations": len(t.samples_ms),
-        "median_ms": finite_or_none(statistics.median(t.samples_ms)) if t.samples_ms else None,
+        "median_ms": finite_or_none(median(t.samples_ms)) if t.samples_ms else None,
         "warmup_iterations": t.warmup_iterations,
         "duration_s": finite_or_none(t.duration_s),
         "load_time_s": finite_or_none(t.load_time_s),
@@ -212,7 +213,7 @@ def result_to_row(
         "lat_cv": lat.cv,
         "lat_min_ms": lat.min,
         "lat_max_ms": lat.max,
-        "throughput_per_s": result.throughput_per_s,
+        "throughput_per_s": throughput_per_s(result.batch_size, lat.mean),
         "batch_size": result.batch_size,
         "peak_rss_bytes": result.peak_rss_bytes,
         "load_rss_delta_bytes": result.load_rss_delta_bytes,

@@ -16,6 +16,7 @@ here, append ``_v2_...`` to :data:`MIGRATIONS`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -40,6 +41,22 @@ def scrub_non_finite(value: Any) -> Any:
     return value
 
 
+_JSON_CHUNK = 2048  # list items encoded per call: ~2 ms of the GIL for floats
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON; a long list is encoded in pieces, so that storing millions of
+    samples on a writer thread never holds the GIL long enough to stall the event loop."""
+    dumps = functools.partial(json.dumps, allow_nan=False, separators=(",", ":"))
+    if not isinstance(value, list) or len(value) <= _JSON_CHUNK:
+        return dumps(value)
+    pieces = [dumps(value[i : i + _JSON_CHUNK]) for i in range(0, len(value), _JSON_CHUNK)]
+    pieces[0], pieces[-1] = pieces[0][:-1], pieces[-1][1:]  # one list: "[a,b" ... "y,z]"
+    for i in range(1, len(pieces) - 1):
+        pieces[i] = pieces[i][1:-1]
+    return ",".join(pieces)
+
+
 class JSONText(sa.types.TypeDecorator[Any]):
     """A JSON value stored as text; non-finite floats inside become ``null``."""
 
@@ -50,7 +67,10 @@ class JSONText(sa.types.TypeDecorator[Any]):
         """Encode to compact JSON text (``None`` stays SQL NULL)."""
         if value is None:
             return None
-        return json.dumps(scrub_non_finite(value), allow_nan=False, separators=(",", ":"))
+        try:  # non-finite floats are rare: scrub (slow, element by element) only then
+            return encode_json(value)
+        except ValueError:
+            return encode_json(scrub_non_finite(value))
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         """Decode JSON text."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,13 @@ def test_result_and_capabilities_round_trip() -> None:
         model_size_bytes=7,
         environment={"os": "Linux"},
     )
-    assert convert.result_from_pb(convert.result_to_pb(r), "ag", "d") == r
+    back = convert.result_from_pb(convert.result_to_pb(r), "ag", "d")
+    # samples come back as compact arrays of doubles: equal values, another sequence type
+    assert [list(t.samples_ms) for t in back.trials] == [[1.0, 2.0]]
+    for t in back.trials:
+        t.samples_ms = list(t.samples_ms)
+    assert back == r
+    assert pickle.loads(pickle.dumps(back)) == r  # as it travels to the ingestion process
     c = DeviceCapabilities(
         device_id="d", arch="arm64", cpu_flags=["neon"], backends={"mlx": "0.1"}, extra={"x": "y"}
     )
