@@ -80,7 +80,11 @@ def pool_blocks(rows: Iterable[Row], role: str = "candidate") -> list[Row]:
     for row in rows:
         if row.get("role", "candidate") == role:
             key = (
-                row["campaign_id"], row["model"], row["backend"], row["scheme"], row["device_id"]
+                row["campaign_id"],
+                row["model"],
+                row["backend"],
+                row["scheme"],
+                row["device_id"],
             )
             groups.setdefault(key, []).append(row)
     pooled = []
