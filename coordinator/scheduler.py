@@ -99,7 +99,7 @@ class Lease:
     device_id: str
     attempt: int
     expires_at: float
-    storing: bool = False  # its result is being written: it cannot expire now
+    storing: asyncio.Event | None = None  # set while its result is written: no expiry
 
 
 @dataclass
@@ -382,8 +382,16 @@ class Scheduler:
         """Store a result if it comes under the task's current, unexpired lease held by
         the sending agent; a re-sent result that is stored already is acknowledged as
         stored. The write runs on the store writer; the lease cannot expire meanwhile."""
-        now = self.clock()
         lease = self.leases.get(result.task_id)
+        if (
+            lease is not None
+            and lease.storing is not None
+            and (lease.lease_id, lease.agent_id) == (result.lease_id, session.agent_id)
+        ):
+            # A re-send while the first copy is being written: answer once it is.
+            await lease.storing.wait()
+            lease = self.leases.get(result.task_id)
+        now = self.clock()
         task = self.tasks.get(result.task_id)
         reason = ""
         if task is None or lease is None:
@@ -392,8 +400,6 @@ class Scheduler:
             reason = "lease superseded"
         elif lease.agent_id != session.agent_id:
             reason = "lease held by another agent"
-        elif lease.storing:
-            reason = "this result is being stored"
         elif lease.expires_at < now:
             reason = "lease expired"
         if reason or task is None or lease is None:
@@ -403,12 +409,12 @@ class Scheduler:
                 return AckMessage(result.task_id, result.attempt, True, duplicate=True)
             log.warning("refused result for %s from %s: %s", result.task_id, session.name, reason)
             return AckMessage(result.task_id, result.attempt, False, reason)
-        lease.storing = True
+        lease.storing = storing = asyncio.Event()
         try:
             await self.writer.ingest(self.store, task, result, session.device_name)
-        except Exception:
-            lease.storing = False
-            raise
+        finally:
+            lease.storing = None
+            storing.set()
         self._release(lease)
         task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
         self.tasks.pop(task.task_id, None)
@@ -434,7 +440,9 @@ class Scheduler:
         """Re-queue (or fail) tasks whose lease ran out; returns how many expired."""
         now = self.clock()
         expired = [
-            lease for lease in self.leases.values() if lease.expires_at < now and not lease.storing
+            lease
+            for lease in self.leases.values()
+            if lease.expires_at < now and lease.storing is None
         ]
         for lease in expired:
             holder = self.sessions.get(lease.agent_id)

@@ -277,7 +277,7 @@ def test_background_writer_keeps_order_and_finishes_campaigns(tmp_path: Path) ->
         start(sched, store, [task(1)])
         (msg,) = drain(qa)
         assert (await sched.accept_result(a, ok_result(msg, a.agent_id))).accepted
-        while (event := await asyncio.wait_for(events.get(), 5)).message != "campaign done":
+        while (await asyncio.wait_for(events.get(), 5)).message != "campaign done":
             pass
 
     asyncio.run(scenario())
@@ -303,3 +303,26 @@ def test_restore_keeps_leases_for_returning_agents(tmp_path: Path) -> None:
     assert accept(second, a2, ok_result(msg, a2.agent_id)).accepted
     (nxt,) = drain(q2)  # the ack goes out via the gateway; the next task comes now
     assert nxt.assignment.task_id == "t2"
+
+
+def test_resend_while_storing_is_answered_as_duplicate(tmp_path: Path) -> None:
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    writer = StoreWriter(background=True)
+    sched = Scheduler(store, lease_duration_s=10, writer=writer)
+
+    async def scenario() -> list[AckMessage]:
+        a = sched.register("a", "dev-a", {}, caps("dev-a"))
+        qa = sched.connect(a)
+        start(sched, store, [task(1)])
+        (msg,) = drain(qa)
+        first = ok_result(msg, a.agent_id)
+        again = ok_result(msg, a.agent_id)  # the agent reconnected and sent it again
+        return list(
+            await asyncio.gather(sched.accept_result(a, first), sched.accept_result(a, again))
+        )
+
+    first, again = asyncio.run(scenario())
+    writer.close()
+    assert first.accepted and not first.duplicate
+    assert again.accepted and again.duplicate
+    assert len(store.query_results()) == 1
