@@ -471,11 +471,11 @@ class ResultAck(google.protobuf.message.Message):
     """The answer to every TaskResult, whether stored or refused.
 
     accepted=true: the result is stored (duplicate=true: it had been stored already,
-    this was a re-send); forget it. accepted=false: it was refused; `reason` says why
-    in one line: "lease expired", "lease superseded" (another attempt or lease id),
-    "lease held by another agent", "no lease in force for this task", "this result is
-    being stored" (a re-send while the first copy is still being written: its own ack
-    follows), or "invalid result: ..." naming the field, e.g. "invalid result:
+    this was a re-send; a re-send that arrives while the first copy is still being
+    written is answered once the write is done); forget it. accepted=false: it was
+    refused, for good; `reason` says why in one line: "lease expired", "lease
+    superseded" (another attempt or lease id), "lease held by another agent", "no lease
+    in force for this task", or "invalid result: ..." naming the field, e.g. "invalid result:
     trials[0].samples_ms has a negative latency". Results are validated before anything
     is stored: every sample finite and >= 0; duration_s and load_time_s finite and
     >= 0; metric and accuracy values finite; example_outcomes bytes 0 or 1; task_id and
