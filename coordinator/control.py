@@ -22,6 +22,7 @@ from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
+from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES, MAX_TRIALS
 from inventory.fleet import FleetDevice, load_inventory, merge_fleet
 from inventory.model import LiveAgent
 from protos.convert import capabilities_to_pb
@@ -69,6 +70,30 @@ def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAg
     return agents
 
 
+MAX_SERIES = 10_000  # series a nightly run may restrict itself to
+
+
+def _spec_name(name: str) -> str:
+    """The client's name for its spec, fit for one-line error messages."""
+    if not name:
+        return "<spec>"
+    clean = "".join(ch if ch.isprintable() else "?" for ch in name[: MAX_NAME_BYTES * 2])
+    return clean if len(name) <= MAX_NAME_BYTES * 2 else clean + "..."
+
+
+def _check_shape(request: control_pb2.SubmitCampaignRequest) -> str | None:
+    """A nightly run's shape fields are within what a campaign can hold."""
+    if request.blocks > MAX_TRIALS:
+        return f"blocks ({request.blocks}) is above the most trials a task has ({MAX_TRIALS})"
+    if len(request.series) > MAX_SERIES:
+        return f"{len(request.series)} series (at most {MAX_SERIES})"
+    if any(len(series) > MAX_STRING_BYTES for series in request.series):
+        return f"a series name is longer than {MAX_STRING_BYTES} bytes"
+    if len(request.baseline_campaign_id) > MAX_NAME_BYTES:
+        return f"baseline_campaign_id is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
 class ControlService(control_pb2_grpc.ControlServicer):
     """Serves the CLI."""
 
@@ -98,11 +123,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.SubmitCampaignResponse:
         """Validate, prepare and queue a campaign."""
         await self._check(request.token, context)
-        source = request.spec_name or "<spec>"
+        source = _spec_name(request.spec_name)
+        if problem := _check_shape(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{source}: {problem}")
         try:
             # No base_dir: a submitted spec's paths are never looked at here; its file:
-            # references resolve to their uploads (or under --model-root) only.
-            spec = CampaignSpec.from_text(request.spec_yaml, source)
+            # references resolve to their uploads (or under --model-root) only. Parsing
+            # runs off the event loop that serves the agents.
+            spec = await asyncio.to_thread(CampaignSpec.from_text, request.spec_yaml, source)
             files = await asyncio.to_thread(
                 resolve_spec_files,
                 spec,
@@ -247,22 +275,26 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ListCampaignsResponse:
         """Campaigns, newest first."""
         await self._check(request.token, context)
-        out = []
-        for c in self.store.list_campaigns(limit=request.limit or 50):
-            counts = self.store.campaign_counts(c.campaign_id)
-            out.append(
-                control_pb2.CampaignSummary(
-                    campaign_id=c.campaign_id,
-                    name=c.name,
-                    status=str(c.status),
-                    created_unix=c.created_at,
-                    tasks_total=counts.get("total", 0),
-                    tasks_done=sum(counts.get(s, 0) for s in FINISHED_TASK_STATUSES)
-                    - counts.get(TaskStatus.FAILED, 0),
-                    tasks_failed=counts.get(TaskStatus.FAILED, 0),
+
+        def summaries() -> list[control_pb2.CampaignSummary]:
+            out = []
+            for c in self.store.list_campaigns(limit=request.limit or 50):
+                counts = self.store.campaign_counts(c.campaign_id)
+                out.append(
+                    control_pb2.CampaignSummary(
+                        campaign_id=c.campaign_id,
+                        name=c.name,
+                        status=str(c.status),
+                        created_unix=c.created_at,
+                        tasks_total=counts.get("total", 0),
+                        tasks_done=sum(counts.get(s, 0) for s in FINISHED_TASK_STATUSES)
+                        - counts.get(TaskStatus.FAILED, 0),
+                        tasks_failed=counts.get(TaskStatus.FAILED, 0),
+                    )
                 )
-            )
-        return control_pb2.ListCampaignsResponse(campaigns=out)
+            return out
+
+        return control_pb2.ListCampaignsResponse(campaigns=await asyncio.to_thread(summaries))
 
     def fleet(self) -> list[FleetDevice]:
         """Declared devices merged with live registrations."""
@@ -296,24 +328,30 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def QueryResults(
         self, request: control_pb2.QueryResultsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.QueryResultsResponse:
-        """Stored rows as JSON."""
+        """Stored rows as JSON (read and encoded off the event loop)."""
         await self._check(request.token, context)
         if request.campaign_id:
-            campaign = self.store.get_campaign(request.campaign_id)
+            campaign = await asyncio.to_thread(self.store.get_campaign, request.campaign_id)
             if campaign is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no campaign {request.campaign_id}")
-            assert campaign is not None
-            rows = self.store.results_for_campaign(campaign.campaign_id)
-        else:
-            rows = self.store.query_results(
-                model=request.model or None,
-                backend=request.backend or None,
-                device=request.device or None,
-                limit=request.limit or None,
-            )
-        if not request.include_samples:
-            rows = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
-        return control_pb2.QueryResultsResponse(rows_json=[json.dumps(r) for r in rows])
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no campaign {request.campaign_id[:64]!r}"
+                )
+
+        def rows_json() -> list[str]:
+            if request.campaign_id:
+                rows = self.store.results_for_campaign(request.campaign_id)
+            else:
+                rows = self.store.query_results(
+                    model=request.model or None,
+                    backend=request.backend or None,
+                    device=request.device or None,
+                    limit=request.limit or None,
+                )
+            if not request.include_samples:
+                rows = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
+            return [json.dumps(r) for r in rows]
+
+        return control_pb2.QueryResultsResponse(rows_json=await asyncio.to_thread(rows_json))
 
     async def RevokeAgent(
         self, request: control_pb2.RevokeAgentRequest, context: grpc.aio.ServicerContext
