@@ -22,7 +22,7 @@ from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
-from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES, MAX_TRIALS
+from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES
 from inventory.fleet import FleetDevice, load_inventory, merge_fleet
 from inventory.model import LiveAgent
 from protos.convert import capabilities_to_pb
@@ -82,9 +82,8 @@ def _spec_name(name: str) -> str:
 
 
 def _check_shape(request: control_pb2.SubmitCampaignRequest) -> str | None:
-    """A nightly run's shape fields are within what a campaign can hold."""
-    if request.blocks > MAX_TRIALS:
-        return f"blocks ({request.blocks}) is above the most trials a task has ({MAX_TRIALS})"
+    """A nightly run's shape fields are within what a campaign can hold (``blocks`` needs
+    no bound: a task is split into at most as many blocks as it has trials)."""
     if len(request.series) > MAX_SERIES:
         return f"{len(request.series)} series (at most {MAX_SERIES})"
     if any(len(series) > MAX_STRING_BYTES for series in request.series):
