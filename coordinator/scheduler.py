@@ -263,8 +263,10 @@ class Scheduler:
         if session is not None:
             session.connected = False
             session.outbox.put_nowait(CloseMessage("UNAUTHENTICATED", "credential revoked"))
-        for lease in [lease for lease in self.leases.values() if lease.agent_id == agent_id]:
-            self._lease_lost(lease, "agent revoked")
+        for lease in list(self.leases.values()):
+            # (a result already being written completes: it was sent before the revocation)
+            if lease.agent_id == agent_id and lease.storing is None:
+                self._lease_lost(lease, "agent revoked")
         self.dispatch()
 
     def report_progress(self, session: AgentSession, task_id: str, trial: int, trials: int) -> None:
