@@ -57,11 +57,12 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     cache_max_bytes: int | None = None  # the artifact cache's bound (None: unbounded)
     tls: ClientTls | None = None  # None: plaintext (loopback and trusted networks only)
+    credential_file: Path | None = None  # default: <work_dir>/credential
 
     @property
     def credential_path(self) -> Path:
         """Where this agent keeps the credential issued at enrolment."""
-        return self.work_dir / CREDENTIAL_FILE
+        return self.credential_file or self.work_dir / CREDENTIAL_FILE
 
 
 def read_credential(path: Path) -> str:

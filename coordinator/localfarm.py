@@ -9,6 +9,7 @@ coordinator starts its own local Ray. Plaintext by default (loopback only); with
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -121,6 +122,10 @@ class LocalFarm:
         """Start one agent process named ``name`` (dialling with ``tls``, default
         :attr:`client_tls`)."""
         cmd = self._agent_cmd("serve", name, tls)
+        # The credential belongs to this farm's store: another --store in the same home
+        # enrols its own (and neither refuses the other's agent).
+        store_key = hashlib.sha256(self.store_url.encode()).hexdigest()[:16]
+        cmd += ["--credential-file", str(self.home / "credentials" / store_key / name)]
         for key, value in {**self.agent_labels, **(labels or {})}.items():
             cmd += ["--label", f"{key}={value}"]
         self._spawn(name, cmd, dict(os.environ))

@@ -39,6 +39,12 @@ def agent() -> None:
 )
 @click.option("--work-dir", default=None, help="Artifact cache (default: HOME/agent-NAME).")
 @click.option(
+    "--credential-file",
+    default=None,
+    metavar="PATH",
+    help="Where the agent keeps the credential issued at enrolment (default: WORK_DIR/credential).",
+)
+@click.option(
     "--cache-max-gb",
     default=20.0,
     show_default=True,
@@ -56,6 +62,7 @@ def serve(
     name: str | None,
     labels: tuple[str, ...],
     work_dir: str | None,
+    credential_file: str | None,
     cache_max_gb: float,
     home: str | None,
     verbose: int,
@@ -81,6 +88,7 @@ def serve(
         labels=parse_labels(labels),
         cache_max_bytes=int(cache_max_gb * 1e9) or None,
         tls=tls,
+        credential_file=Path(credential_file) if credential_file else None,
     )
     capabilities = probe_device()
     click.echo(
