@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -109,9 +110,9 @@ class RateLimiter:
 
 
 def _client_cert(context: grpc.aio.ServicerContext) -> bytes | None:
-    """The verified client certificate under mutual TLS, else None."""
+    """The verified client certificate (DER) under mutual TLS, else None."""
     certs = list(context.auth_context().get("x509_pem_cert") or [])
-    return bytes(certs[0]) if certs else None
+    return ssl.PEM_cert_to_DER_cert(bytes(certs[0]).decode("ascii")) if certs else None
 
 
 class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
@@ -153,7 +154,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
                 name=request.name,
                 device_id=caps.device_id,
                 credential=request.credential,
-                cert_pem=_client_cert(context),
+                cert_der=_client_cert(context),
             )
         except AuthError as error:
             log.warning(

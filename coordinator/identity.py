@@ -48,16 +48,16 @@ def admit(
     name: str,
     device_id: str,
     credential: str,
-    cert_pem: bytes | None,
+    cert_der: bytes | None,
 ) -> Admission:
     """Check (or enrol) the identity an agent registers under; AuthError if refused.
 
     ``token`` is the fleet token the agent gave, ``credential`` its own credential
-    (empty before enrolment), ``cert_pem`` its verified client certificate under
+    (empty before enrolment), ``cert_der`` its verified client certificate under
     mutual TLS. Runs store calls: call it off the event loop.
     """
     known = store.agent_identity(agent_id)
-    cert_sha = digest(cert_pem) if cert_pem else None
+    cert_sha = digest(cert_der) if cert_der else None
     if known is not None:
         if known.revoked:
             raise AuthError(f"agent {name}: its credential was revoked")
