@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from edgefarm.wire_limits import MAX_RECONNECT_DELAY_S
+
 
 @dataclass
 class Backoff:
     """'Full jitter' backoff: each delay is uniform in [0, min(cap, base * 2**n)]."""
 
     base_s: float = 0.5
-    cap_s: float = 30.0
+    cap_s: float = MAX_RECONNECT_DELAY_S
     attempt: int = 0
     rng: random.Random = field(default_factory=random.Random)
 

@@ -40,6 +40,7 @@ from edgefarm.domain import (
 )
 from edgefarm.errors import LeaseExpired
 from edgefarm.selectors import device_facts, matches
+from edgefarm.wire_limits import MAX_RECONNECT_DELAY_S, SILENT_AFTER_HEARTBEATS
 from results.records import DeviceSeen, TaskRecord
 from results.store import ResultsStore
 
@@ -163,6 +164,7 @@ class Scheduler:
         self.busy_devices: dict[str, str] = {}  # device_id -> task_id
         self.tasks: dict[str, TaskRecord] = {}  # unfinished tasks by id
         self.progress: dict[str, tuple[int, int]] = {}  # task_id -> (trial, trials)
+        self.lost_by: dict[str, set[str]] = {}  # task_id -> agents whose lease on it lapsed
         self._watchers: dict[str, list[asyncio.Queue[ProgressEvent]]] = {}
         self._heartbeats: dict[str, float] = {}  # agent_id -> time, not yet written
         self._heartbeats_written = clock()
@@ -289,9 +291,9 @@ class Scheduler:
 
     def restore(self, tasks: list[TaskRecord]) -> None:
         """Rebuild state after a restart: pending tasks queue up again; assigned ones
-        keep their lease for one more lease period so that an agent finishing them
-        can still deliver its result."""
-        now = self.clock()
+        keep their lease for one lease period plus the agents' longest reconnect delay,
+        so that an agent retrying all along reconnects in time to deliver its result."""
+        now = self.clock() + MAX_RECONNECT_DELAY_S
         for task in tasks:
             self.tasks[task.task_id] = task
             if task.status == TaskStatus.ASSIGNED and task.lease_id and task.agent_id:
@@ -309,25 +311,37 @@ class Scheduler:
         log.info("restored %d unfinished tasks", len(tasks))
 
     def dispatch(self) -> None:
-        """Hand pending tasks to idle, connected, matching agents."""
+        """Hand pending tasks to idle, connected, live, matching agents. A task goes back
+        to an agent that lost its lease only when no other agent can take it."""
         if not self.pending:
             return
-        for session in list(self.sessions.values()):
-            if not session.connected or session.lease_id is not None:
-                continue
-            if session.device_id in self.busy_devices:
-                continue
-            task = self._first_task_for(session)
-            if task is not None:
-                self._assign(task, session)
+        for second_chance in (False, True):
+            for session in list(self.sessions.values()):
+                if not self._can_take_work(session):
+                    continue
+                task = self._first_task_for(session, second_chance)
+                if task is not None:
+                    self._assign(task, session)
 
-    def _first_task_for(self, session: AgentSession) -> TaskRecord | None:
+    def _can_take_work(self, session: AgentSession) -> bool:
+        """Idle, connected, heard from lately, and its device not busy."""
+        silent_after = SILENT_AFTER_HEARTBEATS * self.heartbeat_interval_s
+        return (
+            session.connected
+            and session.lease_id is None
+            and session.device_id not in self.busy_devices
+            and self.clock() - session.last_heartbeat <= silent_after
+        )
+
+    def _first_task_for(self, session: AgentSession, second_chance: bool) -> TaskRecord | None:
         for task in self.pending:
             if task.device_id != session.device_id:
                 continue
             if task.backend not in session.capabilities.backends:
                 continue
             if task.selector and not matches(task.selector, session.facts):
+                continue
+            if session.agent_id in self.lost_by.get(task.task_id, ()) and not second_chance:
                 continue
             return task
         return None
@@ -384,6 +398,7 @@ class Scheduler:
         """Store a result if it comes under the task's current, unexpired lease held by
         the sending agent; a re-sent result that is stored already is acknowledged as
         stored. The write runs on the store writer; the lease cannot expire meanwhile."""
+        session.last_heartbeat = self.clock()  # a result, too, says the agent is there
         lease = self.leases.get(result.task_id)
         if (
             lease is not None
@@ -420,6 +435,7 @@ class Scheduler:
         self._release(lease)
         task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
         self.tasks.pop(task.task_id, None)
+        self.lost_by.pop(task.task_id, None)
         outcome = "done" if result.ok else f"failed ({result.error_kind}: {result.error_message})"
         self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
         self._check_campaign(task.campaign_id)
@@ -460,11 +476,13 @@ class Scheduler:
         ``max_attempts``."""
         task = self.tasks[lease.task_id]
         self._release(lease)
+        self.lost_by.setdefault(task.task_id, set()).add(lease.agent_id)
         if task.attempt >= self.max_attempts:
             error = LeaseExpired(f"{why} {task.attempt} times; giving up")
             self.writer.post(self.store.record_failure, task, error.kind, str(error))
             task.status = TaskStatus.FAILED
             del self.tasks[task.task_id]
+            self.lost_by.pop(task.task_id, None)
             self._notify(task, f"{_label(task)}: failed ({error})")
             self._check_campaign(task.campaign_id)
         else:

@@ -37,6 +37,13 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),  # result queries can be large
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.server.max_pending_requests", 10_000),
+    # A connection that stops answering pings (a black-holed agent) is closed within
+    # ~15 s, so its stream stops counting as connected; agents ping every 10 s too.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
 ]
 
 

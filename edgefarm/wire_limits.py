@@ -32,3 +32,10 @@ MAX_SPEC_DEPTH = 32  # nesting of mappings and lists
 MAX_SPEC_NODES = 100_000  # values after alias expansion
 MAX_UINT32 = 2**32 - 1
 MAX_INT64 = 2**63 - 1
+
+# Liveness, designed together: an agent retries a lost connection after at most
+# MAX_RECONNECT_DELAY_S (jittered exponential backoff), so a restarted coordinator keeps
+# every lease it restores for a lease period plus that long.
+MAX_RECONNECT_DELAY_S = 30.0
+# An agent whose last heartbeat is older than this many heartbeat intervals gets no work.
+SILENT_AFTER_HEARTBEATS = 3

@@ -364,13 +364,15 @@ def test_forged_lease_and_wrong_session(transport: str, tmp_path: Path) -> None:
         a_stream, b_stream = await connect(a_stub, a), await connect(b_stub, b)
         await farm.queue_task("dev-a")
         held = (await a_stream.next("assignment")).assignment
-        # b knows a's task and lease: its heartbeats do not keep a's lease alive...
+        # b knows a's task and lease: its heartbeats do not keep a's lease alive (a only
+        # says it is there, naming no task)...
         for _ in range(8):
             await b_stream.call.write(
                 agent_pb2.AgentMessage(
                     heartbeat=agent_pb2.Heartbeat(task_id=held.task_id, lease_id=held.lease_id)
                 )
             )
+            await a_stream.call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat()))
             await asyncio.sleep(0.25)
         cancel = (await a_stream.next("cancel", timeout=10)).cancel
         assert cancel.lease_id == held.lease_id

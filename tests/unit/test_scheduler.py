@@ -25,6 +25,7 @@ from edgefarm.domain import (
     TaskStatus,
     TrialOutcome,
 )
+from edgefarm.wire_limits import SILENT_AFTER_HEARTBEATS
 from results.records import CampaignRecord, TaskRecord
 from results.store import ResultsStore
 
@@ -160,6 +161,7 @@ def test_silent_agent_lease_expires_and_task_moves(setup) -> None:  # type: igno
     sched.disconnect(a)  # a goes silent
     assert drain(qb) == []  # lease still in force: nothing yet
     clock.now += 11
+    sched.heartbeat(b, "", "")  # b is alive and idle
     assert sched.expire_leases() == 1
     (second,) = drain(qb)
     assert (
@@ -196,6 +198,7 @@ def test_too_many_lost_leases_fail_the_task(setup) -> None:  # type: ignore[no-u
     for _ in range(2):
         assert [type(m) for m in drain(qa)] in ([AssignMessage], [CancelMessage, AssignMessage])
         clock.now += 11
+        sched.heartbeat(a, "", "")  # alive, but its lease lapsed: the only taker gets it back
         sched.expire_leases()
     assert store.get_task("t1").status == TaskStatus.FAILED
     (row,) = store.query_results()
@@ -326,3 +329,39 @@ def test_resend_while_storing_is_answered_as_duplicate(tmp_path: Path) -> None:
     assert first.accepted and not first.duplicate
     assert again.accepted and again.duplicate
     assert len(store.query_results()) == 1
+
+
+def test_silent_agent_gets_no_work(setup) -> None:  # type: ignore[no-untyped-def]
+    """A stream that still counts as connected but has not heard a heartbeat for more
+    than SILENT_AFTER_HEARTBEATS intervals (a black-holed agent) is passed over."""
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    b = sched.register("b", "dev-b", {}, caps("dev-b"))
+    qa, qb = sched.connect(a), sched.connect(b)
+    clock.now += SILENT_AFTER_HEARTBEATS * sched.heartbeat_interval_s + 1
+    sched.heartbeat(b, "", "")
+    start(sched, store, [task(1, device_id="dev-a"), task(2, device_id="dev-b")])
+    assert drain(qa) == []
+    (msg,) = drain(qb)
+    assert msg.assignment.task_id == "t2"
+    sched.heartbeat(a, "", "")  # a is heard from again: it gets its device's task
+    sched.dispatch()
+    (msg,) = drain(qa)
+    assert msg.assignment.task_id == "t1"
+
+
+def test_lapsed_lease_goes_to_another_agent_first(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    assert [type(m) for m in drain(qa)] == [AssignMessage]
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qb = sched.connect(b)
+    clock.now += 11
+    sched.heartbeat(a, "", "")  # a says it is idle (its measurement was lost)
+    sched.heartbeat(b, "", "")
+    assert sched.expire_leases() == 1
+    assert [type(m) for m in drain(qa)] == [CancelMessage]  # not handed back to a...
+    (moved,) = drain(qb)  # ...but to b, although a registered first
+    assert moved.assignment.task_id == "t1" and moved.assignment.attempt == 2

@@ -90,6 +90,13 @@ class AgentGatewayStub(object):
     task's current, unexpired lease, held by the sending agent. An expired lease puts the
     task back in the queue (after the coordinator's maximum attempts, 3 by default, it
     fails) and the coordinator sends CancelTask to the holder if it is still connected.
+    Such a task goes to another idle matching agent first; back to the agent that lost
+    it only when no other can take it. An agent not heard from (heartbeat, progress or
+    result) for SILENT_AFTER_HEARTBEATS (3) heartbeat intervals, or whose connection
+    stops answering keepalive pings (every 10 s, 5 s to answer), gets no new assignment.
+    A restarted coordinator keeps each lease it restores for lease_duration_s plus
+    MAX_RECONNECT_DELAY_S (30) seconds, the agents' longest reconnect delay: an agent that
+    keeps retrying delivers the result it finished meanwhile.
 
     RECONNECTING. When the channel or stream breaks (any status other than
     UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
@@ -191,6 +198,13 @@ class AgentGatewayServicer(object):
     task's current, unexpired lease, held by the sending agent. An expired lease puts the
     task back in the queue (after the coordinator's maximum attempts, 3 by default, it
     fails) and the coordinator sends CancelTask to the holder if it is still connected.
+    Such a task goes to another idle matching agent first; back to the agent that lost
+    it only when no other can take it. An agent not heard from (heartbeat, progress or
+    result) for SILENT_AFTER_HEARTBEATS (3) heartbeat intervals, or whose connection
+    stops answering keepalive pings (every 10 s, 5 s to answer), gets no new assignment.
+    A restarted coordinator keeps each lease it restores for lease_duration_s plus
+    MAX_RECONNECT_DELAY_S (30) seconds, the agents' longest reconnect delay: an agent that
+    keeps retrying delivers the result it finished meanwhile.
 
     RECONNECTING. When the channel or stream breaks (any status other than
     UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
@@ -354,6 +368,13 @@ class AgentGateway(object):
     task's current, unexpired lease, held by the sending agent. An expired lease puts the
     task back in the queue (after the coordinator's maximum attempts, 3 by default, it
     fails) and the coordinator sends CancelTask to the holder if it is still connected.
+    Such a task goes to another idle matching agent first; back to the agent that lost
+    it only when no other can take it. An agent not heard from (heartbeat, progress or
+    result) for SILENT_AFTER_HEARTBEATS (3) heartbeat intervals, or whose connection
+    stops answering keepalive pings (every 10 s, 5 s to answer), gets no new assignment.
+    A restarted coordinator keeps each lease it restores for lease_duration_s plus
+    MAX_RECONNECT_DELAY_S (30) seconds, the agents' longest reconnect delay: an agent that
+    keeps retrying delivers the result it finished meanwhile.
 
     RECONNECTING. When the channel or stream breaks (any status other than
     UNAUTHENTICATED and FAILED_PRECONDITION), the agent waits a jittered exponential
