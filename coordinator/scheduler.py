@@ -134,6 +134,22 @@ class ProgressEvent:
     message: str
 
 
+class SchedulerEvents:
+    """What the scheduler reports as it happens, for metrics; every hook is a no-op here."""
+
+    def lease_expired(self) -> None:
+        """A lease ran out before its result came."""
+
+    def requeued(self, why: str) -> None:
+        """A task went back to the queue (``why``: lease expired, agent revoked, ...)."""
+
+    def result_refused(self, reason: str) -> None:
+        """A result was refused (``reason``: lease expired, lease superseded, ...)."""
+
+    def result_stored(self, seconds: float) -> None:
+        """A result was stored; ``seconds`` from its arrival to the end of the write."""
+
+
 def agent_id_for(name: str, device_id: str) -> str:
     """A stable agent id: the same agent re-registering keeps its id (and leases)."""
     return "ag-" + hashlib.sha256(f"{name}\0{device_id}".encode()).hexdigest()[:12]
@@ -151,9 +167,11 @@ class Scheduler:
         max_attempts: int = MAX_ATTEMPTS,
         clock: Callable[[], float] = time.time,
         writer: StoreWriter | None = None,
+        events: SchedulerEvents | None = None,
     ) -> None:
         self.store = store
         self.writer = writer or StoreWriter()
+        self.events = events or SchedulerEvents()
         self.lease_duration_s = lease_duration_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_attempts = max_attempts
@@ -425,13 +443,16 @@ class Scheduler:
             ):
                 return AckMessage(result.task_id, result.attempt, True, duplicate=True)
             log.warning("refused result for %s from %s: %s", result.task_id, session.name, reason)
+            self.events.result_refused(reason)
             return AckMessage(result.task_id, result.attempt, False, reason)
         lease.storing = storing = asyncio.Event()
+        arrived = time.monotonic()
         try:
             await self.writer.ingest(self.store, task, result, session.device_name)
         finally:
             lease.storing = None
             storing.set()
+        self.events.result_stored(time.monotonic() - arrived)
         self._release(lease)
         task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
         self.tasks.pop(task.task_id, None)
@@ -466,6 +487,7 @@ class Scheduler:
             holder = self.sessions.get(lease.agent_id)
             if holder is not None and holder.connected:
                 holder.outbox.put_nowait(CancelMessage(lease.task_id, lease.lease_id))
+            self.events.lease_expired()
             self._lease_lost(lease, "lease expired")
         if expired:
             self.dispatch()
@@ -495,6 +517,7 @@ class Scheduler:
                 agent_id=None,
             )
             self.pending.insert(0, task)
+            self.events.requeued(why)
             self._notify(task, f"{_label(task)}: {why}, re-queued")
 
     def _release(self, lease: Lease) -> None:

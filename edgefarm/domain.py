@@ -261,6 +261,9 @@ class MeasurementResult:
     environment: dict[str, str] = field(default_factory=dict)
     # Per-example correctness on the eval set (1 = top-1 correct), in eval-set order.
     example_outcomes: list[int] = field(default_factory=list)
+    # When the agent started and ended measuring (unix seconds, agent clock; 0: unknown).
+    measure_started_at: float = 0.0
+    measure_ended_at: float = 0.0
 
     @property
     def samples_ms(self) -> list[float]:

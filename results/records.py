@@ -20,6 +20,9 @@ class CampaignRecord:
     finished_at: float | None = None
     conversions_run: int = 0
     conversions_cached: int = 0
+    submission_id: str | None = None  # the client's id for its submission
+    plan: dict[str, Any] = field(default_factory=dict)  # what preparation needs to resume
+    error: str = ""  # why the campaign failed before any task existed
 
 
 @dataclass

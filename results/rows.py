@@ -83,6 +83,9 @@ def row_to_campaign(row: RowLike) -> CampaignRecord:
         finished_at=row["finished_at"],
         conversions_run=row["conversions_run"],
         conversions_cached=row["conversions_cached"],
+        submission_id=row.get("submission_id"),
+        plan=row.get("plan") or {},
+        error=row.get("error") or "",
     )
 
 

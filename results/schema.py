@@ -117,6 +117,11 @@ campaigns = sa.Table(
     sa.Column("finished_at", sa.Float),
     sa.Column("conversions_run", sa.Integer, nullable=False, default=0),
     sa.Column("conversions_cached", sa.Integer, nullable=False, default=0),
+    # The client's id for its submission: a re-sent submission attaches to its campaign.
+    sa.Column("submission_id", sa.String(64), index=True),
+    # What preparation needs to run again after a restart (devices, files, shape).
+    sa.Column("plan", JSONText),
+    sa.Column("error", sa.Text),  # why a campaign failed before any task existed
 )
 
 tasks = sa.Table(
@@ -308,11 +313,24 @@ def _v4_agent_credentials(conn: Connection) -> None:
     agent_credentials.create(conn, checkfirst=True)
 
 
+def _v5_campaign_plan(conn: Connection) -> None:
+    """v4 -> v5: campaigns are stored before preparation, with what it needs to resume."""
+    if not has_column(conn, "campaigns", "submission_id"):
+        conn.execute(sa.text("ALTER TABLE campaigns ADD COLUMN submission_id VARCHAR(64)"))
+        conn.execute(
+            sa.text("CREATE INDEX ix_campaigns_submission_id ON campaigns (submission_id)")
+        )
+    for column in ("plan", "error"):
+        if not has_column(conn, "campaigns", column):
+            conn.execute(sa.text(f"ALTER TABLE campaigns ADD COLUMN {column} TEXT"))
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
     _v3_nightly,
     _v4_agent_credentials,
+    _v5_campaign_plan,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -244,6 +244,13 @@ class ResultsStore:
             raise UsageError(f"campaign id prefix {campaign_id!r} is ambiguous: {shown}, ...")
         return rows.row_to_campaign(matches[0]) if matches else None
 
+    def campaign_for_submission(self, submission_id: str) -> CampaignRecord | None:
+        """The campaign a client's submission created, if any."""
+        stmt = sa.select(campaigns).where(campaigns.c.submission_id == submission_id).limit(1)
+        with self._tx() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return rows.row_to_campaign(row) if row is not None else None
+
     def list_campaigns(self, limit: int = 50) -> list[CampaignRecord]:
         """The newest campaigns first."""
         stmt = (
