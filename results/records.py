@@ -121,3 +121,33 @@ class DeviceSeen:
     labels: dict[str, str]
     registered_at: float
     last_heartbeat: float
+
+
+# How an attempt ended: running (not yet), result (an accepted ok result), failed (an
+# accepted failed result), lost (lease expired / agent revoked), abandoned (the agent
+# gave it up), superseded (a restarted coordinator began a new attempt), refused (a
+# result came for it and was refused; ``reason`` says why).
+ATTEMPT_OUTCOMES: frozenset[str] = frozenset(
+    {"running", "result", "failed", "lost", "abandoned", "superseded", "refused"}
+)
+
+
+@dataclass
+class AttemptRecord:
+    """One attempt of a task: the lease an agent held and how it ended."""
+
+    task_id: str
+    attempt: int
+    lease_id: str
+    agent_id: str
+    started_at: float  # when the lease was granted (coordinator clock; 0: unknown)
+    ended_at: float | None = None
+    outcome: str = "running"  # one of ATTEMPT_OUTCOMES
+    reason: str = ""  # e.g. "lease expired", "agent revoked", a refusal reason
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end, when both are known."""
+        if self.ended_at is None or self.started_at <= 0 or self.ended_at < self.started_at:
+            return None
+        return self.ended_at - self.started_at

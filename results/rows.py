@@ -26,12 +26,20 @@ from edgefarm.domain import (
     median,
     throughput_per_s,
 )
-from results.records import ArtifactRecord, CampaignRecord, DeviceSeen, NightlyRun, TaskRecord
+from results.records import (
+    ATTEMPT_OUTCOMES,
+    ArtifactRecord,
+    AttemptRecord,
+    CampaignRecord,
+    DeviceSeen,
+    NightlyRun,
+    TaskRecord,
+)
 
 TASK_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TaskRecord))
 CAMPAIGN_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(CampaignRecord))
 
-R = TypeVar("R", ArtifactRecord, DeviceSeen, NightlyRun)
+R = TypeVar("R", ArtifactRecord, AttemptRecord, DeviceSeen, NightlyRun)
 
 # A database row as read (SQLAlchemy's RowMapping is keyed by names or columns).
 RowLike = Mapping[Any, Any]
@@ -227,6 +235,8 @@ def result_to_row(
         "environment": dict(result.environment),
         "trials_detail": [trial_detail(t) for t in result.trials],
         "example_outcomes": list(result.example_outcomes) or None,
+        "measure_started_at": finite_or_none(result.measure_started_at) or None,
+        "measure_ended_at": finite_or_none(result.measure_ended_at) or None,
         "created_at": now,
     }
 
@@ -279,6 +289,32 @@ def device_to_row(d: DeviceSeen) -> dict[str, Any]:
 def row_to_device(row: RowLike) -> DeviceSeen:
     """A device sighting from its row."""
     return _record_from_row(DeviceSeen, row, "capabilities", "labels")
+
+
+# ----------------------------------------------------------------------------- attempts
+
+
+def check_outcome(outcome: str) -> str:
+    """``outcome`` if it is one of ATTEMPT_OUTCOMES; ValueError otherwise."""
+    if outcome not in ATTEMPT_OUTCOMES:
+        raise ValueError(
+            f"unknown attempt outcome {outcome!r} (one of {', '.join(sorted(ATTEMPT_OUTCOMES))})"
+        )
+    return outcome
+
+
+def attempt_to_row(a: AttemptRecord) -> dict[str, Any]:
+    """Row values for an attempt (ValueError for an unknown outcome)."""
+    row = dataclasses.asdict(a)
+    row["outcome"] = check_outcome(a.outcome)
+    row["started_at"] = finite_or_none(a.started_at) or 0.0
+    row["ended_at"] = finite_or_none(a.ended_at)
+    return row
+
+
+def row_to_attempt(row: RowLike) -> AttemptRecord:
+    """An attempt from its row."""
+    return _record_from_row(AttemptRecord, row)
 
 
 # ------------------------------------------------------------------------------ nightly

@@ -213,6 +213,9 @@ results = sa.Table(
     sa.Column("environment", JSONText, nullable=False),
     sa.Column("trials_detail", JSONText, nullable=False),
     sa.Column("example_outcomes", JSONText),
+    # When the agent started / ended measuring (unix seconds, agent clock; NULL: unknown).
+    sa.Column("measure_started_at", FiniteFloat),
+    sa.Column("measure_ended_at", FiniteFloat),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("task_id", "attempt", name="uq_results_task_attempt"),
 )
@@ -273,6 +276,21 @@ agent_credentials = sa.Table(
     sa.Column("revoked_at", sa.Float),
 )
 
+# One row per attempt of a task: who held the lease, when, and how it ended
+# (outcomes: :data:`results.records.ATTEMPT_OUTCOMES`). Campaign lookups join tasks.
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("task_id", _id(), sa.ForeignKey("tasks.task_id"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("lease_id", sa.String(128), nullable=False),
+    sa.Column("agent_id", sa.String(128), nullable=False, index=True),
+    sa.Column("started_at", sa.Float, nullable=False),  # coordinator clock; 0: unknown
+    sa.Column("ended_at", sa.Float),
+    sa.Column("outcome", sa.String(32), nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+
 
 # --------------------------------------------------------------------------- migrations
 
@@ -325,12 +343,21 @@ def _v5_campaign_plan(conn: Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE campaigns ADD COLUMN {column} TEXT"))
 
 
+def _v6_attempts(conn: Connection) -> None:
+    """v5 -> v6: a row per task attempt; results carry measurement start / end times."""
+    attempts.create(conn, checkfirst=True)
+    for column in ("measure_started_at", "measure_ended_at"):
+        if not has_column(conn, "results", column):
+            conn.execute(sa.text(f"ALTER TABLE results ADD COLUMN {column} FLOAT"))
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
     _v3_nightly,
     _v4_agent_credentials,
     _v5_campaign_plan,
+    _v6_attempts,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

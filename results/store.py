@@ -39,6 +39,7 @@ from results import rows, schema
 from results.records import (
     AgentIdentity,
     ArtifactRecord,
+    AttemptRecord,
     CampaignRecord,
     DeviceSeen,
     NightlyRun,
@@ -47,6 +48,7 @@ from results.records import (
 from results.schema import (
     agent_credentials,
     artifacts,
+    attempts,
     campaigns,
     devices_seen,
     migrate,
@@ -213,6 +215,38 @@ class ResultsStore:
                     conn.execute(schema.tasks.insert(), task_rows)  # `tasks` is the list
         except _Conflict as e:
             raise StoreError(f"cannot create campaign {c.campaign_id}: {e}") from e
+
+    def start_campaign(
+        self,
+        campaign_id: str,
+        tasks: list[TaskRecord],
+        conversions_run: int = 0,
+        conversions_cached: int = 0,
+    ) -> None:
+        """Store a prepared campaign's tasks and set it RUNNING, in one transaction (a
+        crash before leaves it PREPARING, with no task). KeyError for an unknown id;
+        StoreError when it has tasks already."""
+        now = time.time()
+        task_rows = [rows.task_to_row(t, now) for t in tasks]
+        with self._tx(write=True) as conn:
+            found = conn.execute(
+                sa.select(campaigns.c.status).where(campaigns.c.campaign_id == campaign_id)
+            ).first()
+            if found is None:
+                raise KeyError(campaign_id)
+            if found[0] != CampaignStatus.PREPARING.value:
+                raise StoreError(f"campaign {campaign_id} is {found[0]}, not preparing")
+            if task_rows:
+                conn.execute(schema.tasks.insert(), task_rows)
+            conn.execute(
+                campaigns.update()
+                .where(campaigns.c.campaign_id == campaign_id)
+                .values(
+                    status=CampaignStatus.RUNNING.value,
+                    conversions_run=conversions_run,
+                    conversions_cached=conversions_cached,
+                )
+            )
 
     def get_campaign(self, campaign_id: str) -> CampaignRecord | None:
         """The campaign with this id, or with this unique id prefix (>= 4 characters).
@@ -498,6 +532,109 @@ class ResultsStore:
                 row["reused"] = row["task_id"] != row["answers_task_id"]
                 out.append(row)
         return out
+
+    # ----------------------------------------------------------------------- attempts
+
+    def start_attempt(self, a: AttemptRecord) -> None:
+        """Record that an attempt of a task began (its lease was granted).
+
+        Idempotent on ``(task_id, attempt)``: recording it again (a restarted
+        coordinator) keeps the stored row, only filling in a start time, lease or agent
+        it did not know. ValueError for an unknown outcome; StoreError for an unknown task.
+        """
+        values = rows.attempt_to_row(a)
+        key = self._attempt_key(a.task_id, a.attempt)
+        error: StoreError | None = None
+        for _ in range(2):  # a second round only after losing an insert race
+            try:
+                with self._tx(write=True) as conn:
+                    found = conn.execute(sa.select(attempts).where(key)).mappings().first()
+                    if found is None:
+                        self._require_task(conn, a.task_id)
+                        conn.execute(attempts.insert().values(**values))
+                        return
+                    fill: dict[str, Any] = {}
+                    if found["started_at"] <= 0 < values["started_at"]:
+                        fill["started_at"] = values["started_at"]
+                    for name in ("lease_id", "agent_id"):
+                        if not found[name] and values[name]:
+                            fill[name] = values[name]
+                    if fill:
+                        conn.execute(attempts.update().where(key).values(**fill))
+                    return
+            except _Conflict as e:
+                error = e
+        raise StoreError(f"cannot record attempt {a.attempt} of task {a.task_id}: {error}")
+
+    def end_attempt(
+        self, task_id: str, attempt: int, ended_at: float, outcome: str, reason: str = ""
+    ) -> None:
+        """Record how an attempt ended (overwriting an earlier end, e.g. lost -> refused).
+
+        An attempt never started in this store (restored from before attempt rows
+        existed) gets a row with start time 0 (unknown), and the task's lease and agent
+        when the task is still at that attempt. ValueError for an unknown outcome;
+        StoreError for an unknown task.
+        """
+        values = {
+            "ended_at": rows.finite_or_none(ended_at),
+            "outcome": rows.check_outcome(outcome),
+            "reason": reason,
+        }
+        key = self._attempt_key(task_id, attempt)
+        error: StoreError | None = None
+        for _ in range(2):  # a second round only after losing an insert race
+            try:
+                with self._tx(write=True) as conn:
+                    if conn.execute(attempts.update().where(key).values(**values)).rowcount:
+                        return
+                    task = self._require_task(conn, task_id)
+                    current = task["attempt"] == attempt
+                    conn.execute(
+                        attempts.insert().values(
+                            task_id=task_id,
+                            attempt=attempt,
+                            lease_id=(task["lease_id"] or "") if current else "",
+                            agent_id=(task["agent_id"] or "") if current else "",
+                            started_at=0.0,
+                            **values,
+                        )
+                    )
+                    return
+            except _Conflict as e:
+                error = e
+        raise StoreError(f"cannot end attempt {attempt} of task {task_id}: {error}")
+
+    def attempts_for_task(self, task_id: str) -> list[AttemptRecord]:
+        """Every attempt of a task, by attempt number."""
+        stmt = sa.select(attempts).where(attempts.c.task_id == task_id).order_by(attempts.c.attempt)
+        with self._tx() as conn:
+            return [rows.row_to_attempt(r) for r in conn.execute(stmt).mappings()]
+
+    def attempts_for_campaign(self, campaign_id: str) -> list[AttemptRecord]:
+        """Every attempt of the campaign's tasks: by task creation order, then attempt."""
+        stmt = (
+            sa.select(attempts)
+            .join_from(attempts, tasks, attempts.c.task_id == tasks.c.task_id)
+            .where(tasks.c.campaign_id == campaign_id)
+            .order_by(tasks.c.created_at, tasks.c.seq, attempts.c.attempt)
+        )
+        with self._tx() as conn:
+            return [rows.row_to_attempt(r) for r in conn.execute(stmt).mappings()]
+
+    @staticmethod
+    def _attempt_key(task_id: str, attempt: int) -> sa.ColumnElement[bool]:
+        return sa.and_(attempts.c.task_id == task_id, attempts.c.attempt == attempt)
+
+    @staticmethod
+    def _require_task(conn: Connection, task_id: str) -> sa.RowMapping:
+        stmt = sa.select(tasks.c.attempt, tasks.c.lease_id, tasks.c.agent_id).where(
+            tasks.c.task_id == task_id
+        )
+        task = conn.execute(stmt).mappings().first()
+        if task is None:
+            raise StoreError(f"no task {task_id} in the results store")
+        return task
 
     # ---------------------------------------------------------------------- artifacts
 
