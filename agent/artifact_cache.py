@@ -33,6 +33,8 @@ class ArtifactCache:
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.hits = 0  # fetches served from the cache (for the agent's metrics)
+        self.misses = 0  # fetches that needed a download
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, ref: ArtifactRef) -> Path:
@@ -53,7 +55,9 @@ class ArtifactCache:
         final = self.path(ref)
         if final.is_file() and final.stat().st_size == ref.size_bytes:
             os.utime(final)  # a use: the least recently used go first
+            self.hits += 1
             return final
+        self.misses += 1
         part = final.with_suffix(".part")
         offset = part.stat().st_size if part.exists() else 0
         if offset > ref.size_bytes:
@@ -88,6 +92,22 @@ class ArtifactCache:
             )
         os.replace(part, final)
         return final
+
+    def size_bytes(self) -> int:
+        """Bytes held in the cache now (artifacts and partial downloads)."""
+        total = 0
+        try:
+            paths = list(self.root.iterdir())
+        except OSError:
+            return 0
+        for path in paths:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            if S_ISREG(stat.st_mode):
+                total += stat.st_size
+        return total
 
     def make_room(self, needed: int, keep: Collection[str] = ()) -> None:
         """Remove least recently used artifacts (and stale partial downloads) not in

@@ -1,5 +1,9 @@
 """``edgefarm agent serve`` (this device) and ``edgefarm agent hub`` (Qualcomm AI Hub hosted
-devices): run device agents. Imports nothing of the coordinator."""
+devices): run device agents. Imports nothing of the coordinator.
+
+Both stop gracefully on SIGTERM / SIGINT: no new work, the task in hand finished and its
+result delivered (or, past ``--drain-timeout`` or on a second signal, given back), exit 0.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,19 @@ from edgefarm.cli.options import (
 )
 from edgefarm.home import edgefarm_home
 from edgefarm.logging_setup import configure_logging
+
+DRAIN_TIMEOUT_S = 300.0  # agent.client.DRAIN_TIMEOUT_S (not imported: keeps --help light)
+
+drain_timeout_option = click.option(
+    "--drain-timeout",
+    default=DRAIN_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On SIGTERM/SIGINT, how long to wait for the task in hand to finish and its result "
+    "to be acknowledged; past it the task is cancelled and given back to the coordinator. "
+    "A second signal ends the wait at once.",
+)
 
 
 @click.group()
@@ -51,6 +68,14 @@ def agent() -> None:
     type=click.FloatRange(min=0),
     help="Bound of the artifact cache; least recently used artifacts go first (0: unbounded).",
 )
+@drain_timeout_option
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port). "
+    "Off by default.",
+)
 @home_option
 @verbose_option
 def serve(
@@ -64,13 +89,19 @@ def serve(
     work_dir: str | None,
     credential_file: str | None,
     cache_max_gb: float,
+    drain_timeout: float,
+    metrics_listen: str | None,
     home: str | None,
     verbose: int,
 ) -> None:
-    """Probe this device, dial the coordinator and measure what it assigns."""
+    """Probe this device, dial the coordinator and measure what it assigns.
+
+    SIGTERM/SIGINT stop it gracefully (see --drain-timeout); it then exits 0.
+    """
     from pathlib import Path
 
-    from agent.client import Agent, AgentConfig
+    from agent.client import Agent, AgentConfig, serve_agents
+    from agent.metrics import AgentMetrics
     from agent.probe import probe_device
     from edgefarm.transport import channel_credentials
 
@@ -90,13 +121,19 @@ def serve(
         tls=tls,
         credential_file=Path(credential_file) if credential_file else None,
     )
+    metrics = AgentMetrics()
+    if metrics_listen is not None:
+        metrics.serve(metrics_listen)  # logs the bound address
     capabilities = probe_device()
     click.echo(
         f"edgefarm agent {agent_name} on device {capabilities.device_id} "
         f"({capabilities.arch}, {capabilities.logical_cores} cores, backends: "
         f"{', '.join(sorted(capabilities.backends)) or 'none'}) -> {coordinator}"
     )
-    asyncio.run(Agent(config, capabilities).run())
+    try:
+        asyncio.run(serve_agents([Agent(config, capabilities, metrics=metrics)], drain_timeout))
+    finally:
+        metrics.close()
 
 
 @agent.command()
@@ -155,6 +192,7 @@ def serve(
     show_default=True,
     help="First delay in seconds before resubmitting a rate-limited job (then doubling, jittered).",
 )
+@drain_timeout_option
 @home_option
 @verbose_option
 def hub(
@@ -175,6 +213,7 @@ def hub(
     poll_interval: float,
     job_timeout: float,
     rate_limit_backoff: float,
+    drain_timeout: float,
     home: str | None,
     verbose: int,
 ) -> None:
@@ -185,11 +224,12 @@ def hub(
     """
     from pathlib import Path
 
+    from agent.client import serve_agents
     from agent.hub.api import open_hub
     from agent.hub.config import load_hub_config
     from agent.hub.devices import select_devices
     from agent.hub.jobs import HubSettings
-    from agent.hub.service import HubAgentOptions, hub_agents, serve
+    from agent.hub.service import HubAgentOptions, hub_agents
     from edgefarm.transport import channel_credentials
 
     configure_logging(verbose + 1)
@@ -218,4 +258,4 @@ def hub(
             f"edgefarm hub agent: {device.name} (os {device.os or '?'}, "
             f"{', '.join(device.attributes)}) -> {coordinator}"
         )
-    asyncio.run(serve(hub_agents(api, chosen, options)))
+    asyncio.run(serve_agents(hub_agents(api, chosen, options), drain_timeout))
