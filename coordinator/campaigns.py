@@ -9,6 +9,7 @@ unless the campaign asks to measure afresh.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from coordinator.interleave import BASELINE, RunShape, shape_tasks
 from coordinator.preparation import (
@@ -35,7 +37,7 @@ from edgefarm.domain import (
     MeasureSettings,
     TaskStatus,
 )
-from edgefarm.errors import SpecError, UsageError
+from edgefarm.errors import EdgefarmError, SpecError, UsageError
 from edgefarm.selectors import matches
 from results.records import CampaignRecord, TaskRecord
 
@@ -134,12 +136,78 @@ def choose_devices(spec: CampaignSpec, sessions: list[AgentSession]) -> list[Dev
     return list(chosen.values())
 
 
+@dataclass(frozen=True)
+class CampaignPlan:
+    """What preparing a campaign needs, stored with it so that a restarted coordinator
+    can prepare it again (finished conversion steps are reused from the artifacts)."""
+
+    devices: list[DeviceChoice]
+    files: dict[str, Path]
+    fresh: bool
+    shape: RunShape
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the campaign record's ``plan``)."""
+        return {
+            "devices": [
+                {
+                    "device_id": d.device_id,
+                    "device_name": d.device_name,
+                    "backends": sorted(d.backends),
+                    "selector": d.selector,
+                }
+                for d in self.devices
+            ],
+            "files": {ref: str(path) for ref, path in self.files.items()},
+            "fresh": self.fresh,
+            "shape": {
+                "baseline_campaign_id": self.shape.baseline_campaign_id,
+                "blocks": self.shape.blocks,
+                "series": sorted(self.shape.series),
+                "seed": self.shape.seed,
+            },
+            "warnings": self.warnings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CampaignPlan:
+        """The plan stored by :meth:`to_dict`."""
+        shape = data.get("shape") or {}
+        return cls(
+            devices=[
+                DeviceChoice(
+                    str(d["device_id"]),
+                    str(d["device_name"]),
+                    set(d.get("backends") or ()),
+                    dict(d.get("selector") or {}),
+                )
+                for d in data.get("devices") or ()
+            ],
+            files={str(ref): Path(path) for ref, path in (data.get("files") or {}).items()},
+            fresh=bool(data.get("fresh")),
+            shape=RunShape(
+                baseline_campaign_id=str(shape.get("baseline_campaign_id") or ""),
+                blocks=int(shape.get("blocks") or 1),
+                series=frozenset(shape.get("series") or ()),
+                seed=int(shape.get("seed") or 0),
+            ),
+            warnings=[str(w) for w in data.get("warnings") or ()],
+        )
+
+
 class CampaignPlanner:
-    """Turns submitted specs into stored campaigns and queued tasks."""
+    """Turns submitted specs into stored campaigns and queued tasks.
+
+    A campaign is stored (status ``preparing``) before any preparation starts, with
+    the client's submission id and what preparing it needs; preparation then runs in
+    its own task, which a dropped client does not cancel, and which a restarted
+    coordinator starts again (:meth:`resume`)."""
 
     def __init__(self, scheduler: Scheduler, preparer: Preparer) -> None:
         self.scheduler = scheduler
         self.preparer = preparer
+        self._preparing: dict[str, asyncio.Future[SubmitOutcome]] = {}
 
     async def submit(
         self,
@@ -148,8 +216,10 @@ class CampaignPlanner:
         files: Mapping[str, Path],
         fresh: bool = False,
         shape: RunShape | None = None,
+        submission_id: str = "",
     ) -> SubmitOutcome:
-        """Prepare every variant (on Ray), create the tasks and queue them.
+        """Store the campaign, prepare every variant (on Ray), create the tasks and
+        queue them; returns when its tasks are queued.
 
         ``files`` maps each ``file:`` reference of the spec, as written, to its path on
         the coordinator (:func:`coordinator.uploads.resolve_spec_files`).
@@ -157,8 +227,15 @@ class CampaignPlanner:
         ``shape`` (nightly runs) restricts the series, replays the baseline campaign's
         differing variants and interleaves blocks (see :mod:`coordinator.interleave`);
         a shaped campaign always measures afresh.
+
+        A ``submission_id`` seen before attaches to the campaign it created.
         """
         store = self.scheduler.store
+        if submission_id:
+            existing = await self.scheduler.writer.run(store.campaign_for_submission, submission_id)
+            if existing is not None:
+                log.info("submission %s attaches to campaign %s", submission_id, existing.name)
+                return await self.attach(existing)
         shape = shape or RunShape()
         fresh = fresh or shape.active
         devices = choose_devices(spec, self.scheduler.online_sessions())
@@ -167,7 +244,125 @@ class CampaignPlanner:
                 f"campaign '{spec.name}': no online device matches its device selectors "
                 f"{spec.selectors()}"
             )
-        warnings = _missing_backend_warnings(spec, devices)
+        plan = CampaignPlan(
+            devices, dict(files), fresh, shape, _missing_backend_warnings(spec, devices)
+        )
+        record = CampaignRecord(
+            campaign_id="c-" + uuid.uuid4().hex[:12],
+            name=spec.name,
+            spec_yaml=spec_text,
+            status=CampaignStatus.PREPARING,
+            created_at=time.time(),
+            submission_id=submission_id or None,
+            plan=plan.to_dict(),
+        )
+        await self.scheduler.writer.run(store.create_campaign, record, [])
+        return await self._start(record, spec, plan)
+
+    async def attach(self, record: CampaignRecord) -> SubmitOutcome:
+        """The outcome of a stored campaign's submission: once its preparation (running,
+        or started again here) is done."""
+        future = self._preparing.get(record.campaign_id)
+        if future is None and record.status == CampaignStatus.PREPARING:
+            spec = CampaignSpec.from_text(record.spec_yaml, record.name)
+            return await self._start(record, spec, CampaignPlan.from_dict(record.plan))
+        if future is not None:
+            return await asyncio.shield(future)
+        if record.error:
+            raise UsageError(record.error)
+        return await self.scheduler.writer.run(self._stored_outcome, record)
+
+    def _stored_outcome(self, record: CampaignRecord) -> SubmitOutcome:
+        """The outcome of a campaign that was prepared before (read from the store)."""
+        tasks = self.scheduler.store.tasks_for_campaign(record.campaign_id)
+        return SubmitOutcome(
+            record.campaign_id,
+            len(tasks),
+            sum(t.status == TaskStatus.REUSED for t in tasks),
+            record.conversions_run,
+            record.conversions_cached,
+            list(CampaignPlan.from_dict(record.plan).warnings) if record.plan else [],
+            sum(t.role == BASELINE for t in tasks),
+        )
+
+    def resume(self) -> int:
+        """After a restart: prepare again every campaign stored as ``preparing``
+        (finished conversion steps are reused). Returns how many were resumed."""
+        resumed = 0
+        for record in self.scheduler.store.unfinished_campaigns():
+            if record.status != CampaignStatus.PREPARING:
+                continue
+            try:
+                spec = CampaignSpec.from_text(record.spec_yaml, record.name)
+                plan = CampaignPlan.from_dict(record.plan)
+            except (SpecError, KeyError, TypeError, ValueError) as error:
+                self._fail_unprepared(record.campaign_id, f"cannot resume: {error}")
+                continue
+            log.info(
+                "campaign %s (%s): preparing again after a restart", record.campaign_id, record.name
+            )
+            self._launch(record, spec, plan)
+            resumed += 1
+        return resumed
+
+    async def _start(
+        self, record: CampaignRecord, spec: CampaignSpec, plan: CampaignPlan
+    ) -> SubmitOutcome:
+        """Prepare in a task of its own (a dropped client does not cancel it); wait."""
+        return await asyncio.shield(self._launch(record, spec, plan))
+
+    def _launch(
+        self, record: CampaignRecord, spec: CampaignSpec, plan: CampaignPlan
+    ) -> asyncio.Future[SubmitOutcome]:
+        future = self._preparing.get(record.campaign_id)
+        if future is None:
+            future = asyncio.ensure_future(self._prepare(record, spec, plan))
+            self._preparing[record.campaign_id] = future
+            future.add_done_callback(lambda f: self._done_preparing(record.campaign_id, f))
+        return future
+
+    def _done_preparing(self, campaign_id: str, future: asyncio.Future[SubmitOutcome]) -> None:
+        self._preparing.pop(campaign_id, None)
+        if not future.cancelled():
+            future.exception()  # retrieved: a failure is reported to the submitter
+
+    async def _prepare(
+        self, record: CampaignRecord, spec: CampaignSpec, plan: CampaignPlan
+    ) -> SubmitOutcome:
+        """Preparation proper; a failure that leaves no task fails the campaign."""
+        try:
+            return await self._prepare_tasks(record, spec, plan)
+        except asyncio.CancelledError:
+            raise  # the coordinator is stopping: a restart prepares it again
+        except Exception as error:
+            reason = (
+                str(error)
+                if isinstance(error, EdgefarmError)
+                else (f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}")
+            )
+            if not isinstance(error, EdgefarmError):
+                log.error("preparing campaign %s failed", record.campaign_id, exc_info=error)
+            await self.scheduler.writer.run(self._fail_unprepared, record.campaign_id, reason)
+            raise
+
+    def _fail_unprepared(self, campaign_id: str, reason: str) -> None:
+        """Mark a campaign that never got tasks failed, with why."""
+        self.scheduler.store.update_campaign(
+            campaign_id, status=CampaignStatus.FAILED, finished_at=time.time(), error=reason
+        )
+        log.warning("campaign %s failed before measuring: %s", campaign_id, reason)
+
+    async def _prepare_tasks(
+        self, record: CampaignRecord, spec: CampaignSpec, plan: CampaignPlan
+    ) -> SubmitOutcome:
+        store = self.scheduler.store
+        campaign_id, devices, files, shape = (
+            record.campaign_id,
+            plan.devices,
+            plan.files,
+            plan.shape,
+        )
+        warnings = list(plan.warnings)
         stats = PreparationStats()
         sources: dict[str, PreparedSource | Exception] = {}
         for model in spec.models:
@@ -205,7 +400,6 @@ class CampaignPlanner:
                     artifact = unwrap_ray_error(error)
             artifacts.append(artifact)
             evals.append(eval_data)
-        campaign_id = "c-" + uuid.uuid4().hex[:12]
         now = time.time()
         tasks: list[TaskRecord] = []
         failures: list[tuple[TaskRecord, Exception]] = []
@@ -224,7 +418,7 @@ class CampaignPlanner:
                 )
                 if isinstance(artifact, Exception):
                     failures.append((task, artifact))
-                elif not fresh and (found := store.find_reusable_result(task.measure_key)):
+                elif not plan.fresh and (found := store.find_reusable_result(task.measure_key)):
                     task.status, task.result_id = TaskStatus.REUSED, found
                     reused += 1
                 tasks.append(task)
@@ -235,17 +429,11 @@ class CampaignPlanner:
         if not tasks:
             raise UsageError(f"campaign '{spec.name}': no task can run; " + "; ".join(warnings))
         await self.scheduler.writer.run(
-            store.create_campaign,
-            CampaignRecord(
-                campaign_id=campaign_id,
-                name=spec.name,
-                spec_yaml=spec_text,
-                status=CampaignStatus.RUNNING,
-                created_at=now,
-                conversions_run=stats.run,
-                conversions_cached=stats.cached,
-            ),
+            store.start_campaign,
+            campaign_id,
             tasks,
+            conversions_run=stats.run,
+            conversions_cached=stats.cached,
         )
         for task, failure in failures:
             kind = getattr(failure, "kind", "conversion_error")

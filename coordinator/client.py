@@ -66,10 +66,12 @@ class ControlClient:
         timeout_s: float = 1800.0,
         shape: RunShape | None = None,
         files: Mapping[str, control_pb2.SpecFile] | None = None,
+        submission_id: str = "",
     ) -> control_pb2.SubmitCampaignResponse:
         """Submit a campaign (waits while its variants are prepared); ``shape``: a
         nightly run's baseline replay and interleaving; ``files``: the spec's ``file:``
-        references, as written, and their uploads (:mod:`coordinator.uploads`)."""
+        references, as written, and their uploads (:mod:`coordinator.uploads`);
+        ``submission_id``: the same id again attaches to the campaign it created."""
         shape = shape or RunShape()
         try:
             return self.stub.SubmitCampaign(
@@ -83,6 +85,7 @@ class ControlClient:
                     series=sorted(shape.series),
                     seed=shape.seed,
                     files=dict(files or {}),
+                    submission_id=submission_id,
                 ),
                 timeout=timeout_s,
             )

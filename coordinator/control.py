@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BAD_SHA256 = "sha256 must be 64 lowercase hex digits"
+_SUBMISSION_ID = re.compile(r"[\x21-\x7e]{0,64}")
 
 
 def live_agents_from_store(store: ResultsStore) -> list[LiveAgent]:
@@ -90,6 +91,8 @@ def _check_shape(request: control_pb2.SubmitCampaignRequest) -> str | None:
         return f"a series name is longer than {MAX_STRING_BYTES} bytes"
     if len(request.baseline_campaign_id) > MAX_NAME_BYTES:
         return f"baseline_campaign_id is longer than {MAX_NAME_BYTES} bytes"
+    if not _SUBMISSION_ID.fullmatch(request.submission_id):
+        return "submission_id must be at most 64 printable ASCII characters"
     return None
 
 
@@ -146,7 +149,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 seed=request.seed,
             )
             outcome = await self.planner.submit(
-                spec, request.spec_yaml, files, fresh=request.fresh, shape=shape
+                spec,
+                request.spec_yaml,
+                files,
+                fresh=request.fresh,
+                shape=shape,
+                submission_id=request.submission_id,
             )
         except (SpecError, UsageError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -234,6 +242,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         counts = self.store.campaign_counts(campaign_id)
         done = counts.get(TaskStatus.DONE, 0) + counts.get(TaskStatus.REUSED, 0)
         status = str(campaign.status) if campaign else "unknown"
+        if campaign is not None and campaign.error and not message:
+            message = campaign.error
         return control_pb2.CampaignProgress(
             campaign_id=campaign_id,
             status=status,

@@ -47,6 +47,7 @@ from protos.edgefarm.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 5.0  # a Connect stream must bind to a session within this
+MAX_ABANDON_REASON_BYTES = 1024  # TaskAbandoned.reason (agent.proto)
 REGISTER_BURST = 60  # registrations one peer address may make at once...
 REGISTER_PER_S = 5.0  # ...and per second after that
 _PEERS_TRACKED = 10_000
@@ -232,7 +233,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             if problem := check_ids(beat.task_id, beat.lease_id):
                 log.warning("ignored heartbeat from %s: %s", session.name, problem)
                 return
-            self.scheduler.heartbeat(session, beat.task_id, beat.lease_id)
+            self.scheduler.heartbeat(session, beat.task_id, beat.lease_id, beat.draining)
         elif kind == "progress":
             p = message.progress
             if problem := check_ids(p.task_id, p.lease_id):
@@ -241,6 +242,19 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             self.scheduler.report_progress(session, p.task_id, p.trial, p.trials)
         elif kind == "result":
             session.outbox.put_nowait(await self._result(session, message.result))
+        elif kind == "abandoned":
+            gave_up = message.abandoned
+            problem = check_ids(gave_up.task_id, gave_up.lease_id)
+            if not problem and len(gave_up.reason) > MAX_ABANDON_REASON_BYTES:
+                problem = f"reason is longer than {MAX_ABANDON_REASON_BYTES} bytes"
+            if problem:
+                log.warning("ignored an abandoned task from %s: %s", session.name, problem)
+                return
+            reason = "".join(c if c.isprintable() else "?" for c in gave_up.reason)
+            if not self.scheduler.abandon(session, gave_up.task_id, gave_up.lease_id, reason):
+                log.info(
+                    "%s abandoned %s, which it holds no lease for", session.name, gave_up.task_id
+                )
         else:
             log.warning("ignored a message of unknown kind from %s", session.name)
 

@@ -41,7 +41,7 @@ from edgefarm.domain import (
 from edgefarm.errors import LeaseExpired
 from edgefarm.selectors import device_facts, matches
 from edgefarm.wire_limits import MAX_RECONNECT_DELAY_S, SILENT_AFTER_HEARTBEATS
-from results.records import DeviceSeen, TaskRecord
+from results.records import AttemptRecord, DeviceSeen, TaskRecord
 from results.store import ResultsStore
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class AgentSession:
     connected: bool = False
     outbox: asyncio.Queue[OutboundMessage] = field(default_factory=asyncio.Queue)
     lease_id: str | None = None
+    draining: bool = False  # the agent is stopping: it takes no new work
 
     @property
     def device_id(self) -> str:
@@ -183,6 +184,8 @@ class Scheduler:
         self.tasks: dict[str, TaskRecord] = {}  # unfinished tasks by id
         self.progress: dict[str, tuple[int, int]] = {}  # task_id -> (trial, trials)
         self.lost_by: dict[str, set[str]] = {}  # task_id -> agents whose lease on it lapsed
+        self.lapsed: dict[str, list[Lease]] = {}  # task_id -> its leases that ran out
+        self.leasing = True  # False once the coordinator is stopping
         self._watchers: dict[str, list[asyncio.Queue[ProgressEvent]]] = {}
         self._heartbeats: dict[str, float] = {}  # agent_id -> time, not yet written
         self._heartbeats_written = clock()
@@ -252,11 +255,16 @@ class Scheduler:
             session.connected = False
             log.info("agent %s disconnected", session.name)
 
-    def heartbeat(self, session: AgentSession, task_id: str, lease_id: str) -> None:
+    def heartbeat(
+        self, session: AgentSession, task_id: str, lease_id: str, draining: bool = False
+    ) -> None:
         """Liveness; renews the lease of the task the agent says it holds, if it is
-        that agent's own unexpired lease."""
+        that agent's own unexpired lease. A draining agent is given no more work."""
         now = self.clock()
         session.last_heartbeat = now
+        if draining and not session.draining:
+            log.info("agent %s is draining: no new work for it", session.name)
+        session.draining = session.draining or draining
         self._heartbeats[session.agent_id] = now
         lease = self.leases.get(task_id) if task_id else None
         if (
@@ -288,6 +296,26 @@ class Scheduler:
             if lease.agent_id == agent_id and lease.storing is None:
                 self._lease_lost(lease, "agent revoked")
         self.dispatch()
+
+    def abandon(self, session: AgentSession, task_id: str, lease_id: str, reason: str) -> bool:
+        """The agent gave up its task without a result: end the lease now and re-queue
+        the task (another agent first). Returns whether a lease of the sender's ended."""
+        lease = self.leases.get(task_id)
+        if (
+            lease is None
+            or lease.lease_id != lease_id
+            or lease.agent_id != session.agent_id
+            or lease.storing is not None
+        ):
+            return False
+        log.info("agent %s abandoned %s: %s", session.name, task_id, reason)
+        self._lease_lost(lease, "abandoned", outcome="abandoned", detail=reason)
+        self.dispatch()
+        return True
+
+    def stop_leasing(self) -> None:
+        """The coordinator is stopping: no new leases from now on."""
+        self.leasing = False
 
     def report_progress(self, session: AgentSession, task_id: str, trial: int, trials: int) -> None:
         """Progress of a trial; counts as a heartbeat for the lease."""
@@ -331,7 +359,7 @@ class Scheduler:
     def dispatch(self) -> None:
         """Hand pending tasks to idle, connected, live, matching agents. A task goes back
         to an agent that lost its lease only when no other agent can take it."""
-        if not self.pending:
+        if not self.pending or not self.leasing:
             return
         for second_chance in (False, True):
             for session in list(self.sessions.values()):
@@ -342,10 +370,11 @@ class Scheduler:
                     self._assign(task, session)
 
     def _can_take_work(self, session: AgentSession) -> bool:
-        """Idle, connected, heard from lately, and its device not busy."""
+        """Idle, connected, not draining, heard from lately, and its device not busy."""
         silent_after = SILENT_AFTER_HEARTBEATS * self.heartbeat_interval_s
         return (
             session.connected
+            and not session.draining
             and session.lease_id is None
             and session.device_id not in self.busy_devices
             and self.clock() - session.last_heartbeat <= silent_after
@@ -394,6 +423,16 @@ class Scheduler:
             agent_id=session.agent_id,
             lease_expires_at=lease.expires_at,
         )
+        self.writer.post(
+            self.store.start_attempt,
+            AttemptRecord(
+                task_id=task.task_id,
+                attempt=attempt,
+                lease_id=lease.lease_id,
+                agent_id=session.agent_id,
+                started_at=now,
+            ),
+        )
         assignment = Assignment(
             task_id=task.task_id,
             attempt=attempt,
@@ -414,8 +453,11 @@ class Scheduler:
 
     async def accept_result(self, session: AgentSession, result: MeasurementResult) -> AckMessage:
         """Store a result if it comes under the task's current, unexpired lease held by
-        the sending agent; a re-sent result that is stored already is acknowledged as
-        stored. The write runs on the store writer; the lease cannot expire meanwhile."""
+        the sending agent, or under the sender's own lease that ran out while the task
+        was not re-leased to anyone else since (a result finished while the agent or
+        the coordinator was away); a re-sent result that is stored already is
+        acknowledged as stored. The write runs on the store writer; the lease cannot
+        expire meanwhile."""
         session.last_heartbeat = self.clock()  # a result, too, says the agent is there
         lease = self.leases.get(result.task_id)
         if (
@@ -428,6 +470,9 @@ class Scheduler:
             lease = self.leases.get(result.task_id)
         now = self.clock()
         task = self.tasks.get(result.task_id)
+        late = self._lapsed_lease_of(session, result)
+        if task is not None and late is not None and self._reinstate(task, lease, late):
+            lease = late
         reason = ""
         if task is None or lease is None:
             reason = "no lease in force for this task"
@@ -435,15 +480,18 @@ class Scheduler:
             reason = "lease superseded"
         elif lease.agent_id != session.agent_id:
             reason = "lease held by another agent"
-        elif lease.expires_at < now:
+        elif lease.expires_at < now and lease is not late:
             reason = "lease expired"
         if reason or task is None or lease is None:
             if reason != "lease held by another agent" and await self.writer.run(
                 self._already_stored, session.agent_id, result
             ):
+                log.info("result for %s from %s was stored already", result.task_id, session.name)
                 return AckMessage(result.task_id, result.attempt, True, duplicate=True)
             log.warning("refused result for %s from %s: %s", result.task_id, session.name, reason)
             self.events.result_refused(reason)
+            if late is not None:  # the sender's own attempt: its record says why
+                self._end_attempt(late, "refused", reason)
             return AckMessage(result.task_id, result.attempt, False, reason)
         lease.storing = storing = asyncio.Event()
         arrived = time.monotonic()
@@ -454,14 +502,70 @@ class Scheduler:
             storing.set()
         self.events.result_stored(time.monotonic() - arrived)
         self._release(lease)
+        self._end_attempt(lease, "result" if result.ok else "failed", result.error_kind)
         task.status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
-        self.tasks.pop(task.task_id, None)
-        self.lost_by.pop(task.task_id, None)
+        self._forget(task.task_id)
         outcome = "done" if result.ok else f"failed ({result.error_kind}: {result.error_message})"
+        if lease is late:
+            outcome += f" (attempt {lease.attempt}, delivered after its lease ran out)"
+        log.info("result for %s from %s stored: %s", task.task_id, session.name, outcome)
         self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
         self._check_campaign(task.campaign_id)
         self.dispatch()
         return AckMessage(result.task_id, result.attempt, True)
+
+    def _lapsed_lease_of(self, session: AgentSession, result: MeasurementResult) -> Lease | None:
+        """The sender's own lease for this result that ran out, if there was one."""
+        for lease in self.lapsed.get(result.task_id, ()):
+            if (lease.lease_id, lease.attempt, lease.agent_id) == (
+                result.lease_id,
+                result.attempt,
+                session.agent_id,
+            ):
+                return lease
+        return None
+
+    def _reinstate(self, task: TaskRecord, current: Lease | None, late: Lease) -> bool:
+        """Whether a result under the lapsed lease ``late`` can still be accepted: the
+        task waits in the queue, or it was leased again to the same agent (which then
+        measures it needlessly: that newer lease is superseded and cancelled). The
+        task's record goes back to the lapsed lease, so that the result is stored under
+        the lease it was measured under."""
+        if current is not None:
+            if current.agent_id != late.agent_id or current.storing is not None:
+                return False
+            holder = self.sessions.get(current.agent_id)
+            if holder is not None and holder.connected:
+                holder.outbox.put_nowait(CancelMessage(current.task_id, current.lease_id))
+            self._release(current)
+            self._end_attempt(current, "superseded", f"attempt {late.attempt} delivered late")
+        elif task in self.pending:
+            self.pending.remove(task)
+        else:
+            return False
+        self.leases[task.task_id] = late
+        task.status, task.attempt = TaskStatus.ASSIGNED, late.attempt
+        task.lease_id, task.agent_id = late.lease_id, late.agent_id
+        self.writer.post(
+            self.store.update_task,
+            task.task_id,
+            status=TaskStatus.ASSIGNED,
+            attempt=late.attempt,
+            lease_id=late.lease_id,
+            agent_id=late.agent_id,
+        )
+        return True
+
+    def _end_attempt(self, lease: Lease, outcome: str, reason: str = "") -> None:
+        self.writer.post(
+            self.store.end_attempt, lease.task_id, lease.attempt, self.clock(), outcome, reason
+        )
+
+    def _forget(self, task_id: str) -> None:
+        """A task is finished: drop what the scheduler kept about it."""
+        self.tasks.pop(task_id, None)
+        self.lost_by.pop(task_id, None)
+        self.lapsed.pop(task_id, None)
 
     def _already_stored(self, agent_id: str, result: MeasurementResult) -> bool:
         """Whether this very result (task, attempt, lease, agent) is in the store."""
@@ -493,18 +597,20 @@ class Scheduler:
             self.dispatch()
         return len(expired)
 
-    def _lease_lost(self, lease: Lease, why: str) -> None:
-        """The holder of ``lease`` will not deliver: re-queue its task, or fail it after
-        ``max_attempts``."""
+    def _lease_lost(self, lease: Lease, why: str, outcome: str = "lost", detail: str = "") -> None:
+        """The holder of ``lease`` will not deliver (``why``): re-queue its task, or
+        fail it after ``max_attempts``. Its attempt is recorded with ``outcome``."""
         task = self.tasks[lease.task_id]
         self._release(lease)
+        self._end_attempt(lease, outcome, f"{why}: {detail}" if detail else why)
         self.lost_by.setdefault(task.task_id, set()).add(lease.agent_id)
+        if why == "lease expired":  # its result may still come (see accept_result)
+            self.lapsed.setdefault(task.task_id, []).append(lease)
         if task.attempt >= self.max_attempts:
             error = LeaseExpired(f"{why} {task.attempt} times; giving up")
             self.writer.post(self.store.record_failure, task, error.kind, str(error))
             task.status = TaskStatus.FAILED
-            del self.tasks[task.task_id]
-            self.lost_by.pop(task.task_id, None)
+            self._forget(task.task_id)
             self._notify(task, f"{_label(task)}: failed ({error})")
             self._check_campaign(task.campaign_id)
         else:

@@ -39,3 +39,6 @@ MAX_INT64 = 2**63 - 1
 MAX_RECONNECT_DELAY_S = 30.0
 # An agent whose last heartbeat is older than this many heartbeat intervals gets no work.
 SILENT_AFTER_HEARTBEATS = 3
+# How long `campaign run` / `campaign watch` keep re-attaching to a coordinator that
+# went away (e.g. to restart) before giving up.
+REATTACH_TIMEOUT_S = 600.0

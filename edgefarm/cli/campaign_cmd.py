@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -17,6 +18,12 @@ from edgefarm.cli.options import (
 )
 from edgefarm.home import default_store_url, edgefarm_home
 from edgefarm.logging_setup import configure_logging
+from edgefarm.wire_limits import REATTACH_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from results.records import AttemptRecord, TaskRecord
 
 
 @click.group()
@@ -36,6 +43,15 @@ def campaign() -> None:
 @client_tls_options
 @click.option("--dry-run", is_flag=True, help="Validate and show the sweep; run nothing.")
 @click.option("--fresh", is_flag=True, help="Re-measure even when identical results exist.")
+@click.option(
+    "--reattach-timeout",
+    type=click.FloatRange(min=0),
+    default=REATTACH_TIMEOUT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a --coordinator that went away (e.g. restarted) before "
+    "giving up; the campaign is re-attached, never submitted twice.",
+)
 @store_option
 @home_option
 @verbose_option
@@ -48,6 +64,7 @@ def run(
     tls_key: str | None,
     dry_run: bool,
     fresh: bool,
+    reattach_timeout: float,
     store_url: str | None,
     home: str | None,
     verbose: int,
@@ -67,7 +84,12 @@ def run(
         return
     if coordinator:
         run_campaign(
-            coordinator, token, path, fresh=fresh, tls=client_tls(tls_ca, tls_cert, tls_key)
+            coordinator,
+            token,
+            path,
+            fresh=fresh,
+            tls=client_tls(tls_ca, tls_cert, tls_key),
+            reattach_s=reattach_timeout,
         )
         return
     # The local farm is plaintext on loopback: the --tls-* settings are for --coordinator.
@@ -76,6 +98,50 @@ def run(
     base = edgefarm_home(home)
     with LocalFarm(home=base, store_url=store_url or default_store_url(base), token=token) as farm:
         run_campaign(farm.address, token, path, fresh=fresh)
+
+
+@campaign.command()
+@click.argument("campaign_id")
+@click.option("--coordinator", required=True, metavar="HOST:PORT", help="The coordinator.")
+@token_option
+@client_tls_options
+@click.option(
+    "--reattach-timeout",
+    type=click.FloatRange(min=0),
+    default=REATTACH_TIMEOUT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a coordinator that went away before giving up.",
+)
+@verbose_option
+def watch(
+    campaign_id: str,
+    coordinator: str,
+    token: str,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    reattach_timeout: float,
+    verbose: int,
+) -> None:
+    """Follow a running campaign to its end (re-attaching after coordinator restarts),
+    then print its results table. Exits non-zero when a task failed."""
+    from coordinator.client import ControlClient
+    from coordinator.runner import follow
+    from edgefarm.cli.tables import print_tables, results_tables
+    from edgefarm.errors import CampaignFailed
+
+    configure_logging(verbose)
+    tls = client_tls(tls_ca, tls_cert, tls_key)
+    with ControlClient(coordinator, token, tls=tls) as client:
+        final = follow(client, campaign_id, reattach_timeout)
+        rows = client.results(campaign_id=final.campaign_id)
+    print_tables(results_tables(rows, title=f"campaign {final.campaign_id}"))
+    if final.tasks_failed:
+        raise CampaignFailed(
+            f"campaign {final.campaign_id}: {final.tasks_failed} of {final.tasks_total} "
+            "tasks failed"
+        )
 
 
 def _store(store_url: str | None, home: str | None):  # type: ignore[no-untyped-def]
@@ -89,17 +155,72 @@ def _store(store_url: str | None, home: str | None):  # type: ignore[no-untyped-
 @store_option
 @home_option
 def status(campaign_id: str, store_url: str | None, home: str | None) -> None:
-    """Show a campaign's state and task counts (read from the store)."""
+    """Show a campaign's state, task counts, each task's attempts and, while it runs,
+    an ETA from the measured task durations (read from the store)."""
+    from edgefarm.cli.tables import print_tables
+    from edgefarm.domain import CampaignStatus
     from edgefarm.errors import UsageError
+    from results.progress import describe_eta, estimate_eta
 
     with _store(store_url, home) as store:
         record = store.get_campaign(campaign_id)
         if record is None:
             raise UsageError(f"no campaign '{campaign_id}' in {store.url}")
         counts = store.campaign_counts(record.campaign_id)
+        task_records = store.tasks_for_campaign(record.campaign_id)
+        attempts = store.attempts_for_campaign(record.campaign_id)
+        names = {i.agent_id: i.agent_name for i in store.agent_identities()}
+        names.update({d.agent_id: d.agent_name for d in store.list_devices_seen()})
     click.echo(f"campaign {record.campaign_id} ({record.name}): {record.status}")
+    if record.error:
+        click.echo(f"error: {record.error}")
     click.echo("tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v))
     click.echo(f"conversions: {record.conversions_run} run, {record.conversions_cached} cached")
+    if record.status == CampaignStatus.RUNNING:
+        click.echo(describe_eta(estimate_eta(task_records, attempts)))
+    if task_records:
+        print_tables([_attempts_table(task_records, attempts, names)])
+
+
+def _attempts_table(
+    task_records: list[TaskRecord], attempts: list[AttemptRecord], names: dict[str, str]
+) -> Table:
+    """One row per task: its variant, device, status and every attempt."""
+    import time
+
+    from rich.table import Table
+
+    from results.progress import format_duration
+
+    now = time.time()
+    by_task: dict[str, list[AttemptRecord]] = {}
+    for a in attempts:
+        by_task.setdefault(a.task_id, []).append(a)
+    table = Table()
+    for name in ("task", "variant", "device", "status", "attempts", "agent", "outcome"):
+        table.add_column(name)
+    table.add_column("duration", justify="right")
+    for t in task_records:
+        tried = by_task.get(t.task_id, [])
+        agents, outcomes, durations = [], [], []
+        for a in tried:
+            agents.append(f"#{a.attempt} {names.get(a.agent_id, a.agent_id[:12] or '?')}")
+            outcomes.append(f"{a.outcome}: {a.reason}" if a.reason else a.outcome)
+            if a.outcome == "running" and a.started_at > 0:
+                durations.append(f"{format_duration(max(0.0, now - a.started_at))} so far")
+            else:
+                durations.append(format_duration(a.duration_s))
+        table.add_row(
+            t.task_id[:8],
+            f"{t.model}/{t.backend}/{t.scheme}",
+            t.device_name or t.device_id,
+            str(t.status),
+            str(len(tried)),
+            "\n".join(agents) or "-",
+            "\n".join(outcomes) or "-",
+            "\n".join(durations) or "-",
+        )
+    return table
 
 
 @campaign.command(name="list")

@@ -365,3 +365,105 @@ def test_lapsed_lease_goes_to_another_agent_first(setup) -> None:  # type: ignor
     assert [type(m) for m in drain(qa)] == [CancelMessage]  # not handed back to a...
     (moved,) = drain(qb)  # ...but to b, although a registered first
     assert moved.assignment.task_id == "t1" and moved.assignment.attempt == 2
+
+
+def outcomes(store: ResultsStore, task_id: str) -> list[tuple[int, str]]:
+    return [(a.attempt, a.outcome) for a in store.attempts_for_task(task_id)]
+
+
+def test_draining_agent_gets_no_new_work(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    sched.heartbeat(a, "", "", draining=True)
+    start(sched, store, [task(1)])
+    assert drain(qa) == []
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qb = sched.connect(b)
+    (msg,) = drain(qb)
+    assert msg.assignment.task_id == "t1"
+
+
+def test_abandoned_task_moves_at_once_and_is_recorded(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (first,) = drain(qa)
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qb = sched.connect(b)
+    assert not sched.abandon(b, "t1", first.assignment.lease_id, "not mine")  # not its lease
+    sched.heartbeat(a, "t1", first.assignment.lease_id, draining=True)
+    assert sched.abandon(a, "t1", first.assignment.lease_id, "drain timeout")
+    (moved,) = drain(qb)  # no lease expiry to wait for
+    assert moved.assignment.attempt == 2
+    assert accept(sched, b, ok_result(moved, b.agent_id)).accepted
+    (abandoned, done) = store.attempts_for_task("t1")
+    assert (abandoned.outcome, abandoned.agent_id) == ("abandoned", a.agent_id)
+    assert "drain timeout" in abandoned.reason and abandoned.ended_at is not None
+    assert (done.outcome, done.agent_id) == ("result", b.agent_id)
+
+
+def test_result_after_lapsed_lease_is_accepted_while_not_re_leased(setup) -> None:  # type: ignore[no-untyped-def]
+    """The agent (or the coordinator) was away past the lease; nobody else took the
+    task meanwhile: the finished result is still good."""
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (msg,) = drain(qa)
+    sched.disconnect(a)
+    clock.now += 11
+    assert sched.expire_leases() == 1
+    assert [t.task_id for t in sched.pending] == ["t1"]
+    ack = accept(sched, a, ok_result(msg, a.agent_id))
+    assert ack.accepted and not ack.duplicate
+    assert sched.pending == [] and not sched.leases
+    assert store.get_task("t1").status == TaskStatus.DONE
+    assert outcomes(store, "t1") == [(1, "result")]
+    again = accept(sched, a, ok_result(msg, a.agent_id))  # its ack was lost: re-sent
+    assert again.accepted and again.duplicate
+    assert len(store.query_results()) == 1
+
+
+def test_late_result_supersedes_the_same_agents_new_lease(setup) -> None:  # type: ignore[no-untyped-def]
+    """On reconnecting, the agent was handed its task again before its re-sent result
+    arrived: the result is accepted and the needless new lease is cancelled."""
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (first,) = drain(qa)
+    sched.disconnect(a)
+    clock.now += 11
+    sched.expire_leases()
+    qa = sched.connect(a)  # back: t1 goes to it again (no other agent)
+    (again,) = drain(qa)
+    assert again.assignment.task_id == "t1" and again.assignment.attempt == 2
+    assert accept(sched, a, ok_result(first, a.agent_id)).accepted
+    (cancel,) = drain(qa)
+    assert isinstance(cancel, CancelMessage) and cancel.lease_id == again.assignment.lease_id
+    assert not sched.leases and a.lease_id is None
+    assert outcomes(store, "t1") == [(1, "result"), (2, "superseded")]
+    rows = store.query_results()
+    assert len(rows) == 1 and rows[0]["attempt"] == 1
+
+
+def test_late_result_is_refused_once_another_agent_holds_the_task(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    (first,) = drain(qa)
+    b = sched.register("b", "dev-a", {}, caps("dev-a"))
+    qb = sched.connect(b)
+    clock.now += 11
+    sched.heartbeat(b, "", "")
+    sched.expire_leases()
+    (moved,) = drain(qb)
+    late = accept(sched, a, ok_result(first, a.agent_id))
+    assert not late.accepted and late.reason == "lease superseded"
+    assert accept(sched, b, ok_result(moved, b.agent_id)).accepted
+    (refused, done) = store.attempts_for_task("t1")
+    assert (refused.outcome, refused.reason) == ("refused", "lease superseded")
+    assert done.outcome == "result"

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.edgefarm.v1 import common_pb2 as protos_dot_edgefarm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgefarm/v1/agent.proto\x12\x0b\x65\x64gefarm.v1\x1a\x1fprotos/edgefarm/v1/common.proto\"\x93\x02\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.edgefarm.v1.RegisterRequest.LabelsEntry\x12\x35\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x1f.edgefarm.v1.DeviceCapabilities\x12\x12\n\ncredential\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x18\n\x10lease_duration_s\x18\x04 \x01(\x01\x12\x1b\n\x13\x63oordinator_version\x18\x05 \x01(\t\x12\x12\n\ncredential\x18\x06 \x01(\t\x12+\n\x06limits\x18\x07 \x01(\x0b\x32\x1b.edgefarm.v1.ProtocolLimits\"\xcf\x01\n\x0eProtocolLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x12\n\nmax_trials\x18\x02 \x01(\r\x12\x1d\n\x15max_samples_per_trial\x18\x03 \x01(\r\x12\x1e\n\x16max_samples_per_result\x18\x04 \x01(\r\x12\x18\n\x10max_string_bytes\x18\x05 \x01(\r\x12\x17\n\x0fmax_map_entries\x18\x06 \x01(\r\x12\x1c\n\x14max_example_outcomes\x18\x07 \x01(\r\"\xc2\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.edgefarm.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.edgefarm.v1.HeartbeatH\x00\x12-\n\x08progress\x18\x03 \x01(\x0b\x32\x19.edgefarm.v1.TaskProgressH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.edgefarm.v1.TaskResultH\x00\x42\x06\n\x04\x62ody\"0\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\".\n\tHeartbeat\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"_\n\x0cTaskProgress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05trial\x18\x04 \x01(\r\x12\x0e\n\x06trials\x18\x05 \x01(\r\"\xa1\x01\n\x12\x43oordinatorMessage\x12\x31\n\nassignment\x18\x01 \x01(\x0b\x32\x1b.edgefarm.v1.TaskAssignmentH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.edgefarm.v1.ResultAckH\x00\x12)\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x17.edgefarm.v1.CancelTaskH\x00\x42\x06\n\x04\x62ody\"\x99\x03\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1a\n\x12lease_expires_unix\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61mpaign_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06scheme\x18\x08 \x01(\t\x12*\n\x08\x61rtifact\x18\t \x01(\x0b\x32\x18.edgefarm.v1.ArtifactRef\x12+\n\teval_data\x18\n \x01(\x0b\x32\x18.edgefarm.v1.ArtifactRef\x12.\n\x08settings\x18\x0b \x01(\x0b\x32\x1c.edgefarm.v1.MeasureSettings\x12\x39\n\x07options\x18\x0c \x03(\x0b\x32(.edgefarm.v1.TaskAssignment.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"/\n\nCancelTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"_\n\x14\x46\x65tchArtifactRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xf4\x01\n\x0c\x41gentGateway\x12G\n\x08Register\x12\x1c.edgefarm.v1.RegisterRequest\x1a\x1d.edgefarm.v1.RegisterResponse\x12I\n\x07\x43onnect\x12\x19.edgefarm.v1.AgentMessage\x1a\x1f.edgefarm.v1.CoordinatorMessage(\x01\x30\x01\x12P\n\rFetchArtifact\x12!.edgefarm.v1.FetchArtifactRequest\x1a\x1a.edgefarm.v1.ArtifactChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/edgefarm/v1/agent.proto\x12\x0b\x65\x64gefarm.v1\x1a\x1fprotos/edgefarm/v1/common.proto\"\x93\x02\n\x0fRegisterRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x38\n\x06labels\x18\x05 \x03(\x0b\x32(.edgefarm.v1.RegisterRequest.LabelsEntry\x12\x35\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x1f.edgefarm.v1.DeviceCapabilities\x12\x12\n\ncredential\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd1\x01\n\x10RegisterResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x18\n\x10lease_duration_s\x18\x04 \x01(\x01\x12\x1b\n\x13\x63oordinator_version\x18\x05 \x01(\t\x12\x12\n\ncredential\x18\x06 \x01(\t\x12+\n\x06limits\x18\x07 \x01(\x0b\x32\x1b.edgefarm.v1.ProtocolLimits\"\xcf\x01\n\x0eProtocolLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x12\n\nmax_trials\x18\x02 \x01(\r\x12\x1d\n\x15max_samples_per_trial\x18\x03 \x01(\r\x12\x1e\n\x16max_samples_per_result\x18\x04 \x01(\r\x12\x18\n\x10max_string_bytes\x18\x05 \x01(\r\x12\x17\n\x0fmax_map_entries\x18\x06 \x01(\r\x12\x1c\n\x14max_example_outcomes\x18\x07 \x01(\r\"\xf3\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.edgefarm.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.edgefarm.v1.HeartbeatH\x00\x12-\n\x08progress\x18\x03 \x01(\x0b\x32\x19.edgefarm.v1.TaskProgressH\x00\x12)\n\x06result\x18\x04 \x01(\x0b\x32\x17.edgefarm.v1.TaskResultH\x00\x12/\n\tabandoned\x18\x05 \x01(\x0b\x32\x1a.edgefarm.v1.TaskAbandonedH\x00\x42\x06\n\x04\x62ody\"0\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\"@\n\tHeartbeat\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"S\n\rTaskAbandoned\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x0e\n\x06reason\x18\x04 \x01(\t\"_\n\x0cTaskProgress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\r\n\x05trial\x18\x04 \x01(\r\x12\x0e\n\x06trials\x18\x05 \x01(\r\"\xa1\x01\n\x12\x43oordinatorMessage\x12\x31\n\nassignment\x18\x01 \x01(\x0b\x32\x1b.edgefarm.v1.TaskAssignmentH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.edgefarm.v1.ResultAckH\x00\x12)\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x17.edgefarm.v1.CancelTaskH\x00\x42\x06\n\x04\x62ody\"\x99\x03\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1a\n\x12lease_expires_unix\x18\x04 \x01(\x01\x12\x13\n\x0b\x63\x61mpaign_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x0e\n\x06scheme\x18\x08 \x01(\t\x12*\n\x08\x61rtifact\x18\t \x01(\x0b\x32\x18.edgefarm.v1.ArtifactRef\x12+\n\teval_data\x18\n \x01(\x0b\x32\x18.edgefarm.v1.ArtifactRef\x12.\n\x08settings\x18\x0b \x01(\x0b\x32\x1c.edgefarm.v1.MeasureSettings\x12\x39\n\x07options\x18\x0c \x03(\x0b\x32(.edgefarm.v1.TaskAssignment.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"b\n\tResultAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tduplicate\x18\x05 \x01(\x08\"/\n\nCancelTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"_\n\x14\x46\x65tchArtifactRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xf4\x01\n\x0c\x41gentGateway\x12G\n\x08Register\x12\x1c.edgefarm.v1.RegisterRequest\x1a\x1d.edgefarm.v1.RegisterResponse\x12I\n\x07\x43onnect\x12\x19.edgefarm.v1.AgentMessage\x1a\x1f.edgefarm.v1.CoordinatorMessage(\x01\x30\x01\x12P\n\rFetchArtifact\x12!.edgefarm.v1.FetchArtifactRequest\x1a\x1a.edgefarm.v1.ArtifactChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,27 +45,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROTOCOLLIMITS']._serialized_start=571
   _globals['_PROTOCOLLIMITS']._serialized_end=778
   _globals['_AGENTMESSAGE']._serialized_start=781
-  _globals['_AGENTMESSAGE']._serialized_end=975
-  _globals['_HELLO']._serialized_start=977
-  _globals['_HELLO']._serialized_end=1025
-  _globals['_HEARTBEAT']._serialized_start=1027
-  _globals['_HEARTBEAT']._serialized_end=1073
-  _globals['_TASKPROGRESS']._serialized_start=1075
-  _globals['_TASKPROGRESS']._serialized_end=1170
-  _globals['_COORDINATORMESSAGE']._serialized_start=1173
-  _globals['_COORDINATORMESSAGE']._serialized_end=1334
-  _globals['_TASKASSIGNMENT']._serialized_start=1337
-  _globals['_TASKASSIGNMENT']._serialized_end=1746
-  _globals['_TASKASSIGNMENT_OPTIONSENTRY']._serialized_start=1700
-  _globals['_TASKASSIGNMENT_OPTIONSENTRY']._serialized_end=1746
-  _globals['_RESULTACK']._serialized_start=1748
-  _globals['_RESULTACK']._serialized_end=1846
-  _globals['_CANCELTASK']._serialized_start=1848
-  _globals['_CANCELTASK']._serialized_end=1895
-  _globals['_FETCHARTIFACTREQUEST']._serialized_start=1897
-  _globals['_FETCHARTIFACTREQUEST']._serialized_end=1992
-  _globals['_ARTIFACTCHUNK']._serialized_start=1994
-  _globals['_ARTIFACTCHUNK']._serialized_end=2075
-  _globals['_AGENTGATEWAY']._serialized_start=2078
-  _globals['_AGENTGATEWAY']._serialized_end=2322
+  _globals['_AGENTMESSAGE']._serialized_end=1024
+  _globals['_HELLO']._serialized_start=1026
+  _globals['_HELLO']._serialized_end=1074
+  _globals['_HEARTBEAT']._serialized_start=1076
+  _globals['_HEARTBEAT']._serialized_end=1140
+  _globals['_TASKABANDONED']._serialized_start=1142
+  _globals['_TASKABANDONED']._serialized_end=1225
+  _globals['_TASKPROGRESS']._serialized_start=1227
+  _globals['_TASKPROGRESS']._serialized_end=1322
+  _globals['_COORDINATORMESSAGE']._serialized_start=1325
+  _globals['_COORDINATORMESSAGE']._serialized_end=1486
+  _globals['_TASKASSIGNMENT']._serialized_start=1489
+  _globals['_TASKASSIGNMENT']._serialized_end=1898
+  _globals['_TASKASSIGNMENT_OPTIONSENTRY']._serialized_start=1852
+  _globals['_TASKASSIGNMENT_OPTIONSENTRY']._serialized_end=1898
+  _globals['_RESULTACK']._serialized_start=1900
+  _globals['_RESULTACK']._serialized_end=1998
+  _globals['_CANCELTASK']._serialized_start=2000
+  _globals['_CANCELTASK']._serialized_end=2047
+  _globals['_FETCHARTIFACTREQUEST']._serialized_start=2049
+  _globals['_FETCHARTIFACTREQUEST']._serialized_end=2144
+  _globals['_ARTIFACTCHUNK']._serialized_start=2146
+  _globals['_ARTIFACTCHUNK']._serialized_end=2227
+  _globals['_AGENTGATEWAY']._serialized_start=2230
+  _globals['_AGENTGATEWAY']._serialized_end=2474
 # @@protoc_insertion_point(module_scope)

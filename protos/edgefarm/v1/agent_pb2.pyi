@@ -196,6 +196,7 @@ class AgentMessage(google.protobuf.message.Message):
     HEARTBEAT_FIELD_NUMBER: builtins.int
     PROGRESS_FIELD_NUMBER: builtins.int
     RESULT_FIELD_NUMBER: builtins.int
+    ABANDONED_FIELD_NUMBER: builtins.int
     @property
     def hello(self) -> global___Hello: ...
     @property
@@ -204,6 +205,8 @@ class AgentMessage(google.protobuf.message.Message):
     def progress(self) -> global___TaskProgress: ...
     @property
     def result(self) -> protos.edgefarm.v1.common_pb2.TaskResult: ...
+    @property
+    def abandoned(self) -> global___TaskAbandoned: ...
     def __init__(
         self,
         *,
@@ -211,10 +214,11 @@ class AgentMessage(google.protobuf.message.Message):
         heartbeat: global___Heartbeat | None = ...,
         progress: global___TaskProgress | None = ...,
         result: protos.edgefarm.v1.common_pb2.TaskResult | None = ...,
+        abandoned: global___TaskAbandoned | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "progress", b"progress", "result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "progress", b"progress", "result", b"result"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["body", b"body"]) -> typing.Literal["hello", "heartbeat", "progress", "result"] | None: ...
+    def HasField(self, field_name: typing.Literal["abandoned", b"abandoned", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "progress", b"progress", "result", b"result"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["abandoned", b"abandoned", "body", b"body", "heartbeat", b"heartbeat", "hello", b"hello", "progress", b"progress", "result", b"result"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["body", b"body"]) -> typing.Literal["hello", "heartbeat", "progress", "result", "abandoned"] | None: ...
 
 global___AgentMessage = AgentMessage
 
@@ -250,18 +254,56 @@ class Heartbeat(google.protobuf.message.Message):
 
     TASK_ID_FIELD_NUMBER: builtins.int
     LEASE_ID_FIELD_NUMBER: builtins.int
+    DRAINING_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """Task being worked on and its lease id, both empty when idle."""
     lease_id: builtins.str
+    draining: builtins.bool
+    """The agent is stopping (e.g. on SIGTERM): it finishes the task in hand, delivers
+    its result and takes no new assignment. The coordinator assigns it nothing while
+    this is set. Stays set in every later heartbeat until the stream ends.
+    """
     def __init__(
         self,
         *,
         task_id: builtins.str = ...,
         lease_id: builtins.str = ...,
+        draining: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["lease_id", b"lease_id", "task_id", b"task_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["draining", b"draining", "lease_id", b"lease_id", "task_id", b"task_id"]) -> None: ...
 
 global___Heartbeat = Heartbeat
+
+@typing.final
+class TaskAbandoned(google.protobuf.message.Message):
+    """The agent gives up the task in hand without a result (e.g. it is stopping and its
+    --drain-timeout ran out). The coordinator ends the lease at once and re-queues the
+    task for another agent (this attempt counts, and is recorded as "abandoned"), instead
+    of waiting for the lease to expire. Ignored unless the lease is the sender's own.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: builtins.int
+    LEASE_ID_FIELD_NUMBER: builtins.int
+    ATTEMPT_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    task_id: builtins.str
+    lease_id: builtins.str
+    attempt: builtins.int
+    reason: builtins.str
+    """Why, for the attempt record and logs (at most 1024 bytes)."""
+    def __init__(
+        self,
+        *,
+        task_id: builtins.str = ...,
+        lease_id: builtins.str = ...,
+        attempt: builtins.int = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["attempt", b"attempt", "lease_id", b"lease_id", "reason", b"reason", "task_id", b"task_id"]) -> None: ...
+
+global___TaskAbandoned = TaskAbandoned
 
 @typing.final
 class TaskProgress(google.protobuf.message.Message):

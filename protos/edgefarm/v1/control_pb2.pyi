@@ -54,6 +54,7 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
     SERIES_FIELD_NUMBER: builtins.int
     SEED_FIELD_NUMBER: builtins.int
     FILES_FIELD_NUMBER: builtins.int
+    SUBMISSION_ID_FIELD_NUMBER: builtins.int
     token: builtins.str
     spec_yaml: builtins.str
     """The spec's text, at most MAX_SPEC_BYTES (1048576) bytes."""
@@ -71,6 +72,13 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
     """
     seed: builtins.int
     """Seed of the randomised block order."""
+    submission_id: builtins.str
+    """The client's own id for this submission (at most 64 printable ASCII bytes; a
+    random UUID is right). The campaign is stored under it before any preparation
+    starts; submitting again with the same id (e.g. after the coordinator restarted
+    mid-call) attaches to that campaign instead of creating another: the reply comes
+    when its preparation is done. Empty: every submission is a new campaign.
+    """
     @property
     def series(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Only these series ("model/backend/scheme@device_id"); empty: every series."""
@@ -94,8 +102,9 @@ class SubmitCampaignRequest(google.protobuf.message.Message):
         series: collections.abc.Iterable[builtins.str] | None = ...,
         seed: builtins.int = ...,
         files: collections.abc.Mapping[builtins.str, global___SpecFile] | None = ...,
+        submission_id: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["baseline_campaign_id", b"baseline_campaign_id", "blocks", b"blocks", "files", b"files", "fresh", b"fresh", "seed", b"seed", "series", b"series", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["baseline_campaign_id", b"baseline_campaign_id", "blocks", b"blocks", "files", b"files", "fresh", b"fresh", "seed", b"seed", "series", b"series", "spec_name", b"spec_name", "spec_yaml", b"spec_yaml", "submission_id", b"submission_id", "token", b"token"]) -> None: ...
 
 global___SubmitCampaignRequest = SubmitCampaignRequest
 
