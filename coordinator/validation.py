@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from array import array
 from collections.abc import Iterable, Mapping
 
@@ -29,6 +30,8 @@ from protos.edgefarm.v1 import agent_pb2, common_pb2
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _ID_BYTES = MAX_NAME_BYTES  # task, lease and session ids are short
+# How far an agent's clock may run ahead of the coordinator's in measurement times.
+MAX_CLOCK_AHEAD_S = 86_400.0
 
 
 def _too_long(value: str, limit: int = MAX_STRING_BYTES) -> bool:
@@ -119,9 +122,10 @@ def check_samples(result: MeasurementResult) -> str | None:
     return None
 
 
-def check_result(result: common_pb2.TaskResult) -> str | None:
+def check_result(result: common_pb2.TaskResult, now: float | None = None) -> str | None:
     """A TaskResult is within the limits and its figures other than the samples are
-    finite (the samples: :func:`check_samples`, once decoded)."""
+    finite (the samples: :func:`check_samples`, once decoded); its measurement times
+    pass :func:`check_measure_times` against ``now`` (default: the current time)."""
     problem = _check_strings(
         [("task_id", result.task_id), ("lease_id", result.lease_id)], _ID_BYTES
     ) or _check_strings(
@@ -161,9 +165,29 @@ def check_result(result: common_pb2.TaskResult) -> str | None:
         )
     if result.example_outcomes.translate(None, b"\x00\x01"):
         return "example_outcomes holds a byte other than 0 or 1"
-    return _check_map("accuracy", result.accuracy, numbers=True) or _check_map(
-        "environment", result.environment
+    return (
+        check_measure_times(result.measure_started_at, result.measure_ended_at, now)
+        or _check_map("accuracy", result.accuracy, numbers=True)
+        or _check_map("environment", result.environment)
     )
+
+
+def check_measure_times(started_at: float, ended_at: float, now: float | None = None) -> str | None:
+    """Measurement start / end (unix seconds, agent clock, 0 = unknown): finite,
+    non-negative, start <= end when both are set, at most :data:`MAX_CLOCK_AHEAD_S`
+    ahead of ``now`` (default: this machine's clock)."""
+    current = time.time() if now is None else now
+    for name, value in (("measure_started_at", started_at), ("measure_ended_at", ended_at)):
+        if not math.isfinite(value) or value < 0:
+            return f"{name} must be a finite, non-negative number of unix seconds (0: unknown)"
+        if value - current > MAX_CLOCK_AHEAD_S:
+            return (
+                f"{name} is {value - current:.0f} s ahead of the coordinator's clock "
+                f"(at most {MAX_CLOCK_AHEAD_S:.0f} s)"
+            )
+    if started_at and ended_at and started_at > ended_at:
+        return f"measure_started_at ({started_at:.3f}) is after measure_ended_at ({ended_at:.3f})"
+    return None
 
 
 def check_sha256(value: str) -> str | None:

@@ -161,6 +161,8 @@ def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:
         model_size_bytes=r.model_size_bytes,
         environment=dict(r.environment),
         example_outcomes=bytes(r.example_outcomes),
+        measure_started_at=r.measure_started_at,
+        measure_ended_at=r.measure_ended_at,
     )
 
 
@@ -195,4 +197,6 @@ def result_from_pb(m: common_pb2.TaskResult, agent_id: str, device_id: str) -> M
         model_size_bytes=m.model_size_bytes,
         environment=dict(m.environment),
         example_outcomes=list(m.example_outcomes),
+        measure_started_at=m.measure_started_at,
+        measure_ended_at=m.measure_ended_at,
     )

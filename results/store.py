@@ -6,7 +6,8 @@ tables are in :mod:`results.schema`, record <-> row conversion in :mod:`results.
 
 Result rows (:meth:`ResultsStore.get_result`, :meth:`ResultsStore.query_results`) are
 plain dicts keyed by the columns of :data:`results.schema.results`, JSON columns decoded,
-``ok`` / ``valid`` as bools and NaN measurements as ``None``.
+``ok`` / ``valid`` as bools and NaN measurements as ``None`` (as are
+``measure_started_at`` / ``measure_ended_at`` when the agent did not report them).
 
 Errors: every database failure leaves the store as :class:`~edgefarm.errors.StoreError`
 with a one-line message; a store written by a newer edgefarm raises

@@ -410,6 +410,8 @@ class TaskResult(google.protobuf.message.Message):
     MODEL_SIZE_BYTES_FIELD_NUMBER: builtins.int
     ENVIRONMENT_FIELD_NUMBER: builtins.int
     EXAMPLE_OUTCOMES_FIELD_NUMBER: builtins.int
+    MEASURE_STARTED_AT_FIELD_NUMBER: builtins.int
+    MEASURE_ENDED_AT_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """task_id, attempt and lease_id of the TaskAssignment."""
     attempt: builtins.int
@@ -440,6 +442,17 @@ class TaskResult(google.protobuf.message.Message):
     one byte per example; lets two runs be compared pairwise on the same examples.
     Empty or exactly N bytes (classification only); at most
     MAX_EXAMPLE_OUTCOMES (1000000) bytes.
+    """
+    measure_started_at: builtins.float
+    """When the agent started the measurement (right before running the task's executor):
+    unix seconds on the agent's clock, 0 = unknown. Finite, non-negative and at most a
+    day (86400 s) ahead of the coordinator's clock, or the result is refused.
+    Stored with the result (results.measure_started_at; NULL when unknown).
+    """
+    measure_ended_at: builtins.float
+    """When the agent ended the measurement (right after the executor returned): unix
+    seconds on the agent's clock, 0 = unknown; the same bounds, and not before
+    measure_started_at when both are set. Stored as results.measure_ended_at.
     """
     @property
     def trials(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Trial]:
@@ -477,7 +490,9 @@ class TaskResult(google.protobuf.message.Message):
         model_size_bytes: builtins.int = ...,
         environment: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         example_outcomes: builtins.bytes = ...,
+        measure_started_at: builtins.float = ...,
+        measure_ended_at: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["accuracy", b"accuracy", "attempt", b"attempt", "backend_version", b"backend_version", "batch_size", b"batch_size", "environment", b"environment", "error_kind", b"error_kind", "error_message", b"error_message", "example_outcomes", b"example_outcomes", "lease_id", b"lease_id", "model_size_bytes", b"model_size_bytes", "ok", b"ok", "task_id", b"task_id", "trials", b"trials"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accuracy", b"accuracy", "attempt", b"attempt", "backend_version", b"backend_version", "batch_size", b"batch_size", "environment", b"environment", "error_kind", b"error_kind", "error_message", b"error_message", "example_outcomes", b"example_outcomes", "lease_id", b"lease_id", "measure_ended_at", b"measure_ended_at", "measure_started_at", b"measure_started_at", "model_size_bytes", b"model_size_bytes", "ok", b"ok", "task_id", b"task_id", "trials", b"trials"]) -> None: ...
 
 global___TaskResult = TaskResult
