@@ -9,6 +9,7 @@ coordinator starts its own local Ray. Plaintext by default (loopback only); with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -20,12 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import psutil
+
 from coordinator.client import ControlClient
 from edgefarm.errors import ConnectionFailed
 from edgefarm.transport import ClientTls, ServerTls
 
 LISTEN_LINE = re.compile(r"listening on (\S+:\d+)")
+METRICS_LINE = re.compile(r"coordinator metrics on (\S+:\d+)")
 START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 15.0  # a process SIGTERM did not end in this long is killed
+GONE_TIMEOUT_S = 15.0  # how long stop() waits for the coordinator's Ray processes to go
 
 
 @dataclass
@@ -41,7 +47,9 @@ class LocalFarm:
     agent_labels: dict[str, str] = field(default_factory=dict)
     server_tls: ServerTls | None = None  # the coordinator serves TLS
     client_tls: ClientTls | None = None  # how agents and client() dial it
+    metrics_listen: str | None = None  # the coordinator's --metrics-listen
     address: str = ""
+    metrics_address: str = ""  # where the coordinator serves metrics, once started
     coordinator_proc: subprocess.Popen[str] | None = None
     agent_procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     _logs: list[IO[str]] = field(default_factory=list)
@@ -91,6 +99,8 @@ class LocalFarm:
             cmd += ["--lease", str(self.lease_s)]
         if self.heartbeat_s is not None:
             cmd += ["--heartbeat", str(self.heartbeat_s)]
+        if self.metrics_listen is not None:
+            cmd += ["--metrics-listen", self.metrics_listen]
         if self.server_tls is not None:
             cmd += ["--tls-cert", str(self.server_tls.cert), "--tls-key", str(self.server_tls.key)]
             if self.server_tls.client_ca is not None:
@@ -107,11 +117,14 @@ class LocalFarm:
             line = proc.stdout.readline()
             if not line:
                 break
+            metrics = METRICS_LINE.search(line)
+            if metrics:
+                self.metrics_address = metrics.group(1)
             match = LISTEN_LINE.search(line)
             if match:
                 self.address = match.group(1)
                 return
-        proc.kill()
+        _kill_group(proc)
         raise ConnectionFailed(
             f"local coordinator did not start; see {self.log_dir / 'coordinator.log'}"
         )
@@ -202,32 +215,64 @@ class LocalFarm:
         proc.wait()
 
     def kill_coordinator(self) -> None:
-        """SIGKILL the coordinator (its local Ray is stopped too)."""
+        """SIGKILL the coordinator; returns once its local Ray's processes are gone too
+        (its watchdog stops them)."""
         proc = self.coordinator_proc
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            family = _descendants(proc.pid)
+            _kill_group(proc)
+            _wait_gone(family)
             self.coordinator_proc = None
 
     def stop(self) -> None:
-        """Stop every process: agents first, then the coordinator (SIGTERM, then SIGKILL)."""
-        procs = [*self.agent_procs.values()]
-        if self.coordinator_proc is not None:
-            procs.append(self.coordinator_proc)
-        for proc in procs:
+        """Stop every process: agents first, then the coordinator (SIGTERM, then SIGKILL
+        after :data:`STOP_TIMEOUT_S`); returns once the coordinator's Ray is gone."""
+        agents = [*self.agent_procs.values()]
+        for proc in agents:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in procs:
+        for proc in agents:
             try:
-                proc.wait(timeout=15)
+                proc.wait(timeout=STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
         self.agent_procs.clear()
-        self.coordinator_proc = None
+        coordinator, self.coordinator_proc = self.coordinator_proc, None
+        if coordinator is not None:
+            family = _descendants(coordinator.pid) if coordinator.poll() is None else []
+            if coordinator.poll() is None:
+                coordinator.terminate()
+            try:
+                coordinator.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                _kill_group(coordinator)
+            _wait_gone(family)
         for log in self._logs:
             log.close()
         self._logs.clear()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    """The processes under ``pid`` now (its local Ray, the Ray watchdog)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a process started in its own session, with its process group."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
+
+
+def _wait_gone(processes: list[psutil.Process]) -> None:
+    """Wait (up to :data:`GONE_TIMEOUT_S`) until ``processes`` have exited."""
+    if processes:
+        psutil.wait_procs(processes, timeout=GONE_TIMEOUT_S)
 
 
 def tls_args(tls: ClientTls | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The coordinator daemon: Ray, the store, the scheduler and both gRPC services."""
+"""The coordinator daemon: Ray, the store, the scheduler, both gRPC services, the gRPC
+health service and (optionally) Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -7,17 +8,29 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # no stub
 
 from coordinator.artifacts import ArtifactStore
 from coordinator.campaigns import CampaignPlanner
 from coordinator.control import ControlService
 from coordinator.gateway import AgentGateway
-from coordinator.preparation import Preparer, init_ray
-from coordinator.scheduler import HEARTBEAT_INTERVAL_S, LEASE_DURATION_S, MAX_ATTEMPTS, Scheduler
+from coordinator.metrics import CoordinatorMetrics, MetricsServer, serve_metrics
+from coordinator.preparation import Preparer
+from coordinator.ray_cluster import init_ray
+from coordinator.scheduler import (
+    HEARTBEAT_INTERVAL_S,
+    LEASE_DURATION_S,
+    MAX_ATTEMPTS,
+    CloseMessage,
+    Scheduler,
+)
 from coordinator.store_writer import StoreWriter
 from edgefarm.transport import ServerTls, is_loopback, server_credentials
 from edgefarm.wire_limits import MAX_MESSAGE_BYTES
@@ -27,6 +40,21 @@ from results.store import ResultsStore
 log = logging.getLogger(__name__)
 
 LEASE_CHECK_INTERVAL_S = 0.5
+STOP_GRACE_S = 5.0  # on SIGTERM, calls in flight (a result upload, a query) get this long
+# Health-checked names: the whole server ("") and each service.
+HEALTH_SERVICES = ("", "edgefarm.v1.AgentGateway", "edgefarm.v1.Control")
+
+
+class HealthServicer(Protocol):
+    """What the coordinator uses of ``grpc_health.v1.health.aio.HealthServicer``."""
+
+    async def set(self, service: str, status: int) -> None:
+        """Set ``service``'s status."""
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING from now on."""
+
+
 GIL_SWITCH_INTERVAL_S = 0.001
 PLAINTEXT_WARNING = (
     "INSECURE: serving plaintext gRPC on %s, reachable from other machines: the fleet "
@@ -63,11 +91,44 @@ class CoordinatorConfig:
     insecure: bool = False  # plaintext on a non-loopback address was asked for explicitly
     # Submitted specs may name file: paths under this folder (else only uploads count).
     model_root: Path | None = None
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics over HTTP
 
 
-async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int, Scheduler]:
-    """Build and start the gRPC server; returns (server, bound port, scheduler)."""
+@dataclass
+class Coordinator:
+    """A started coordinator: its gRPC server and what it serves."""
+
+    server: grpc.aio.Server
+    port: int
+    scheduler: Scheduler
+    health: HealthServicer
+    metrics: CoordinatorMetrics
+
+    async def shutdown(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop gracefully: report NOT_SERVING, stop leasing, let results being written
+        finish, close the agents' streams, stop the server (calls in flight get
+        ``grace_s``), end what is left on the loop and close the store. The lease
+        watcher must be stopped first."""
+        await self.health.enter_graceful_shutdown()
+        stop_leasing = getattr(self.scheduler, "stop_leasing", None)
+        if callable(stop_leasing):
+            stop_leasing()
+        await _results_written(self.scheduler, grace_s)
+        for session in self.scheduler.online_sessions():
+            # The stream ends with this status; the agent reconnects with backoff.
+            session.outbox.put_nowait(CloseMessage("UNAVAILABLE", "coordinator shutting down"))
+        await self.server.stop(grace_s)
+        await _end_leftover_tasks(grace_s)
+        self.scheduler.writer.close()
+        self.scheduler.store.close()
+
+
+async def start_coordinator(
+    config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None
+) -> Coordinator:
+    """Build and start the gRPC server (both services and the health service)."""
     credentials = server_credentials(config.tls) if config.tls is not None else None
+    metrics = metrics or CoordinatorMetrics()
     store = ResultsStore.open(config.store_url)
     artifacts = ArtifactStore(config.home / "artifacts")
     scheduler = Scheduler(
@@ -76,7 +137,9 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         heartbeat_interval_s=config.heartbeat_interval_s,
         max_attempts=config.max_attempts,
         writer=StoreWriter(background=True, ingest_url=config.store_url),
+        events=metrics,
     )
+    metrics.watch(scheduler)
     scheduler.restore(store.unfinished_tasks())
     planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
     server = grpc.aio.server(options=GRPC_OPTIONS)
@@ -93,14 +156,45 @@ async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int
         ),
         server,
     )
+    health: HealthServicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if credentials is not None:
         port = server.add_secure_port(config.listen, credentials)
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    for service in HEALTH_SERVICES:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
-    return server, port, scheduler
+    return Coordinator(server, port, scheduler, health, metrics)
+
+
+async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int, Scheduler]:
+    """Build and start the gRPC server; returns (server, bound port, scheduler)."""
+    coordinator = await start_coordinator(config)
+    return coordinator.server, coordinator.port, coordinator.scheduler
+
+
+async def _results_written(scheduler: Scheduler, timeout_s: float) -> None:
+    """Wait (up to ``timeout_s``) until no accepted result is still being written, so
+    its acknowledgement goes out before the streams close."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(lease.storing is not None for lease in list(scheduler.leases.values())):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _end_leftover_tasks(timeout_s: float) -> None:
+    """Cancel and await what still runs on the loop (a stream's reader, a watcher's
+    wait), so nothing is destroyed pending when the loop closes."""
+    current = asyncio.current_task()
+    leftover = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftover:
+        task.cancel()
+    if leftover:
+        await asyncio.wait(leftover, timeout=timeout_s)
 
 
 def say_transport(config: CoordinatorConfig) -> None:
@@ -125,27 +219,43 @@ async def _watch_leases(scheduler: Scheduler) -> None:
 
 
 async def serve(config: CoordinatorConfig) -> None:
-    """Run until SIGTERM / SIGINT, then stop gracefully."""
+    """Run until SIGTERM / SIGINT, then stop gracefully (see :meth:`Coordinator.shutdown`);
+    a local Ray cluster stops with the coordinator, however it ends."""
     # Threads that decode a large result hold the GIL in turns of this length; the
     # default 5 ms makes every hop of another agent's message wait that long (measured
     # with benchmarks/heartbeat_under_load.py: heartbeat p99 85 ms at 5 ms, 31 ms at 1 ms).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     say_transport(config)  # before Ray starts: the operator sees it at once
-    init_ray()
-    server, port, scheduler = await create_server(config)
-    host = config.listen.rsplit(":", 1)[0]
-    # Parsed by the local farm launcher: keep the format.
-    print(f"edgefarm coordinator listening on {host}:{port}", flush=True)
-    log.info("store: %s", config.store_url)
     stop = asyncio.Event()
+    cluster = init_ray()
+    # After Ray: ray.init sets its own SIGTERM handler (sys.exit in the middle of the
+    # event loop, which tore down live streams with tracebacks); this one replaces it.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.create_task(_watch_leases(scheduler))
-    await stop.wait()
-    log.info("shutting down")
-    watcher.cancel()
-    await server.stop(grace=2.0)
-    scheduler.writer.close()
-    scheduler.store.close()
+    metrics_server: MetricsServer | None = None
+    try:
+        metrics = CoordinatorMetrics()
+        coordinator = await start_coordinator(config, metrics)
+        if config.metrics_listen:
+            metrics_server = serve_metrics(metrics.registry, config.metrics_listen)
+            # Parsed by the local farm launcher (before the next line): keep the format.
+            print(f"edgefarm coordinator metrics on {metrics_server.address}", flush=True)
+        host = config.listen.rsplit(":", 1)[0]
+        # Parsed by the local farm launcher: keep the format.
+        print(f"edgefarm coordinator listening on {host}:{coordinator.port}", flush=True)
+        log.info("store: %s", config.store_url)
+        watcher = asyncio.create_task(_watch_leases(coordinator.scheduler))
+        await stop.wait()
+        log.info("shutting down")
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await coordinator.shutdown()
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
+        if cluster is not None:
+            cluster.shutdown()
+        log.info("stopped")

@@ -58,6 +58,13 @@ def coordinator() -> None:
     help="Let submitted specs name file: paths on this machine, inside DIR only (by default "
     "the coordinator reads no spec paths: the CLI uploads the files).",
 )
+@click.option(
+    "--metrics-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (port 0 picks a "
+    "free port; the bound address is printed). Off by default.",
+)
 @server_tls_options
 @home_option
 @verbose_option
@@ -73,6 +80,7 @@ def serve(
     tls_client_ca: str | None,
     insecure: bool,
     model_root: str | None,
+    metrics_listen: str | None,
     home: str | None,
     verbose: int,
 ) -> None:
@@ -80,13 +88,18 @@ def serve(
 
     Serves TLS with --tls-cert/--tls-key (and requires client certificates with
     --tls-client-ca); plaintext on a non-loopback address draws a warning unless
-    --insecure says it is meant.
+    --insecure says it is meant. SIGTERM or SIGINT stops it gracefully (exit 0); a local
+    Ray cluster it started stops with it, even when it is killed.
     """
     from coordinator.server import CoordinatorConfig
     from coordinator.server import serve as run_server
     from edgefarm.transport import server_credentials
 
     configure_logging(verbose + 1)
+    if metrics_listen is not None:
+        from coordinator.metrics import parse_listen
+
+        parse_listen(metrics_listen)  # a malformed address fails here, before Ray starts
     tls = server_tls(tls_cert, tls_key, tls_client_ca)
     if tls is not None:
         server_credentials(tls)  # a bad certificate file fails here, before Ray starts
@@ -100,6 +113,7 @@ def serve(
         tls=tls,
         insecure=insecure,
         model_root=Path(model_root).resolve() if model_root else None,
+        metrics_listen=metrics_listen,
     )
     overrides: dict[str, float] = {}
     if lease_s is not None:
