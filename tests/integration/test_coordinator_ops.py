@@ -4,9 +4,7 @@ gRPC health service and the Prometheus endpoint answer while it runs."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,15 +17,21 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator.localfarm import LISTEN_LINE, LocalFarm
+from coordinator.localfarm import LocalFarm
 from coordinator.ray_cluster import OWNER_ENV
-from tests.integration.conftest import HEARTBEAT_S, LEASE_S, ROOT, wait_until, write_spec
+from tests.integration.conftest import HEARTBEAT_S, LEASE_S, wait_until, write_spec
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 RAY_GONE_WITHIN_S = 10.0
 SERVICES = ("", "edgefarm.v1.AgentGateway", "edgefarm.v1.Control")
-NOISE = ("Traceback", "Exception not handled", "Task was destroyed", "was never awaited")
+NOISE = (
+    "Traceback",
+    "Exception not handled",
+    "Task was destroyed",
+    "was never awaited",
+    "SIGTERM received",
+)
 
 
 def ray_family(pid: int) -> tuple[list[psutil.Process], str]:
@@ -81,44 +85,31 @@ def wait_ray_gone(family: list[psutil.Process], owner: str, since: float) -> flo
         time.sleep(0.2)
 
 
-def test_a_coordinator_killed_with_sigkill_leaves_no_ray_processes(tmp_path: Path) -> None:
-    log = (tmp_path / "coordinator.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "edgefarm.cli.main",
-            "coordinator",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--home",
-            str(tmp_path / "home"),
-            "--store",
-            f"sqlite:///{tmp_path / 'r.sqlite'}",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        start_new_session=True,
-    )
+def test_no_ray_process_outlives_a_killed_or_stopped_coordinator(tmp_path: Path) -> None:
+    farm = LocalFarm(home=tmp_path / "home", store_url=f"sqlite:///{tmp_path / 'r.sqlite'}")
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if LISTEN_LINE.search(line):
-                break
-        family, owner = ray_family(proc.pid)
+        farm.start_coordinator()
+        assert farm.coordinator_proc is not None
+        family, owner = ray_family(farm.coordinator_proc.pid)
         killed_at = time.monotonic()
-        proc.kill()  # the coordinator alone, not its process group
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-        gone_after = wait_ray_gone(family, owner, killed_at)
-        print(f"Ray gone {gone_after:.1f} s after SIGKILL")
+        farm.coordinator_proc.kill()  # the coordinator alone, not its process group
+        assert farm.coordinator_proc.wait(timeout=10) == -signal.SIGKILL
+        gone_s = wait_ray_gone(family, owner, killed_at)
+        print(f"SIGKILL: Ray gone after {gone_s:.1f} s")
+
+        farm.start_coordinator()  # again, on the same port; then stopped by the farm
+        assert farm.coordinator_proc is not None
+        family, owner = ray_family(farm.coordinator_proc.pid)
+        stopped_at = time.monotonic()
+        farm.stop()
+        print(f"LocalFarm.stop: {time.monotonic() - stopped_at:.1f} s")
+        assert still_running(family, owner) == []  # gone by the time stop() returns
+        text = (farm.log_dir / "coordinator.log").read_text()
+        assert text.count("shutting down") == 1 and "stopped" in text
+        for noise in NOISE:
+            assert noise not in text, text
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+        farm.stop()
 
 
 class HealthWatch:
