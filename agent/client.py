@@ -227,6 +227,12 @@ class Agent:
         await asyncio.wait({job}, timeout=ABANDON_WAIT_S)
         log.warning("gave up task %s (attempt %d): %s", current.task_id, current.attempt, reason)
         self._give_back(current, reason)
+        if not self.connected.is_set():
+            log.warning(
+                "the coordinator is unreachable and was not told; task %s goes back to "
+                "its queue when its lease runs out",
+                current.task_id,
+            )
 
     def _give_back(self, a: Assignment, reason: str) -> None:
         """Tell the coordinator this agent will not (finish) measure ``a``."""
@@ -432,6 +438,8 @@ class Agent:
                 continue
             finally:
                 self.current, self.current_job = None, None
+            if assignment.lease_id in self._abandoned:  # finished anyway: given back already
+                continue
             if result.ok:
                 self.metrics.task_done("ok")
             else:

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.client import CHANNEL_OPTIONS, Agent, AgentConfig
+from agent.client import CHANNEL_OPTIONS, Agent, AgentConfig, serve_agents
 from agent.executor import LocalExecutor, Progress
 from agent.metrics import AgentMetrics
 from agent.runner import TrialsReport
@@ -418,3 +419,36 @@ def test_the_drain_timeout_kills_the_measuring_child(tmp_path: Path) -> None:
         assert gave_up.abandoned.reason == "drain timeout"
 
     run_scenario(tmp_path, scenario, LocalExecutor())
+
+
+def test_sigterm_drains_and_a_second_signal_gives_the_task_back(tmp_path: Path) -> None:
+    """serve_agents (both `agent serve` and `agent hub`): SIGTERM starts the drain,
+    a SIGINT after it ends the drain at once; the handlers are gone afterwards."""
+    sleepy = SleepyExecutor()
+
+    async def main() -> None:
+        coordinator = Coordinator(FakeCoordinator())
+        await coordinator.start()
+        agent = make_agent(coordinator.address, tmp_path / "agent", sleepy)
+        serving = asyncio.create_task(serve_agents([agent], drain_timeout_s=60))
+        try:
+            await asyncio.wait_for(agent.connected.wait(), 10)
+            coordinator.fake.assign("t-long", sleep_s="60")
+            await asyncio.wait_for(sleepy.running.wait(), 10)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await until(lambda: agent.draining)
+            await asyncio.sleep(0.3)
+            assert not serving.done()
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.wait_for(serving, 10)
+        finally:
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await serving
+            await coordinator.stop()
+        (gave_up,) = coordinator.fake.of_kind("abandoned")
+        assert "second stop" in gave_up.abandoned.reason
+        assert sleepy.cancelled == ["t-long"]
+
+    asyncio.run(main())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
