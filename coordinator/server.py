@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -110,9 +111,7 @@ class Coordinator:
         ``grace_s``), end what is left on the loop and close the store. The lease
         watcher must be stopped first."""
         await self.health.enter_graceful_shutdown()
-        stop_leasing = getattr(self.scheduler, "stop_leasing", None)
-        if callable(stop_leasing):
-            stop_leasing()
+        self.scheduler.stop_leasing()
         await _results_written(self.scheduler, grace_s)
         for session in self.scheduler.online_sessions():
             # The stream ends with this status; the agent reconnects with backoff.
@@ -218,6 +217,16 @@ async def _watch_leases(scheduler: Scheduler) -> None:
         scheduler.flush_heartbeats()
 
 
+def _on_stop_signal(stop: asyncio.Event) -> None:
+    """The first SIGTERM / SIGINT stops gracefully; a second one exits at once (a local
+    Ray cluster is still stopped, by its watchdog)."""
+    if not stop.is_set():
+        stop.set()
+        return
+    log.warning("second stop signal: exiting without waiting")
+    os._exit(1)
+
+
 async def serve(config: CoordinatorConfig) -> None:
     """Run until SIGTERM / SIGINT, then stop gracefully (see :meth:`Coordinator.shutdown`);
     a local Ray cluster stops with the coordinator, however it ends."""
@@ -233,15 +242,15 @@ async def serve(config: CoordinatorConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _on_stop_signal, stop)
     metrics_server: MetricsServer | None = None
     try:
         metrics = CoordinatorMetrics()
-        coordinator = await start_coordinator(config, metrics)
-        if config.metrics_listen:
+        if config.metrics_listen:  # first: a port in use fails before gRPC serves
             metrics_server = serve_metrics(metrics.registry, config.metrics_listen)
             # Parsed by the local farm launcher (before the next line): keep the format.
             print(f"edgefarm coordinator metrics on {metrics_server.address}", flush=True)
+        coordinator = await start_coordinator(config, metrics)
         host = config.listen.rsplit(":", 1)[0]
         # Parsed by the local farm launcher: keep the format.
         print(f"edgefarm coordinator listening on {host}:{coordinator.port}", flush=True)
@@ -256,6 +265,5 @@ async def serve(config: CoordinatorConfig) -> None:
     finally:
         if metrics_server is not None:
             metrics_server.close()
-        if cluster is not None:
-            cluster.shutdown()
+        cluster.shutdown()
         log.info("stopped")
