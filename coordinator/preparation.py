@@ -86,12 +86,6 @@ class PreparationStats:
     cached: int = 0
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local one."""
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-
-
 # The distributions whose version can change a step's output; their versions are part
 # of that step's key, so upgrading one tool redoes only the steps that use it.
 STEP_TOOLS: dict[str, tuple[str, ...]] = {
