@@ -36,7 +36,7 @@ from agent.artifact_cache import ArtifactCache
 from agent.backoff import Backoff
 from agent.executor import Executor, LocalExecutor
 from agent.metrics import AgentMetrics
-from edgefarm.domain import Assignment, DeviceCapabilities, MeasurementResult
+from edgefarm.domain import DRAINING_REASON, Assignment, DeviceCapabilities, MeasurementResult
 from edgefarm.errors import ArtifactError, AuthError, ConfigError, TaskError
 from edgefarm.transport import ClientTls, aio_channel
 from edgefarm.wire_limits import MAX_MESSAGE_BYTES
@@ -190,7 +190,7 @@ class Agent:
         if self.connected.is_set():
             self.outgoing.put_nowait(self._heartbeat())  # tell the coordinator at once
         while not self.assignments.empty():  # came before the stop, not started yet
-            self._give_back(self.assignments.get_nowait(), "agent draining")
+            self._give_back(self.assignments.get_nowait(), DRAINING_REASON)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         why = ""
@@ -354,7 +354,7 @@ class Agent:
             assignment = assignment_from_pb(message.assignment)
             if self.draining:
                 log.info("gave back %s at once: this agent is stopping", assignment.task_id)
-                self._give_back(assignment, "agent draining")
+                self._give_back(assignment, DRAINING_REASON)
                 return
             log.info(
                 "assigned %s %s/%s (attempt %d)",
@@ -421,7 +421,7 @@ class Agent:
         while True:
             assignment = await self.assignments.get()
             if self.draining:
-                self._give_back(assignment, "agent draining")
+                self._give_back(assignment, DRAINING_REASON)
                 continue
             self.current = assignment
             self.current_job = asyncio.create_task(self._execute(assignment))

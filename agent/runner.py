@@ -139,6 +139,9 @@ async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[s
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env=child_environment(request.settings.threads),
+        # Its own session: a Ctrl-C or a service manager's stop signal to the agent's
+        # process group reaches the agent only, which drains (lets the trial finish).
+        start_new_session=True,
     )
     tail = bytearray()
     assert proc.stderr is not None

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
+    DRAINING_REASON,
     FINISHED_TASK_STATUSES,
     ArtifactRef,
     Assignment,
@@ -186,6 +187,7 @@ class Scheduler:
         self.lost_by: dict[str, set[str]] = {}  # task_id -> agents whose lease on it lapsed
         self.lapsed: dict[str, list[Lease]] = {}  # task_id -> its leases that ran out
         self.leasing = True  # False once the coordinator is stopping
+        self.free_attempts: dict[str, int] = {}  # task_id -> attempts that do not count
         self._watchers: dict[str, list[asyncio.Queue[ProgressEvent]]] = {}
         self._heartbeats: dict[str, float] = {}  # agent_id -> time, not yet written
         self._heartbeats_written = clock()
@@ -299,7 +301,10 @@ class Scheduler:
 
     def abandon(self, session: AgentSession, task_id: str, lease_id: str, reason: str) -> bool:
         """The agent gave up its task without a result: end the lease now and re-queue
-        the task (another agent first). Returns whether a lease of the sender's ended."""
+        the task (another agent first). An assignment handed back unstarted because the
+        agent is stopping (``DRAINING_REASON``) does not count against the task's
+        attempts, and marks the agent draining. Returns whether a lease of the sender's
+        ended."""
         lease = self.leases.get(task_id)
         if (
             lease is None
@@ -309,6 +314,9 @@ class Scheduler:
         ):
             return False
         log.info("agent %s abandoned %s: %s", session.name, task_id, reason)
+        if reason == DRAINING_REASON:
+            session.draining = True
+            self.free_attempts[task_id] = self.free_attempts.get(task_id, 0) + 1
         self._lease_lost(lease, "abandoned", outcome="abandoned", detail=reason)
         self.dispatch()
         return True
@@ -566,6 +574,7 @@ class Scheduler:
         self.tasks.pop(task_id, None)
         self.lost_by.pop(task_id, None)
         self.lapsed.pop(task_id, None)
+        self.free_attempts.pop(task_id, None)
 
     def _already_stored(self, agent_id: str, result: MeasurementResult) -> bool:
         """Whether this very result (task, attempt, lease, agent) is in the store."""
@@ -606,8 +615,9 @@ class Scheduler:
         self.lost_by.setdefault(task.task_id, set()).add(lease.agent_id)
         if why == "lease expired":  # its result may still come (see accept_result)
             self.lapsed.setdefault(task.task_id, []).append(lease)
-        if task.attempt >= self.max_attempts:
-            error = LeaseExpired(f"{why} {task.attempt} times; giving up")
+        counted = task.attempt - self.free_attempts.get(task.task_id, 0)
+        if counted >= self.max_attempts:
+            error = LeaseExpired(f"{why} {counted} times; giving up")
             self.writer.post(self.store.record_failure, task, error.kind, str(error))
             task.status = TaskStatus.FAILED
             self._forget(task.task_id)

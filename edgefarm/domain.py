@@ -241,6 +241,11 @@ def _unpickle_trial(packed: bytes, fields: dict[str, Any]) -> TrialOutcome:
     return TrialOutcome(samples_ms=samples.tolist(), **fields)
 
 
+# TaskAbandoned.reason of an assignment a stopping agent hands back without starting it:
+# such an attempt does not count against the task's attempts.
+DRAINING_REASON = "agent draining"
+
+
 @dataclass
 class MeasurementResult:
     """What an agent reports for one task attempt."""

@@ -18,6 +18,7 @@ from coordinator.scheduler import (
 )
 from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
+    DRAINING_REASON,
     CampaignStatus,
     DeviceCapabilities,
     MeasurementResult,
@@ -467,3 +468,19 @@ def test_late_result_is_refused_once_another_agent_holds_the_task(setup) -> None
     (refused, done) = store.attempts_for_task("t1")
     assert (refused.outcome, refused.reason) == ("refused", "lease superseded")
     assert done.outcome == "result"
+
+
+def test_an_unstarted_assignment_handed_back_while_draining_does_not_count(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, _, store = setup  # max_attempts 2
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    start(sched, store, [task(1)])
+    for _ in range(2):
+        (msg,) = [m for m in drain(qa) if isinstance(m, AssignMessage)]
+        assert sched.abandon(a, "t1", msg.assignment.lease_id, DRAINING_REASON)
+        assert a.draining  # no more work for it...
+        a.draining = False  # ...until it registers again (here: by hand)
+        sched.dispatch()
+    assert store.get_task("t1").status == TaskStatus.ASSIGNED  # not failed after 2
+    (msg,) = drain(qa)
+    assert msg.assignment.attempt == 3

@@ -292,7 +292,10 @@ class TaskAbandoned(google.protobuf.message.Message):
     lease_id: builtins.str
     attempt: builtins.int
     reason: builtins.str
-    """Why, for the attempt record and logs (at most 1024 bytes)."""
+    """Why, for the attempt record and logs (at most 1024 bytes). Exactly "agent draining"
+    says the agent is stopping and hands back an assignment it never started: that
+    attempt does not count against the task's attempts, and the agent gets no more work.
+    """
     def __init__(
         self,
         *,
