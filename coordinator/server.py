@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,7 +43,9 @@ from results.store import ResultsStore
 log = logging.getLogger(__name__)
 
 LEASE_CHECK_INTERVAL_S = 0.5
-STOP_GRACE_S = 5.0  # on SIGTERM, calls in flight (a result upload, a query) get this long
+STOP_GRACE_S = 5.0  # on SIGTERM, calls in flight (a submission, a query) get this long
+LAST_GRACE_S = 2.0  # then gRPC's own stop waits this much longer before cancelling
+HEALTH_NOTICE_S = 0.1  # how long health watchers get to hear NOT_SERVING
 # Health-checked names: the whole server ("") and each service.
 HEALTH_SERVICES = ("", "edgefarm.v1.AgentGateway", "edgefarm.v1.Control")
 
@@ -95,6 +99,129 @@ class CoordinatorConfig:
     metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics over HTTP
 
 
+class CallTracker(grpc.aio.ServerInterceptor):
+    """Runs every call's handler in a task of its own, so that at shutdown the server,
+    not gRPC, ends the calls still open: each ends with UNAVAILABLE, "coordinator
+    shutting down". (A handler that gRPC cancels when the stop grace runs out logs
+    ``Exception not handled ... CancelledError``.)"""
+
+    def __init__(self) -> None:
+        self.ending = False
+        self._calls: dict[asyncio.Future[Any], bool] = {}  # running step -> streams out
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """The handler, wrapped."""
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **codec)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary), **codec)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream), **codec)
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream), **codec)
+
+    def end_streams(self) -> None:
+        """End every call that streams responses (watchers, agent streams, downloads)."""
+        self.ending = True
+        for step, streams in list(self._calls.items()):
+            if streams:
+                step.cancel()
+
+    def end_all(self) -> None:
+        """End every call still open."""
+        self.ending = True
+        for step in list(self._calls):
+            step.cancel()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s``) until no call is open; whether none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._idle.is_set()
+
+    def _opened(self) -> None:
+        self._open += 1
+        self._idle.clear()
+
+    def _closed(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._idle.set()
+
+    async def _step(
+        self, awaitable: Awaitable[Any], streams: bool, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """Await ``awaitable`` as a task that :meth:`end_streams` / :meth:`end_all` may
+        cancel; a call so ended is aborted with UNAVAILABLE."""
+        step = asyncio.ensure_future(awaitable)
+        self._calls[step] = streams
+        try:
+            return await step
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not (self.ending and step.cancelled()) or (current and current.cancelling()):
+                raise  # the call itself was cancelled (the client went away)
+        finally:
+            self._calls.pop(step, None)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator shutting down")
+
+    def _unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.iscoroutinefunction(behavior):
+            return behavior  # a blocking handler (gRPC runs it on a thread): left as is
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._opened()
+            try:
+                return await self._step(behavior(request, context), False, context)
+            finally:
+                self._closed()
+
+        return call
+
+    def _stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):  # writes with context.write
+
+            async def written(request: Any, context: grpc.aio.ServicerContext) -> None:
+                self._opened()
+                try:
+                    await self._step(behavior(request, context), True, context)
+                finally:
+                    self._closed()
+
+            return written
+
+        async def generated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            self._opened()
+            responses = behavior(request, context)
+            try:
+                while True:
+                    try:
+                        response = await self._step(anext(responses), True, context)
+                    except StopAsyncIteration:
+                        return
+                    yield response
+            finally:
+                with contextlib.suppress(Exception):
+                    await responses.aclose()
+                self._closed()
+
+        return generated
+
+
 @dataclass
 class Coordinator:
     """A started coordinator: its gRPC server and what it serves."""
@@ -104,19 +231,27 @@ class Coordinator:
     scheduler: Scheduler
     health: HealthServicer
     metrics: CoordinatorMetrics
+    calls: CallTracker
 
     async def shutdown(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Stop gracefully: report NOT_SERVING, stop leasing, let results being written
-        finish, close the agents' streams, stop the server (calls in flight get
-        ``grace_s``), end what is left on the loop and close the store. The lease
-        watcher must be stopped first."""
+        """Stop gracefully: report NOT_SERVING, stop leasing and taking calls, let
+        results being written finish (and be acknowledged), close the agents' streams,
+        give other calls in flight ``grace_s``, end what is left on the loop and close
+        the store. The lease watcher must be stopped first."""
         await self.health.enter_graceful_shutdown()
         self.scheduler.stop_leasing()
+        # From here on no new call is taken (an agent reconnecting at once is refused);
+        # calls in flight go on until they end or ``grace_s`` has passed.
+        stopping = asyncio.create_task(self.server.stop(grace_s + LAST_GRACE_S))
+        await asyncio.sleep(HEALTH_NOTICE_S)  # health watchers hear NOT_SERVING
         await _results_written(self.scheduler, grace_s)
         for session in self.scheduler.online_sessions():
             # The stream ends with this status; the agent reconnects with backoff.
             session.outbox.put_nowait(CloseMessage("UNAVAILABLE", "coordinator shutting down"))
-        await self.server.stop(grace_s)
+        self.calls.end_streams()
+        if not await self.calls.wait_idle(grace_s):
+            self.calls.end_all()
+        await stopping
         await _end_leftover_tasks(grace_s)
         self.scheduler.writer.close()
         self.scheduler.store.close()
@@ -141,7 +276,8 @@ async def start_coordinator(
     metrics.watch(scheduler)
     scheduler.restore(store.unfinished_tasks())
     planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    calls = CallTracker()
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[calls])
     agent_pb2_grpc.add_AgentGatewayServicer_to_server(
         AgentGateway(scheduler, artifacts, config.token), server
     )
@@ -166,7 +302,7 @@ async def start_coordinator(
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
-    return Coordinator(server, port, scheduler, health, metrics)
+    return Coordinator(server, port, scheduler, health, metrics, calls)
 
 
 async def create_server(config: CoordinatorConfig) -> tuple[grpc.aio.Server, int, Scheduler]:
