@@ -53,13 +53,16 @@ class RayCluster:
     address: str | None  # the external cluster's address; None for a local cluster
     owner: str = ""  # the token marking a local cluster's processes
     watchdog: subprocess.Popen[bytes] | None = None
+    connected: bool = True  # this process called ray.init (else it found Ray running)
 
     def shutdown(self) -> None:
         """Disconnect; stop a local cluster and wait until its processes are gone."""
         import ray
 
-        with contextlib.suppress(Exception):  # a half-dead cluster must not block exit
-            ray.shutdown()
+        if self.connected:
+            self.connected = False
+            with contextlib.suppress(Exception):  # a half-dead cluster must not block exit
+                ray.shutdown()
         watchdog, self.watchdog = self.watchdog, None
         if watchdog is None:
             return
@@ -80,8 +83,8 @@ def init_ray() -> RayCluster:
     import ray
 
     address = external_address()
-    if ray.is_initialized():
-        return RayCluster(address=address)
+    if ray.is_initialized():  # someone else's connection: theirs to shut down
+        return RayCluster(address=address, connected=False)
     if address is not None:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         log.info("joined the Ray cluster at %s", address)
