@@ -6,7 +6,7 @@ GCS, raylet, workers and agents linger for a minute or more). So before starting
 the coordinator marks its environment with a fresh token (every Ray process it starts,
 and every worker those start, inherits it) and starts a small watchdog process that
 holds the read end of a pipe only the coordinator can write to, and notes the
-coordinator's descendants every second. When the coordinator exits, however it exits,
+coordinator's descendants now and then. When the coordinator exits, however it exits,
 the pipe reaches end of file and the watchdog SIGKILLs every process carrying the token,
 every noted descendant still running, and their descendants (Ray's agents retitle
 themselves, which wipes the token from their environment). A cluster named by
@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 OWNER_ENV = "EDGEFARM_RAY_OWNER"  # marks every process of a coordinator's local Ray
 SWEEP_LIMIT_S = 10.0  # the watchdog gives up killing after this long
 WATCHDOG_EXIT_WAIT_S = 15.0  # how long a graceful shutdown waits for the watchdog
-WATCH_POLL_S = 1.0  # how often the watchdog notes the coordinator's descendants
+# How often the watchdog notes the coordinator's descendants: each second while Ray
+# starts (its agents, which lose the mark, start then), every 5 s after that (workers
+# started later keep the mark).
+WATCH_POLL_S = 1.0
+WATCH_SLOW_POLL_S = 5.0
+WATCH_FAST_FOR_S = 60.0
 
 
 def external_address() -> str | None:
@@ -193,15 +198,19 @@ def sweep(owner: str, seen: dict[int, float] | None = None, limit_s: float = SWE
     return killed
 
 
-def watch(owner: str, parent: int, poll_s: float = WATCH_POLL_S) -> None:
-    """Until stdin reaches end of file, note ``parent``'s descendants every ``poll_s``;
+def watch(owner: str, parent: int) -> None:
+    """Until stdin reaches end of file, note ``parent``'s descendants now and then;
     then kill ``owner``'s processes and every noted one still running."""
     seen: dict[int, float] = {}
     stdin = sys.stdin.buffer
+    started = time.monotonic()
     while True:
         seen.update(_family(parent))
+        fast = time.monotonic() - started < WATCH_FAST_FOR_S
         try:
-            ready, _, _ = select.select([stdin], [], [], poll_s)
+            ready, _, _ = select.select(
+                [stdin], [], [], WATCH_POLL_S if fast else WATCH_SLOW_POLL_S
+            )
             if ready and not os.read(stdin.fileno(), 4096):
                 break
         except OSError:
