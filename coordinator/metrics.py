@@ -49,11 +49,11 @@ REQUEUE_REASONS = (
     ("abandon", "abandoned"),
 )
 REFUSAL_REASONS = (
+    ("invalid", "invalid"),  # first: its detail is free text
     ("superseded", "lease_superseded"),
     ("another agent", "other_agent"),
     ("expired", "lease_expired"),
     ("no lease", "no_lease"),
-    ("invalid", "invalid"),
 )
 INGESTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 

@@ -193,6 +193,7 @@ def test_reason_labels_are_a_small_fixed_set() -> None:
     assert reason_label("lease held by another agent", REFUSAL_REASONS) == "other_agent"
     assert reason_label("no lease in force for this task", REFUSAL_REASONS) == "no_lease"
     assert reason_label("task 7f3a... from 10.0.0.9: weird", REFUSAL_REASONS) == "other"
+    assert reason_label("invalid result: trial 2 expired", REFUSAL_REASONS) == "invalid"
     metrics = CoordinatorMetrics()
     for i in range(50):
         metrics.result_refused(f"unheard-of reason {i}")
