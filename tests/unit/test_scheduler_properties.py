@@ -31,12 +31,12 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
 )
 
 from coordinator.scheduler import AgentSession, AssignMessage, Scheduler, agent_id_for
 from edgefarm.domain import (
+    DRAINING_REASON,
     CampaignStatus,
     DeviceCapabilities,
     MeasurementResult,
@@ -178,6 +178,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.issued: dict[str, Issued] = {}  # lease_id -> issue
         self.accepted: dict[str, Accepted] = {}  # task_id -> the accepted result
         self.attempts: dict[str, int] = {}  # task_id -> highest attempt seen
+        self.free: dict[str, int] = {}  # task_id -> attempts handed back unstarted
         self.restarts = 0
 
     def _new_scheduler(self) -> Scheduler:
@@ -382,14 +383,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert stored == [(issue.attempt, issue.lease_id, sender)], (stored, issue)
         self._collect()
 
-    @precondition(lambda self: hasattr(Scheduler, "abandon"))
-    @rule(name=st.sampled_from(NAMES))
-    def abandon(self, name: str) -> None:
+    @rule(name=st.sampled_from(NAMES), reason=st.sampled_from(["drain timeout", DRAINING_REASON]))
+    def abandon(self, name: str, reason: str) -> None:
+        """The agent gives its latest task back (cut short, or handed back unstarted)."""
         model = self.agents[name]
         if model.session is None or not model.received:
             return
         issue = model.received[-1]
-        self.sched.abandon(model.session, issue.task_id, issue.lease_id, "draining")  # type: ignore[attr-defined]
+        ended = self.sched.abandon(model.session, issue.task_id, issue.lease_id, reason)
+        if ended and reason == DRAINING_REASON:  # handed back unstarted: a free attempt
+            self.free[issue.task_id] = self.free.get(issue.task_id, 0) + 1
         self._collect()
 
     @rule()
@@ -439,7 +442,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             live = self.sched.tasks.get(task.task_id)
             if live is not None:
                 assert live.attempt >= seen
-            assert task.attempt <= MAX_ATTEMPTS, task
+            assert task.attempt <= MAX_ATTEMPTS + self.free.get(task.task_id, 0), task
 
     @invariant()
     def each_result_stored_once(self) -> None:
