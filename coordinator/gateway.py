@@ -198,6 +198,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         assert session is not None
         outbox = self.scheduler.connect(session)
         reader = asyncio.create_task(self._read(session, messages))
+        getter: asyncio.Task[OutboundMessage] | None = None
         try:
             while True:
                 getter = asyncio.create_task(outbox.get())
@@ -210,6 +211,8 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
                     await context.abort(grpc.StatusCode[message.code], message.reason)
                 yield to_pb(message)
         finally:
+            if getter is not None:
+                getter.cancel()  # still pending when the call itself was cancelled
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -269,6 +272,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         checked = await asyncio.to_thread(check_and_convert)
         if isinstance(checked, str):
             log.warning("refused result for %.64s from %s: %s", pb.task_id, session.name, checked)
+            self.scheduler.events.result_refused(f"invalid result: {checked}")
             return AckMessage(pb.task_id, pb.attempt, False, f"invalid result: {checked}")
         return await self.scheduler.accept_result(session, checked)
 

@@ -302,6 +302,7 @@ async def start_coordinator(
     for service in HEALTH_SERVICES:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
+    planner.resume()  # campaigns a stop cut short while they were being prepared
     return Coordinator(server, port, scheduler, health, metrics, calls)
 
 
