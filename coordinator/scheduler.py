@@ -611,7 +611,16 @@ class Scheduler:
         fail it after ``max_attempts``. Its attempt is recorded with ``outcome``."""
         task = self.tasks[lease.task_id]
         self._release(lease)
-        self._end_attempt(lease, outcome, f"{why}: {detail}" if detail else why)
+        reason = f"{why}: {detail}" if detail else why
+        self._end_attempt(lease, outcome, reason)
+        holder = self.sessions.get(lease.agent_id)
+        log.warning(
+            "task %s attempt %d on %s: %s",
+            task.task_id,
+            lease.attempt,
+            holder.name if holder is not None else lease.agent_id,
+            reason,
+        )
         self.lost_by.setdefault(task.task_id, set()).add(lease.agent_id)
         if why == "lease expired":  # its result may still come (see accept_result)
             self.lapsed.setdefault(task.task_id, []).append(lease)
