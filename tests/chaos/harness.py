@@ -98,10 +98,31 @@ class ChaosFarm(LocalFarm):
             proc.send_signal(signal.SIGCONT)
 
     def restart_coordinator(self) -> float:
-        """Start the coordinator again (same port, same store); returns seconds taken."""
+        """Start the coordinator again (same port, same store) and wait until every
+        running agent has registered with it; returns seconds taken."""
         started = time.monotonic()
+        before = {name: self.registrations(name) for name in self.running_agents()}
         self.start_coordinator()
+        self.wait_registered(before)
         return time.monotonic() - started
+
+    def running_agents(self) -> list[str]:
+        """The agents whose process runs (frozen ones included)."""
+        return [name for name, proc in self.agent_procs.items() if proc.poll() is None]
+
+    def registrations(self, name: str) -> int:
+        """How many times agent ``name`` has registered so far (from its log)."""
+        return self.agent_log(name).count("registered with ")
+
+    def wait_registered(self, before: dict[str, int], timeout_s: float = 90.0) -> None:
+        """Wait until each agent in ``before`` registered more often than that count
+        (and its stream had a moment to bind)."""
+        wait_until(
+            lambda: all(self.registrations(name) > n for name, n in before.items()),
+            timeout_s,
+            f"{', '.join(before)} to register",
+        )
+        time.sleep(0.5)
 
     def heal(self, names: list[str]) -> None:
         """Back to a healthy farm: agents thawed, proxies passing, the coordinator and
@@ -112,16 +133,22 @@ class ChaosFarm(LocalFarm):
             proxy.passing()
         if self.coordinator_proc is None or self.coordinator_proc.poll() is not None:
             self.coordinator_proc = None
-            self.start_coordinator()
+            self.restart_coordinator()
         self.ensure_agents(names)
 
     def ensure_agents(self, names: list[str], timeout_s: float = 90.0) -> None:
-        """(Re)start whichever of ``names`` is not running; wait until all are online."""
+        """(Re)start whichever of ``names`` is not running; wait until each has
+        registered (the store's device list counts an agent online as soon as another
+        agent of its device is)."""
+        before: dict[str, int] = {}
         for name in names:
             proc = self.agent_procs.get(name)
             if proc is None or proc.poll() is not None:
                 self.agent_procs.pop(name, None)
+                before[name] = self.registrations(name)
                 self.start_agent(name)
+        if before:
+            self.wait_registered(before, timeout_s)
         self.wait_for_agents(len(names), timeout_s)
 
     # ----- what happened ------------------------------------------------------------

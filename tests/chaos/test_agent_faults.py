@@ -36,6 +36,8 @@ pytest.importorskip("ray", reason="the coordinator extra is not installed")
 # 5 s to answer), so that both ends give the connection up and the agent dials anew.
 PAST_LEASE_S = LEASE_S + 2.0
 PAST_KEEPALIVE_S = 22.0
+# The last renewal came at most a heartbeat before the agent fell silent (with margin).
+EARLIEST_EXPIRY_S = LEASE_S - HEARTBEAT_S - 0.5
 BLIP_S = 1.0  # under the lease (4 s), the silence limit (3 s) and keepalive detection
 
 
@@ -59,7 +61,7 @@ def test_black_holed_agent_loses_its_task_then_works_again(
     )
     moved = probe.task(lost.task_id)
     assert moved.agent_id == ids[DIRECT], "the task went back to the silent agent"
-    assert time.monotonic() - holed_at >= LEASE_S - 0.5, "re-leased before the lease ran out"
+    assert time.monotonic() - holed_at >= EARLIEST_EXPIRY_S, "re-leased before the lease ran out"
     time.sleep(max(0.0, holed_at + hold_s - time.monotonic()))
     proxy.passing()
     # px comes back and takes work again: a campaign only px may run.
@@ -119,7 +121,7 @@ def test_agent_killed_mid_task_its_task_completes_elsewhere(
         farm.kill_agent(PROXIED)
         killed_at = time.monotonic()
     wait_until(lambda: probe.task(lost.task_id).attempt >= 2, 40, "the task to be re-leased")
-    assert time.monotonic() - killed_at >= LEASE_S - 1.0, "re-leased before the lease ran out"
+    assert time.monotonic() - killed_at >= EARLIEST_EXPIRY_S, "re-leased before the lease ran out"
     probe.wait_finished(campaign_id, 90)
     outcome = check_invariants(farm, probe, campaign_id)
     row = outcome.row_for(lost.task_id)
@@ -175,3 +177,26 @@ def test_silent_agent_gets_pending_work_once_heard_again(
     outcome = check_invariants(farm, probe, waiting)
     ((row),) = outcome.rows
     assert (row["agent_id"], row["attempt"]) == (ids[PROXIED], 1), row
+
+
+@pytest.mark.timeout(120)
+def test_connection_reset_mid_task_keeps_the_lease(
+    farm: ChaosFarm, probe: StoreProbe, tmp_path: Path
+) -> None:
+    """Both ends see the connection reset while px measures: px dials again at once,
+    keeps its lease and delivers; nothing is re-queued or measured twice."""
+    ids = probe.agent_ids()
+    proxy = farm.proxy(PROXIED)
+    dialled = proxy.stats.connections
+    spec = noop_spec(tmp_path, "reset", tasks=2, task_s=3.0, agent=PROXIED)
+    campaign_id = farm.submit(spec)
+    first = probe.wait_assigned(campaign_id, PROXIED)
+    probe.wait_measuring(PROXIED, first)
+    proxy.reset()
+    wait_until(lambda: proxy.stats.connections > dialled, 30, "px to dial again")
+    probe.wait_finished(campaign_id, 60)
+    outcome = check_invariants(farm, probe, campaign_id)
+    for task in outcome.tasks:
+        assert task.attempt == 1, f"{task.task_id} was re-queued ({task.attempt} attempts)"
+        assert outcome.row_for(task.task_id)["agent_id"] == ids[PROXIED]
+    assert [(a.attempt, a.outcome) for a in outcome.attempts] == [(1, "result")] * 2
