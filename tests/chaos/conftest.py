@@ -1,5 +1,6 @@
 """Chaos fixtures: one farm per test module (a coordinator with short liveness settings,
-agent ``px`` dialling through a proxy, agent ``b`` directly), healed before each test."""
+agent ``px`` dialling through a proxy, agent ``b`` directly), healed before each test of
+the modules that use ``healthy``."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def probe(farm: ChaosFarm) -> Iterator[StoreProbe]:
     found.close()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def healthy(farm: ChaosFarm) -> None:
-    """Each test starts on a healthy farm, whatever the test before it did."""
+    """A healthy farm, whatever the test before did (farm modules use it for each test)."""
     farm.heal(AGENTS)

@@ -54,6 +54,7 @@ class ChaosProxy:
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.Server | None = None
         self._pairs: set[_Pair] = set()
+        self._waiting: set[asyncio.StreamWriter] = set()  # accepted while black-holed
         self._blip_handle: asyncio.TimerHandle | None = None
         self.address = ""
 
@@ -144,6 +145,8 @@ class ChaosProxy:
         self._blip_handle = self._loop.call_later(seconds, self._flowing.set)
 
     async def _reset(self) -> None:
+        for writer in list(self._waiting):
+            writer.transport.abort()
         pairs, self._pairs = list(self._pairs), set()
         for pair in pairs:
             for task in pair.tasks:
@@ -155,6 +158,15 @@ class ChaosProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats.connections += 1
+        assert self._flowing is not None
+        # Black-holed: the connection does not reach the target until bytes flow again.
+        self._waiting.add(writer)
+        try:
+            await self._flowing.wait()
+        finally:
+            self._waiting.discard(writer)
+        if writer.transport.is_closing():
+            return  # reset meanwhile
         host, port = self.target.rsplit(":", 1)
         try:
             up_reader, up_writer = await asyncio.open_connection(host, int(port))

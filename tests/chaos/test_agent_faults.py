@@ -29,7 +29,7 @@ from tests.chaos.harness import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("healthy")]
 pytest.importorskip("ray", reason="the coordinator extra is not installed")
 
 # Longer than the lease; and longer than gRPC keepalive detection (ping every 10 s,

@@ -24,7 +24,7 @@ from tests.chaos.harness import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("healthy")]
 pytest.importorskip("ray", reason="the coordinator extra is not installed")
 pytest.importorskip("onnxruntime", reason="the onnxruntime extra is not installed")
 
