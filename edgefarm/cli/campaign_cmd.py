@@ -26,6 +26,17 @@ if TYPE_CHECKING:
     from results.records import AttemptRecord, TaskRecord
 
 
+reattach_option = click.option(
+    "--reattach-timeout",
+    type=click.FloatRange(min=0),
+    default=REATTACH_TIMEOUT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for a --coordinator that went away (e.g. restarted) before "
+    "giving up; the campaign is re-attached, never submitted twice.",
+)
+
+
 @click.group()
 def campaign() -> None:
     """Run and inspect sweep campaigns."""
@@ -43,15 +54,7 @@ def campaign() -> None:
 @client_tls_options
 @click.option("--dry-run", is_flag=True, help="Validate and show the sweep; run nothing.")
 @click.option("--fresh", is_flag=True, help="Re-measure even when identical results exist.")
-@click.option(
-    "--reattach-timeout",
-    type=click.FloatRange(min=0),
-    default=REATTACH_TIMEOUT_S,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to wait for a --coordinator that went away (e.g. restarted) before "
-    "giving up; the campaign is re-attached, never submitted twice.",
-)
+@reattach_option
 @store_option
 @home_option
 @verbose_option
@@ -105,14 +108,7 @@ def run(
 @click.option("--coordinator", required=True, metavar="HOST:PORT", help="The coordinator.")
 @token_option
 @client_tls_options
-@click.option(
-    "--reattach-timeout",
-    type=click.FloatRange(min=0),
-    default=REATTACH_TIMEOUT_S,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long to wait for a coordinator that went away before giving up.",
-)
+@reattach_option
 @verbose_option
 def watch(
     campaign_id: str,
