@@ -88,9 +88,13 @@ def test_coordinator_crash_loop(farm: ChaosFarm, probe: StoreProbe, tmp_path: Pa
         farm.restart_coordinator()  # and every agent registered with it again
     probe.wait_finished(campaign_id, 120)
     outcome = check_invariants(farm, probe, campaign_id)
-    for task_id, holder in delivered:
+    for task_id, holder in delivered:  # finished during an outage, delivered after it
         row = outcome.row_for(task_id)
         assert names_by_id(probe)[row["agent_id"]] == holder, (task_id, row)
+        assert (task_id, 1, "accepted") in acks(farm.agent_log(holder))
+    for task in outcome.tasks:  # three restarts, and still each task measured once
+        assert task.attempt == 1, f"{task.task_id} measured {task.attempt} times"
+        assert [a.outcome for a in outcome.attempts_for(task.task_id)] == ["result"]
 
 
 @pytest.mark.timeout(300)
