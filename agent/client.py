@@ -53,6 +53,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),  # else a ping waits 60 s for its answer
     # Ping an idle stream too (the coordinator permits a ping every 5 s without calls),
     # so a silent coordinator is noticed while the agent waits for work.
     ("grpc.keepalive_permit_without_calls", 1),

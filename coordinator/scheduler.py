@@ -192,6 +192,11 @@ class Scheduler:
         self._heartbeats: dict[str, float] = {}  # agent_id -> time, not yet written
         self._heartbeats_written = clock()
 
+    @property
+    def _silent_after_s(self) -> float:
+        """An agent not heard from for longer than this gets no work."""
+        return SILENT_AFTER_HEARTBEATS * self.heartbeat_interval_s
+
     # ----- agents -------------------------------------------------------------
 
     def register(
@@ -263,6 +268,7 @@ class Scheduler:
         """Liveness; renews the lease of the task the agent says it holds, if it is
         that agent's own unexpired lease. A draining agent is given no more work."""
         now = self.clock()
+        was_silent = now - session.last_heartbeat > self._silent_after_s
         session.last_heartbeat = now
         if draining and not session.draining:
             log.info("agent %s is draining: no new work for it", session.name)
@@ -276,6 +282,8 @@ class Scheduler:
             and lease.expires_at >= now
         ):
             lease.expires_at = now + self.lease_duration_s
+        if was_silent and session.lease_id is None:
+            self.dispatch()  # heard from again: it may take what waited meanwhile
 
     def flush_heartbeats(self, every_s: float = 5.0) -> None:
         """Write the latest heartbeat of each agent, at most once per ``every_s``."""
@@ -379,13 +387,12 @@ class Scheduler:
 
     def _can_take_work(self, session: AgentSession) -> bool:
         """Idle, connected, not draining, heard from lately, and its device not busy."""
-        silent_after = SILENT_AFTER_HEARTBEATS * self.heartbeat_interval_s
         return (
             session.connected
             and not session.draining
             and session.lease_id is None
             and session.device_id not in self.busy_devices
-            and self.clock() - session.last_heartbeat <= silent_after
+            and self.clock() - session.last_heartbeat <= self._silent_after_s
         )
 
     def _first_task_for(self, session: AgentSession, second_chance: bool) -> TaskRecord | None:

@@ -74,6 +74,9 @@ GRPC_OPTIONS = [
     # ~15 s, so its stream stops counting as connected; agents ping every 10 s too.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
+    # gRPC waits this long for a ping's answer (its default, 60 s, overrides the
+    # keepalive timeout above: a black-holed stream lingered ~70 s without it).
+    ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),

@@ -484,3 +484,15 @@ def test_an_unstarted_assignment_handed_back_while_draining_does_not_count(setup
     assert store.get_task("t1").status == TaskStatus.ASSIGNED  # not failed after 2
     (msg,) = drain(qa)
     assert msg.assignment.attempt == 3
+
+
+def test_an_agent_heard_from_again_gets_the_work_that_waited(setup) -> None:  # type: ignore[no-untyped-def]
+    sched, clock, store = setup
+    a = sched.register("a", "dev-a", {}, caps("dev-a"))
+    qa = sched.connect(a)
+    clock.now += SILENT_AFTER_HEARTBEATS * sched.heartbeat_interval_s + 1
+    start(sched, store, [task(1)])  # a is silent: nothing for it
+    assert drain(qa) == []
+    sched.heartbeat(a, "", "")  # back, on the same stream: no other event needed
+    (msg,) = drain(qa)
+    assert msg.assignment.task_id == "t1"
