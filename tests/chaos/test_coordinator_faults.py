@@ -6,6 +6,8 @@ result per task. Agents reconnect on their own (``px`` through the test's proxy)
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -148,3 +150,51 @@ def test_coordinator_killed_while_preparing_resumes(
     check_invariants(farm, probe, campaign_id)
     same_name = [c for c in probe.store.list_campaigns(500) if c.name == "kill-preparing"]
     assert len(same_name) == 1, "the submission made a second campaign"
+
+
+@pytest.mark.timeout(300)
+def test_campaign_run_and_watch_reattach_after_a_restart(
+    farm: ChaosFarm, probe: StoreProbe, tmp_path: Path
+) -> None:
+    """The real CLI: `campaign run` and `campaign watch` outlive a coordinator SIGKILL
+    and restart, and the campaign is submitted once."""
+    spec = noop_spec(tmp_path, "reattach", tasks=3, task_s=TASK_S)
+    cli = [sys.executable, "-m", "edgefarm.cli.main", "campaign"]
+    target = ["--coordinator", farm.address, "--token", farm.token, "--reattach-timeout", "120"]
+    run = subprocess.Popen(
+        [*cli, "run", str(spec), *target, "--fresh"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+
+        def started() -> bool:
+            return any(c.name == "reattach" for c in probe.store.list_campaigns(limit=5))
+
+        wait_until(started, 120, "the campaign to be submitted")
+        (campaign_id,) = [
+            c.campaign_id for c in probe.store.list_campaigns(limit=5) if c.name == "reattach"
+        ]
+        wait_until(lambda: probe.assigned(campaign_id) is not None, 90, "a task in flight")
+        watch = subprocess.Popen(
+            [*cli, "watch", campaign_id, *target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(1.0)  # the watch is attached
+        farm.kill_coordinator()
+        farm.restart_coordinator()
+        run_out, _ = run.communicate(timeout=200)
+        watch_out, _ = watch.communicate(timeout=60)
+    finally:
+        for proc in (run, locals().get("watch")):
+            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+                proc.kill()
+    assert run.returncode == 0, run_out
+    assert "re-attached to campaign" in run_out and "Traceback" not in run_out, run_out
+    assert watch.returncode == 0, watch_out
+    assert "re-attached to campaign" in watch_out and campaign_id in watch_out, watch_out
+    assert [c.name for c in probe.store.list_campaigns(limit=50)].count("reattach") == 1
+    check_invariants(farm, probe, campaign_id)
