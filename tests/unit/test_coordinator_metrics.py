@@ -21,77 +21,12 @@ from coordinator.metrics import (
 from coordinator.scheduler import AssignMessage, Scheduler
 from edgefarm.domain import (
     CampaignStatus,
-    DeviceCapabilities,
-    MeasurementResult,
-    MeasureSettings,
-    TrialOutcome,
 )
 from edgefarm.errors import UsageError
 from edgefarm.wire_limits import SILENT_AFTER_HEARTBEATS
-from results.records import CampaignRecord, TaskRecord
+from results.records import CampaignRecord
 from results.store import ResultsStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def caps(device_id: str) -> DeviceCapabilities:
-    return DeviceCapabilities(
-        device_id=device_id,
-        hostname=device_id,
-        os="Linux",
-        arch="x86_64",
-        logical_cores=2,
-        backends={"noop": "0"},
-    )
-
-
-def task(i: int, device_id: str) -> TaskRecord:
-    return TaskRecord(
-        task_id=f"t{i}",
-        campaign_id="c1",
-        model="m",
-        backend="noop",
-        scheme="none",
-        device_id=device_id,
-        device_name=device_id,
-        artifact_sha256="a" * 64,
-        artifact_size=1,
-        artifact_name="m.onnx",
-        eval_sha256=None,
-        eval_size=0,
-        settings=MeasureSettings(),
-        selector={},
-        measure_key=f"k{i}",
-        created_at=i,
-    )
-
-
-def result(message: AssignMessage, agent_id: str, device_id: str) -> MeasurementResult:
-    x = message.assignment
-    trial = TrialOutcome(
-        samples_ms=[1.0, 1.1],
-        warmup_iterations=1,
-        duration_s=0.1,
-        load_time_s=0.01,
-        peak_rss_bytes=10,
-        load_rss_delta_bytes=1,
-        valid=True,
-    )
-    return MeasurementResult(
-        task_id=x.task_id,
-        attempt=x.attempt,
-        lease_id=x.lease_id,
-        agent_id=agent_id,
-        device_id=device_id,
-        ok=True,
-        trials=[trial],
-    )
+from tests.unit.scheduler_doubles import Clock, caps, result_for, task
 
 
 @pytest.fixture
@@ -167,11 +102,13 @@ def test_counters_and_ingestion_follow_scheduler_events(
     assert value(metrics, "edgefarm_requeues_total", reason="lease_expired") == 1
     second = assigned(scheduler, session.agent_id)
 
-    ack = asyncio.run(scheduler.accept_result(session, result(second, session.agent_id, "dev-a")))
+    ack = asyncio.run(
+        scheduler.accept_result(session, result_for(second, session.agent_id, "dev-a"))
+    )
     assert ack.accepted
     assert value(metrics, "edgefarm_result_ingestion_seconds_count") == 1
     assert value(metrics, "edgefarm_tasks", state="leased") == 0
-    unknown = replace(result(first, session.agent_id, "dev-a"), task_id="t-unknown")
+    unknown = replace(result_for(first, session.agent_id, "dev-a"), task_id="t-unknown")
     refused = asyncio.run(scheduler.accept_result(session, unknown))
     assert not refused.accepted
     assert value(metrics, "edgefarm_results_refused_total", reason="no_lease") == 1

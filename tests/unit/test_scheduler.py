@@ -20,79 +20,13 @@ from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
     DRAINING_REASON,
     CampaignStatus,
-    DeviceCapabilities,
     MeasurementResult,
-    MeasureSettings,
     TaskStatus,
-    TrialOutcome,
 )
 from edgefarm.wire_limits import SILENT_AFTER_HEARTBEATS
 from results.records import CampaignRecord, TaskRecord
 from results.store import ResultsStore
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def caps(device_id: str, backends: dict[str, str] | None = None) -> DeviceCapabilities:
-    return DeviceCapabilities(
-        device_id=device_id,
-        hostname=device_id,
-        os="Linux",
-        arch="x86_64",
-        logical_cores=2,
-        backends=backends if backends is not None else {"noop": "0"},
-    )
-
-
-def task(
-    i: int, device_id: str = "dev-a", backend: str = "noop", selector: dict[str, str] | None = None
-) -> TaskRecord:
-    return TaskRecord(
-        task_id=f"t{i}",
-        campaign_id="c1",
-        model="m",
-        backend=backend,
-        scheme="none",
-        device_id=device_id,
-        device_name=device_id,
-        artifact_sha256="a" * 64,
-        artifact_size=1,
-        artifact_name="m.onnx",
-        eval_sha256=None,
-        eval_size=0,
-        settings=MeasureSettings(),
-        selector=selector or {},
-        measure_key=f"k{i}",
-        created_at=i,
-    )
-
-
-def ok_result(a: AssignMessage, agent_id: str) -> MeasurementResult:
-    x = a.assignment
-    trial = TrialOutcome(
-        samples_ms=[1.0, 1.1],
-        warmup_iterations=1,
-        duration_s=0.1,
-        load_time_s=0.01,
-        peak_rss_bytes=10,
-        load_rss_delta_bytes=1,
-        valid=True,
-    )
-    return MeasurementResult(
-        task_id=x.task_id,
-        attempt=x.attempt,
-        lease_id=x.lease_id,
-        agent_id=agent_id,
-        device_id="dev-a",
-        ok=True,
-        trials=[trial],
-    )
+from tests.unit.scheduler_doubles import Clock, caps, result_for, task
 
 
 @pytest.fixture
@@ -129,7 +63,7 @@ def test_one_measurement_at_a_time_per_device(setup) -> None:  # type: ignore[no
     assert len(assigned) == 1  # two agents, one host: only one measures
     msg = assigned[0]
     holder = a if sched.leases["t1"].agent_id == a.agent_id else b
-    ack = accept(sched, holder, ok_result(msg, holder.agent_id))
+    ack = accept(sched, holder, result_for(msg, holder.agent_id))
     assert ack.accepted
     assert len(drain(qa) + drain(qb)) == 1  # the next task is handed out only now
 
@@ -169,9 +103,9 @@ def test_silent_agent_lease_expires_and_task_moves(setup) -> None:  # type: igno
         second.assignment.attempt == 2 and second.assignment.lease_id != first.assignment.lease_id
     )
     # a comes back late with a result from the expired lease: refused
-    late = accept(sched, a, ok_result(first, a.agent_id))
+    late = accept(sched, a, result_for(first, a.agent_id))
     assert not late.accepted
-    ack = accept(sched, b, ok_result(second, b.agent_id))
+    ack = accept(sched, b, result_for(second, b.agent_id))
     assert ack.accepted
     rows = store.query_results()
     assert len(rows) == 1 and rows[0]["attempt"] == 2
@@ -188,7 +122,7 @@ def test_heartbeat_renews_lease(setup) -> None:  # type: ignore[no-untyped-def]
         clock.now += 8
         sched.heartbeat(a, "t1", msg.assignment.lease_id)
         assert sched.expire_leases() == 0
-    assert accept(sched, a, ok_result(msg, a.agent_id)).accepted
+    assert accept(sched, a, result_for(msg, a.agent_id)).accepted
 
 
 def test_too_many_lost_leases_fail_the_task(setup) -> None:  # type: ignore[no-untyped-def]
@@ -213,13 +147,13 @@ def test_duplicate_result_is_acknowledged_as_stored_once(setup) -> None:  # type
     qa = sched.connect(a)
     start(sched, store, [task(1)])
     (msg,) = drain(qa)
-    first = accept(sched, a, ok_result(msg, a.agent_id))
+    first = accept(sched, a, result_for(msg, a.agent_id))
     assert first.accepted and not first.duplicate
-    again = accept(sched, a, ok_result(msg, a.agent_id))  # the first ack was lost
+    again = accept(sched, a, result_for(msg, a.agent_id))  # the first ack was lost
     assert again.accepted and again.duplicate
     assert len(store.query_results()) == 1
     # the same task and attempt under another lease id is no duplicate
-    forged = ok_result(msg, a.agent_id)
+    forged = result_for(msg, a.agent_id)
     forged.lease_id = "f" * 32
     assert not accept(sched, a, forged).accepted
 
@@ -245,7 +179,7 @@ def test_result_from_another_agent_is_refused(setup) -> None:  # type: ignore[no
     qa, _ = sched.connect(a), sched.connect(b)
     start(sched, store, [task(1)])
     (msg,) = drain(qa)
-    ack = accept(sched, b, ok_result(msg, b.agent_id))
+    ack = accept(sched, b, result_for(msg, b.agent_id))
     assert not ack.accepted and ack.reason == "lease held by another agent"
     assert store.query_results() == []
 
@@ -264,7 +198,7 @@ def test_revoke_closes_the_stream_and_requeues_the_task(setup) -> None:  # type:
     assert a.agent_id not in sched.sessions
     (moved,) = drain(qb)
     assert moved.assignment.task_id == "t1" and moved.assignment.attempt == 2
-    assert not accept(sched, a, ok_result(msg, a.agent_id)).accepted
+    assert not accept(sched, a, result_for(msg, a.agent_id)).accepted
     assert sched.assigned_artifacts(b) == {"a" * 64}
     assert sched.assigned_artifacts(a) == set()
 
@@ -280,7 +214,7 @@ def test_background_writer_keeps_order_and_finishes_campaigns(tmp_path: Path) ->
         events = sched.watch("c1")
         start(sched, store, [task(1)])
         (msg,) = drain(qa)
-        assert (await sched.accept_result(a, ok_result(msg, a.agent_id))).accepted
+        assert (await sched.accept_result(a, result_for(msg, a.agent_id))).accepted
         while (await asyncio.wait_for(events.get(), 5)).message != "campaign done":
             pass
 
@@ -304,7 +238,7 @@ def test_restore_keeps_leases_for_returning_agents(tmp_path: Path) -> None:
     a2 = second.register("a", "dev-a", {}, caps("dev-a"))
     q2 = second.connect(a2)
     assert drain(q2) == []  # still busy with t1 under its old lease
-    assert accept(second, a2, ok_result(msg, a2.agent_id)).accepted
+    assert accept(second, a2, result_for(msg, a2.agent_id)).accepted
     (nxt,) = drain(q2)  # the ack goes out via the gateway; the next task comes now
     assert nxt.assignment.task_id == "t2"
 
@@ -319,8 +253,8 @@ def test_resend_while_storing_is_answered_as_duplicate(tmp_path: Path) -> None:
         qa = sched.connect(a)
         start(sched, store, [task(1)])
         (msg,) = drain(qa)
-        first = ok_result(msg, a.agent_id)
-        again = ok_result(msg, a.agent_id)  # the agent reconnected and sent it again
+        first = result_for(msg, a.agent_id)
+        again = result_for(msg, a.agent_id)  # the agent reconnected and sent it again
         return list(
             await asyncio.gather(sched.accept_result(a, first), sched.accept_result(a, again))
         )
@@ -398,7 +332,7 @@ def test_abandoned_task_moves_at_once_and_is_recorded(setup) -> None:  # type: i
     assert sched.abandon(a, "t1", first.assignment.lease_id, "drain timeout")
     (moved,) = drain(qb)  # no lease expiry to wait for
     assert moved.assignment.attempt == 2
-    assert accept(sched, b, ok_result(moved, b.agent_id)).accepted
+    assert accept(sched, b, result_for(moved, b.agent_id)).accepted
     (abandoned, done) = store.attempts_for_task("t1")
     assert (abandoned.outcome, abandoned.agent_id) == ("abandoned", a.agent_id)
     assert "drain timeout" in abandoned.reason and abandoned.ended_at is not None
@@ -417,12 +351,12 @@ def test_result_after_lapsed_lease_is_accepted_while_not_re_leased(setup) -> Non
     clock.now += 11
     assert sched.expire_leases() == 1
     assert [t.task_id for t in sched.pending] == ["t1"]
-    ack = accept(sched, a, ok_result(msg, a.agent_id))
+    ack = accept(sched, a, result_for(msg, a.agent_id))
     assert ack.accepted and not ack.duplicate
     assert sched.pending == [] and not sched.leases
     assert store.get_task("t1").status == TaskStatus.DONE
     assert outcomes(store, "t1") == [(1, "result")]
-    again = accept(sched, a, ok_result(msg, a.agent_id))  # its ack was lost: re-sent
+    again = accept(sched, a, result_for(msg, a.agent_id))  # its ack was lost: re-sent
     assert again.accepted and again.duplicate
     assert len(store.query_results()) == 1
 
@@ -441,7 +375,7 @@ def test_late_result_supersedes_the_same_agents_new_lease(setup) -> None:  # typ
     qa = sched.connect(a)  # back: t1 goes to it again (no other agent)
     (again,) = drain(qa)
     assert again.assignment.task_id == "t1" and again.assignment.attempt == 2
-    assert accept(sched, a, ok_result(first, a.agent_id)).accepted
+    assert accept(sched, a, result_for(first, a.agent_id)).accepted
     (cancel,) = drain(qa)
     assert isinstance(cancel, CancelMessage) and cancel.lease_id == again.assignment.lease_id
     assert not sched.leases and a.lease_id is None
@@ -462,9 +396,9 @@ def test_late_result_is_refused_once_another_agent_holds_the_task(setup) -> None
     sched.heartbeat(b, "", "")
     sched.expire_leases()
     (moved,) = drain(qb)
-    late = accept(sched, a, ok_result(first, a.agent_id))
+    late = accept(sched, a, result_for(first, a.agent_id))
     assert not late.accepted and late.reason == "lease superseded"
-    assert accept(sched, b, ok_result(moved, b.agent_id)).accepted
+    assert accept(sched, b, result_for(moved, b.agent_id)).accepted
     (refused, done) = store.attempts_for_task("t1")
     assert (refused.outcome, refused.reason) == ("refused", "lease superseded")
     assert done.outcome == "result"

@@ -38,14 +38,12 @@ from coordinator.scheduler import AgentSession, AssignMessage, Scheduler, agent_
 from edgefarm.domain import (
     DRAINING_REASON,
     CampaignStatus,
-    DeviceCapabilities,
-    MeasurementResult,
-    MeasureSettings,
     TaskStatus,
-    TrialOutcome,
 )
-from results.records import CampaignRecord, TaskRecord
+from results.records import CampaignRecord
 from results.store import ResultsStore
+from tests.unit.scheduler_doubles import Clock, caps, result_for
+from tests.unit.scheduler_doubles import task as make_task
 
 LEASE_S = 10.0
 HEARTBEAT_S = 2.0
@@ -54,72 +52,6 @@ TASKS = 5
 # Two agents share dev-a (one measurement at a time there); a third measures on dev-b.
 AGENTS = {"a1": "dev-a", "a2": "dev-a", "b1": "dev-b"}
 NAMES = sorted(AGENTS)
-
-
-class Clock:
-    """A fake clock the test moves forward."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def caps(device_id: str) -> DeviceCapabilities:
-    return DeviceCapabilities(
-        device_id=device_id,
-        hostname=device_id,
-        os="Linux",
-        arch="x86_64",
-        logical_cores=2,
-        backends={"noop": "0"},
-    )
-
-
-def make_task(i: int) -> TaskRecord:
-    device = "dev-a" if i % 2 == 0 else "dev-b"
-    return TaskRecord(
-        task_id=f"t{i}",
-        campaign_id="c1",
-        model=f"m{i}",
-        backend="noop",
-        scheme="none",
-        device_id=device,
-        device_name=device,
-        artifact_sha256="a" * 64,
-        artifact_size=1,
-        artifact_name="m.onnx",
-        eval_sha256=None,
-        eval_size=0,
-        settings=MeasureSettings(),
-        measure_key=f"k{i}",
-        created_at=float(i),
-    )
-
-
-def result_for(assignment_msg: AssignMessage, agent_id: str, ok: bool) -> MeasurementResult:
-    a = assignment_msg.assignment
-    trial = TrialOutcome(
-        samples_ms=[1.0, 1.2],
-        warmup_iterations=1,
-        duration_s=0.1,
-        load_time_s=0.01,
-        peak_rss_bytes=10,
-        load_rss_delta_bytes=1,
-        valid=True,
-    )
-    return MeasurementResult(
-        task_id=a.task_id,
-        attempt=a.attempt,
-        lease_id=a.lease_id,
-        agent_id=agent_id,
-        device_id=AGENTS_BY_ID.get(agent_id, "dev-a"),
-        ok=ok,
-        error_kind="" if ok else "runtime_error",
-        error_message="" if ok else "it broke",
-        trials=[trial] if ok else [],
-    )
 
 
 AGENT_IDS = {name: agent_id_for(name, device) for name, device in AGENTS.items()}
@@ -172,7 +104,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.dir = Path(tempfile.mkdtemp(prefix="sched-props-"))
         self.store = ResultsStore.open(f"sqlite:///{self.dir / 'r.sqlite'}")
         self.loop = asyncio.new_event_loop()
-        self.clock = Clock()
+        self.clock = Clock(1_000_000.0)
         self.sched = self._new_scheduler()
         self.agents: dict[str, AgentModel] = {name: AgentModel() for name in NAMES}
         self.issued: dict[str, Issued] = {}  # lease_id -> issue
@@ -235,7 +167,10 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @initialize()
     def campaign(self) -> None:
-        tasks = [make_task(i) for i in range(TASKS)]
+        tasks = [
+            make_task(i, device_id="dev-a" if i % 2 == 0 else "dev-b", model=f"m{i}")
+            for i in range(TASKS)
+        ]
         self.store.create_campaign(
             CampaignRecord("c1", "props", "", CampaignStatus.RUNNING, 0.0), tasks
         )
@@ -342,7 +277,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             issue = pool[pick % len(pool)]
         sender = session.agent_id
-        result = result_for(issue.message, sender, ok)
+        result = result_for(issue.message, sender, AGENTS_BY_ID.get(sender, "dev-a"), ok)
         now = self.clock.now
         current = self.sched.leases.get(issue.task_id)
         finished_before = issue.task_id in self.accepted or issue.task_id not in self.sched.tasks
