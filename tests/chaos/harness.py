@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from edgefarm.transport import ClientTls
 from results.records import AttemptRecord, TaskRecord
 from results.store import ResultsStore
 from tests.chaos.proxy import ChaosProxy
+from tests.integration.conftest import wait_until
 
 # Short liveness settings: a silent agent is noticed within seconds.
 LEASE_S = 4.0
@@ -220,16 +221,6 @@ def noop_spec(
         "  timeout_s: 60\n"
     )
     return path
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` every 0.1 s until it holds; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
 
 
 class StoreProbe:
