@@ -274,6 +274,7 @@ class Agent:
                     )
             finally:
                 self.connected.clear()
+                self.metrics.set_connected(False)
             if self._closing:
                 return
             delay = self.backoff.next_delay()
@@ -337,6 +338,7 @@ class Agent:
             for result in self.unacked.values():
                 self.outgoing.put_nowait(agent_pb2.AgentMessage(result=result))
             self.connected.set()
+            self.metrics.set_connected(True)
             helpers = [
                 asyncio.create_task(self._heartbeats(reply.heartbeat_interval_s)),
                 asyncio.create_task(self._write(call)),

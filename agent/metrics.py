@@ -11,7 +11,8 @@ or collide on series. The artifact cache's size and hit counts are read at scrap
 - ``edgefarm_agent_artifact_cache_bytes``: bytes in the artifact cache;
 - ``edgefarm_agent_artifact_cache_hits_total`` / ``..._misses_total``: artifact fetches
   served from the cache / downloaded;
-- ``edgefarm_agent_draining``: 1 while the agent is stopping (finishing its task), else 0.
+- ``edgefarm_agent_draining``: 1 while the agent is stopping (finishing its task), else 0;
+- ``edgefarm_agent_connected``: 1 while its stream to the coordinator is open, else 0.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class AgentMetrics:
             "1 while the agent is stopping: it finishes its task and takes no new one.",
             registry=self.registry,
         )
+        self.connected = Gauge(
+            "edgefarm_agent_connected",
+            "1 while the agent's stream to the coordinator is open.",
+            registry=self.registry,
+        )
         self._caches = _CacheCollector()
         self.registry.register(self._caches)
         self._server: Any = None
@@ -99,6 +105,10 @@ class AgentMetrics:
     def set_draining(self, draining: bool) -> None:
         """Record whether the agent is stopping."""
         self.draining.set(1 if draining else 0)
+
+    def set_connected(self, connected: bool) -> None:
+        """Record whether the stream to the coordinator is open."""
+        self.connected.set(1 if connected else 0)
 
     def serve(self, listen: str) -> tuple[str, int]:
         """Serve ``/metrics`` on ``HOST:PORT`` (port 0: any free port) in a daemon thread;

@@ -63,7 +63,10 @@ def test_black_holed_agent_loses_its_task_then_works_again(
     assert moved.agent_id == ids[DIRECT], "the task went back to the silent agent"
     assert time.monotonic() - holed_at >= EARLIEST_EXPIRY_S, "re-leased before the lease ran out"
     time.sleep(max(0.0, holed_at + hold_s - time.monotonic()))
+    registered = farm.registrations(PROXIED)
     proxy.passing()
+    if hold_s > 15.0:  # keepalive ended the connection: px is back once it registered
+        farm.wait_registered({PROXIED: registered})
     # px comes back and takes work again: a campaign only px may run.
     again = farm.submit(noop_spec(tmp_path, "blackhole-after", tasks=1, task_s=0.5, agent=PROXIED))
     probe.wait_finished(campaign_id, 90)

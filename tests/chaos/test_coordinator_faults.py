@@ -82,7 +82,9 @@ def test_coordinator_killed_while_measuring_resumes(
 
 @pytest.mark.timeout(300)
 def test_coordinator_crash_loop(farm: ChaosFarm, probe: StoreProbe, tmp_path: Path) -> None:
-    spec = noop_spec(tmp_path, "crash-loop", tasks=4, task_s=2.0)
+    # Enough tasks that one is still in flight at the third crash, however many the
+    # agents finish while the coordinator restarts and the slower one reconnects.
+    spec = noop_spec(tmp_path, "crash-loop", tasks=8, task_s=2.0)
     campaign_id = farm.submit(spec)
     delivered: list[tuple[str, str]] = []
     for crash in range(3):

@@ -37,9 +37,12 @@ def test_a_running_agent_counts_tasks_failures_cache_and_draining(tmp_path: Path
         before = scrape(address)
         assert sample(before, "edgefarm_agent_tasks_total", [("outcome", "ok")]) == 0
         assert sample(before, "edgefarm_agent_draining") == 0
+        assert sample(before, "edgefarm_agent_connected") == 0
 
         async def scenario(c: Coordinator, agent: Agent, running: asyncio.Task[None]) -> None:
             assert agent.metrics is metrics
+            await until(agent.connected.is_set)
+            assert sample(scrape(address), "edgefarm_agent_connected") == 1
             c.fake.assign("t-ok", sleep_s="0.05")
             c.fake.assign("t-bad", sleep_s="0.05", fail="1")
             await until(lambda: len(c.fake.of_kind("result")) == 2 and not agent.unacked)
@@ -65,6 +68,7 @@ def test_a_running_agent_counts_tasks_failures_cache_and_draining(tmp_path: Path
     assert sample(text, "edgefarm_agent_artifact_cache_hits_total") == 2
     assert sample(text, "edgefarm_agent_artifact_cache_bytes") == len(MODEL)
     assert sample(text, "edgefarm_agent_draining") == 1
+    assert sample(text, "edgefarm_agent_connected") == 0  # the stream closed on stopping
 
 
 def test_each_agent_has_its_own_registry() -> None:
