@@ -423,21 +423,7 @@ class Scheduler:
         self.leases[task.task_id] = lease
         self.busy_devices[session.device_id] = task.task_id
         session.lease_id = lease.lease_id
-        task.status, task.attempt = TaskStatus.ASSIGNED, attempt
-        task.lease_id, task.agent_id, task.lease_expires_at = (
-            lease.lease_id,
-            session.agent_id,
-            lease.expires_at,
-        )
-        self.writer.post(
-            self.store.update_task,
-            task.task_id,
-            status=TaskStatus.ASSIGNED,
-            attempt=attempt,
-            lease_id=lease.lease_id,
-            agent_id=session.agent_id,
-            lease_expires_at=lease.expires_at,
-        )
+        self._hold(task, lease)
         self.writer.post(
             self.store.start_attempt,
             AttemptRecord(
@@ -559,17 +545,23 @@ class Scheduler:
         else:
             return False
         self.leases[task.task_id] = late
-        task.status, task.attempt = TaskStatus.ASSIGNED, late.attempt
-        task.lease_id, task.agent_id = late.lease_id, late.agent_id
+        self._hold(task, late)
+        return True
+
+    def _hold(self, task: TaskRecord, lease: Lease) -> None:
+        """Record (in memory and in the store) that ``task`` is held under ``lease``."""
+        task.status, task.attempt = TaskStatus.ASSIGNED, lease.attempt
+        task.lease_id, task.agent_id = lease.lease_id, lease.agent_id
+        task.lease_expires_at = lease.expires_at
         self.writer.post(
             self.store.update_task,
             task.task_id,
             status=TaskStatus.ASSIGNED,
-            attempt=late.attempt,
-            lease_id=late.lease_id,
-            agent_id=late.agent_id,
+            attempt=lease.attempt,
+            lease_id=lease.lease_id,
+            agent_id=lease.agent_id,
+            lease_expires_at=lease.expires_at,
         )
-        return True
 
     def _end_attempt(self, lease: Lease, outcome: str, reason: str = "") -> None:
         self.writer.post(
