@@ -208,6 +208,117 @@ def percentile(ordered: Sequence[float] | NDArray[np.float64], q: float) -> floa
     return low + (high - low) * (pos - lo)
 
 
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom.
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+_Z975 = 1.959964
+
+
+def t_quantile_975(df: float) -> float:
+    """The 0.975 quantile of Student's t with ``df`` (> 0, may be fractional) degrees of
+    freedom: exact at whole ``df`` up to 30, interpolated in ``1/df`` elsewhere
+    (within 0.3% of the exact value for ``df >= 2``; between 1 and 2, as in Welch's
+    interval with 2 trials a side, up to 18% high: wider, never narrower)."""
+    if not df > 0:
+        return math.nan
+    if df >= len(_T975):
+        return _Z975 + (_T975[-1] - _Z975) * len(_T975) / df
+    if df <= 1:
+        return _T975[0]
+    lo = math.floor(df)
+    if lo == df:
+        return _T975[lo - 1]
+    w = (1 / df - 1 / (lo + 1)) / (1 / lo - 1 / (lo + 1))
+    return w * _T975[lo - 1] + (1 - w) * _T975[lo]
+
+
+@dataclass(frozen=True)
+class TrialInterval:
+    """A 95% interval of a timing figure from its per-trial values (the trial is the unit).
+
+    Computed on the log scale (timings are positive and their noise is multiplicative):
+    with ``n`` trials whose log values have standard deviation ``s``,
+
+    - ``mean_half`` = ``t(n-1) * s / sqrt(n)``: the confidence interval of the typical
+      value (the mean log trial value) of this configuration on this device;
+    - ``repeat_half`` = ``t(n-1) * s * sqrt(2/n)``: a 95% prediction interval for the
+      same figure of a repeat run with as many trials. A run's own confidence interval
+      covers a repeat run's figure less often than 95% (the repeat has its own noise,
+      so the difference is ``sqrt(2)`` wider), which is what a reader comparing two runs
+      needs: tables show this one (``12.3 ms ±2.1%``).
+
+    A figure ``v`` of the run lies in ``[v * exp(-half), v * exp(half)]``.
+    """
+
+    trials: int
+    log_sd: float  # standard deviation of the log trial values
+    mean_half: float  # log-scale half-width of the confidence interval of the mean
+    repeat_half: float  # log-scale half-width of the repeat-run prediction interval
+
+    @property
+    def repeat_percent(self) -> float:
+        """The repeat-run interval's upper half-width as a percentage of the figure."""
+        return (math.exp(self.repeat_half) - 1.0) * 100.0
+
+    def bounds(self, value: float, repeat: bool = True) -> tuple[float, float]:
+        """``(low, high)`` around ``value`` (the repeat-run interval unless ``repeat`` is
+        False, which gives the confidence interval of the mean)."""
+        half = self.repeat_half if repeat else self.mean_half
+        return value * math.exp(-half), value * math.exp(half)
+
+
+def _logs(values: Sequence[float]) -> list[float]:
+    return [math.log(v) for v in values if v is not None and math.isfinite(v) and v > 0]
+
+
+def trial_interval(values: Sequence[float]) -> TrialInterval | None:
+    """The 95% interval of a figure measured once per trial; None below 2 usable trials."""
+    logs = _logs(values)
+    n = len(logs)
+    if n < 2:
+        return None
+    sd = statistics.stdev(logs)
+    t = t_quantile_975(n - 1)
+    return TrialInterval(n, sd, t * sd / math.sqrt(n), t * sd * math.sqrt(2.0 / n))
+
+
+@dataclass(frozen=True)
+class RatioInterval:
+    """A 95% confidence interval of ``b / a`` from two sets of per-trial values."""
+
+    ratio: float  # ratio of the geometric means
+    low: float
+    high: float
+
+    @property
+    def distinguishable(self) -> bool:
+        """False when the interval contains 1 (no difference)."""
+        return not self.low <= 1.0 <= self.high
+
+    def describe(self) -> str:
+        """``-3.1% .. +4.2%``: the interval as changes."""
+        return f"{(self.low - 1) * 100:+.1f}% .. {(self.high - 1) * 100:+.1f}%"
+
+
+def ratio_interval(a: Sequence[float], b: Sequence[float]) -> RatioInterval | None:
+    """Welch's 95% interval of the ratio ``b / a`` of two configurations' per-trial
+    values (on the log scale); None when either side has fewer than 2 usable trials."""
+    la, lb = _logs(a), _logs(b)
+    if len(la) < 2 or len(lb) < 2:
+        return None
+    va, vb = statistics.variance(la) / len(la), statistics.variance(lb) / len(lb)
+    diff = statistics.fmean(lb) - statistics.fmean(la)
+    se2 = va + vb
+    if se2 <= 0:
+        return RatioInterval(math.exp(diff), math.exp(diff), math.exp(diff))
+    df = se2**2 / (va**2 / (len(la) - 1) + vb**2 / (len(lb) - 1))
+    half = t_quantile_975(df) * math.sqrt(se2)
+    return RatioInterval(math.exp(diff), math.exp(diff - half), math.exp(diff + half))
+
+
 @dataclass
 class TrialOutcome:
     """One trial: a fresh process that loaded, warmed up and measured."""

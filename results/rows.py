@@ -22,9 +22,11 @@ from edgefarm.domain import (
     MeasurementResult,
     MeasureSettings,
     TaskStatus,
+    TrialInterval,
     TrialOutcome,
     median,
     throughput_per_s,
+    trial_interval,
 )
 from results.records import (
     ATTEMPT_OUTCOMES,
@@ -257,11 +259,41 @@ def failure_to_row(task: TaskRecord, kind: str, message: str, now: float) -> dic
     return result_to_row(task, failed, task.device_name, now)
 
 
+# Derived from the stored per-trial medians when a row is read (so old rows have them):
+# the 95% confidence interval of the typical p50, and the 95% interval for a repeat
+# run's p50 (what tables show); both None below two trials. See TrialInterval.
+INTERVAL_KEYS = (
+    "lat_p50_ci95_low_ms",
+    "lat_p50_ci95_high_ms",
+    "lat_p50_repeat95_low_ms",
+    "lat_p50_repeat95_high_ms",
+)
+
+
+def p50_interval(row: Mapping[str, Any]) -> TrialInterval | None:
+    """The interval of a row's p50 latency from its per-trial medians (None: < 2 trials)."""
+    if row.get("lat_p50_ms") is None:
+        return None
+    return trial_interval([float(v) for v in row.get("trial_medians_ms") or [] if v is not None])
+
+
+def interval_columns(row: Mapping[str, Any]) -> dict[str, float | None]:
+    """The :data:`INTERVAL_KEYS` of a row (None where there is no interval)."""
+    interval = p50_interval(row)
+    p50 = finite_or_none(row.get("lat_p50_ms"))
+    if interval is None or p50 is None:
+        return dict.fromkeys(INTERVAL_KEYS)
+    ci, repeat = interval.bounds(p50, repeat=False), interval.bounds(p50)
+    return dict(zip(INTERVAL_KEYS, (*ci, *repeat), strict=True))
+
+
 def decode_result_row(row: RowLike) -> dict[str, Any]:
-    """A results row as a plain dict (JSON already decoded by the column types)."""
+    """A results row as a plain dict (JSON already decoded by the column types), with
+    the derived :data:`INTERVAL_KEYS`."""
     out = dict(row)
     out["ok"] = bool(out["ok"])
     out["valid"] = bool(out["valid"])
+    out.update(interval_columns(out))
     return out
 
 
