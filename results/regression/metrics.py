@@ -14,7 +14,9 @@ Every metric has a unit, a good direction and a comparison kind:
   minimum absolute change (0.5 points of agreement, 0.002 nats of mean KL divergence,
   0.005 of the perplexity ratio to the shared reference). Perplexity itself is not a
   series: its scale depends on the eval text, and ``ppl_ratio`` carries the same change
-  on a fixed scale.
+  on a fixed scale. ``kld_mean`` carries the estimator that computed it
+  (:func:`kld_method`): a baseline and a candidate scored by different methods are not
+  compared.
 - Exact counters: ``model_size``; any change is reported.
 
 LLM rows (those with ``prompt_tok_per_s`` or ``kld_mean``) time one generated token
@@ -125,5 +127,15 @@ def samples_from_row(row: Row, run_id: str, at: float) -> dict[str, Sample]:
         outcomes: tuple[int, ...] = ()
         if name == "top1" and row.get("example_outcomes"):
             outcomes = tuple(int(bool(o)) for o in row["example_outcomes"])
-        out[name] = Sample(run_id=run_id, at=at, value=value, outcomes=outcomes)
+        method = kld_method(row) if name == "kld_mean" else ""
+        out[name] = Sample(run_id=run_id, at=at, value=value, outcomes=outcomes, method=method)
     return out
+
+
+def kld_method(row: Row) -> str:
+    """The KL divergence estimator of a row and its parameters, as recorded in its
+    environment (``fidelity.kld_method``, ``fidelity.kld_params``); "" when not recorded
+    (rows scored before the method was recorded: the top-k + residual lower bound)."""
+    environment = row.get("environment") or {}
+    parts = (environment.get("fidelity.kld_method"), environment.get("fidelity.kld_params"))
+    return " ".join(str(p) for p in parts if p not in (None, ""))

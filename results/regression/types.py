@@ -59,7 +59,9 @@ class Sample:
     statistical unit is the trial, never the iteration); ``value`` is the night's
     summary (median of trials, or the exact figure). ``outcomes`` holds per-example
     correctness (1/0) for accuracy metrics, in eval-set order, so two nights can be
-    compared pairwise.
+    compared pairwise. ``method`` names the estimator behind ``value`` where the figure
+    depends on one (the KL divergence's method and parameters): values of different
+    methods are not comparable.
     """
 
     run_id: str
@@ -67,6 +69,7 @@ class Sample:
     value: float
     trials: tuple[float, ...] = ()
     outcomes: tuple[int, ...] = ()
+    method: str = ""  # how the value was computed (e.g. the KLD estimator); "" not recorded
 
 
 class Status(StrEnum):

@@ -114,6 +114,19 @@ def test_samples_from_an_llm_row() -> None:
     assert set(out) <= set(METRICS)
 
 
+def test_kld_samples_carry_their_method() -> None:
+    assert samples_from_row(llm_row(), "r", 0.0)["kld_mean"].method == ""
+    environment = {"fidelity.kld_method": "topk-tail", "fidelity.kld_params": "k=32 m=16"}
+    out = samples_from_row({**llm_row(), "environment": environment}, "r", 0.0)
+    assert out["kld_mean"].method == "topk-tail k=32 m=16"
+    assert out["ppl_ratio"].method == ""
+    old = detect.judge_night(
+        {key("kld_mean"): samples_from_row(llm_row(), "b", 0.0)["kld_mean"]},
+        {key("kld_mean"): out["kld_mean"]},
+    )
+    assert [v.status for v in old] == [Status.INSUFFICIENT]
+
+
 def test_failed_or_invalid_rows_give_no_samples() -> None:
     assert samples_from_row({**classifier_row(), "ok": False}, "r", 0.0) == {}
     assert samples_from_row({**classifier_row(), "valid": False}, "r", 0.0) == {}

@@ -176,6 +176,52 @@ def test_mcnemar_small_drop_or_not_significant_is_unchanged() -> None:
     assert v.status is Status.IMPROVEMENT
 
 
+@pytest.mark.parametrize(("lost", "gained"), [(8, 0), (9, 1), (10, 2), (13, 5)])
+def test_a_one_and_a_half_point_drop_on_540_examples_is_flagged_despite_opposite_flips(
+    lost: int, gained: int
+) -> None:
+    # 8 examples net of 540 = 1.48 points, whichever few examples flipped the other way.
+    base, cand = outcomes(540, lost=lost, gained=gained)
+    v = compare_accuracy(key("top1"), METRICS["top1"], accuracy_sample(base), accuracy_sample(cand))
+    assert v.status is Status.REGRESSION, v.message
+    assert f"{lost} lost, {gained} gained" in v.message
+    # The same change the other way is an improvement.
+    v = compare_accuracy(key("top1"), METRICS["top1"], accuracy_sample(cand), accuracy_sample(base))
+    assert v.status is Status.IMPROVEMENT
+
+
+@pytest.mark.parametrize("n", [20, 100, 540, 10_000])
+@pytest.mark.parametrize(("lost", "gained"), [(1, 0), (0, 1), (2, 1), (1, 2)])
+def test_a_one_example_change_never_alarms(n: int, lost: int, gained: int) -> None:
+    # On 20 examples one example is 5 points, far beyond the minimum drop: still no alarm.
+    base, cand = outcomes(n, lost=lost, gained=gained)
+    v = compare_accuracy(key("top1"), METRICS["top1"], accuracy_sample(base), accuracy_sample(cand))
+    assert v.status is Status.UNCHANGED, v.message
+
+
+def test_identical_outcomes_never_alarm() -> None:
+    base, _ = outcomes(540, lost=0, gained=0)
+    v = compare_accuracy(key("top1"), METRICS["top1"], accuracy_sample(base), accuracy_sample(base))
+    assert v.status is Status.UNCHANGED and v.p_value == 1.0
+
+
+def test_kld_of_another_method_is_not_comparable() -> None:
+    kld = METRICS["kld_mean"]
+
+    def s(value: float, method: str) -> Sample:
+        return Sample(run_id="r", at=0.0, value=value, method=method)
+
+    # A better estimator reads higher: not a regression, not comparable.
+    v = compare(key("kld_mean"), kld, s(0.020, ""), s(0.027, "topk-tail k=32 m=16"))
+    assert v.status is Status.INSUFFICIENT
+    assert "not comparable" in v.message and "not recorded -> topk-tail k=32 m=16" in v.message
+    v = compare(key("kld_mean"), kld, s(0.020, "a k=32"), s(0.010, "a k=64"))
+    assert v.status is Status.INSUFFICIENT
+    # The same method is judged as before.
+    same = compare(key("kld_mean"), kld, s(0.020, "a k=32"), s(0.027, "a k=32"))
+    assert same.status is Status.REGRESSION
+
+
 def test_accuracy_outcomes_of_different_eval_sets_are_insufficient() -> None:
     base, _ = outcomes(100, 0, 0)
     _, cand = outcomes(120, 0, 0)
