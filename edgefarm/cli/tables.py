@@ -1,7 +1,10 @@
 """Terminal tables for result rows (rich).
 
 Rows of language models (those with generation metrics) and of other models get their
-own tables, each with the columns that mean something for it.
+own tables, each with the columns that mean something for it. A central timing figure
+carries ``±x%``: the 95% interval for a repeat run's figure, from the row's per-trial
+medians (:class:`edgefarm.domain.TrialInterval`); no ``±`` with fewer than two trials.
+Language-model fidelity columns name the context and positions they were scored on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from results.rows import p50_interval
 
 Row = dict[str, Any]
 STATUS_WIDTH = 70
@@ -53,6 +58,37 @@ def _field(key: str, fmt: str, scale: float = 1.0) -> Callable[[Row], str]:
     return show
 
 
+def plus_minus(row: Row) -> str:
+    """`` ±2.1%``: the row's repeat-run interval of its p50, or '' without one."""
+    interval = p50_interval(row) if row.get("ok", True) else None
+    return f" ±{interval.repeat_percent:.1f}%" if interval is not None else ""
+
+
+def _with_interval(show: Callable[[Row], str]) -> Callable[[Row], str]:
+    """A timing figure followed by its interval (nothing after a missing figure)."""
+
+    def both(row: Row) -> str:
+        text = show(row)
+        return text if text == "-" else text + plus_minus(row)
+
+    return both
+
+
+def fidelity_setting(row: Row) -> str:
+    """``ctx 512 x4, 2044 pos``: the context, chunks and positions perplexity, KLD and
+    top-1 were scored on (not the timing context), or '-' when the row does not say."""
+    accuracy = row.get("accuracy") or {}
+    context = accuracy.get("fidelity_context_tokens")
+    positions = accuracy.get("fidelity_positions")
+    chunks = accuracy.get("fidelity_chunks")
+    if context is None and positions is None:
+        return "-"
+    text = f"ctx {_num(context, '.0f')}"
+    if chunks is not None:
+        text += f" x{_num(chunks, '.0f')}"
+    return f"{text}, {_num(positions, '.0f')} pos"
+
+
 def _text(key: str) -> Callable[[Row], str]:
     return lambda row: str(row.get(key) or "")
 
@@ -65,11 +101,11 @@ IDENTITY = [
 ]
 CLASSIFIER_COLUMNS = [
     *IDENTITY,
-    ("p50 ms", _field("lat_p50_ms", ".4f")),
+    ("p50 ms ±95%", _with_interval(_field("lat_p50_ms", ".4f"))),
     ("p90 ms", _field("lat_p90_ms", ".4f")),
     ("p99 ms", _field("lat_p99_ms", ".4f")),
     ("cv %", _field("lat_cv", ".1f", 100.0)),
-    ("items/s", _field("throughput_per_s", ",.0f")),
+    ("items/s ±95%", _with_interval(_field("throughput_per_s", ",.0f"))),
     ("peak RSS MiB", _field("peak_rss_bytes", ".1f", 1 / (1 << 20))),
     ("load s", _field("load_time_s", ".3f")),
     ("size KiB", _field("model_size_bytes", ".0f", 1 / 1024)),
@@ -81,8 +117,10 @@ LLM_COLUMNS = [
     *IDENTITY,
     # one timed iteration is one decode step: generation speed at the median step
     (
-        "gen tok/s",
-        lambda row: _num(1000 / row["lat_p50_ms"] if row.get("lat_p50_ms") else None, ".1f"),
+        "gen tok/s ±95%",
+        _with_interval(
+            lambda row: _num(1000 / row["lat_p50_ms"] if row.get("lat_p50_ms") else None, ".1f")
+        ),
     ),
     ("prompt tok/s", _metric("prompt_tok_per_s", ".1f")),
     ("TTFT ms", _metric("ttft_ms", ".1f")),
@@ -95,6 +133,7 @@ LLM_COLUMNS = [
     ("KLD mean", _acc("kld_mean", ".5f")),
     ("KLD p99", _acc("kld_p99", ".4f")),
     ("top1 agree", _acc("top1_agreement", ".4f")),
+    ("fidelity scored on", fidelity_setting),
     ("status", _status),
 ]
 

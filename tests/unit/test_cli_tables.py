@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from edgefarm.cli.tables import results_tables
+from edgefarm.cli.tables import fidelity_setting, results_tables
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -45,3 +45,46 @@ def test_language_model_rows_show_bits_per_weight_and_fidelity() -> None:
     other = {**llm, "backend": "onnxruntime", "metrics": {"prompt_tok_per_s": 1.0}}
     other_line = next(line for line in render([other]).splitlines() if "Q3_K_M" in line)
     assert "5.46" not in other_line and " - " in other_line
+
+
+def test_timing_figures_carry_their_repeat_interval_and_llm_rows_their_fidelity_setting() -> None:
+    llm = {
+        "model": "smollm2",
+        "backend": "llama-cpp",
+        "scheme": "Q8_0",
+        "ok": True,
+        "valid": True,
+        "lat_p50_ms": 10.0,
+        "trial_medians_ms": [10.0, 10.4, 9.7, 10.1, 9.9],
+        "metrics": {"prompt_tok_per_s": 600.0},
+        "accuracy": {
+            "kld_mean": 0.01,
+            "fidelity_context_tokens": 512.0,
+            "fidelity_positions": 2044.0,
+            "fidelity_chunks": 4.0,
+        },
+    }
+    classifier = {
+        "model": "digits",
+        "backend": "onnxruntime",
+        "scheme": "fp32",
+        "ok": True,
+        "valid": True,
+        "lat_p50_ms": 0.01,
+        "throughput_per_s": 100_000.0,
+        "trial_medians_ms": [0.0100, 0.0102],
+        "metrics": {},
+    }
+    text = render([llm, classifier])
+    assert "gen tok/s ±95%" in text and "p50 ms ±95%" in text and "items/s ±95%" in text
+    # 5 trials, log sd 0.0262: t(4) * sd * sqrt(2/5) = 4.6%
+    llm_line = next(line for line in text.splitlines() if "Q8_0" in line)
+    assert "100.0 ±4.6%" in llm_line and "ctx 512 x4, 2044 pos" in llm_line
+    # 2 trials: t(1) = 12.7 makes the interval wide, and says so
+    fp32_line = next(line for line in text.splitlines() if "fp32" in line)
+    assert "0.0100 ±19.5%" in fp32_line and "100,000 ±19.5%" in fp32_line
+    # one trial: no interval; an older row without fidelity settings: a dash
+    single = {**llm, "trial_medians_ms": [10.0], "accuracy": {"kld_mean": 0.01}}
+    line = next(line for line in render([single]).splitlines() if "Q8_0" in line)
+    assert "100.0 " in line and "±" not in line
+    assert fidelity_setting(single) == "-" and "pos" not in line
