@@ -10,6 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from edgefarm.domain import RatioInterval, ratio_interval
+from results.rows import p50_interval
+
 Row = dict[str, Any]
 
 # The scheme each backend's speed-up, memory and size reductions are measured against.
@@ -44,6 +47,16 @@ class ComparisonRow:
     bits_per_weight: float | None = None  # GGUF tensor bits per element (llama.cpp)
     # a full-precision conversion's max |logit difference| from its source checkpoint
     logit_max_abs_diff: float | None = None
+    # the speed's 95% repeat-run interval, in percent (None: fewer than two trials)
+    speed_pm_pct: float | None = None
+    # 95% interval of the speed-up (Welch over both rows' trial medians); None: the
+    # full-precision row itself, or fewer than two trials on a side
+    speedup_interval: RatioInterval | None = None
+
+    @property
+    def same_speed(self) -> bool:
+        """True when the speed-up's interval contains 1x: no measurable difference."""
+        return self.speedup_interval is not None and not self.speedup_interval.distinguishable
 
 
 def _speed(row: Row) -> float | None:
@@ -51,6 +64,23 @@ def _speed(row: Row) -> float | None:
     if not p50:
         return None
     return 1000.0 / p50 * (row.get("batch_size") or 1)
+
+
+def speedup_interval(row: Row, base: Row | None) -> RatioInterval | None:
+    """95% interval of ``row``'s speed over ``base``'s, from their trial medians."""
+    if base is None or base is row or not row.get("ok") or not base.get("ok"):
+        return None
+    slower = ratio_interval(
+        base.get("trial_medians_ms") or [], row.get("trial_medians_ms") or []
+    )  # row latency / base latency: invert it for the speed-up
+    if slower is None:
+        return None
+    return RatioInterval(1.0 / slower.ratio, 1.0 / slower.high, 1.0 / slower.low)
+
+
+def _speed_pm(row: Row) -> float | None:
+    interval = p50_interval(row) if row.get("ok") else None
+    return interval.repeat_percent if interval is not None else None
 
 
 def is_llm_row(row: Row) -> bool:
@@ -125,6 +155,8 @@ def compare(
                 logit_max_abs_diff=(logit_checks.get(row.get("artifact_sha256", "")) or {}).get(
                     "max_abs_diff"
                 ),
+                speed_pm_pct=_speed_pm(row) if speed else None,
+                speedup_interval=speedup_interval(row, base),
             )
         )
     # stable: within a framework, full precision first, then the spec's order
@@ -183,14 +215,35 @@ def cells(r: ComparisonRow) -> list[str]:
         r.framework,
         r.scheme,
         _fmt(r.memory_bytes / (1 << 20) if r.memory_bytes else None, ".1f"),
-        f"{_fmt(r.speed, ',.1f')} {unit}" if r.speed else "-",
-        f"{_fmt(r.speedup, '.2f')}x" if r.speedup else "-",
+        f"{_fmt(r.speed, ',.1f')} {unit}" + _pm(r.speed_pm_pct) if r.speed else "-",
+        _speedup_cell(r),
         f"{_fmt(r.memory_reduction * 100, '.0f')}%" if r.memory_reduction is not None else "-",
         _fmt(r.size_bytes / (1 << 20) if r.size_bytes else None, ".1f")
         + (f" ({r.bits_per_weight:.2f} b/w)" if r.bits_per_weight else ""),
         f"{_fmt(r.size_reduction * 100, '.0f')}%" if r.size_reduction is not None else "-",
         fidelity or (r.note or "-"),
     ]
+
+
+def _pm(percent: float | None) -> str:
+    return f" ±{percent:.1f}%" if percent is not None else ""
+
+
+def _speedup_cell(r: ComparisonRow) -> str:
+    """``1.12x``, or ``1.03x (same: 0.97-1.10x)`` when its interval contains 1x."""
+    if not r.speedup:
+        return "-"
+    text = f"{_fmt(r.speedup, '.2f')}x"
+    if r.same_speed and r.speedup_interval is not None:
+        text += f" (same: {r.speedup_interval.low:.2f}-{r.speedup_interval.high:.2f}x)"
+    return text
+
+
+INTERVAL_NOTE = (
+    "Speeds carry ±: the 95% interval for a repeat run, over trials. A speed-up marked "
+    "'same' is not a measured difference: its 95% interval (Welch, over both runs' "
+    "trial medians) contains 1x."
+)
 
 
 def groups(rows: list[ComparisonRow]) -> dict[tuple[str, str], list[ComparisonRow]]:
@@ -213,6 +266,7 @@ def to_markdown(rows: list[ComparisonRow]) -> str:
         parts.append("")
     parts.append(
         "Speed-up, memory and size reductions are against the same framework's "
-        "full-precision run; fidelity is against the shared full-precision reference."
+        "full-precision run; fidelity is against the shared full-precision reference. "
+        + INTERVAL_NOTE
     )
     return "\n".join(parts) + "\n"

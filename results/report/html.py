@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from results.compare import COLUMNS, cells, groups
+from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
 from results.report.charts import history_svg, pareto_svg
 from results.report.fmt import fmt_bytes, fmt_interval, fmt_ms, fmt_num, fmt_ratio, fmt_value
 from results.report.model import ParetoChart, Report
@@ -154,7 +154,8 @@ def render_html(report: Report) -> str:
             parts.append(_table(list(COLUMNS), [cells(r) for r in members], left=2))
         parts.append(
             "<p>Speed-up, memory and size reductions are against the same framework's "
-            "full-precision run; fidelity is against the shared full-precision reference.</p>"
+            "full-precision run; fidelity is against the shared full-precision reference. "
+            f"{_e(INTERVAL_NOTE)}</p>"
         )
     if report.failures:
         parts.append('<h2 id="failures">Failed or invalid runs</h2>')

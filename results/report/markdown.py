@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from results.compare import COLUMNS, cells, groups
+from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
 from results.regression.types import Verdict
 from results.report.fmt import fmt_bytes, fmt_interval, fmt_ms, fmt_num, fmt_ratio, fmt_value
 from results.report.model import ParetoChart, Report
@@ -96,7 +96,8 @@ def render_markdown(report: Report) -> str:
             out += table(list(COLUMNS), [cells(r) for r in members])
         out += [
             "Speed-up, memory and size reductions are against the same framework's "
-            "full-precision run; fidelity is against the shared full-precision reference.",
+            "full-precision run; fidelity is against the shared full-precision reference. "
+            + INTERVAL_NOTE,
             "",
         ]
     if report.failures:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from results.compare import COLUMNS, cells, groups
+from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
 from results.regression.types import Status
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_ratio, fmt_value
 from results.report.model import Report
@@ -68,6 +68,8 @@ def render_terminal(report: Report, width: int = 140) -> str:
         for r in members:
             table.add_row(*cells(r))
         console.print(table)
+    if report.comparison:
+        say(INTERVAL_NOTE)
     if report.failures:
         say()
         say("failed or invalid:")

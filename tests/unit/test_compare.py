@@ -72,3 +72,29 @@ def test_a_full_precision_conversion_shows_its_logit_check() -> None:
     out = {r.scheme: r for r in compare([f16, q4], checks)}
     assert out["F16"].logit_max_abs_diff == 0.0021 and out["Q4_0"].logit_max_abs_diff is None
     assert "logits vs checkpoint 2.1e-03" in to_markdown(list(out.values()))
+
+
+def test_a_speed_up_inside_the_noise_is_called_the_same() -> None:
+    base = {**row("onnxruntime", "fp32", 1.0, 50, 10), "trial_medians_ms": [1.0, 1.04, 0.97]}
+    noise = {  # 4% faster on the point estimates, trials overlapping
+        **row("onnxruntime", "fp16", 0.96, 50, 5),
+        "trial_medians_ms": [0.93, 1.0, 0.96],
+    }
+    real = {  # 2x faster, trials tight
+        **row("onnxruntime", "int8-static", 0.5, 40, 3),
+        "trial_medians_ms": [0.5, 0.51, 0.49],
+    }
+    single = {**row("onnxruntime", "int4-weight", 0.96, 40, 3), "trial_medians_ms": [0.96]}
+    by = {r.scheme: r for r in compare([base, noise, real, single])}
+    assert by["fp32"].speedup_interval is None and not by["fp32"].same_speed
+    interval = by["fp16"].speedup_interval
+    assert interval is not None and interval.low < 1.0 < interval.high and by["fp16"].same_speed
+    assert by["int8-static"].speedup_interval is not None
+    assert by["int8-static"].speedup_interval.low > 1.8 and not by["int8-static"].same_speed
+    # one trial: no interval, so nothing is claimed either way
+    assert by["int4-weight"].speedup_interval is None and not by["int4-weight"].same_speed
+    md = to_markdown(list(by.values()))
+    fp16 = next(line for line in md.splitlines() if "| fp16 |" in line)
+    assert f"1.04x (same: {interval.low:.2f}-{interval.high:.2f}x)" in fp16 and "±" in fp16
+    int8 = next(line for line in md.splitlines() if "| int8-static |" in line)
+    assert "same" not in int8 and "contains 1x" in md
