@@ -20,6 +20,7 @@ BACKENDS: dict[str, str] = {
     "llama-cpp": "agent.backends.llama_cpp:LlamaCppBackend",
     "mlx": "agent.backends.mlx:MlxBackend",
     "openvino": "agent.backends.openvino:OpenVinoBackend",
+    "onnxruntime-genai": "agent.backends.onnxruntime_genai:OnnxRuntimeGenaiBackend",
 }
 
 
