@@ -6,10 +6,21 @@ process's own CPU time around the timed loop; the difference over the wall time 
 the average number of cores other processes (or the hypervisor) took meanwhile.
 The kernel counts CPU time in ticks (usually 10 ms), so loops shorter than about a
 second read to within roughly 0.1 core.
+
+The guard is on by default (``MeasureSettings.max_other_cpu_cores`` =
+``edgefarm.domain.AUTO_OTHER_CPU``):
+a trial during which other processes took more than ``BUSY_SHARE`` (a quarter) of the
+host's logical cores on average is measured again, up to ``BUSY_RETRIES`` times, and
+stored invalid with the reason if the host stays busy. On a 2-core host that is half a
+core: a quiet local farm (its own coordinator, Ray and agent idle meanwhile) reads
+0.0-0.15 cores, one busy process a full core. A campaign may set its own limit in cores,
+or 0 to only record the reading. Timed loops shorter than ``MIN_JUDGED_S`` are not
+judged: the kernel's 10 ms ticks make their reading too coarse.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from types import TracebackType
 
@@ -17,6 +28,9 @@ import psutil
 
 OTHER_CPU_METRIC = "host_other_cpu_cores"  # the trial metric holding the reading
 BUSY_RETRIES = 2  # times a trial rejected for a busy host is measured again
+BUSY_SHARE = 0.25  # default limit: this share of the host's logical cores
+MIN_JUDGED_S = 0.2  # shorter timed loops are recorded, never rejected
+BUSY_PREFIX = "host busy:"  # how a rejection's reason starts
 
 _BUSY_FIELDS = ("user", "nice", "system", "irq", "softirq", "steal")
 
@@ -55,11 +69,23 @@ class OtherCpuMeter:
         self.cores = max(0.0, others / wall) if wall > 0 else 0.0
 
 
-def busy_reason(other_cores: float, limit: float) -> str:
-    """Why a trial is rejected for a busy host, or '' (``limit`` 0: never rejected)."""
+def other_cpu_limit(setting: float, logical_cpus: int | None = None) -> float:
+    """The limit in cores for a ``max_other_cpu_cores`` setting: ``AUTO_OTHER_CPU``
+    (any negative value) is ``BUSY_SHARE`` of the host's logical cores; 0 is no limit."""
+    if setting >= 0:
+        return setting
+    cpus = logical_cpus if logical_cpus is not None else (os.cpu_count() or 1)
+    return BUSY_SHARE * max(1, cpus)
+
+
+def busy_reason(other_cores: float, limit: float, duration_s: float | None = None) -> str:
+    """Why a trial is rejected for a busy host, or '' (``limit`` <= 0: never rejected;
+    a timed loop shorter than ``MIN_JUDGED_S``: never rejected)."""
     if limit <= 0 or other_cores <= limit:
         return ""
+    if duration_s is not None and duration_s < MIN_JUDGED_S:
+        return ""
     return (
-        f"host busy: other processes used {other_cores:.2f} cores during the timed loop "
+        f"{BUSY_PREFIX} other processes used {other_cores:.2f} cores during the timed loop "
         f"(limit {limit:g})"
     )

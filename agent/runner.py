@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.host_activity import BUSY_RETRIES, OTHER_CPU_METRIC, busy_reason
+from agent.host_activity import BUSY_PREFIX, BUSY_RETRIES
 from agent.parent_watch import PARENT_PID_ENV
 from agent.trial import TrialRequest
 from edgefarm.domain import MeasureSettings, TrialOutcome
@@ -89,7 +89,7 @@ async def run_measurement(
             )
             result = await _run_child(request, Path(tmp), index)
             for _ in range(BUSY_RETRIES):
-                if not _host_was_busy(result, settings):
+                if not _host_was_busy(result):
                     break
                 log.info("trial %d: host busy, measuring it again", index + 1)
                 result = await _run_child(request, Path(tmp), index)
@@ -111,13 +111,13 @@ async def run_measurement(
     return report
 
 
-def _host_was_busy(result: dict[str, Any], settings: MeasureSettings) -> bool:
-    """Whether a trial was rejected because other processes were busy on the host."""
+def _host_was_busy(result: dict[str, Any]) -> bool:
+    """Whether the child rejected its trial because the host was busy (it judged the
+    reading against the limit resolved on this host: agent.host_activity)."""
     try:
-        cores = float(result["trial"]["metrics"].get(OTHER_CPU_METRIC, 0.0))
-    except (KeyError, TypeError, ValueError, AttributeError):
+        return BUSY_PREFIX in str(result["trial"]["invalid_reason"])
+    except (KeyError, TypeError):
         return False  # a malformed result is reported as such below
-    return bool(busy_reason(cores, settings.max_other_cpu_cores))
 
 
 async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends import get_backend
-from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason
+from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
 from edgefarm.domain import MeasureSettings, TrialOutcome
@@ -112,11 +112,12 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     metrics = backend.extra_metrics(settings)
     # Neighbours on the same cores (other processes, not other measurements - the
     # scheduler prevents those) distort timings: keep the evidence, and reject the
-    # trial when the campaign sets a limit (settings.max_other_cpu_cores).
+    # trial over the limit (settings.max_other_cpu_cores; by default a share of the cores).
     metrics[OTHER_CPU_METRIC] = others.cores
     if hasattr(os, "getloadavg"):
         metrics["host_load_1m"] = os.getloadavg()[0]
-    busy = busy_reason(others.cores, settings.max_other_cpu_cores)
+    limit = other_cpu_limit(settings.max_other_cpu_cores)
+    busy = busy_reason(others.cores, limit, timing.duration_s)
     trial = TrialOutcome(
         samples_ms=timing.samples_ms,
         warmup_iterations=settings.warmup_iterations,

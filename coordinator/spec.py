@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from edgefarm.domain import MeasureSettings
+from edgefarm.domain import AUTO_OTHER_CPU, MeasureSettings
 from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import (
     MAX_INT64,
@@ -312,9 +312,9 @@ class Measurement(BaseModel):
     )
     prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, le=MAX_TOKENS, strict=True)
     context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, le=MAX_TOKENS, strict=True)
-    max_other_cpu_cores: float = Field(
+    max_other_cpu_cores: float = Field(  # cores; 0: record only; -1: a share of the host's
         default=_DEFAULTS.max_other_cpu_cores,
-        ge=0,
+        ge=AUTO_OTHER_CPU,
         le=MAX_CPU_CORES,
         strict=True,
         allow_inf_nan=False,

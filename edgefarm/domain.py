@@ -46,6 +46,10 @@ class CampaignStatus(StrEnum):
     FAILED = "failed"  # finished, with at least one failed task
 
 
+# MeasureSettings.max_other_cpu_cores: the busy-host limit follows the host's core count.
+AUTO_OTHER_CPU = -1.0
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     """How to measure: the farm's trial / validity scheme."""
@@ -66,8 +70,10 @@ class MeasureSettings:
     # Whether the first trial also computes accuracy (when the task has eval data).
     evaluate: bool = True
     # Reject (and measure again) a trial during whose timed loop other processes used
-    # more than this many cores on average; 0: only record the reading.
-    max_other_cpu_cores: float = 0.0
+    # more than this many cores on average; 0: only record the reading; AUTO_OTHER_CPU
+    # (the default): a quarter of the measuring host's logical cores
+    # (agent.host_activity.BUSY_SHARE).
+    max_other_cpu_cores: float = AUTO_OTHER_CPU
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON and hashing)."""

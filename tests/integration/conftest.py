@@ -48,6 +48,7 @@ measurement:
   min_duration_s: {min_duration_s}
   trials: {trials}
   threads: 1
+  max_other_cpu_cores: 0  # record only: the tests share a loaded CI host
   timeout_s: 60
 """
     )

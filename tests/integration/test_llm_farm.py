@@ -38,6 +38,7 @@ measurement:
   threads: 2
   prompt_tokens: 32
   context_tokens: 128
+  max_other_cpu_cores: 0  # record only: the tests share a loaded CI host
   timeout_s: 240
 """
     )

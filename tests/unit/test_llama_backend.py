@@ -30,6 +30,7 @@ THREADS = 2  # the measurement's threads
 REF_THREADS = 1  # the reference's: a different count must not change the logits
 REF_CTX = 128  # the ~200-token text is scored in two chunks
 TINY = MeasureSettings(
+    max_other_cpu_cores=0.0,  # record only: these tests are not about the busy-host guard
     warmup_iterations=4,
     min_iterations=16,
     min_duration_s=0.2,

@@ -43,6 +43,7 @@ from tests.unit.conftest import REF_TOKENS
 SMOLLM2_ROPE_THETA = 100000.0
 MLX_LLAMA_DEFAULT_ROPE_THETA = 10000.0  # what mlx-lm uses when config.json has none
 TINY = MeasureSettings(
+    max_other_cpu_cores=0.0,  # record only: these tests are not about the busy-host guard
     warmup_iterations=1,
     min_iterations=4,
     min_duration_s=0.1,

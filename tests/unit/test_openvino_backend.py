@@ -27,6 +27,7 @@ pytest.importorskip("openvino", reason="openvino is not installed (the openvino 
 pytest.importorskip("nncf", reason="nncf is not installed (the openvino extra)")
 
 SETTINGS = MeasureSettings(
+    max_other_cpu_cores=0.0,  # record only: these tests are not about the busy-host guard
     warmup_iterations=5,
     min_iterations=50,
     min_duration_s=0.05,

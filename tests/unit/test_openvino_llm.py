@@ -37,6 +37,7 @@ from tests.unit.conftest import REF_TOKENS  # noqa: E402
 LAYERS = 30  # SmolLM2-135M
 SCHEMES = ("fp32", "int4-asym")
 TINY = MeasureSettings(
+    max_other_cpu_cores=0.0,  # record only: these tests are not about the busy-host guard
     warmup_iterations=2,
     min_iterations=8,
     min_duration_s=0.0,
