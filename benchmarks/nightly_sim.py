@@ -5,10 +5,13 @@ It drives the real detection code (``results.regression.detect.judge_night``,
 points) with realistic measurement noise on latency series (trial medians, lower is
 better):
 
-- per trial: lognormal noise with the given trial CV (default 3%); 2% of trials are
-  outliers, slower by 20-60%;
+- per trial: lognormal noise with the given trial CV (default 3%), AR(1)-correlated
+  along the run's time line (rho 0.5); bimodal placement (30% of trials 4% slower);
+  2% of trials are outliers, slower by 20-60%;
 - per run (all trials of one run): a fast phase, lognormal with 0.5% sd; 3% of runs
-  are noisy nights whose trial CV is 3x the normal;
+  are noisy nights whose trial CV is 3x the normal; 10% of runs have a slow phase
+  inside them (5% slower for 20-50% of the run's time line);
+- per device and night: a whole-night offset, lognormal with 1% sd;
 - per device (series share devices): a slow linear drift of at most 0.02% per night
   (at most 1.2% over 60 nights, well below the 2% gate) and machine slow phases: with
   probability 1% per night a phase starts that makes everything on the device 3%
@@ -24,7 +27,13 @@ Two measurement modes, both printed:
   same run, nightly and for the confirmation, so run phases, machine phases and drift
   cancel. This is what the runner does when both artifacts are runnable.
 - sequential: the candidate alone is measured and compared with the previous night's
-  stored trials; the confirmation re-measures the candidate only.
+  stored trials, scaled by the device's own level change (``detect.device_levels``
+  over control series: the series of the same device whose build did not change); a
+  flag is confirmed by re-measuring the candidate alone and judging it against an
+  independent baseline (``detect.sequential_baseline``: the other stored nights of the
+  baseline build, the first check's night left out, scaled the same way).
+- sequential, no controls: the same without control series (a device whose every
+  series changed, e.g. a runtime upgrade): machine slow phases and night offsets stay.
 
 A false alarm is a reported regression on a series-night whose build did not change
 (any cause, machine slow phases included). Detection rate: a reported regression on
@@ -43,7 +52,7 @@ with a sound test (the trial-count table shows it); the default here,
 targets at a 3% trial CV.
 
 Run: ``python benchmarks/nightly_sim.py [--seed N] [--series N] [--nights N]
-[--trials N] [--cv X]`` (about 20 s on one core with the defaults).
+[--trials N] [--cv X]`` (about 2-3 minutes on one core with the defaults).
 """
 
 from __future__ import annotations
@@ -94,6 +103,13 @@ class NoiseModel:
     slow_phase_size: float = 0.03
     slow_phase_nights: tuple[int, int] = (3, 7)
     devices: int = 8
+    night_offset_sd: float = 0.01  # per device-night, shared by every run of the night
+    bimodal_rate: float = 0.3  # share of trials landing in the slow mode ...
+    bimodal_gap: float = 0.04  # ... this much slower (e.g. another core or NUMA placement)
+    ar_rho: float = 0.5  # AR(1) correlation of consecutive trials of a run
+    run_slow_rate: float = 0.1  # runs with a slow phase inside them ...
+    run_slow_size: float = 0.05  # ... this much slower ...
+    run_slow_share: tuple[float, float] = (0.2, 0.5)  # ... for this share of the run
 
 
 @dataclass(frozen=True)
@@ -148,6 +164,7 @@ class SimulationFigures:
     cv: float
     interleaved: ModeFigures
     sequential: ModeFigures
+    sequential_no_controls: ModeFigures  # sequential, no control series on the device
     history_points: int  # change points in unchanged series' full histories
     history_points_at_slow_phase: int  # ... near a machine slow-phase edge
     history_nights: int  # unchanged series-nights in those histories
@@ -179,20 +196,52 @@ def _machine(rng: np.random.Generator, noise: NoiseModel, nights: int) -> _Machi
                 slow[d, night : night + length] = True
                 night += length
             night += 1
-    return _Machine(level * np.where(slow, 1.0 + noise.slow_phase_size, 1.0), slow)
+    offset = np.exp(rng.normal(0.0, noise.night_offset_sd, (noise.devices, nights)))
+    return _Machine(level * offset * np.where(slow, 1.0 + noise.slow_phase_size, 1.0), slow)
 
 
 def _run(rng: np.random.Generator, noise: NoiseModel, true: np.ndarray, trials: int) -> np.ndarray:
     """One run per row of ``true`` (shape (rows, artifacts)): trial values (rows, artifacts,
-    trials) sharing the run's phase and noisy-night draw within a row."""
+    trials) sharing the run's phase and noisy-night draw within a row.
+
+    The artifacts' trials alternate in rounds (round ``t`` holds trial ``t`` of each, in
+    random order), so the run's time line has ``artifacts * trials`` slots; AR(1) noise
+    and a slow phase inside the run follow that time line, bimodal placement and
+    outliers are per trial.
+    """
     rows, artifacts = true.shape
-    phase = rng.normal(0.0, noise.run_phase_sd, (rows, 1, 1))
-    noisy = rng.random((rows, 1, 1)) < noise.noisy_run_rate
+    slots = artifacts * trials
+    phase = rng.normal(0.0, noise.run_phase_sd, (rows, 1))
+    noisy = rng.random((rows, 1)) < noise.noisy_run_rate
     cv = noise.cv * np.where(noisy, noise.noisy_run_factor, 1.0)
-    z = rng.standard_normal((rows, artifacts, trials))
+    # AR(1) innovations with unit stationary variance along the run's time line.
+    e = rng.standard_normal((rows, slots))
+    z = np.empty_like(e)
+    z[:, 0] = e[:, 0]
+    rho = noise.ar_rho
+    for t in range(1, slots):
+        z[:, t] = rho * z[:, t - 1] + math.sqrt(1.0 - rho * rho) * e[:, t]
+    log = phase + cv * z
+    # A slow phase inside the run: a contiguous stretch of its time line.
+    has_slow: np.ndarray = rng.random(rows) < noise.run_slow_rate
+    share = rng.uniform(*noise.run_slow_share, rows)
+    length = np.maximum(1, np.round(share * slots)).astype(int)
+    start = (rng.random(rows) * (slots - length + 1)).astype(int)
+    clock = np.arange(slots)[None, :]
+    inside = has_slow[:, None] & (clock >= start[:, None]) & (clock < (start + length)[:, None])
+    log = log + np.where(inside, math.log1p(noise.run_slow_size), 0.0)
+    # Which slot each artifact's trial takes: rounds of ``artifacts`` slots, shuffled.
+    order = np.argsort(rng.random((rows, trials, artifacts)), axis=2)
+    slot = np.arange(trials)[None, :, None] * artifacts + order  # (rows, trials, artifacts)
+    timeline = np.take_along_axis(log, slot.reshape(rows, -1), axis=1)
+    per_trial = timeline.reshape(rows, trials, artifacts).transpose(0, 2, 1)
+    bimodal = rng.random((rows, artifacts, trials)) < noise.bimodal_rate
     outlier = rng.random((rows, artifacts, trials)) < noise.outlier_rate
     slowdown = rng.uniform(*noise.outlier_slowdown, (rows, artifacts, trials))
-    return true[:, :, None] * np.exp(phase + cv * z) * np.where(outlier, 1.0 + slowdown, 1.0)
+    factor = np.where(bimodal, 1.0 + noise.bimodal_gap, 1.0) * np.where(
+        outlier, 1.0 + slowdown, 1.0
+    )
+    return true[:, :, None] * np.exp(per_trial) * factor
 
 
 def _sample(run_id: str, at: float, trials: np.ndarray) -> Sample:
@@ -203,23 +252,21 @@ def _sample(run_id: str, at: float, trials: np.ndarray) -> Sample:
 # ------------------------------------------------------------------------------ gate
 
 
-_Remeasure = Callable[[SeriesKey], tuple[Sample, Sample]]
+_Confirm = Callable[[Verdict], Verdict]
 
 
 def _gate(
     baseline: dict[SeriesKey, Sample],
     candidate: dict[SeriesKey, Sample],
-    remeasure: _Remeasure,
+    confirm: _Confirm,
+    levels: dict[tuple[str, str], float] | None = None,
 ) -> tuple[set[SeriesKey], int]:
-    """Keys reported tonight and re-measurements run: judge the night, re-measure each
-    flagged series in a fresh run, keep the regressions the re-measurement confirms."""
-    verdicts = detect.judge_night(baseline, candidate)
+    """Keys reported tonight and re-measurements run: judge the night (baselines scaled
+    by ``levels``), re-measure each flagged series in a fresh run (``confirm``), keep
+    the regressions it confirms."""
+    verdicts = detect.judge_night(baseline, candidate, levels)
     flagged = detect.to_confirm(verdicts)
-    confirmed: list[Verdict] = []
-    for verdict in flagged:
-        base, cand = remeasure(verdict.key)
-        again = detect.judge_night({verdict.key: base}, {verdict.key: cand})
-        confirmed.append(detect.confirm(verdict, again[0]))
+    confirmed = [confirm(v) for v in flagged]
     return {v.key for v in detect.regressions(confirmed)}, len(flagged)
 
 
@@ -299,28 +346,73 @@ class _Nights:
     history: list[list[Sample]]  # per series, the candidate's night samples
 
 
-def _again(
-    world: _World,
-    index: dict[SeriesKey, int],
-    night: int,
-    stored: dict[SeriesKey, Sample] | None,
-    key: SeriesKey,
-) -> tuple[Sample, Sample]:
-    """A confirmation run for ``key``: a fresh run of both builds (interleaved), or of the
-    candidate alone against its stored baseline (sequential)."""
-    at = float(night * 86400)
-    again = world.measure(np.array([index[key]]), night)[0]
-    baseline = stored[key] if stored is not None else _sample("b-again", at, again[0])
-    return baseline, _sample("n-again", at, again[1])
+MODES = ("interleaved", "sequential", "sequential, no controls")
+
+
+@dataclass
+class _Night:
+    """One night of the loop: what the confirmations need."""
+
+    world: _World
+    index: dict[SeriesKey, int]
+    night: int
+    history: list[list[Sample]]  # per series, candidate samples of the nights so far
+    _controls: dict[int, list[int]] = field(default_factory=dict)
+
+    def again(self, key: SeriesKey) -> np.ndarray:
+        """A fresh run of ``key`` tonight: trials of (baseline build, candidate build)."""
+        return self.world.measure(np.array([self.index[key]]), self.night)[0]
+
+    def interleaved(self, first: Verdict) -> Verdict:
+        """Both builds re-measured interleaved in a fresh run."""
+        at = float(self.night * 86400)
+        again = self.again(first.key)
+        base, cand = _sample("b-again", at, again[0]), _sample("n-again", at, again[1])
+        return detect.confirm(first, detect.judge_night({first.key: base}, {first.key: cand})[0])
+
+    def sequential(self, first: Verdict, controls: bool) -> Verdict:
+        """The candidate re-measured alone and judged against an independent baseline:
+        the other stored nights of the baseline build, scaled by the device's level
+        change measured on control series (same device, build unchanged) when
+        ``controls``."""
+        i, night = self.index[first.key], self.night
+        at = float(night * 86400)
+        cand = _sample("n-again", at, self.again(first.key)[1])
+        build = self.world.build[i]
+        stored = [self.history[i][m] for m in range(night) if build[m] == build[night - 1]]
+        pairs = [(self.history[j][:night], self.history[j][night]) for j in self._control(i)]
+        base, _ = detect.sequential_baseline(
+            first.key, self.history[i][night - 1], stored, pairs if controls else ()
+        )
+        independent = len(stored) > 1
+        return detect.confirm_sequential(first, base, cand, independent)
+
+    def controls(self) -> list[int]:
+        """Series whose build did not change since last night (the first check's controls)."""
+        build = self.world.build
+        return [int(j) for j in np.flatnonzero(build[:, self.night] == build[:, self.night - 1])]
+
+    def _control(self, i: int) -> list[int]:
+        """Series on ``i``'s device whose build did not change over the nights a
+        sequential confirmation looks back on (what the runner's software identity
+        tells): the device's control series."""
+        device = int(self.world.device[i])
+        if device not in self._controls:
+            build = self.world.build
+            back = max(self.night - 1 - detect.SEQUENTIAL_NIGHTS, 0)
+            same = build[:, self.night] == build[:, back]
+            self._controls[device] = [
+                int(j) for j in np.flatnonzero(same & (self.world.device == device))
+            ]
+        return [j for j in self._controls[device] if j != i]
 
 
 def _run_nights(world: _World) -> _Nights:
-    """Every night: one run per series, the gate in both modes, re-measure the flagged."""
+    """Every night: one run per series, the gate in every mode, re-measure the flagged."""
     n_series, nights = world.build.shape
     index = {k: i for i, k in enumerate(world.keys)}
-    modes = ("interleaved", "sequential")
-    reported = {m: np.zeros((n_series, nights), dtype=bool) for m in modes}
-    confirmations = dict.fromkeys(modes, 0)
+    reported = {m: np.zeros((n_series, nights), dtype=bool) for m in MODES}
+    confirmations = dict.fromkeys(MODES, 0)
     history: list[list[Sample]] = [[] for _ in range(n_series)]
     previous: dict[SeriesKey, Sample] = {}
     for night in range(nights):
@@ -331,14 +423,17 @@ def _run_nights(world: _World) -> _Nights:
         for i, k in enumerate(world.keys):
             history[i].append(cand_now[k])
         if night > 0:
-            interleaved = partial(_again, world, index, night, None)
-            sequential = partial(_again, world, index, night, previous)
-            gates: tuple[tuple[str, dict[SeriesKey, Sample], _Remeasure], ...] = (
-                ("interleaved", base_now, interleaved),
-                ("sequential", previous, sequential),
+            tonight = _Night(world, index, night, history)
+            controls = [world.keys[j] for j in tonight.controls()]
+            levels = detect.device_levels(previous, cand_now, controls)
+            gates: tuple[tuple[str, dict[SeriesKey, Sample], _Confirm], ...] = (
+                ("interleaved", base_now, tonight.interleaved),
+                ("sequential", previous, partial(tonight.sequential, controls=True)),
+                ("sequential, no controls", previous, partial(tonight.sequential, controls=False)),
             )
-            for mode, baseline, remeasure in gates:
-                keys, runs_done = _gate(baseline, cand_now, remeasure)
+            for mode, baseline, confirm in gates:
+                scale = levels if mode == "sequential" else None
+                keys, runs_done = _gate(baseline, cand_now, confirm, scale)
                 for k in keys:
                     reported[mode][index[k], night] = True
                 confirmations[mode] += runs_done
@@ -450,6 +545,7 @@ def simulate(
         cv=cv,
         interleaved=figures["interleaved"],
         sequential=figures["sequential"],
+        sequential_no_controls=figures["sequential, no controls"],
         history_points=points,
         history_points_at_slow_phase=points_at_edge,
         history_nights=len(unchanged_series) * nights,
@@ -481,9 +577,9 @@ def render(fig: SimulationFigures) -> str:
         f"targets: >= {TARGET_DETECT:.0%} reported on the night of a +5% step,"
         f" <= {TARGET_FALSE:.1%} false alarms per series-night",
         "",
-        f"{'':50}{'interleaved':>14}{'sequential':>14}",
+        f"{'':50}{'interleaved':>14}{'sequential':>14}{'seq., no ctrl':>14}",
     ]
-    modes = (fig.interleaved, fig.sequential)
+    modes = (fig.interleaved, fig.sequential, fig.sequential_no_controls)
 
     def row(label: str, cells: Sequence[str]) -> None:
         lines.append(f"{label:50}" + "".join(f"{c:>14}" for c in cells))

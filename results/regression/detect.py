@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points
 from results.regression.metrics import METRICS
-from results.regression.stats import compare
+from results.regression.stats import TIMING_ALPHA, compare, compare_timing
 from results.regression.types import (
     MetricKind,
     Sample,
@@ -37,14 +37,57 @@ from results.regression.types import (
     Verdict,
 )
 
+# Stored nights of the baseline configuration pooled as a sequential confirmation's
+# independent baseline.
+SEQUENTIAL_NIGHTS = 3
+# A sequential confirmation with no other stored night reuses the first check's
+# baseline: not independent, so it must clear a ten times stricter level.
+DEPENDENT_CONFIRM_ALPHA = TIMING_ALPHA / 10
+
 
 def judge_night(
-    baseline: Mapping[SeriesKey, Sample], candidate: Mapping[SeriesKey, Sample]
+    baseline: Mapping[SeriesKey, Sample],
+    candidate: Mapping[SeriesKey, Sample],
+    levels: Mapping[tuple[str, str], float] | None = None,
 ) -> list[Verdict]:
-    """Verdicts for the series in both nights whose metric is in the catalog, by label."""
+    """Verdicts for the series in both nights whose metric is in the catalog, by label.
+
+    ``levels`` (from :func:`device_levels`) scales a timing series' baseline by its
+    device's own level change for that metric: how a comparison with a stored night
+    (sequential) discounts a machine slow phase or a whole-night offset.
+    """
     keys = [k for k in candidate if k in baseline and k.metric in METRICS]
     keys.sort(key=SeriesKey.label)
-    return [compare(k, METRICS[k.metric], baseline[k], candidate[k]) for k in keys]
+    out = []
+    for k in keys:
+        base = baseline[k]
+        level = (levels or {}).get((k.device_id, k.metric), 1.0)
+        if level != 1.0 and METRICS[k.metric].kind is MetricKind.TIMING:
+            base = scaled(base, level)
+        out.append(compare(k, METRICS[k.metric], base, candidate[k]))
+    return out
+
+
+def scaled(sample: Sample, factor: float) -> Sample:
+    """``sample`` with its value and trials multiplied by ``factor``."""
+    return dataclasses.replace(
+        sample, value=sample.value * factor, trials=tuple(t * factor for t in sample.trials)
+    )
+
+
+def device_levels(
+    baseline: Mapping[SeriesKey, Sample],
+    candidate: Mapping[SeriesKey, Sample],
+    controls: Iterable[SeriesKey],
+) -> dict[tuple[str, str], float]:
+    """Per (device, timing metric): the device's own level change, the median
+    candidate/baseline ratio of its control series (nothing measured changed)."""
+    pairs: dict[tuple[str, str], list[tuple[Sample, Sample]]] = {}
+    for k in controls:
+        metric = METRICS.get(k.metric)
+        if k in baseline and k in candidate and metric and metric.kind is MetricKind.TIMING:
+            pairs.setdefault((k.device_id, k.metric), []).append((baseline[k], candidate[k]))
+    return {dm: device_level(p) for dm, p in pairs.items()}
 
 
 def to_confirm(verdicts: Iterable[Verdict]) -> list[Verdict]:
@@ -64,6 +107,79 @@ def confirm(first: Verdict, again: Verdict) -> Verdict:
     if first.key != again.key:
         raise ValueError(f"confirming {first.key.label()} with {again.key.label()}")
     return dataclasses.replace(first, confirmed=again.status is first.status)
+
+
+def pooled(nights: Sequence[Sample], scale: float = 1.0) -> Sample | None:
+    """Several stored nights of one series as one sample: their trials pooled (the
+    trial stays the unit), each multiplied by ``scale``; None without trials."""
+    trials = tuple(t * scale for s in nights for t in (s.trials or (s.value,)))
+    if not nights or not trials:
+        return None
+    last = max(nights, key=lambda s: s.at)
+    return dataclasses.replace(
+        last, value=float(np.median(trials)), trials=trials, outcomes=(), run_id=last.run_id
+    )
+
+
+def device_level(pairs: Iterable[tuple[Sample, Sample]]) -> float:
+    """How much the device itself moved: the median candidate/baseline ratio of control
+    series (same device and metric, nothing measured changed); 1.0 without controls."""
+    ratios = [c.value / b.value for b, c in pairs if b.value > 0 and c.value > 0]
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def sequential_baseline(
+    key: SeriesKey,
+    first: Sample,
+    stored: Sequence[Sample],
+    controls: Iterable[tuple[Sequence[Sample], Sample]] = (),
+) -> tuple[Sample, str]:
+    """The baseline a sequential confirmation is judged against, and how it was built.
+
+    A sequential first check compares tonight's candidate with the stored trials of
+    the baseline night (``first``); a confirmation judged against the same trials
+    would flag again whenever that night happened to run fast, so its stages would not
+    be independent. The confirmation's baseline is therefore the other stored nights
+    of the baseline configuration (``stored``, the first check's night left out, the
+    latest :data:`SEQUENTIAL_NIGHTS`), trials pooled, scaled by the device's own level
+    change since those nights (:func:`device_level` of ``controls``: per control series
+    its samples of the same nights and tonight's sample), so a machine slow phase or a
+    whole-night offset of the device is not taken for a software regression. Without
+    other stored nights the first check's baseline is used, scaled the same way: such a
+    confirmation is not independent and is judged at the stricter
+    :data:`DEPENDENT_CONFIRM_ALPHA` (see :func:`confirm_sequential`).
+    """
+    others = [s for s in stored if s.run_id != first.run_id and s.trials]
+    others = sorted(others, key=lambda s: s.at)[-SEQUENTIAL_NIGHTS:]
+    nights = {s.run_id for s in others} if others else {first.run_id}
+    pairs = []
+    for control_nights, tonight in controls:
+        base = pooled([s for s in control_nights if s.run_id in nights])
+        if base is not None:
+            pairs.append((base, tonight))
+    level = device_level(pairs)
+    how = f"{len(pairs)} control series, device x{level:.3f}" if pairs else "no control series"
+    if others:
+        base = pooled(others, level)
+        assert base is not None
+        return base, f"independent baseline: {len(others)} other stored night(s), {how}"
+    base = pooled([first], level)
+    assert base is not None
+    return base, f"no other stored night: the first check's baseline, {how}"
+
+
+def confirm_sequential(
+    first: Verdict, baseline: Sample, candidate: Sample, independent: bool
+) -> Verdict:
+    """Judge a sequential re-measurement against ``baseline`` (from
+    :func:`sequential_baseline`) and mark ``first`` with the outcome; a dependent
+    baseline is judged at :data:`DEPENDENT_CONFIRM_ALPHA`."""
+    metric = METRICS[first.key.metric]
+    if independent:
+        again = compare(first.key, metric, baseline, candidate)
+    else:
+        again = compare_timing(first.key, metric, baseline, candidate, DEPENDENT_CONFIRM_ALPHA)
+    return confirm(first, again)
 
 
 def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:

@@ -28,10 +28,11 @@ def test_interleaved_gate_meets_the_detection_target(
     assert inter.detected[0.10] >= 0.99
     # +2% sits at the 2% gate: the gate alone catches only part of it on its night ...
     assert 0.05 < inter.detected[0.02] < 0.6
-    # ... and the change-point history catches most of the rest within days.
+    # ... and the change-point history catches most of the rest within days (later than
+    # without whole-night offsets, which the history of night values keeps).
     median, _ = inter.nights_to_detect_clear[0.02]
-    assert math.isfinite(median) and median <= 8
-    assert inter.censored[0.02] <= 0.2 * figures.series
+    assert math.isfinite(median) and median <= 12
+    assert inter.censored[0.02] <= 0.4 * figures.series
 
 
 def test_interleaved_gate_false_alarms_stay_low(figures: nightly_sim.SimulationFigures) -> None:
@@ -47,12 +48,18 @@ def test_interleaved_gate_false_alarms_stay_low(figures: nightly_sim.SimulationF
     assert inter.confirmations < 0.05 * (inter.unchanged_nights + 3 * figures.series)
 
 
-def test_sequential_mode_is_reported_honestly(figures: nightly_sim.SimulationFigures) -> None:
-    seq = figures.sequential
-    # Without interleaving, run and machine phases do not cancel and both stages share
-    # the stored baseline: far more false alarms, many at machine slow-phase edges.
+def test_sequential_confirmation_against_an_independent_baseline_and_the_device(
+    figures: nightly_sim.SimulationFigures,
+) -> None:
+    seq, bare = figures.sequential, figures.sequential_no_controls
+    # Control series discount machine slow phases and whole-night offsets: far fewer
+    # false alarms than the same gate without them, almost none at slow-phase edges.
+    assert seq.false_alarm_rate < 0.4 * bare.false_alarm_rate
+    assert bare.false_alarms_at_slow_phase > 5 * max(seq.false_alarms_at_slow_phase, 1)
+    assert seq.detected[0.05] >= 0.9 and seq.detected[0.10] >= 0.99
+    # Run-level noise (run phases, slow phases inside a run, AR(1) trials) does not
+    # cancel between nights: the sequential mode stays far above the interleaved one.
     assert seq.false_alarm_rate > 5 * figures.interleaved.false_alarm_rate
-    assert seq.false_alarms_at_slow_phase > 0
 
 
 def test_history_change_points_in_unchanged_series_follow_machine_phases(

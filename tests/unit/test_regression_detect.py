@@ -204,3 +204,43 @@ def test_history_orders_nights_and_finds_the_step() -> None:
     assert [p.index for p in hist.change_points] == [18]
     assert detect.history(k, samples, baseline_run_id="n3").change_points == hist.change_points
     assert detect.history(k, samples).baseline_band is None
+
+
+# ------------------------------------------------------------------------------ sequential
+
+
+def test_device_levels_are_the_median_ratio_of_control_series() -> None:
+    base = {key("latency_p50", m): timing(BASE, "b") for m in ("a", "b", "c", "changed")}
+    cand = {k: timing([v * 1.03 for v in BASE], "c") for k in base}
+    cand[key("latency_p50", "changed")] = timing([v * 1.5 for v in BASE], "c")
+    controls = [k for k in base if k.model != "changed"]
+    levels = detect.device_levels(base, cand, controls)
+    assert levels == {("pi5", "latency_p50"): pytest.approx(1.03)}
+    # Scaled by the device's own 3% slow-down, a 3% slower series is not a regression ...
+    k = key("latency_p50", "a")
+    assert detect.judge_night(base, cand)[0].status is Status.REGRESSION
+    scaled = {v.key: v for v in detect.judge_night(base, cand, levels)}
+    assert scaled[k].status is Status.UNCHANGED
+    # ... and the changed series' excess over the device is still one.
+    assert scaled[key("latency_p50", "changed")].status is Status.REGRESSION
+    assert detect.device_level([]) == 1.0
+
+
+def test_sequential_confirmation_leaves_the_first_checks_night_out() -> None:
+    k = key("latency_p50")
+    fast_night = timing([v * 0.9 for v in BASE], "n-3", at=3.0)  # the first check's baseline
+    others = [timing(BASE, f"n-{i}", at=float(i)) for i in range(3)]
+    base, how = detect.sequential_baseline(k, fast_night, [*others, fast_night])
+    assert "independent baseline: 3 other stored night(s)" in how
+    assert len(base.trials) == 15 and base.value == pytest.approx(10.0)
+    first = detect.judge_night({k: fast_night}, {k: timing(BASE, "n-4")})[0]
+    assert first.status is Status.REGRESSION  # only because that night ran fast
+    again = detect.confirm_sequential(first, base, timing(BASE, "again"), independent=True)
+    assert again.confirmed is False and not detect.fails_night([again])
+    # With control series the independent baseline follows the device's own level.
+    controls = [([timing(BASE, f"n-{i}", at=float(i)) for i in range(4)], timing(SLOW, "n-4"))]
+    base, how = detect.sequential_baseline(k, fast_night, [*others, fast_night], controls)
+    assert "1 control series, device x1.100" in how and base.value == pytest.approx(11.0)
+    # Without another stored night: the first check's baseline at the stricter level.
+    base, how = detect.sequential_baseline(k, fast_night, [fast_night])
+    assert how.startswith("no other stored night") and base.trials == fast_night.trials
