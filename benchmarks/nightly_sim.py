@@ -223,7 +223,7 @@ def _run(rng: np.random.Generator, noise: NoiseModel, true: np.ndarray, trials: 
         z[:, t] = rho * z[:, t - 1] + math.sqrt(1.0 - rho * rho) * e[:, t]
     log = phase + cv * z
     # A slow phase inside the run: a contiguous stretch of its time line.
-    has_slow: np.ndarray = rng.random(rows) < noise.run_slow_rate
+    has_slow = np.less(rng.random(rows), noise.run_slow_rate)
     share = rng.uniform(*noise.run_slow_share, rows)
     length = np.maximum(1, np.round(share * slots)).astype(int)
     start = (rng.random(rows) * (slots - length + 1)).astype(int)
