@@ -6,8 +6,11 @@ reasons it was excluded.
 
 "Best" is the fastest admissible configuration (lowest p50 latency; for language
 models, the p50 time per generated token), with lower peak memory breaking ties; the
-``memory`` objective swaps the two. A configuration is admissible when its run
-succeeded and was valid, and it meets every limit given:
+``memory`` objective swaps the two. Latencies are not ranked inside their noise: the
+configurations whose latency is indistinguishable from the fastest one's (the 95%
+Welch interval of their ratio, over both rows' trial medians, contains 1) form a tie,
+ordered by peak memory, and :meth:`Recommendation.why` says so. A configuration is
+admissible when its run succeeded and was valid, and it meets every limit given:
 
 - ``max_memory_bytes``: peak resident memory of the run;
 - ``max_kld``: mean KL divergence to the full-precision reference (language models);
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from edgefarm.domain import RatioInterval, ratio_interval
 from results.compare import FULL_PRECISION, device_label, is_llm_row
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_pct
 from results.report.model import failure_reason
@@ -80,6 +84,7 @@ class Candidate:
     kld_mean: float | None
     accuracy_drop: float | None
     result_id: int | None = None
+    trial_medians_ms: tuple[float, ...] = ()  # the per-trial p50s the latency came from
 
     @property
     def label(self) -> str:
@@ -140,6 +145,9 @@ class Recommendation:
     excluded: tuple[Exclusion, ...]
     admissible: int  # how many configurations met every limit
     rest: tuple[Candidate, ...] = ()  # admissible, ranked below the runners-up
+    # latency objective: the others whose latency is indistinguishable from the best's,
+    # each with the 95% interval of its latency / the best's
+    tied: tuple[tuple[Candidate, RatioInterval], ...] = ()
 
     def why(self) -> str:
         """Why the best one is best, in one sentence."""
@@ -150,6 +158,15 @@ class Recommendation:
             f"{what} of {self.admissible} admissible configuration"
             f"{'s' if self.admissible != 1 else ''} ({self.limits.describe()})"
         )
+        if self.tied:
+            names = ", ".join(_name(c, self.best) for c, _ in self.tied)
+            low = min(i.low for _, i in self.tied)
+            high = max(i.high for _, i in self.tied)
+            return text + (
+                f"; as fast as {names} within the noise (the 95% interval of their latency "
+                f"over this one's, {(low - 1) * 100:+.1f}% .. {(high - 1) * 100:+.1f}%, "
+                "contains no difference), so lower peak memory decides"
+            )
         if self.runners_up:
             nxt = self.runners_up[0]
             name = f"{nxt.backend}/{nxt.scheme}" if nxt.model == self.best.model else nxt.label
@@ -159,6 +176,21 @@ class Recommendation:
                 saved = nxt.memory_bytes - self.best.memory_bytes
                 text += f"; {fmt_bytes(saved)} less than {name}"
         return text
+
+
+def _name(c: Candidate, best: Candidate) -> str:
+    return f"{c.backend}/{c.scheme}" if c.model == best.model else c.label
+
+
+def _ties(ranked: list[Candidate]) -> list[tuple[Candidate, RatioInterval]]:
+    """Those after the fastest whose latency ratio to it has a 95% interval containing 1."""
+    fastest = ranked[0]
+    out = []
+    for c in ranked[1:]:
+        interval = ratio_interval(fastest.trial_medians_ms, c.trial_medians_ms)
+        if interval is not None and not interval.distinguishable:
+            out.append((c, interval))
+    return out
 
 
 def _matches(row: Row, device: str) -> bool:
@@ -264,6 +296,7 @@ def _judge(
         kld_mean=float(kld) if kld is not None else None,
         accuracy_drop=drop,
         result_id=row.get("result_id"),
+        trial_medians_ms=tuple(float(v) for v in row.get("trial_medians_ms") or [] if v),
     )
     return candidate, []
 
@@ -312,6 +345,13 @@ def recommend(
             others = ", ".join(sorted(devices))
             excluded.append(Exclusion(*key, (f"not measured on {device} (only on {others})",)))
     admissible.sort(key=_order(objective))
+    tied: list[tuple[Candidate, RatioInterval]] = []
+    if objective is Objective.LATENCY and admissible:
+        tied = _ties(admissible)
+        if tied:  # not ranked inside the noise: the tie goes by peak memory
+            group = sorted([admissible[0], *(c for c, _ in tied)], key=_order(Objective.MEMORY))
+            admissible = group + [c for c in admissible if c not in group]
+            tied = _ties(admissible)  # now against the chosen one
     return Recommendation(
         device=device,
         model=model,
@@ -322,4 +362,5 @@ def recommend(
         excluded=tuple(excluded),
         admissible=len(admissible),
         rest=tuple(admissible[1 + runners_up :]),
+        tied=tuple(tied),
     )

@@ -172,3 +172,28 @@ def test_cli_recommend(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "llama-cpp/F16: peak memory 330.0 MiB is 30.0 MiB over the 300.0 MiB limit" in out
     result = CliRunner().invoke(cli, ["recommend", "--device", "nano"])
     assert result.exit_code != 0 and "devices with results: jetson" in str(result.exception)
+
+
+def test_latencies_inside_their_noise_are_a_tie_decided_by_memory() -> None:
+    def timed(scheme: str, p50: float, mem: float, trials: list[float]) -> dict[str, Any]:
+        return {**row("slm", scheme, p50, mem, kld_mean=0.01), "trial_medians_ms": trials}
+
+    rows = [
+        timed("Q4_K_M", 13.0, 200, [12.8, 13.0, 13.2]),  # fastest on the point estimate
+        timed("Q5_K_M", 13.5, 190, [13.2, 13.5, 13.8]),  # 4% slower: within the noise
+        timed("Q8_0", 20.0, 150, [19.9, 20.0, 20.1]),  # clearly slower
+    ]
+    rec = recommend(rows, "pi")
+    assert rec.best is not None and rec.best.scheme == "Q5_K_M"  # less memory, same speed
+    assert [c.scheme for c in rec.runners_up] == ["Q4_K_M", "Q8_0"]
+    ((other, interval),) = rec.tied
+    assert other.scheme == "Q4_K_M" and interval.low < 1.0 < interval.high
+    why = rec.why()
+    assert "as fast as llama-cpp/Q4_K_M within the noise" in why
+    assert "lower peak memory decides" in why and "faster than" not in why
+    # tight trials: a real 4% difference is ranked as before
+    rows[1] = timed("Q5_K_M", 13.5, 190, [13.49, 13.5, 13.51])
+    rows[0] = timed("Q4_K_M", 13.0, 200, [12.99, 13.0, 13.01])
+    rec = recommend(rows, "pi")
+    assert rec.best is not None and rec.best.scheme == "Q4_K_M" and rec.tied == ()
+    assert "1.04x faster than llama-cpp/Q5_K_M" in rec.why()
