@@ -59,7 +59,7 @@ class MeasureSettings:
     min_duration_s: float = 1.0
     max_iterations: int = 100_000
     max_duration_s: float = 60.0
-    trials: int = 3
+    trials: int = 5  # the unit of every interval: see TrialInterval and README "Uncertainty"
     threads: int = 1
     batch_size: int = 1
     timeout_s: float = 300.0

@@ -50,10 +50,10 @@ def test_quickstart_loads() -> None:
         for scheme in ("fp32", "fp16", "int8-dynamic", "int8-static", "int4-weight")
     ] + [("smollm2-135m", "llama-cpp", scheme) for scheme in ("F16", "Q8_0", "Q4_K_M")]
     settings = spec.measure_settings()
-    assert (settings.warmup_iterations, settings.min_iterations, settings.trials) == (20, 200, 3)
+    assert (settings.warmup_iterations, settings.min_iterations, settings.trials) == (20, 200, 5)
     assert (settings.min_duration_s, settings.threads, settings.timeout_s) == (0.5, 1, 120.0)
     llm = variants[-1].settings  # the llama-cpp backend's overrides on top of the campaign's
-    assert (llm.min_iterations, llm.trials, llm.threads, llm.context_tokens) == (48, 2, 2, 256)
+    assert (llm.min_iterations, llm.trials, llm.threads, llm.context_tokens) == (48, 5, 2, 256)
     assert llm.timeout_s == 120.0  # not overridden: the campaign's value
     assert spec.selectors() == [{}]  # every device
 
