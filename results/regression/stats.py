@@ -19,13 +19,15 @@ Timing metrics (:attr:`MetricKind.TIMING`)
     (``detect.confirm``). With baseline and candidate interleaved in each run the two
     stages are independent, so the reported false-alarm rate is the product of the
     per-stage rates. At 25 trials the 2% minimum effect, not alpha, does most of the
-    work on normal nights (a stage flags about 2% of unchanged series), while the loose
-    alpha keeps the power on noisy nights. Simulated at a 3% trial CV
-    (``benchmarks/nightly_sim.py``): about 97-98% of +5% steps reported on their night
-    and about 0.03% false alarms per series-night. 20 trials per side is the bare
-    minimum (about 97% and 0.07%); with 5 no alpha reaches 95% (the HL estimate itself
-    is too noisy for the 2% gate). Used without confirmation a stage's false-alarm rate
-    is about 2-3%.
+    work on normal nights (a stage flags about 1-2% of unchanged series), while the loose
+    alpha keeps the power on noisy nights. Simulated at a 3% trial CV with bimodal and
+    AR(1) trials, slow phases inside runs and whole-night offsets
+    (``benchmarks/nightly_sim.py``, one run): 99.2% of +5% steps reported on their night
+    and 0.021% false alarms per series-night, interleaved. 20 trials per side is the
+    bare minimum (97.0% and 0.038%); with 5 about half of +5% steps are reported.
+    Compared sequentially (against stored nights) the run-level noise does not cancel:
+    90.0% and 0.975% even with control series and an independent confirmation baseline
+    (``detect.sequential_baseline``).
 
 Accuracy metrics (:attr:`MetricKind.ACCURACY`)
     :func:`compare_accuracy`: with per-example outcomes (1 = correct) of the same eval
