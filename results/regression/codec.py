@@ -40,6 +40,15 @@ def verdict_to_dict(v: Verdict) -> dict[str, Any]:
         "p_value": _num(v.p_value),
         "message": v.message,
         "confirmed": v.confirmed,
+        **(
+            {
+                "mirror": v.mirror,
+                "mirror_baseline": _num(v.mirror_baseline),
+                "mirror_candidate": _num(v.mirror_candidate),
+            }
+            if v.mirror
+            else {}
+        ),
     }
 
 
@@ -56,6 +65,9 @@ def verdict_from_dict(data: dict[str, Any]) -> Verdict:
         p_value=_float(data.get("p_value")),
         message=data.get("message", ""),
         confirmed=data.get("confirmed"),
+        mirror=data.get("mirror", ""),
+        mirror_baseline=_float(data.get("mirror_baseline")),
+        mirror_candidate=_float(data.get("mirror_candidate")),
     )
 
 

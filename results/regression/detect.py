@@ -3,7 +3,8 @@
 The nightly procedure these functions serve:
 
 1. :func:`judge_night` compares every series present in both the baseline and the
-   candidate night (:func:`results.regression.stats.compare`).
+   candidate night (:func:`results.regression.stats.compare`); a throughput series and
+   the latency series it mirrors are one finding (:func:`fold_mirrors`).
 2. :func:`to_confirm` picks the timing regressions; the runner re-measures each in a
    fresh run (baseline and candidate interleaved when both artifacts are runnable) and
    :func:`confirm` marks the first verdict with the re-measurement's outcome. A timing
@@ -65,7 +66,36 @@ def judge_night(
         if level != 1.0 and METRICS[k.metric].kind is MetricKind.TIMING:
             base = scaled(base, level)
         out.append(compare(k, METRICS[k.metric], base, candidate[k]))
-    return out
+    return fold_mirrors(out)
+
+
+# Throughput series derived from the same trial medians as a latency series: the same
+# measurement seen the other way up (per trial ``batch * 1000 / median``), so the same
+# rank test, the reciprocal ratio and the same verdict.
+MIRRORS = {"throughput": "latency_p50", "gen_tok_per_s": "latency_p50"}
+
+
+def fold_mirrors(verdicts: Sequence[Verdict]) -> list[Verdict]:
+    """One finding per timing change: each mirror verdict (:data:`MIRRORS`) with the same
+    status as its latency verdict is folded into it (the latency verdict carries the
+    mirror's name and figures) and dropped; a mirror without its latency verdict, or
+    with another status, stays on its own."""
+    by_key = {v.key: v for v in verdicts}
+    folded: dict[SeriesKey, Verdict] = {}
+    dropped: set[SeriesKey] = set()
+    for v in verdicts:
+        source = MIRRORS.get(v.key.metric)
+        if source is None:
+            continue
+        main_key = dataclasses.replace(v.key, metric=source)
+        main = folded.get(main_key, by_key.get(main_key))
+        if main is None or main.status is not v.status or main.mirror:
+            continue
+        folded[main_key] = dataclasses.replace(
+            main, mirror=v.key.metric, mirror_baseline=v.baseline, mirror_candidate=v.candidate
+        )
+        dropped.add(v.key)
+    return [folded.get(v.key, v) for v in verdicts if v.key not in dropped]
 
 
 def scaled(sample: Sample, factor: float) -> Sample:
@@ -103,7 +133,8 @@ def to_confirm(verdicts: Iterable[Verdict]) -> list[Verdict]:
 
 
 def confirm(first: Verdict, again: Verdict) -> Verdict:
-    """``first`` marked confirmed when the re-measurement reached the same status."""
+    """``first`` marked confirmed when the re-measurement reached the same status (a
+    folded mirror is confirmed with its latency verdict: they are one finding)."""
     if first.key != again.key:
         raise ValueError(f"confirming {first.key.label()} with {again.key.label()}")
     return dataclasses.replace(first, confirmed=again.status is first.status)

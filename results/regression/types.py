@@ -96,6 +96,27 @@ class Verdict:
     p_value: float = float("nan")
     message: str = ""
     confirmed: bool | None = None  # None: not re-measured; True/False after confirmation
+    # The same finding seen through the mirror metric (throughput of a latency series,
+    # from the same trial medians): its name and night figures, "" / NaN when none.
+    mirror: str = ""
+    mirror_baseline: float = float("nan")
+    mirror_candidate: float = float("nan")
+
+    @property
+    def mirror_ratio(self) -> float:
+        """The mirror metric's candidate / baseline (NaN without a mirror)."""
+        if not self.mirror or not self.mirror_baseline:
+            return float("nan")
+        return self.mirror_candidate / self.mirror_baseline
+
+    def metric_label(self) -> str:
+        """The finding's metric name(s): ``latency_p50 + gen_tok_per_s`` with a mirror."""
+        return f"{self.key.metric} + {self.mirror}" if self.mirror else self.key.metric
+
+    def label(self) -> str:
+        """The series label with the mirror metric when there is one."""
+        k = self.key
+        return f"{k.model} {k.backend}/{k.scheme} on {k.device_id}: {self.metric_label()}"
 
 
 @dataclass(frozen=True)

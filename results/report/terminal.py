@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
+from results.regression.metrics import METRICS
 from results.regression.types import Status
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_ratio, fmt_value
 from results.report.model import Report
@@ -41,10 +42,18 @@ def render_terminal(report: Report, width: int = 140) -> str:
                 state = (
                     "" if v.confirmed is None else " (confirmed)" if v.confirmed else " (refuted)"
                 )
+                mirror = ""
+                if v.mirror:
+                    mirror_unit = METRICS[v.mirror].unit if v.mirror in METRICS else ""
+                    mirror = (
+                        f"; {v.mirror} {fmt_value(v.mirror_baseline, mirror_unit)} -> "
+                        f"{fmt_value(v.mirror_candidate, mirror_unit)} "
+                        f"({fmt_ratio(v.mirror_ratio)})"
+                    )
                 say(
-                    f"  {v.status.value.upper()}{state}: {v.key.label()} "
+                    f"  {v.status.value.upper()}{state}: {v.label()} "
                     f"{fmt_value(v.baseline, unit)} -> {fmt_value(v.candidate, unit)} "
-                    f"({fmt_ratio(v.ratio)})"
+                    f"({fmt_ratio(v.ratio)}){mirror}"
                 )
     for chart in report.pareto:
         say()
