@@ -63,7 +63,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -357,7 +356,7 @@ class _Night:
     index: dict[SeriesKey, int]
     night: int
     history: list[list[Sample]]  # per series, candidate samples of the nights so far
-    _controls: dict[int, list[int]] = field(default_factory=dict)
+    _levels: dict[int, np.ndarray] | None = None
 
     def again(self, key: SeriesKey) -> np.ndarray:
         """A fresh run of ``key`` tonight: trials of (baseline build, candidate build)."""
@@ -371,40 +370,71 @@ class _Night:
         return detect.confirm(first, detect.judge_night({first.key: base}, {first.key: cand})[0])
 
     def sequential(self, first: Verdict, controls: bool) -> Verdict:
-        """The candidate re-measured alone and judged against an independent baseline:
-        the other stored nights of the baseline build, scaled by the device's level
-        change measured on control series (same device, build unchanged) when
-        ``controls``."""
+        """The candidate re-measured alone in :data:`detect.CONFIRM_RUNS` fresh runs, their
+        mean judged against the series' stored nights (the run-level test)."""
         i, night = self.index[first.key], self.night
         at = float(night * 86400)
-        cand = _sample("n-again", at, self.again(first.key)[1])
-        build = self.world.build[i]
-        stored = [self.history[i][m] for m in range(night) if build[m] == build[night - 1]]
-        pairs = [(self.history[j][:night], self.history[j][night]) for j in self._control(i)]
-        base, _ = detect.sequential_baseline(
-            first.key, self.history[i][night - 1], stored, pairs if controls else ()
+        runs = [
+            _sample(f"n-again{r}", at, self.again(first.key)[1]) for r in range(detect.CONFIRM_RUNS)
+        ]
+        again = detect.judge_runs(
+            first.key,
+            runs,
+            self.stored(i, controls),
+            self.build_id(i, night - 1),
+            detect.SEQUENTIAL_CONFIRM_ALPHA,
         )
-        independent = len(stored) > 1
-        return detect.confirm_sequential(first, base, cand, independent)
+        return detect.confirm(first, again)
+
+    def build_id(self, i: int, night: int) -> str:
+        """The software identity of series ``i``'s build on ``night``."""
+        return f"{self.world.build[i, night]:.6f}"
+
+    def stored(self, i: int, controls: bool) -> list[detect.StoredNight]:
+        """Series ``i``'s stored nights before tonight with their builds and, with
+        ``controls``, tonight's device level relative to each (:meth:`levels`)."""
+        level = self.levels()[int(self.world.device[i])] if controls else None
+        return [
+            detect.StoredNight(
+                self.build_id(i, m), self.history[i][m], 1.0 if level is None else level[m]
+            )
+            for m in range(self.night)
+        ]
+
+    def levels(self) -> dict[int, np.ndarray]:
+        """Per device, tonight's level relative to each earlier night: the median
+        tonight/that-night ratio over the device's series whose build is the same on
+        both nights (the control series; the series judged is one of them when its
+        build did not change, one of about a hundred)."""
+        if self._levels is None:
+            world, night = self.world, self.night
+            values = np.log([[s.value for s in h[: night + 1]] for h in self.history])
+            ratio = values[:, night : night + 1] - values[:, :night]
+            same = world.build[:, :night] == world.build[:, night : night + 1]
+            self._levels = {}
+            for d in range(world.noise.devices):
+                rows = world.device == d
+                masked = np.where(same[rows], ratio[rows], np.nan)
+                with np.errstate(all="ignore"):
+                    level = np.exp(np.nanmedian(masked, axis=0))
+                self._levels[d] = np.where(np.isfinite(level), level, 1.0)
+        return self._levels
+
+    def first_sequential(self, controls: bool) -> list[Verdict]:
+        """The night's sequential first check of every series: tonight's run against
+        the stored nights of last night's build (run-level test)."""
+        world, night = self.world, self.night
+        return [
+            detect.judge_runs(
+                k, [self.history[i][night]], self.stored(i, controls), self.build_id(i, night - 1)
+            )
+            for i, k in enumerate(world.keys)
+        ]
 
     def controls(self) -> list[int]:
         """Series whose build did not change since last night (the first check's controls)."""
         build = self.world.build
         return [int(j) for j in np.flatnonzero(build[:, self.night] == build[:, self.night - 1])]
-
-    def _control(self, i: int) -> list[int]:
-        """Series on ``i``'s device whose build did not change over the nights a
-        sequential confirmation looks back on (what the runner's software identity
-        tells): the device's control series."""
-        device = int(self.world.device[i])
-        if device not in self._controls:
-            build = self.world.build
-            back = max(self.night - 1 - detect.SEQUENTIAL_NIGHTS, 0)
-            same = build[:, self.night] == build[:, back]
-            self._controls[device] = [
-                int(j) for j in np.flatnonzero(same & (self.world.device == device))
-            ]
-        return [j for j in self._controls[device] if j != i]
 
 
 def _run_nights(world: _World) -> _Nights:
@@ -414,7 +444,6 @@ def _run_nights(world: _World) -> _Nights:
     reported = {m: np.zeros((n_series, nights), dtype=bool) for m in MODES}
     confirmations = dict.fromkeys(MODES, 0)
     history: list[list[Sample]] = [[] for _ in range(n_series)]
-    previous: dict[SeriesKey, Sample] = {}
     for night in range(nights):
         at = float(night * 86400)
         runs = world.measure(np.arange(n_series), night)
@@ -424,20 +453,17 @@ def _run_nights(world: _World) -> _Nights:
             history[i].append(cand_now[k])
         if night > 0:
             tonight = _Night(world, index, night, history)
-            controls = [world.keys[j] for j in tonight.controls()]
-            levels = detect.device_levels(previous, cand_now, controls)
-            gates: tuple[tuple[str, dict[SeriesKey, Sample], _Confirm], ...] = (
-                ("interleaved", base_now, tonight.interleaved),
-                ("sequential", previous, partial(tonight.sequential, controls=True)),
-                ("sequential, no controls", previous, partial(tonight.sequential, controls=False)),
-            )
-            for mode, baseline, confirm in gates:
-                scale = levels if mode == "sequential" else None
-                keys, runs_done = _gate(baseline, cand_now, confirm, scale)
-                for k in keys:
-                    reported[mode][index[k], night] = True
-                confirmations[mode] += runs_done
-        previous = cand_now
+            keys, runs_done = _gate(base_now, cand_now, tonight.interleaved)
+            for k in keys:
+                reported["interleaved"][index[k], night] = True
+            confirmations["interleaved"] += runs_done
+            for mode, controls in (("sequential", True), ("sequential, no controls", False)):
+                verdicts = tonight.first_sequential(controls)
+                flagged = detect.to_confirm(verdicts)
+                confirmed = [tonight.sequential(v, controls) for v in flagged]
+                for v in detect.regressions(confirmed):
+                    reported[mode][index[v.key], night] = True
+                confirmations[mode] += len(flagged) * detect.CONFIRM_RUNS
     return _Nights(reported, confirmations, history)
 
 

@@ -5,9 +5,14 @@
    the baseline night (artifact, options, eval data) have the baseline configuration
    measured again beside them, interleaved in randomised blocks on the same device.
 3. Every series x metric is judged (:func:`results.regression.detect.judge_night`):
-   against the interleaved replay where there is one, else against the baseline night.
-4. A flagged series is measured again in a fresh run (confirmation); only a regression
-   that holds there is reported as confirmed.
+   against the interleaved replay where there is one; a timing series without one is
+   judged sequentially with the night as the unit, against the suite's stored nights of
+   the baseline's software identity scaled by the device's level from control series
+   (:mod:`coordinator.nightly.sequential`).
+4. A flagged series is measured again in fresh runs (confirmation: one interleaved run
+   with a replay; :data:`~results.regression.detect.CONFIRM_RUNS` runs sequentially,
+   judged against stored nights, not the first check's baseline trials); only a
+   regression that holds there is reported as confirmed.
 5. History: change points over the suite's nights catch drifts below the nightly gate.
 6. The night is stored (:class:`results.records.NightlyRun`) with its verdicts.
 
@@ -28,6 +33,12 @@ from typing import Any
 
 from coordinator.client import ControlClient
 from coordinator.interleave import BASELINE, CANDIDATE, RunShape
+from coordinator.nightly.sequential import (
+    NightSeries,
+    confirm_runs,
+    confirm_trials,
+    judge_sequential,
+)
 from coordinator.nightly.suite import Suite, load_suite
 from coordinator.runner import submit_and_follow
 from coordinator.spec import CampaignSpec
@@ -35,7 +46,14 @@ from edgefarm.errors import UsageError
 from results.records import NightlyRun
 from results.regression.codec import change_point_to_dict, verdict_to_dict
 from results.regression.collect import row_series, series_label, series_samples
-from results.regression.detect import confirm, history, judge_night, regressions, to_confirm
+from results.regression.detect import (
+    CONFIRM_RUNS,
+    confirm,
+    history,
+    judge_night,
+    regressions,
+    to_confirm,
+)
 from results.regression.types import (
     Direction,
     Sample,
@@ -165,11 +183,15 @@ class NightlyRunner:
             base_rows = self._baseline_rows(baseline, rows)
             base_samples = series_samples(base_rows, baseline.run_id, baseline.created_at)
             verdicts = judge_night(base_samples, candidate)
+            seq = self._sequential_context(run, base_rows, rows, candidate, base_samples)
+            verdicts, seq.run_level = judge_sequential(
+                verdicts, candidate, seq.nights, seq.tonight_ids, seq.builds, seq.replayed
+            )
             verdicts = self._unattributable(verdicts, base_rows, rows)
             flagged = to_confirm(verdicts)
             if flagged and suite.confirm:
                 verdicts, confirm_id, confirm_failed = self._confirm(
-                    campaign_path, shape, baseline, verdicts, flagged, run
+                    campaign_path, shape, baseline, verdicts, flagged, run, seq
                 )
                 run.confirm_campaign_id = confirm_id
                 if confirm_failed:
@@ -269,6 +291,42 @@ class NightlyRunner:
                 found[task.task_id] = task.options
         return found
 
+    def _sequential_context(
+        self,
+        run: NightlyRun,
+        base_rows: list[dict[str, Any]],
+        rows: list[dict[str, Any]],
+        candidate: Samples,
+        base_samples: Samples,
+    ) -> SequentialContext:
+        """What the sequential series' checks need: the suite's stored nights (samples
+        and software identities), tonight's and the baseline's identities."""
+        options = self._task_options([*base_rows, *rows])
+        tonight_rows = [r for r in rows if r.get("role", CANDIDATE) == CANDIDATE]
+        nights = []
+        for night in self.store.nightly_runs(run.suite):
+            if night.run_id == run.run_id or not night.campaign_id or not night.finished_at:
+                continue
+            if night.created_at > run.created_at:
+                continue
+            stored = self.store.results_for_campaign(night.campaign_id)
+            stored = [r for r in stored if r.get("role", CANDIDATE) == CANDIDATE]
+            nights.append(
+                NightSeries(
+                    night.run_id,
+                    series_samples(stored, night.run_id, night.created_at),
+                    software_identities(stored, self._task_options(stored)),
+                )
+            )
+        return SequentialContext(
+            nights=nights[-HISTORY_NIGHTS:],
+            candidate=candidate,
+            base_samples=base_samples,
+            tonight_ids=software_identities(tonight_rows, options),
+            builds=software_identities(base_rows, options),
+            replayed=frozenset(row_series(r) for r in rows if r.get("role") == BASELINE),
+        )
+
     def _confirm(
         self,
         campaign_path: Path,
@@ -277,8 +335,18 @@ class NightlyRunner:
         verdicts: list[Verdict],
         flagged: list[Verdict],
         run: NightlyRun,
+        seq: SequentialContext,
     ) -> tuple[list[Verdict], str, int]:
-        """Re-measure the flagged series in a fresh run; mark each verdict confirmed or not."""
+        """Re-measure the flagged series in fresh runs; mark each verdict confirmed or not.
+
+        A series with a baseline replay is re-measured interleaved once more and judged
+        against tonight's new replay. A sequential series judged at run level gets
+        :data:`CONFIRM_RUNS` fresh runs whose mean is judged against its stored nights
+        (:func:`coordinator.nightly.sequential.confirm_runs`); one judged on trials
+        (history too short) against an independent baseline of other stored nights
+        (:func:`coordinator.nightly.sequential.confirm_trials`), never against the same
+        stored trials as its first check.
+        """
         series = frozenset(series_label(v.key) for v in flagged)
         self.echo(f"confirming {len(flagged)} flagged series in a fresh run: {sorted(series)}")
         again = dataclasses.replace(shape, series=series, seed=shape.seed + 1)
@@ -287,19 +355,70 @@ class NightlyRunner:
         )
         rows = self.store.results_for_campaign(campaign_id)
         candidate = series_samples(rows, run.run_id, time.time(), CANDIDATE)
+        runs: dict[SeriesKey, list[Sample]] = {
+            v.key: [candidate[v.key]]
+            for v in flagged
+            if v.key in seq.run_level and v.key in candidate
+        }
+        more = frozenset(series_label(v.key) for v in flagged if v.key in seq.run_level)
+        extra = []
+        for r in range(1, CONFIRM_RUNS if more else 1):
+            self.echo(f"sequential confirmation run {r + 1} of {CONFIRM_RUNS}: {sorted(more)}")
+            shape_r = dataclasses.replace(shape, series=more, seed=shape.seed + 1 + r)
+            extra_id, extra_failed, _ = submit_and_follow(
+                self.client, campaign_path, fresh=True, shape=shape_r
+            )
+            failed += extra_failed
+            extra.append(extra_id)
+            found = series_samples(
+                self.store.results_for_campaign(extra_id), run.run_id, time.time(), CANDIDATE
+            )
+            for k, sample in found.items():
+                if k in runs:
+                    runs[k].append(sample)
         base_rows = self._baseline_rows(baseline, rows)
         base = series_samples(base_rows, baseline.run_id, baseline.created_at)
-        keys = [v.key for v in flagged]
+        replayed = [v.key for v in flagged if series_label(v.key) in seq.replayed]
         recheck = {
             v.key: v
             for v in judge_night(
-                {k: base[k] for k in keys if k in base},
-                {k: candidate[k] for k in keys if k in candidate},
+                {k: base[k] for k in replayed if k in base},
+                {k: candidate[k] for k in replayed if k in candidate},
             )
         }
+        where = ", ".join([campaign_id, *extra])
         out = []
         for v in verdicts:
             if v in flagged:
+                if v.key in seq.run_level:
+                    if runs.get(v.key):
+                        v = confirm_runs(
+                            v, runs[v.key], seq.nights, seq.candidate, seq.tonight_ids, seq.builds
+                        )
+                        v = dataclasses.replace(v, message=f"{v.message} (in {where})")
+                    else:
+                        v = dataclasses.replace(
+                            v, message=f"{v.message}; re-measurement in {where} could not judge it"
+                        )
+                    out.append(v)
+                    continue
+                if series_label(v.key) not in seq.replayed:
+                    if v.key in candidate and v.key in seq.base_samples:
+                        v = confirm_trials(
+                            v,
+                            seq.base_samples[v.key],
+                            candidate[v.key],
+                            seq.nights,
+                            seq.candidate,
+                            seq.tonight_ids,
+                            seq.builds,
+                        )
+                        v = dataclasses.replace(v, message=f"{v.message} (in {campaign_id})")
+                    else:
+                        note = f"re-measurement in {campaign_id} could not judge it"
+                        v = dataclasses.replace(v, message=f"{v.message}; {note}")
+                    out.append(v)
+                    continue
                 second = recheck.get(v.key)
                 if second is None or second.status is Status.INSUFFICIENT:
                     # The re-run could not judge (failed tasks, too few trials): the
@@ -311,6 +430,19 @@ class NightlyRunner:
                 v = dataclasses.replace(v, message=f"{v.message}; {note}".strip("; "))
             out.append(v)
         return out, campaign_id, failed
+
+
+@dataclass
+class SequentialContext:
+    """A night's inputs for its sequential series (see :mod:`coordinator.nightly.sequential`)."""
+
+    nights: list[NightSeries]  # the suite's stored nights before tonight, oldest first
+    candidate: Samples  # tonight's samples
+    base_samples: Samples  # the baseline side's samples (replay or baseline night)
+    tonight_ids: dict[str, frozenset[str]]  # software identity per series tonight
+    builds: dict[str, frozenset[str]]  # ... on the baseline side
+    replayed: frozenset[str]  # series with an interleaved baseline replay tonight
+    run_level: set[SeriesKey] = field(default_factory=set)  # judged with the night as unit
 
 
 def stored_histories(

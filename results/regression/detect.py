@@ -21,10 +21,13 @@ The nightly procedure these functions serve:
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student  # type: ignore[import-untyped]
 
 from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points
 from results.regression.metrics import METRICS
@@ -211,6 +214,109 @@ def confirm_sequential(
     else:
         again = compare_timing(first.key, metric, baseline, candidate, DEPENDENT_CONFIRM_ALPHA)
     return confirm(first, again)
+
+
+# Sequential mode with the night as the unit (see :func:`judge_runs`).
+SEQUENTIAL_ALPHA = 0.10  # the night's first check: the minimum effect binds, power kept
+SEQUENTIAL_CONFIRM_ALPHA = 0.005  # the confirmation's fresh runs
+CONFIRM_RUNS = 3  # fresh runs of a flagged series whose values are averaged
+MIN_SPREAD_DF = 2  # stored nights' degrees of freedom needed for the night-to-night spread
+
+
+@dataclass(frozen=True)
+class StoredNight:
+    """One stored night of a series for the sequential run-level test: its sample, the
+    software identity it measured, and the device's level tonight relative to that
+    night (from control series, :func:`night_level`; 1.0 without controls)."""
+
+    build: str
+    sample: Sample
+    level: float = 1.0
+
+
+def night_level(pairs: Iterable[tuple[Sample, Sample]]) -> float:
+    """Tonight's device level relative to a stored night: the median tonight/that-night
+    ratio of the device's control series (same metric, software identity unchanged
+    between the two nights); 1.0 without controls."""
+    return device_level(pairs)
+
+
+def judge_runs(
+    key: SeriesKey,
+    candidate: Sequence[Sample],
+    nights: Sequence[StoredNight],
+    build: str,
+    alpha: float = SEQUENTIAL_ALPHA,
+) -> Verdict:
+    """A sequential timing check with the night (one run) as the unit.
+
+    Compared across nights, run-level effects (a fast or slow phase of the whole run,
+    a slow stretch inside it, correlated trials) do not cancel and a rank test on the
+    trials does not see them: it takes one run's shared offset for a change. Here each
+    stored night gives one value (its trial median, times its :attr:`StoredNight.level`
+    so the device's own level change is discounted), the baseline is the mean (log
+    scale) of the nights that measured ``build`` (the baseline's software identity),
+    and the night-to-night spread ``s`` is the pooled within-build standard deviation of
+    all the series' stored nights (the spread belongs to the series and device, not to
+    one build). ``candidate`` holds one or more runs of tonight's build; their mean is
+    tested with a one-sided t prediction test, ``se = s * sqrt(1/m + 1/k)`` (m runs, k
+    baseline nights). REGRESSION needs ``p < alpha`` *and* a change beyond the metric's
+    minimum effect. INSUFFICIENT without a baseline night or with fewer than
+    :data:`MIN_SPREAD_DF` degrees of freedom for the spread.
+    """
+    metric = METRICS[key.metric]
+    cand = [c.value for c in candidate if c.value > 0]
+    groups: dict[str, list[float]] = {}
+    for n in nights:
+        if n.sample.value > 0 and n.level > 0:
+            groups.setdefault(n.build, []).append(math.log(n.sample.value * n.level))
+    base = groups.get(build, [])
+    df = sum(len(g) - 1 for g in groups.values())
+    mu = float(np.mean(base)) if base else math.nan
+    y = float(np.mean(np.log(cand))) if cand else math.nan
+    value = Sample(candidate[-1].run_id if candidate else "", 0.0, math.exp(y) if cand else 0.0)
+    reference = Sample("", 0.0, math.exp(mu) if base else 0.0)
+    if not cand or not base or df < MIN_SPREAD_DF:
+        short = (
+            "no candidate run"
+            if not cand
+            else "no stored night of the baseline build"
+            if not base
+            else f"{df} degree(s) of freedom for the night-to-night spread, need {MIN_SPREAD_DF}"
+        )
+        return Verdict(
+            key, Status.INSUFFICIENT, reference.value, value.value, math.nan,
+            message=f"{key.metric}: sequential run-level check: {short}",
+        )  # fmt: skip
+    ss = sum(float(np.sum((np.asarray(g) - np.mean(g)) ** 2)) for g in groups.values())
+    spread = math.sqrt(ss / df)
+    se = spread * math.sqrt(1.0 / len(cand) + 1.0 / len(base))
+    sign = 1 if metric.direction.value == "lower" else -1
+    shift = y - mu
+    bad = sign * shift
+    p = float(student.sf(abs(bad) / se, df)) if se > 0 else 0.0 if bad != 0 else 1.0
+    half = float(student.ppf(0.975, df)) * se
+    gate = math.log1p(metric.min_effect)
+    status = Status.UNCHANGED
+    if p < alpha and abs(bad) >= gate and bad != 0:
+        status = Status.REGRESSION if bad > 0 else Status.IMPROVEMENT
+    pct = f"{math.expm1(shift) * 100:+.1f}%"
+    message = (
+        f"{metric.name} {pct} (mean of {len(cand)} run(s) vs {len(base)} stored night(s) of"
+        f" the baseline build; night-to-night sd {spread:.2%}, {df} df), p={p:.3g}"
+        f" one-sided at alpha {alpha:g}, gate {metric.min_effect:.0%}"
+    )
+    return Verdict(
+        key=key,
+        status=status,
+        baseline=reference.value,
+        candidate=value.value,
+        ratio=math.exp(shift),
+        ci_low=math.exp(shift - half),
+        ci_high=math.exp(shift + half),
+        p_value=p,
+        message=message,
+    )
 
 
 def regressions(verdicts: Iterable[Verdict]) -> list[Verdict]:

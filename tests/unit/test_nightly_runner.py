@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 
 from coordinator.nightly.runner import choose_baseline, software_identities
+from coordinator.nightly.sequential import (
+    NightSeries,
+    confirm_runs,
+    confirm_trials,
+    judge_sequential,
+)
 from coordinator.nightly.suite import Suite
 from edgefarm.errors import UsageError
 from results.records import NightlyRun
+from results.regression import detect
+from results.regression.types import Sample, SeriesKey, Status
 from results.store import ResultsStore
 
 
@@ -100,3 +108,95 @@ def test_software_identity_sees_backend_options_and_skips_failed_rows() -> None:
     after = software_identities([_row("t2")], {"t2": {"graph_optimization_level": "disable"}})
     assert before != after
     assert software_identities([_row("t1", ok=False)], {}) == {}
+
+
+# ------------------------------------------------------------------------------ sequential
+
+
+def _k(model: str, metric: str = "latency_p50") -> SeriesKey:
+    return SeriesKey(model, "onnxruntime", "fp32", "d", metric)
+
+
+def _s(value: float, run: str) -> Sample:
+    return Sample(run, 0.0, value, tuple(value * f for f in (0.99, 1.0, 1.01)))
+
+
+def _history(values: list[float], control: list[float], builds: list[str]) -> list[NightSeries]:
+    """Stored nights of series "m" (values, builds) and of control series "c"."""
+    return [
+        NightSeries(
+            f"n{i}",
+            {_k("m"): _s(v, f"n{i}"), _k("c"): _s(c, f"n{i}")},
+            {"m/onnxruntime/fp32@d": frozenset({b}), "c/onnxruntime/fp32@d": frozenset({"c"})},
+        )
+        for i, (v, c, b) in enumerate(zip(values, control, builds, strict=True))
+    ]
+
+
+SPREAD = [10.0, 10.12, 9.9, 10.05, 9.93, 10.1, 9.97, 10.0]  # ~0.8% night to night
+
+
+def test_sequential_first_check_uses_the_night_as_the_unit() -> None:
+    nights = _history(SPREAD, [5.0] * 8, ["a"] * 8)
+    ids = {"m/onnxruntime/fp32@d": frozenset({"b"}), "c/onnxruntime/fp32@d": frozenset({"c"})}
+    builds = {"m/onnxruntime/fp32@d": frozenset({"a"})}
+    trial_level = detect.judge_night({_k("m"): _s(10.0, "n7")}, {_k("m"): _s(10.35, "t")})
+    assert trial_level[0].status is Status.REGRESSION  # +3.5% vs one night's trials
+    tonight = {_k("m"): _s(10.35, "t"), _k("c"): _s(5.0, "t")}
+    verdicts, run_level = judge_sequential(trial_level, tonight, nights, ids, builds)
+    # Within the spread of the stored nights (p ~ 0.004 at 7 df): a first-stage flag ...
+    assert run_level == {_k("m")} and verdicts[0].message.startswith("sequential:")
+    assert verdicts[0].status is Status.REGRESSION and verdicts[0].ratio == pytest.approx(
+        1.035, abs=0.003
+    )
+    assert "8 stored night(s)" in verdicts[0].message
+    # ... a device 5% slower tonight (its control series says so) is not one.
+    slow = {_k("m"): _s(10.35 * 1.05, "t"), _k("c"): _s(5.25, "t")}
+    same = {_k("m"): _s(10.0 * 1.05, "t"), _k("c"): _s(5.25, "t")}
+    first = detect.judge_night({_k("m"): _s(10.0, "n7")}, same)
+    assert first[0].status is Status.REGRESSION
+    judged, _ = judge_sequential(first, same, nights, ids, builds)
+    assert judged[0].status is Status.UNCHANGED
+    judged, _ = judge_sequential(
+        detect.judge_night({_k("m"): _s(10.0, "n7")}, slow), slow, nights, ids, builds
+    )
+    assert judged[0].status is Status.REGRESSION
+    # Replayed series keep the interleaved verdict; a short history the trial-level one.
+    kept, none = judge_sequential(
+        trial_level, tonight, nights, ids, builds, {"m/onnxruntime/fp32@d"}
+    )
+    assert kept == trial_level and none == set()
+    short, none = judge_sequential(trial_level, tonight, nights[:2], ids, builds)
+    assert none == set() and short[0].status is Status.REGRESSION
+    assert "degree(s) of freedom" in short[0].message
+
+
+def test_sequential_confirmation_needs_the_mean_of_fresh_runs() -> None:
+    nights = _history(SPREAD, [5.0] * 8, ["a"] * 8)
+    ids = {"m/onnxruntime/fp32@d": frozenset({"b"}), "c/onnxruntime/fp32@d": frozenset({"c"})}
+    builds = {"m/onnxruntime/fp32@d": frozenset({"a"})}
+    tonight = {_k("m"): _s(10.6, "t"), _k("c"): _s(5.0, "t")}
+    first, _ = judge_sequential(
+        detect.judge_night({_k("m"): _s(10.0, "n7")}, tonight), tonight, nights, ids, builds
+    )
+    assert first[0].status is Status.REGRESSION
+    runs = [_s(v, f"r{i}") for i, v in enumerate((10.55, 10.6, 10.5))]
+    held = confirm_runs(first[0], runs, nights, tonight, ids, builds)
+    assert held.confirmed is True and "3 fresh run(s)" in held.message
+    # The first run was a slow run: the fresh runs sit on the stored nights' level.
+    back = [_s(v, f"r{i}") for i, v in enumerate((10.05, 9.95, 10.1))]
+    assert confirm_runs(first[0], back, nights, tonight, ids, builds).confirmed is False
+
+
+def test_trial_level_fallback_confirms_against_other_stored_nights() -> None:
+    # The baseline night (n2) ran fast; the other stored nights of the build did not.
+    nights = _history([10.0, 10.0, 9.0], [5.0] * 3, ["a"] * 3)
+    ids = {"m/onnxruntime/fp32@d": frozenset({"b"}), "c/onnxruntime/fp32@d": frozenset({"c"})}
+    builds = {"m/onnxruntime/fp32@d": frozenset({"a"})}
+    tonight = {_k("m"): _s(10.0, "t"), _k("c"): _s(5.0, "t")}
+    first = detect.judge_night({_k("m"): nights[2].samples[_k("m")]}, tonight)[0]
+    assert first.status is Status.REGRESSION
+    again = confirm_trials(
+        first, nights[2].samples[_k("m")], _s(10.0, "again"), nights, tonight, ids, builds
+    )
+    assert again.confirmed is False and "independent baseline" in again.message
