@@ -12,7 +12,11 @@ within a chunk, every position after the first predicts the next token.
 
 The reference file is an ``.npz`` with arrays ``kind`` (``"llm"``), ``tokens``,
 ``targets``, ``ref_target_logprob``, ``ref_topk_ids``, ``ref_topk_logprob``, ``n_ctx``
-and ``top_k`` (see :func:`build_reference`).
+and ``top_k``, and (since the sampled-tail KL) ``ref_tail_ids``, ``ref_tail_logprob``,
+``ref_tail_mass``, ``tail_samples`` and ``tail_seed`` (see :func:`build_reference`).
+A reference without the tail arrays still loads; its KL divergence is the top-k +
+residual lower bound, and every result says which method scored it
+(:func:`fidelity_environment`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,17 @@ S = TypeVar("S")
 R = TypeVar("R")
 
 LLM_KIND = "llm"
-DEFAULT_TOP_K = 32
+# Reference size and KL estimator, chosen by measurement (benchmarks/kld_accuracy.py):
+# mean within 2% and p99 within 5% of the full-vocabulary KL on SmolLM2's variants.
+DEFAULT_TOP_K = 64
+DEFAULT_TAIL_SAMPLES = 128
+TAIL_SEED = 20261214  # systematic sampling offsets; fixed so references are reproducible
+KLD_SAMPLED = "topk-tail-sampled"  # exact top-k + unbiased sampled tail
+KLD_LOWER_BOUND = "topk-residual-lower-bound"  # old references: top-k + residual
+# The settings perplexity, KLD and top-1 were scored with (accuracy keys, not timings).
+FIDELITY_CONTEXT = "fidelity_context_tokens"
+FIDELITY_POSITIONS = "fidelity_positions"
+FIDELITY_CHUNKS = "fidelity_chunks"
 LLAMA_SEED = 1234  # sampler seed (sampling is greedy here; fixed for reproducibility)
 REFERENCE_ARRAYS = (
     "kind",
@@ -62,6 +76,7 @@ REFERENCE_ARRAYS = (
     "n_ctx",
     "top_k",
 )
+TAIL_ARRAYS = ("ref_tail_ids", "ref_tail_logprob", "ref_tail_mass", "tail_samples", "tail_seed")
 
 
 def open_llama(model_path: Path, n_ctx: int, threads: int, logits_all: bool) -> Llama:
@@ -138,29 +153,61 @@ def _targets(tokens: np.ndarray, n_ctx: int) -> np.ndarray:
 
 
 def build_reference(
-    llm: Llama, tokens: np.ndarray, n_ctx: int, top_k: int = DEFAULT_TOP_K
+    llm: Llama,
+    tokens: np.ndarray,
+    n_ctx: int,
+    top_k: int = DEFAULT_TOP_K,
+    tail_samples: int = DEFAULT_TAIL_SAMPLES,
+    seed: int = TAIL_SEED,
 ) -> dict[str, np.ndarray]:
     """The reference arrays of ``tokens`` under ``llm`` (see the module docstring).
 
     ``targets`` (int32, [P]): the next token of each scored position;
     ``ref_target_logprob`` (float32, [P]); ``ref_topk_ids`` (int32, [P, k], column 0
     the argmax); ``ref_topk_logprob`` (float32, [P, k]); ``n_ctx`` and ``top_k``
-    (int32 scalars); ``tokens`` (int32) and ``kind``.
+    (int32 scalars); ``tokens`` (int32) and ``kind``. With ``tail_samples`` m > 0:
+    ``ref_tail_ids`` (int32, [P, m]) and ``ref_tail_logprob`` (float32, [P, m]) drawn
+    by :func:`agent.llm_fidelity.tail_samples` with ``seed``, ``ref_tail_mass``
+    (float64, [P]), ``tail_samples`` and ``tail_seed`` (int64 scalars); m = 0 builds an
+    old-style reference (top-k + residual lower bound).
     """
+    return reference_from_chunks(
+        chunk_logprobs(llm, tokens, n_ctx), tokens, n_ctx, top_k, tail_samples, seed
+    )
+
+
+def reference_from_chunks(
+    chunks: Iterable[np.ndarray],
+    tokens: np.ndarray,
+    n_ctx: int,
+    top_k: int = DEFAULT_TOP_K,
+    tail_samples: int = DEFAULT_TAIL_SAMPLES,
+    seed: int = TAIL_SEED,
+) -> dict[str, np.ndarray]:
+    """The reference arrays (as :func:`build_reference`) from the reference model's
+    log-softmax rows in the reference's chunking."""
+    if tail_samples < 0:
+        raise ValueError(f"tail_samples must be 0 or more, got {tail_samples}")
     seq = np.asarray(tokens, dtype=np.int32).ravel()
     targets = _targets(seq, n_ctx)
     if len(targets) == 0:
         raise ValueError("the reference needs at least 2 tokens")
-    target_lp, ids, vals = [], [], []
+    rng = np.random.default_rng(seed)
+    target_lp, ids, vals, tail_ids, tail_lp, tail_mass = [], [], [], [], [], []
     offset = 0
-    for rows in chunk_logprobs(llm, seq, n_ctx):
+    for rows in chunks:
         t = targets[offset : offset + len(rows)]
         offset += len(rows)
         target_lp.append(rows[np.arange(len(rows)), t])
         chunk_ids, chunk_vals = llm_fidelity.top_k(rows, top_k)
         ids.append(chunk_ids)
         vals.append(chunk_vals)
-    return {
+        if tail_samples:
+            sample_ids, sample_lp = llm_fidelity.tail_samples(rows, chunk_ids, tail_samples, rng)
+            tail_ids.append(sample_ids)
+            tail_lp.append(sample_lp)
+            tail_mass.append(llm_fidelity.tail_mass(rows, chunk_ids))
+    arrays = {
         "kind": np.array(LLM_KIND),
         "tokens": seq,
         "targets": targets,
@@ -170,6 +217,36 @@ def build_reference(
         "n_ctx": np.array(n_ctx, dtype=np.int32),
         "top_k": np.array(ids[0].shape[1], dtype=np.int32),
     }
+    if tail_samples:
+        arrays.update(
+            {
+                "ref_tail_ids": np.concatenate(tail_ids).astype(np.int32),
+                "ref_tail_logprob": np.concatenate(tail_lp).astype(np.float32),
+                "ref_tail_mass": np.concatenate(tail_mass).astype(np.float64),
+                "tail_samples": np.array(tail_samples, dtype=np.int64),
+                "tail_seed": np.array(seed, dtype=np.int64),
+            }
+        )
+    return arrays
+
+
+def has_tail(reference: dict[str, np.ndarray]) -> bool:
+    """True when ``reference`` carries tail samples (scored with the sampled-tail KL)."""
+    return all(name in reference for name in TAIL_ARRAYS)
+
+
+def fidelity_environment(reference: dict[str, np.ndarray]) -> dict[str, str]:
+    """The KLD method and its parameters, for a result's environment:
+    ``fidelity.kld_method`` (:data:`KLD_SAMPLED` or :data:`KLD_LOWER_BOUND`) and
+    ``fidelity.kld_params`` (e.g. ``k=64,m=128,sampling=systematic,seed=20261214``)."""
+    k = int(reference["top_k"])
+    if has_tail(reference):
+        params = (
+            f"k={k},m={int(reference['tail_samples'])},sampling=systematic,"
+            f"seed={int(reference['tail_seed'])}"
+        )
+        return {"fidelity.kld_method": KLD_SAMPLED, "fidelity.kld_params": params}
+    return {"fidelity.kld_method": KLD_LOWER_BOUND, "fidelity.kld_params": f"k={k}"}
 
 
 def measure_fidelity(llm: Llama, reference: dict[str, np.ndarray]) -> dict[str, float]:
@@ -193,33 +270,58 @@ def fidelity_from_chunks(
     ``[piece_len - 1, n_vocab]`` for predicting tokens ``1..`` of the piece (use
     :func:`agent.llm_fidelity.log_softmax` on the logits). This is how every framework
     is scored against the one shared reference.
+
+    Besides the :func:`agent.llm_fidelity.fidelity_metrics`, the result holds the
+    fidelity settings :data:`FIDELITY_CONTEXT` (the reference's ``n_ctx``, not the
+    timing context), :data:`FIDELITY_POSITIONS` and :data:`FIDELITY_CHUNKS`.
     """
     ref_ids = reference["ref_topk_ids"]
     targets = reference["targets"]
+    sampled = has_tail(reference)
     try:
         check_token_ids(reference["tokens"], n_vocab, "reference token")
         check_token_ids(ref_ids, n_vocab, "reference top-k id")
+        if sampled:
+            check_token_ids(reference["ref_tail_ids"], n_vocab, "reference tail id")
     except ValueError as err:
         raise ArtifactError(f"the LLM reference does not fit this model: {err}") from None
-    target_lp, at_ref, top1 = [], [], []
-    offset = 0
+    target_lp, at_ref, top1, at_tail, var_mass = [], [], [], [], []
+    offset = n_chunks = 0
     for rows in chunks:
         span = slice(offset, offset + len(rows))
         offset += len(rows)
+        n_chunks += 1
         positions = np.arange(len(rows))
         target_lp.append(rows[positions, targets[span]])
         at_ref.append(np.take_along_axis(rows, ref_ids[span].astype(np.int64), axis=1))
         top1.append(np.argmax(rows, axis=1))
+        if sampled:
+            tail_ids = reference["ref_tail_ids"][span].astype(np.int64)
+            at_tail.append(np.take_along_axis(rows, tail_ids, axis=1))
+            var_mass.append(llm_fidelity.tail_mass(rows, ref_ids[span]))
     if offset != len(targets):
         raise ArtifactError(f"the reference scores {len(targets)} positions, the text {offset}")
-    return llm_fidelity.fidelity_metrics(
+    tail = None
+    if sampled:
+        tail = llm_fidelity.TailInputs(
+            reference["ref_tail_mass"],
+            np.concatenate(var_mass),
+            reference["ref_tail_logprob"],
+            np.concatenate(at_tail),
+        )
+    metrics = llm_fidelity.fidelity_metrics(
         reference["ref_target_logprob"],
         ref_ids,
         reference["ref_topk_logprob"],
         np.concatenate(target_lp),
         np.concatenate(at_ref),
         np.concatenate(top1),
+        tail,
     )
+    metrics[FIDELITY_CONTEXT] = float(int(reference["n_ctx"]))
+    metrics[FIDELITY_POSITIONS] = float(len(targets))
+    metrics[FIDELITY_CHUNKS] = float(n_chunks)
+    return metrics
 
 
 def decode_token_stream(
@@ -255,7 +357,8 @@ def token_chunks(tokens: np.ndarray, n_ctx: int) -> list[np.ndarray]:
 
 def save_llm_reference(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write the reference arrays (with ``kind="llm"``) as an uncompressed ``.npz``."""
-    payload: dict[str, Any] = {name: arrays[name] for name in REFERENCE_ARRAYS if name != "kind"}
+    names = [n for n in REFERENCE_ARRAYS if n != "kind"] + [n for n in TAIL_ARRAYS if n in arrays]
+    payload: dict[str, Any] = {name: arrays[name] for name in names}
     _check_reference(payload, path)
     with open(path, "wb") as out:
         np.savez(out, kind=np.array(LLM_KIND), **payload)
@@ -271,6 +374,7 @@ def load_llm_reference(path: Path) -> dict[str, np.ndarray]:
                     f"LLM reference {path.name} lacks array(s): {', '.join(missing)}"
                 )
             arrays = {name: npz[name] for name in REFERENCE_ARRAYS}
+            arrays.update({name: npz[name] for name in TAIL_ARRAYS if name in npz.files})
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ArtifactError(f"cannot read LLM reference {path}: {err}") from err
     if str(arrays["kind"]) != LLM_KIND:
@@ -313,6 +417,19 @@ def _check_reference(arrays: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"LLM reference {path.name}: no scored positions")
     if not np.array_equal(arrays["targets"], _targets(tokens, n_ctx)):
         raise ArtifactError(f"LLM reference {path.name}: targets do not follow tokens")
+    present = [name for name in TAIL_ARRAYS if name in arrays]
+    if present and len(present) != len(TAIL_ARRAYS):
+        missing = ", ".join(n for n in TAIL_ARRAYS if n not in arrays)
+        raise ArtifactError(f"LLM reference {path.name}: incomplete tail samples (no {missing})")
+    if present:
+        m = int(arrays["tail_samples"])
+        tail_shapes = {"ref_tail_ids": (p, m), "ref_tail_logprob": (p, m), "ref_tail_mass": (p,)}
+        for name, shape in tail_shapes.items():
+            if m < 1 or np.shape(arrays[name]) != shape:
+                raise ArtifactError(
+                    f"LLM reference {path.name}: {name} has shape {np.shape(arrays[name])}, "
+                    f"expected {shape} for {p} positions and {m} tail samples"
+                )
 
 
 def check_decode_budget(settings: MeasureSettings) -> None:
@@ -365,9 +482,13 @@ def evaluate_reference(
     eval_path: Path,
     chunk_logprobs: Callable[[np.ndarray, int], Iterable[np.ndarray]],
     vocab_size: int,
+    environment: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement) from
-    a backend's log-softmax rows per reference chunk."""
+    a backend's log-softmax rows per reference chunk; ``environment``, when given, is
+    updated with the KLD method (:func:`fidelity_environment`) for the result."""
     reference = load_llm_reference(eval_path)
+    if environment is not None:
+        environment.update(fidelity_environment(reference))
     chunks = chunk_logprobs(reference["tokens"], int(reference["n_ctx"]))
     return fidelity_from_chunks(chunks, reference, vocab_size)
