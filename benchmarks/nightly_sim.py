@@ -26,12 +26,15 @@ Two measurement modes, both printed:
 - interleaved: the baseline and the candidate build are measured interleaved in the
   same run, nightly and for the confirmation, so run phases, machine phases and drift
   cancel. This is what the runner does when both artifacts are runnable.
-- sequential: the candidate alone is measured and compared with the previous night's
-  stored trials, scaled by the device's own level change (``detect.device_levels``
-  over control series: the series of the same device whose build did not change); a
-  flag is confirmed by re-measuring the candidate alone and judging it against an
-  independent baseline (``detect.sequential_baseline``: the other stored nights of the
-  baseline build, the first check's night left out, scaled the same way).
+- sequential: the candidate alone is measured and judged with the night (run) as the
+  unit (``detect.judge_runs``): tonight's run value (median of its trials) against the
+  series' stored nights of last night's build, each scaled by the device's level change
+  since that night (the median tonight/that-night ratio of the device's series whose
+  build is the same on both nights: the control series), with the pooled night-to-night
+  spread as the yardstick (t prediction test at ``SEQUENTIAL_ALPHA`` plus the 2%
+  minimum effect). A flag is confirmed by ``CONFIRM_RUNS`` fresh runs of the candidate
+  (same night, same machine state), their mean judged the same way at
+  ``SEQUENTIAL_CONFIRM_ALPHA``.
 - sequential, no controls: the same without control series (a device whose every
   series changed, e.g. a runtime upgrade): machine slow phases and night offsets stay.
 
@@ -596,10 +599,14 @@ def render(fig: SimulationFigures) -> str:
         f" {', '.join(f'+{s:.0%}' for s in steps)} step); {fig.nights} nights; trial CV"
         f" {fig.cv:.1%}",
         f"gate: {fig.trials} trials per side per run (the farm's nightly default is"
-        f" {FARM_NIGHTLY_TRIALS}: too few, see the trial-count table), one-sided rank test at"
-        f" alpha {TIMING_ALPHA:g} per stage + Hodges-Lehmann ratio beyond"
-        f" {metric.min_effect:.0%}; every flag re-measured in a fresh run, reported only if"
+        f" {FARM_NIGHTLY_TRIALS}: too few, see the trial-count table), change beyond"
+        f" {metric.min_effect:.0%} and significant; every flag re-measured, reported only if"
         " flagged again",
+        f"  interleaved: one-sided rank test on trials at alpha {TIMING_ALPHA:g} per stage +"
+        " Hodges-Lehmann ratio; confirmed by one fresh interleaved run",
+        "  sequential: the night is the unit, run value vs the stored nights of the baseline"
+        f" build (t prediction test at alpha {detect.SEQUENTIAL_ALPHA:g}); confirmed by the"
+        f" mean of {detect.CONFIRM_RUNS} fresh runs at alpha {detect.SEQUENTIAL_CONFIRM_ALPHA:g}",
         f"targets: >= {TARGET_DETECT:.0%} reported on the night of a +5% step,"
         f" <= {TARGET_FALSE:.1%} false alarms per series-night",
         "",

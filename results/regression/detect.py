@@ -218,7 +218,7 @@ def confirm_sequential(
 
 # Sequential mode with the night as the unit (see :func:`judge_runs`).
 SEQUENTIAL_ALPHA = 0.10  # the night's first check: the minimum effect binds, power kept
-SEQUENTIAL_CONFIRM_ALPHA = 0.005  # the confirmation's fresh runs
+SEQUENTIAL_CONFIRM_ALPHA = 0.001  # the confirmation's fresh runs (heavy-tailed run values)
 CONFIRM_RUNS = 3  # fresh runs of a flagged series whose values are averaged
 MIN_SPREAD_DF = 2  # stored nights' degrees of freedom needed for the night-to-night spread
 

@@ -48,18 +48,19 @@ def test_interleaved_gate_false_alarms_stay_low(figures: nightly_sim.SimulationF
     assert inter.confirmations < 0.05 * (inter.unchanged_nights + 3 * figures.series)
 
 
-def test_sequential_confirmation_against_an_independent_baseline_and_the_device(
+def test_sequential_mode_with_the_night_as_the_unit_meets_the_targets(
     figures: nightly_sim.SimulationFigures,
 ) -> None:
     seq, bare = figures.sequential, figures.sequential_no_controls
-    # Control series discount machine slow phases and whole-night offsets: far fewer
-    # false alarms than the same gate without them, almost none at slow-phase edges.
-    assert seq.false_alarm_rate < 0.4 * bare.false_alarm_rate
+    # The run-level test against stored nights, confirmed by the mean of fresh runs:
+    # both targets, as in the interleaved mode (the full run's rate is ~0.05%; the
+    # target bounds ~12 events here, a trial-level sequential gate gave ~1%).
+    assert seq.detected[0.05] >= nightly_sim.TARGET_DETECT and seq.detected[0.10] >= 0.99
+    assert seq.false_alarm_rate <= nightly_sim.TARGET_FALSE
+    # Control series discount machine slow phases and whole-night offsets: without them
+    # false alarms are far above the target, many at slow-phase edges.
+    assert bare.false_alarm_rate > 5 * max(seq.false_alarm_rate, nightly_sim.TARGET_FALSE / 5)
     assert bare.false_alarms_at_slow_phase > 5 * max(seq.false_alarms_at_slow_phase, 1)
-    assert seq.detected[0.05] >= 0.9 and seq.detected[0.10] >= 0.99
-    # Run-level noise (run phases, slow phases inside a run, AR(1) trials) does not
-    # cancel between nights: the sequential mode stays far above the interleaved one.
-    assert seq.false_alarm_rate > 5 * figures.interleaved.false_alarm_rate
 
 
 def test_history_change_points_in_unchanged_series_follow_machine_phases(

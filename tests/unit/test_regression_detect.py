@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -244,3 +245,38 @@ def test_sequential_confirmation_leaves_the_first_checks_night_out() -> None:
     # Without another stored night: the first check's baseline at the stricter level.
     base, how = detect.sequential_baseline(k, fast_night, [fast_night])
     assert how.startswith("no other stored night") and base.trials == fast_night.trials
+
+
+def test_judge_runs_takes_the_night_as_the_unit() -> None:
+    k = key("latency_p50")
+    stored = [
+        detect.StoredNight("a", timing([v, v, v], f"n{i}"), 1.0)
+        for i, v in enumerate([10.0, 10.2, 9.8, 10.1, 9.9])
+    ] + [
+        detect.StoredNight("old", timing([v, v, v], f"o{i}"), 1.0)
+        for i, v in enumerate([12.0, 12.2, 11.8])
+    ]
+    # The spread is pooled within builds (the old build's level does not inflate it):
+    # s = sqrt((0.1 + 0.08) / 6) on ~10 ms, about 1.7%.
+    within = detect.judge_runs(k, [timing([10.2] * 3)], stored, "a")
+    assert within.status is Status.UNCHANGED and "6 df" in within.message
+    beyond = detect.judge_runs(k, [timing([10.9] * 3)], stored, "a")
+    assert beyond.status is Status.REGRESSION and beyond.ratio == pytest.approx(1.09, rel=1e-3)
+    assert beyond.ci_low < beyond.ratio < beyond.ci_high
+    # One run 7% slow is within reach of the night-to-night spread at the confirmation's
+    # alpha; three such runs are not.
+    one = detect.judge_runs(k, [timing([10.7] * 3)], stored, "a", 0.001)
+    three = detect.judge_runs(k, [timing([10.7] * 3)] * 3, stored, "a", 0.001)
+    assert one.status is Status.UNCHANGED and three.status is Status.REGRESSION
+    # Below the minimum effect nothing is reported, however tight the spread.
+    tight = [detect.StoredNight("a", timing([10.0] * 3, f"t{i}"), 1.0) for i in range(5)]
+    tight[0] = detect.StoredNight("a", timing([10.001] * 3, "t0"), 1.0)
+    assert detect.judge_runs(k, [timing([10.15] * 3)], tight, "a").status is Status.UNCHANGED
+    # The device level of each stored night scales it: a device 9% slower tonight.
+    scaled = [dataclasses.replace(n, level=1.09) for n in stored]
+    assert detect.judge_runs(k, [timing([10.9] * 3)], scaled, "a").status is Status.UNCHANGED
+    # Faster is an improvement; no baseline-build night or no spread: INSUFFICIENT.
+    fast = detect.judge_runs(k, [timing([9.0] * 3)], stored, "a")
+    assert fast.status is Status.IMPROVEMENT
+    assert detect.judge_runs(k, [timing([10.0])], stored, "b").status is Status.INSUFFICIENT
+    assert detect.judge_runs(k, [timing([10.0])], stored[:2], "a").status is Status.INSUFFICIENT
