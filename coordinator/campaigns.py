@@ -375,6 +375,7 @@ class CampaignPlanner:
                     _file_path(model.eval, files),
                     _file_path(model.calibration, files),
                     stats,
+                    spec.fidelity_context_tokens,
                 )
             except Exception as error:  # a bad model fails its own tasks, not the campaign
                 sources[model.name] = unwrap_ray_error(error)

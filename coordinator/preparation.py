@@ -39,9 +39,11 @@ from typing import Any
 
 import ray
 
+from agent.llm_eval import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, TAIL_SEED
 from coordinator import steps
 from coordinator.artifacts import ArtifactStore
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
+from coordinator.spec import DEFAULT_FIDELITY_CONTEXT
 from edgefarm.domain import HUB_BACKEND, ArtifactRef
 from edgefarm.errors import ArtifactError, ConversionError, SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
@@ -55,9 +57,11 @@ BUILDER_REVISION = 1
 PASSTHROUGH_BACKENDS = frozenset({"noop"})
 # (backend, scheme) pairs whose artifact is the prepared source model itself.
 IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
-# Language-model fidelity: context per evaluation chunk and reference top-k kept.
-LLM_EVAL_CONTEXT = 512
-LLM_TOP_K = 32
+# Language-model fidelity: default context per evaluation chunk (a campaign sets its own
+# with measurement.fidelity_context_tokens), reference top-k and tail samples kept.
+LLM_EVAL_CONTEXT = DEFAULT_FIDELITY_CONTEXT
+LLM_TOP_K = DEFAULT_TOP_K
+LLM_TAIL_SAMPLES = DEFAULT_TAIL_SAMPLES
 MAX_EVAL_TEXT_BYTES = 16 << 20
 BUILTIN_GGUF_MODELS = ("smollm2-135m",)
 
@@ -376,17 +380,26 @@ class Preparer:
         eval_path: Path | None,
         calibration_path: Path | None,
         stats: PreparationStats,
+        fidelity_context: int = LLM_EVAL_CONTEXT,
     ) -> PreparedSource:
         """Eval / calibration data: the user's files or the defaults, with the
-        full-precision reference computed once per model and evaluation set."""
+        full-precision reference computed once per model, evaluation set and (for a
+        language model) fidelity context: the chunk length perplexity, KLD and top-1
+        are scored in."""
         if prepared.format == "gguf":
+            if fidelity_context < 2:
+                raise SpecError(
+                    f"fidelity_context_tokens must be at least 2, got {fidelity_context}"
+                )
             text = _eval_text(eval_path)
             key = step_key(
                 "llm-reference",
                 model=prepared.model.sha256,
                 text=hashlib.sha256(text.encode()).hexdigest(),
-                n_ctx=LLM_EVAL_CONTEXT,
+                n_ctx=fidelity_context,
                 top_k=LLM_TOP_K,
+                tail_samples=LLM_TAIL_SAMPLES,
+                tail_seed=TAIL_SEED,
             )
             prepared.eval_data = await self._step(
                 key,
@@ -396,10 +409,12 @@ class Preparer:
                 steps.llm_reference,
                 prepared.model,
                 text,
-                LLM_EVAL_CONTEXT,
+                fidelity_context,
                 LLM_TOP_K,
+                LLM_TAIL_SAMPLES,
             )
             prepared.provenance["eval_text"] = str(eval_path) if eval_path else "default"
+            prepared.provenance["fidelity_context_tokens"] = fidelity_context
             return prepared
         if calibration_path is not None:
             prepared.calibration = await asyncio.to_thread(

@@ -76,6 +76,10 @@ MAX_THREADS = 1024
 MAX_BATCH_SIZE = 65_536
 MAX_TOKENS = 1 << 20  # prompt_tokens, context_tokens
 MAX_CPU_CORES = 4096.0  # max_other_cpu_cores
+# Chunk length a language model's perplexity, KLD and top-1 are scored in (the fidelity
+# reference is built with it once per model, so it is a campaign-wide setting).
+DEFAULT_FIDELITY_CONTEXT = 512
+FIDELITY_CONTEXT_FIELD = "fidelity_context_tokens"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -312,6 +316,11 @@ class Measurement(BaseModel):
     )
     prompt_tokens: int = Field(default=_DEFAULTS.prompt_tokens, gt=0, le=MAX_TOKENS, strict=True)
     context_tokens: int = Field(default=_DEFAULTS.context_tokens, gt=0, le=MAX_TOKENS, strict=True)
+    # Language models: the chunk length fidelity (perplexity, KLD, top-1) is scored in,
+    # independent of context_tokens (the timing context); campaign-wide only.
+    fidelity_context_tokens: int = Field(
+        default=DEFAULT_FIDELITY_CONTEXT, ge=2, le=MAX_TOKENS, strict=True
+    )
     max_other_cpu_cores: float = Field(  # cores; 0: record only; -1: a share of the host's
         default=_DEFAULTS.max_other_cpu_cores,
         ge=AUTO_OTHER_CPU,
@@ -361,11 +370,17 @@ class CampaignSpec(BaseModel):
 
     def measure_settings(self, backend: BackendEntry | None = None) -> MeasureSettings:
         """The campaign's measurement settings, with ``backend``'s overrides applied."""
-        values = self.measurement.model_dump()
+        values = self.measurement.model_dump(exclude={FIDELITY_CONTEXT_FIELD})
         if backend is not None and backend.measurement is not None:
             override = backend.measurement
-            values.update({k: getattr(override, k) for k in override.model_fields_set})
+            fields = override.model_fields_set - {FIDELITY_CONTEXT_FIELD}
+            values.update({k: getattr(override, k) for k in fields})
         return MeasureSettings(**values)
+
+    @property
+    def fidelity_context_tokens(self) -> int:
+        """The chunk length language models are scored for fidelity in."""
+        return self.measurement.fidelity_context_tokens
 
     def variants(self) -> list[Variant]:
         """Every variant, in spec order: models, then backends, then schemes (a model
@@ -418,6 +433,12 @@ class CampaignSpec(BaseModel):
         _bounds(self.measurement)
         for index, backend in enumerate(self.backends):
             if backend.measurement is not None:
+                if FIDELITY_CONTEXT_FIELD in backend.measurement.model_fields_set:
+                    raise FieldError(
+                        ("backends", index, "measurement", FIDELITY_CONTEXT_FIELD),
+                        f"{FIDELITY_CONTEXT_FIELD} is campaign-wide (one fidelity reference "
+                        "per model serves every backend): set it under measurement",
+                    )
                 values = self.measure_settings(backend).to_dict()
                 merged = Measurement(
                     **{k: v for k, v in values.items() if k in Measurement.model_fields}

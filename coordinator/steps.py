@@ -201,10 +201,18 @@ def quantize_gguf(root: str, f16: ArtifactRef, qtype: str) -> dict[str, Any]:
 
 
 @ray.remote(num_cpus=1, max_retries=0, max_calls=1)
-def llm_reference(root: str, f16: ArtifactRef, text: str, n_ctx: int, top_k: int) -> dict[str, Any]:
+def llm_reference(
+    root: str, f16: ArtifactRef, text: str, n_ctx: int, top_k: int, tail_samples: int = 0
+) -> dict[str, Any]:
     """Token log-probabilities of the full-precision model on the evaluation text
-    (top-k per position), computed once per model and text."""
-    from agent.llm_eval import build_reference, open_llama, save_llm_reference
+    (top-k and ``tail_samples`` sampled tail tokens per position, scored in chunks of
+    ``n_ctx``), computed once per model, text and settings."""
+    from agent.llm_eval import (
+        build_reference,
+        fidelity_environment,
+        open_llama,
+        save_llm_reference,
+    )
     from coordinator.conversion.gguf_convert import tokenize_text
 
     started = time.perf_counter()
@@ -212,11 +220,12 @@ def llm_reference(root: str, f16: ArtifactRef, text: str, n_ctx: int, top_k: int
         model = store.existing(f16)
         tokens = tokenize_text(model, text)
         llm = open_llama(model, n_ctx=n_ctx, threads=1, logits_all=True)
-        arrays = build_reference(llm, tokens, n_ctx, top_k)
+        arrays = build_reference(llm, tokens, n_ctx, top_k, tail_samples)
         del llm
         out = staging / "reference.npz"
         save_llm_reference(out, arrays)
         provenance = {"tokens": len(tokens), "n_ctx": n_ctx, "top_k": top_k}
+        provenance.update(fidelity_environment(arrays))
         return _done(store.adopt(out, "reference.npz"), provenance, started)
 
 

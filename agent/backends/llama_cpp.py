@@ -44,6 +44,7 @@ from agent.llm_eval import (
     FALLBACK_TEXT,
     check_decode_budget,
     check_token_ids,
+    fidelity_environment,
     load_llm_reference,
     measure_fidelity,
     open_llama,
@@ -98,6 +99,7 @@ class LlamaCppBackend(LanguageModelBackend):
         self._settings = MeasureSettings()
         self._tokens: np.ndarray | None = None
         self._step: DecodeStep | None = None
+        self._fidelity_environment: dict[str, str] = {}  # the KLD method, after evaluate
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Validate the GGUF and open one context of ``settings.context_tokens`` tokens."""
@@ -163,6 +165,7 @@ class LlamaCppBackend(LanguageModelBackend):
         if self._model_path is None:
             raise TaskError("evaluate needs load first")
         reference = load_llm_reference(eval_path)
+        self._fidelity_environment = fidelity_environment(reference)
         llm = open_llama(
             self._model_path, int(reference["n_ctx"]), settings.threads, logits_all=True
         )
@@ -207,6 +210,7 @@ class LlamaCppBackend(LanguageModelBackend):
                     "gguf.n_parameters": str(summary.n_parameters),
                 }
             )
+        env.update(self._fidelity_environment)
         return env
 
     def _reset(self) -> None:

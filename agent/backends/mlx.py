@@ -194,6 +194,7 @@ class MlxBackend(LanguageModelBackend):
         self._n_vocab: int | None = None
         self._step: MlxDecodeStep | None = None
         self._unpack_s = 0.0  # part of the load time: extracting the tar artifact
+        self._fidelity_environment: dict[str, str] = {}  # the KLD method, after evaluate
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Unpack and check the model folder (a tar, or a folder), then ``mlx_lm.load`` it."""
@@ -285,7 +286,10 @@ class MlxBackend(LanguageModelBackend):
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
         if self._model is None:
             raise TaskError("evaluate needs load first")
-        return evaluate_reference(eval_path, self._chunk_logprobs, self._vocab_size())
+        self._fidelity_environment = {}
+        return evaluate_reference(
+            eval_path, self._chunk_logprobs, self._vocab_size(), self._fidelity_environment
+        )
 
     def version(self) -> str:
         """mlx-lm's version."""
@@ -310,6 +314,7 @@ class MlxBackend(LanguageModelBackend):
             env["mlx.blas"] = blas
         if self._model is not None:
             env.update(_model_environment(self._model, self._config))
+        env.update(self._fidelity_environment)
         return env
 
     # ----- helpers -------------------------------------------------------------------

@@ -142,6 +142,7 @@ class OnnxRuntimeGenaiBackend(LanguageModelBackend):
         self._step: GenaiDecodeStep | None = None
         self._unpack_s = 0.0
         self._session_options: dict[str, int] = {}
+        self._fidelity_environment: dict[str, str] = {}  # the KLD method, after evaluate
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Unpack and check the folder (a tar, or a folder), then open it on the CPU
@@ -228,7 +229,10 @@ class OnnxRuntimeGenaiBackend(LanguageModelBackend):
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
         if self._model is None:
             raise TaskError("evaluate needs load first")
-        return evaluate_reference(eval_path, self.chunk_logprobs, self._vocab())
+        self._fidelity_environment = {}
+        return evaluate_reference(
+            eval_path, self.chunk_logprobs, self._vocab(), self._fidelity_environment
+        )
 
     def chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk,
@@ -282,6 +286,7 @@ class OnnxRuntimeGenaiBackend(LanguageModelBackend):
                     ),
                 }
             )
+        env.update(self._fidelity_environment)
         return env
 
     # ----- helpers -------------------------------------------------------------------

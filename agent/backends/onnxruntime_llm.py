@@ -293,6 +293,7 @@ class OnnxRuntimeLlmBackend(LanguageModelBackend):
         self._tokens: np.ndarray | None = None
         self._step: OrtDecodeStep | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None  # an unpacked model
+        self._fidelity_environment: dict[str, str] = {}  # the KLD method, after evaluate
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Open the session (as the onnxruntime backend does) and read the graph layout."""
@@ -354,7 +355,10 @@ class OnnxRuntimeLlmBackend(LanguageModelBackend):
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
-        return evaluate_reference(eval_path, self.chunk_logprobs, self._vocab())
+        self._fidelity_environment = {}
+        return evaluate_reference(
+            eval_path, self.chunk_logprobs, self._vocab(), self._fidelity_environment
+        )
 
     def chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk."""
@@ -384,6 +388,7 @@ class OnnxRuntimeLlmBackend(LanguageModelBackend):
                     "onnxruntime.cache_dtype": np.dtype(self._graph.cache_dtype).name,
                 }
             )
+        env.update(self._fidelity_environment)
         return env
 
     def _run_prompt(self, prompt: np.ndarray) -> list[Any]:

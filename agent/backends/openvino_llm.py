@@ -315,6 +315,7 @@ class OpenVinoLlmBackend(LanguageModelBackend):
         self._settings = MeasureSettings()
         self._tokens: np.ndarray | None = None
         self._step: OvDecodeStep | None = None
+        self._fidelity_environment: dict[str, str] = {}  # the KLD method, after evaluate
 
     def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
         """Unpack and compile the IR as the openvino backend does, in its LLM mode."""
@@ -378,7 +379,10 @@ class OpenVinoLlmBackend(LanguageModelBackend):
 
     def evaluate(self, eval_path: Path, settings: MeasureSettings) -> dict[str, float]:
         """Fidelity to the LLM reference in ``eval_path`` (perplexity, KLD, agreement)."""
-        return evaluate_reference(eval_path, self.chunk_logprobs, self._vocab())
+        self._fidelity_environment = {}
+        return evaluate_reference(
+            eval_path, self.chunk_logprobs, self._vocab(), self._fidelity_environment
+        )
 
     def chunk_logprobs(self, tokens: np.ndarray, n_ctx: int) -> Iterator[np.ndarray]:
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk."""
@@ -410,6 +414,7 @@ class OpenVinoLlmBackend(LanguageModelBackend):
                     "openvino.cache_dtype": np.dtype(graph.cache_dtype).name,
                 }
             )
+        env.update(self._fidelity_environment)
         return env
 
     def _run(self, request: Any, feed: dict[int, Any]) -> list[Any]:
