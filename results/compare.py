@@ -52,6 +52,7 @@ class ComparisonRow:
     # 95% interval of the speed-up (Welch over both rows' trial medians); None: the
     # full-precision row itself, or fewer than two trials on a side
     speedup_interval: RatioInterval | None = None
+    kld_lower_bound: bool = False  # KLD by the old top-k + residual method (shown as >=)
 
     @property
     def same_speed(self) -> bool:
@@ -81,6 +82,20 @@ def speedup_interval(row: Row, base: Row | None) -> RatioInterval | None:
 def _speed_pm(row: Row) -> float | None:
     interval = p50_interval(row) if row.get("ok") else None
     return interval.repeat_percent if interval is not None else None
+
+
+# The KLD method a result records (agent.llm_eval.KLD_SAMPLED): rows scored any other
+# way (old references, rows from before the method was recorded) carry the top-k +
+# residual KLD, a lower bound of the full-vocabulary value.
+KLD_METHOD_KEY = "fidelity.kld_method"
+KLD_SAMPLED = "topk-tail-sampled"
+
+
+def kld_is_lower_bound(row: Row) -> bool:
+    """True when the row's KLD is the old top-k + residual lower bound (shown as ``≥``)."""
+    if (row.get("accuracy") or {}).get("kld_mean") is None:
+        return False
+    return (row.get("environment") or {}).get(KLD_METHOD_KEY) != KLD_SAMPLED
 
 
 def is_llm_row(row: Row) -> bool:
@@ -157,6 +172,7 @@ def compare(
                 ),
                 speed_pm_pct=_speed_pm(row) if speed else None,
                 speedup_interval=speedup_interval(row, base),
+                kld_lower_bound=kld_is_lower_bound(row),
             )
         )
     # stable: within a framework, full precision first, then the spec's order
@@ -195,7 +211,8 @@ def cells(r: ComparisonRow) -> list[str]:
     unit = "tok/s" if r.is_llm else "items/s"
     if r.is_llm:
         fidelity = ", ".join(
-            f"{name} {_fmt(r.fidelity.get(key), fmt)}"
+            f"{name} {'≥' if key == 'kld_mean' and r.kld_lower_bound else ''}"
+            f"{_fmt(r.fidelity.get(key), fmt)}"
             for name, key, fmt in (
                 ("KLD", "kld_mean", ".4f"),
                 ("ppl x", "ppl_ratio", ".3f"),

@@ -32,7 +32,7 @@ from enum import StrEnum
 from typing import Any
 
 from edgefarm.domain import RatioInterval, ratio_interval
-from results.compare import FULL_PRECISION, device_label, is_llm_row
+from results.compare import FULL_PRECISION, device_label, is_llm_row, kld_is_lower_bound
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_pct
 from results.report.model import failure_reason
 
@@ -85,6 +85,7 @@ class Candidate:
     accuracy_drop: float | None
     result_id: int | None = None
     trial_medians_ms: tuple[float, ...] = ()  # the per-trial p50s the latency came from
+    kld_lower_bound: bool = False  # KLD by the old top-k + residual method (a lower bound)
 
     @property
     def label(self) -> str:
@@ -104,7 +105,11 @@ class Candidate:
             f"{fmt_ms(self.latency_ms)}{per} p50 ({self.speed:,.1f} {unit})",
             f"peak memory {fmt_bytes(self.memory_bytes)}",
         ]
-        if self.kld_mean is not None:
+        if self.kld_mean is not None and self.kld_lower_bound:
+            parts.append(
+                f"KLD ≥{fmt_num(self.kld_mean)} (old top-k lower bound: the full KLD is higher)"
+            )
+        elif self.kld_mean is not None:
             parts.append(f"KLD {fmt_num(self.kld_mean)}")
         if self.accuracy_drop is not None and self.is_llm:
             parts.append(f"top-1 agreement {fmt_pct(1.0 - self.accuracy_drop, 1)}")
@@ -297,6 +302,7 @@ def _judge(
         accuracy_drop=drop,
         result_id=row.get("result_id"),
         trial_medians_ms=tuple(float(v) for v in row.get("trial_medians_ms") or [] if v),
+        kld_lower_bound=kld_is_lower_bound(row),
     )
     return candidate, []
 
