@@ -152,7 +152,8 @@ def tail_samples(
         raise ValueError(f"the number of tail samples must be at least 1, got {m}")
     if k >= vocab:
         raise ValueError(f"no tail to sample: k={k} covers the vocabulary of {vocab}")
-    offsets = (rng.random(rows)[:, None] + np.arange(m)[None, :]) / m
+    starts = np.asarray(rng.random(size=rows), dtype=np.float64)
+    offsets = (starts[:, None] + np.arange(m)[None, :]) / m
     out_ids = np.empty((rows, m), dtype=np.int32)
     for row in range(rows):
         values = lp[row].copy()

@@ -224,7 +224,7 @@ def llm_reference(
         del llm
         out = staging / "reference.npz"
         save_llm_reference(out, arrays)
-        provenance = {"tokens": len(tokens), "n_ctx": n_ctx, "top_k": top_k}
+        provenance: dict[str, Any] = {"tokens": len(tokens), "n_ctx": n_ctx, "top_k": top_k}
         provenance.update(fidelity_environment(arrays))
         return _done(store.adopt(out, "reference.npz"), provenance, started)
 
