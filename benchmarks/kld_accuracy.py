@@ -17,7 +17,8 @@ Ratios are estimate / exact for the mean over positions and for the 99th percent
 It also prints the reference's size (bytes per position, file size for the text).
 
 Run: ``python benchmarks/kld_accuracy.py [--types Q8_0,Q6_K,Q4_K_M,Q4_0,Q2_K]
-[--seeds 8] [--threads 2]`` (about 3 minutes on 2 cores; needs the llama-cpp extra).
+[--seeds 8] [--threads 2]`` (about 17 minutes on a shared 2-core machine; needs the
+llama-cpp extra).
 """
 
 from __future__ import annotations
