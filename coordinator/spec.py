@@ -329,6 +329,15 @@ class Measurement(BaseModel):
         allow_inf_nan=False,
     )
 
+    @field_validator("max_other_cpu_cores")
+    @classmethod
+    def _check_busy_limit(cls, value: float) -> float:
+        if value < 0 and value != AUTO_OTHER_CPU:
+            raise ValueError(
+                "must be a number of cores (0: record only) or -1 (a quarter of the host's cores)"
+            )
+        return value
+
 
 @dataclass(frozen=True)
 class Variant:

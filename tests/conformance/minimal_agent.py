@@ -276,8 +276,10 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
             reasons.append(f"min_duration_s={s['min_duration_s']:g} not met")
         reasons = [f"stopped at {stopped_by}: " + "; ".join(reasons)]
     limit = s["max_other_cpu_cores"]
+    if limit < 0:  # -1: a quarter of the host's logical cores
+        limit = 0.25 * (os.cpu_count() or 1)
     other = metrics.get("host_other_cpu_cores", 0.0)
-    if limit > 0 and other > limit:
+    if limit > 0 and other > limit and duration_s >= 0.2:
         reasons.append(f"host busy: other processes used {other:.2f} cores > {limit:g}")
     trial = {
         "samples_ms": [ns / 1e6 for ns in samples],
