@@ -327,16 +327,26 @@ class _World:
     device: np.ndarray  # (series,) device index
     machine: _Machine
     keys: list[SeriesKey]
+    # The sequential modes' re-measurements draw from their own streams, so the modes'
+    # figures do not move with each other's number of confirmations.
+    streams: dict[str, np.random.Generator] = field(default_factory=dict)
 
-    def measure(self, rows: np.ndarray, night: int) -> np.ndarray:
+    def measure(self, rows: np.ndarray, night: int, stream: str = "") -> np.ndarray:
         """One fresh run per row: the previous and tonight's build, interleaved.
 
         Returns trial values of shape (rows, 2, trials): [:, 0] the baseline build,
-        [:, 1] the candidate build.
+        [:, 1] the candidate build. ``stream`` names a separate random stream.
         """
         pair = self.build[rows][:, [max(night - 1, 0), night]]
         level = self.machine.level[self.device[rows], night]
-        return _run(self.rng, self.noise, pair * level[:, None], self.trials)
+        rng = self.rng
+        if stream:
+            if stream not in self.streams:
+                self.streams[stream] = np.random.default_rng(
+                    [int(self.rng.bit_generator.seed_seq.entropy), len(self.streams) + 1]  # type: ignore[attr-defined]
+                )
+            rng = self.streams[stream]
+        return _run(rng, self.noise, pair * level[:, None], self.trials)
 
 
 @dataclass
@@ -361,9 +371,9 @@ class _Night:
     history: list[list[Sample]]  # per series, candidate samples of the nights so far
     _levels: dict[int, np.ndarray] | None = None
 
-    def again(self, key: SeriesKey) -> np.ndarray:
+    def again(self, key: SeriesKey, stream: str = "") -> np.ndarray:
         """A fresh run of ``key`` tonight: trials of (baseline build, candidate build)."""
-        return self.world.measure(np.array([self.index[key]]), self.night)[0]
+        return self.world.measure(np.array([self.index[key]]), self.night, stream)[0]
 
     def interleaved(self, first: Verdict) -> Verdict:
         """Both builds re-measured interleaved in a fresh run."""
@@ -378,7 +388,8 @@ class _Night:
         i, night = self.index[first.key], self.night
         at = float(night * 86400)
         runs = [
-            _sample(f"n-again{r}", at, self.again(first.key)[1]) for r in range(detect.CONFIRM_RUNS)
+            _sample(f"n-again{r}", at, self.again(first.key, f"sequential {controls}")[1])
+            for r in range(detect.CONFIRM_RUNS)
         ]
         again = detect.judge_runs(
             first.key,

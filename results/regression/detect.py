@@ -221,6 +221,8 @@ SEQUENTIAL_ALPHA = 0.10  # the night's first check: the minimum effect binds, po
 SEQUENTIAL_CONFIRM_ALPHA = 0.001  # the confirmation's fresh runs (heavy-tailed run values)
 CONFIRM_RUNS = 3  # fresh runs of a flagged series whose values are averaged
 MIN_SPREAD_DF = 2  # stored nights' degrees of freedom needed for the night-to-night spread
+TRIM_SDS = 3.0  # stored nights this many robust sds from their build's median are left out
+TRIM_MIN_NIGHTS = 10  # ... once at least this many stored nights give the robust scale
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,32 @@ def night_level(pairs: Iterable[tuple[Sample, Sample]]) -> float:
     ratio of the device's control series (same metric, software identity unchanged
     between the two nights); 1.0 without controls."""
     return device_level(pairs)
+
+
+def _trim_nights(groups: dict[str, list[float]]) -> tuple[dict[str, list[float]], int]:
+    """Stored nights (log values per build) without the outlying ones: farther than
+    :data:`TRIM_SDS` robust standard deviations (1.4826 x the median absolute deviation
+    from the build's median, pooled over builds with two nights or more) from their
+    build's median, once :data:`TRIM_MIN_NIGHTS` nights give that scale (the robust scale
+    of a few nights can be tiny). A night with a slow stretch inside its run or a noisy run would
+    otherwise inflate the spread and shift the baseline; tonight's own runs are never
+    trimmed (a flag from such a run is what the fresh confirmation runs are for)."""
+    deviations = [abs(x - float(np.median(g))) for g in groups.values() if len(g) >= 2 for x in g]
+    if len(deviations) < TRIM_MIN_NIGHTS:
+        return groups, 0  # too few nights for a robust scale: the t test's df cover it
+    scale = 1.4826 * float(np.median(deviations))
+    if scale <= 0:
+        return groups, 0
+    kept: dict[str, list[float]] = {}
+    dropped = 0
+    for build, values in groups.items():
+        centre = float(np.median(values))
+        inside = [x for x in values if abs(x - centre) <= TRIM_SDS * scale]
+        if len(values) < 3 or not inside:
+            inside = values  # too few nights to call one an outlier
+        kept[build] = inside
+        dropped += len(values) - len(inside)
+    return kept, dropped
 
 
 def judge_runs(
@@ -270,6 +298,7 @@ def judge_runs(
     for n in nights:
         if n.sample.value > 0 and n.level > 0:
             groups.setdefault(n.build, []).append(math.log(n.sample.value * n.level))
+    groups, outlying = _trim_nights(groups)
     base = groups.get(build, [])
     df = sum(len(g) - 1 for g in groups.values())
     mu = float(np.mean(base)) if base else math.nan
@@ -303,7 +332,9 @@ def judge_runs(
     pct = f"{math.expm1(shift) * 100:+.1f}%"
     message = (
         f"{metric.name} {pct} (mean of {len(cand)} run(s) vs {len(base)} stored night(s) of"
-        f" the baseline build; night-to-night sd {spread:.2%}, {df} df), p={p:.3g}"
+        f" the baseline build; night-to-night sd {spread:.2%}, {df} df"
+        + (f", {outlying} outlying night(s) left out" if outlying else "")
+        + f"), p={p:.3g}"
         f" one-sided at alpha {alpha:g}, gate {metric.min_effect:.0%}"
     )
     return Verdict(
