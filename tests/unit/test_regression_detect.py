@@ -280,3 +280,17 @@ def test_judge_runs_takes_the_night_as_the_unit() -> None:
     assert fast.status is Status.IMPROVEMENT
     assert detect.judge_runs(k, [timing([10.0])], stored, "b").status is Status.INSUFFICIENT
     assert detect.judge_runs(k, [timing([10.0])], stored[:2], "a").status is Status.INSUFFICIENT
+
+
+def test_judge_runs_leaves_outlying_stored_nights_out() -> None:
+    k = key("latency_p50")
+    values = [10.0, 10.1, 9.9, 10.05, 9.95, 10.02, 9.98, 10.08, 9.92, 10.0, 10.03, 11.5]
+    nights = [detect.StoredNight("a", timing([v] * 3, f"n{i}"), 1.0) for i, v in enumerate(values)]
+    # The night with a slow stretch in its run (+15%) would inflate the spread ~8x and
+    # hide a +5% step; it is left out.
+    verdict = detect.judge_runs(k, [timing([10.5] * 3)], nights, "a")
+    assert "1 outlying night(s) left out" in verdict.message
+    assert verdict.status is Status.REGRESSION
+    # With fewer than TRIM_MIN_NIGHTS nights nothing is trimmed.
+    few = detect.judge_runs(k, [timing([10.5] * 3)], nights[-detect.TRIM_MIN_NIGHTS + 1 :], "a")
+    assert "outlying" not in few.message
