@@ -200,3 +200,79 @@ def test_trial_level_fallback_confirms_against_other_stored_nights() -> None:
         first, nights[2].samples[_k("m")], _s(10.0, "again"), nights, tonight, ids, builds
     )
     assert again.confirmed is False and "independent baseline" in again.message
+
+
+class _Store:
+    """Unit-test double: result rows by campaign id."""
+
+    def __init__(self, rows: dict[str, list[dict[str, object]]]) -> None:
+        self.rows = rows
+
+    def results_for_campaign(self, campaign_id: str) -> list[dict[str, object]]:
+        return self.rows.get(campaign_id, [])
+
+
+def _result(campaign: str, latency: float) -> dict[str, object]:
+    return {
+        "campaign_id": campaign,
+        "ok": True,
+        "valid": True,
+        "model": "m",
+        "backend": "onnxruntime",
+        "scheme": "fp32",
+        "device_id": "d",
+        "role": "candidate",
+        "trial_medians_ms": [latency * f for f in (0.99, 1.0, 1.01)],
+    }
+
+
+@pytest.mark.parametrize(("fresh", "held"), [(10.6, True), (10.02, False)])
+def test_runner_confirms_a_sequential_flag_with_fresh_runs(
+    monkeypatch: pytest.MonkeyPatch, fresh: float, held: bool
+) -> None:
+    from coordinator.interleave import RunShape
+    from coordinator.nightly import runner as runner_module
+
+    nights = _history(SPREAD, [5.0] * 8, ["a"] * 8)
+    ids = {"m/onnxruntime/fp32@d": frozenset({"b"}), "c/onnxruntime/fp32@d": frozenset({"c"})}
+    builds = {"m/onnxruntime/fp32@d": frozenset({"a"})}
+    tonight = {_k("m"): _s(10.6, "t"), _k("c"): _s(5.0, "t")}
+    verdicts, run_level = judge_sequential(
+        detect.judge_night({_k("m"): _s(10.0, "n7")}, tonight), tonight, nights, ids, builds
+    )
+    assert run_level == {_k("m")} and verdicts[0].status is Status.REGRESSION
+    submitted: list[RunShape] = []
+
+    def submit(client: object, path: Path, fresh: bool, shape: RunShape) -> tuple[str, int, int]:
+        submitted.append(shape)
+        return f"c-{len(submitted)}", 0, 1
+
+    monkeypatch.setattr(runner_module, "submit_and_follow", submit)
+    store = _Store({f"c-{i}": [_result(f"c-{i}", fresh)] for i in (1, 2, 3)})
+    seq = runner_module.SequentialContext(
+        nights=nights,
+        candidate=tonight,
+        base_samples={_k("m"): _s(10.0, "n7")},
+        tonight_ids=ids,
+        builds=builds,
+        replayed=frozenset(),
+        run_level=run_level,
+    )
+    night_runner = runner_module.NightlyRunner(None, store, echo=lambda _: None)  # type: ignore[arg-type]
+    out, first_id, failed = night_runner._confirm(
+        Path("c.yaml"),
+        RunShape(seed=1),
+        NightlyRun("n-7", "s", "n7", "passed", 0.0, campaign_id="c-base"),
+        verdicts,
+        detect.to_confirm(verdicts),
+        NightlyRun("n-8", "s", "n8", "running", 1.0),
+        seq,
+    )
+    # Three fresh runs of the flagged series only, each with its own seed ...
+    assert len(submitted) == detect.CONFIRM_RUNS and first_id == "c-1" and failed == 0
+    assert all(s.series == frozenset({"m/onnxruntime/fp32@d"}) for s in submitted)
+    assert len({s.seed for s in submitted}) == detect.CONFIRM_RUNS
+    # ... whose mean, not the first check's baseline trials, decides.
+    (v,) = [v for v in out if v.key == _k("m")]
+    assert v.confirmed is held and "3 fresh run(s)" in v.message
+    assert detect.fails_night(out) is held
