@@ -14,7 +14,10 @@ The nightly procedure these functions serve:
    (:func:`changes`, e.g. model size) are reported but do not fail the night by
    themselves: a different size is expected whenever an artifact is rebuilt on purpose,
    and any real cost of it shows up in the timing, memory and accuracy series.
-4. :func:`history` adds the change points of a series' nightly history, which catch
+4. Series without an interleaved replay are judged sequentially with the night as the
+   unit (:func:`judge_runs` against stored nights, confirmed by the mean of
+   :data:`CONFIRM_RUNS` fresh runs); see :mod:`coordinator.nightly.sequential`.
+5. :func:`history` adds the change points of a series' nightly history, which catch
    slow drifts made of steps below the nightly gate.
 """
 
