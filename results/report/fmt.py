@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+from results.regression.metrics import METRICS
+from results.regression.types import Verdict
+
 MIB = 1 << 20
 
 
@@ -82,3 +85,18 @@ def fmt_interval(low: float | None, high: float | None) -> str:
     if low is None or high is None or missing(low) or missing(high):
         return "-"
     return f"{fmt_ratio(low)} .. {fmt_ratio(high)}"
+
+
+def verdict_figures(v: Verdict, unit: str) -> list[str]:
+    """Baseline, candidate and change of a verdict; with a mirror metric (throughput of
+    a latency series) both figures in each cell, as one finding."""
+    cells = [fmt_value(v.baseline, unit), fmt_value(v.candidate, unit), fmt_ratio(v.ratio)]
+    if v.mirror:
+        mirror_unit = METRICS[v.mirror].unit if v.mirror in METRICS else ""
+        mirrored = (
+            fmt_value(v.mirror_baseline, mirror_unit),
+            fmt_value(v.mirror_candidate, mirror_unit),
+            fmt_ratio(v.mirror_ratio),
+        )
+        cells = [f"{a} / {b}" for a, b in zip(cells, mirrored, strict=True)]
+    return cells

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
-from results.regression.metrics import METRICS
 from results.regression.types import Verdict
-from results.report.fmt import fmt_bytes, fmt_interval, fmt_ms, fmt_num, fmt_ratio, fmt_value
+from results.report.fmt import (
+    fmt_bytes,
+    fmt_interval,
+    fmt_ms,
+    fmt_num,
+    verdict_figures,
+)
 from results.report.model import ParetoChart, Report
 
 
@@ -52,21 +57,6 @@ def _pareto(chart: ParetoChart) -> list[str]:
     return [*out, ""] if chart.unplotted else out
 
 
-def _figures(v: Verdict, unit: str) -> list[str]:
-    """Baseline, candidate and change of a verdict; with a mirror metric (throughput of
-    a latency series) both figures in each cell, as one finding."""
-    cells = [fmt_value(v.baseline, unit), fmt_value(v.candidate, unit), fmt_ratio(v.ratio)]
-    if v.mirror:
-        mirror_unit = METRICS[v.mirror].unit if v.mirror in METRICS else ""
-        mirrored = (
-            fmt_value(v.mirror_baseline, mirror_unit),
-            fmt_value(v.mirror_candidate, mirror_unit),
-            fmt_ratio(v.mirror_ratio),
-        )
-        cells = [f"{a} / {b}" for a, b in zip(cells, mirrored, strict=True)]
-    return cells
-
-
 def _verdicts(report: Report, verdicts: tuple[Verdict, ...]) -> list[str]:
     rows = []
     for v in verdicts:
@@ -75,7 +65,7 @@ def _verdicts(report: Report, verdicts: tuple[Verdict, ...]) -> list[str]:
             [
                 v.label(),
                 v.status.value,
-                *_figures(v, unit),
+                *verdict_figures(v, unit),
                 fmt_interval(v.ci_low, v.ci_high),
                 fmt_num(v.p_value, 3),
                 "" if v.confirmed is None else ("yes" if v.confirmed else "no"),
