@@ -49,6 +49,7 @@ BACKEND_EXTRAS = {
     "openvino": "openvino",
     "llama-cpp": "llama-cpp",
     "mlx": "mlx",
+    "onnxruntime-genai": "onnxruntime-genai",
     "qai-hub": "qai-hub",
     "noop": "agent",
 }

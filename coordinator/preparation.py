@@ -10,13 +10,14 @@ campaign over N devices converts each variant once.
 Two model formats: ONNX (the digit classifier, user files) and language models. A
 language model's root is a Hugging Face checkpoint (a folder, or a hub snapshot) or a
 GGUF file. From a checkpoint: llama.cpp's own converter makes the F16 GGUF, and the ONNX
-export and MLX read the checkpoint directly; from a GGUF: it is dequantized to F16 and a
-Hugging Face folder is made from it for the others. Every llama.cpp type is made from the
-F16 GGUF, and the F16 GGUF's token log-probabilities on the evaluation text are the
-fidelity reference (llama.cpp scores the whole text in seconds, with one tokenization
-every backend is fed; the F16 GGUF is itself checked against the checkpoint). Each
-full-precision conversion (GGUF F16, ONNX fp32, OpenVINO IR fp32/fp16, MLX fp16) is
-checked against the checkpoint's own logits (transformers, float32) before it is stored
+export, MLX and ONNX Runtime GenAI read the checkpoint directly; from a GGUF: it is
+dequantized to F16 and a Hugging Face folder is made from it for the others. Every
+llama.cpp type is made from the F16 GGUF, and the F16 GGUF's token log-probabilities on
+the evaluation text are the fidelity reference (llama.cpp scores the whole text in
+seconds, with one tokenization every backend is fed; the F16 GGUF is itself checked
+against the checkpoint). Each full-precision conversion (GGUF F16, ONNX fp32, OpenVINO IR
+fp32/fp16, MLX fp16, ONNX GenAI fp32) is checked against the checkpoint's own logits
+(transformers, float32) before it is stored
 (:mod:`coordinator.conversion.logit_check`).
 Qualcomm AI Hub variants are the FP32 ONNX model itself (the hub quantizes and compiles
 it in its own jobs) plus a hub inputs file with the calibration and eval sets.
@@ -105,6 +106,7 @@ STEP_TOOLS: dict[str, tuple[str, ...]] = {
     "hub-inputs": ("numpy", "onnx"),
     "variant:llama-cpp": ("llama-cpp-python",),
     "variant:mlx": ("mlx", "mlx-lm", "transformers"),
+    "variant:onnxruntime-genai": ("onnxruntime-genai", "onnxruntime", "torch", "transformers"),
     "variant:onnxruntime": ("numpy", "onnx", "onnxruntime"),
     "variant:openvino": ("numpy", "onnx", "openvino", "nncf", "transformers"),
 }
@@ -530,6 +532,21 @@ class Preparer:
                 f"{stem}.mlx-{scheme}.tar",
                 stats,
                 steps.convert_mlx,
+                hf,
+                scheme,
+                params,
+                logits,
+            )
+        if backend == "onnxruntime-genai":
+            self._require(src, "gguf", backend)
+            hf = await self.hf_folder(src, stats)
+            logits = await self.logits(src, stats) if scheme == "fp32" else None
+            return await self._step(
+                self._key(hf, backend, scheme, params=params, logits=logits),
+                "onnx-genai",
+                f"{stem}.genai-{scheme}.tar",
+                stats,
+                steps.convert_genai,
                 hf,
                 scheme,
                 params,

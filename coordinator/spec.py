@@ -52,6 +52,9 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     # llama.cpp GGUF types, named as llama.cpp names them.
     "llama-cpp": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"),
     "mlx": ("fp16", "q8", "q4"),
+    # ONNX Runtime GenAI (Olive's ModelBuilder, Foundry Local): weight-only int4 / int8
+    # MatMulNBits, or float weights.
+    "onnxruntime-genai": ("int4", "int8", "fp32", "fp16"),
     # Qualcomm AI Hub: fp32 / fp16 compiled as they are; the rest quantized by a hub
     # quantize job (int8 = w8a8, int16 = w8a16, w4a8, w4a16: weights x activations).
     "qai-hub": ("fp32", "fp16", "int8", "int16", "w4a8", "w4a16"),

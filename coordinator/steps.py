@@ -374,6 +374,35 @@ def convert_mlx(
         return _done(store.put_folder(out, "mlx.tar"), provenance, started)
 
 
+@ray.remote(num_cpus=1, max_retries=0, max_calls=1)
+def convert_genai(
+    root: str,
+    hf: ArtifactRef,
+    scheme: str,
+    params: dict[str, Any] | None = None,
+    logits: ArtifactRef | None = None,
+) -> dict[str, Any]:
+    """Hugging Face folder -> ONNX Runtime GenAI folder (int4 / int8 / fp32 / fp16, the
+    builder in a child process), as a folder artifact; fp32 is checked against the
+    checkpoint's logits."""
+    from coordinator.conversion import logit_check
+    from coordinator.conversion.hf_to_genai import convert_genai as convert
+
+    started = time.perf_counter()
+    with _step(root) as (store, staging):
+        out = staging / "genai"
+        provenance = convert(store.folder(hf.sha256), out, scheme, params or None)
+        if scheme == "fp32":
+            provenance |= _logit_check(
+                store,
+                logits,
+                "genai-fp32",
+                hf,
+                lambda tokens: logit_check.genai_logits(out, tokens),
+            )
+        return _done(store.put_folder(out, "genai.tar"), provenance, started)
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def hub_inputs(
     root: str, model: ArtifactRef, eval_set: ArtifactRef | None, calibration: ArtifactRef | None

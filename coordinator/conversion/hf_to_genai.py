@@ -30,7 +30,10 @@ builder's last error line. The user's folder is never modified: the builder read
 staging folder of symbolic links with a normalised copy of ``config.json``
 (:func:`coordinator.conversion.hf_to_gguf.normalized_config`: transformers 5 writes
 ``rope_parameters``, the hub and the builder's older paths read ``rope_theta`` /
-``rope_scaling`` / ``rope_local_base_freq``). The output is written into a temporary
+``rope_scaling`` / ``rope_local_base_freq``, and the builder's Phi-3 path the old scaling
+key ``type``). Gemma 3 does not build with the builder of onnxruntime-genai 0.18: it
+reads ``rope_parameters["rope_type"]`` from the config transformers 5 loads, which nests
+Gemma 3's RoPE per layer type. The output is written into a temporary
 folder beside ``out_dir`` and renamed into place.
 """
 
@@ -86,6 +89,9 @@ DEFAULT_TIMEOUT_S = 3600.0  # a 4B model builds in minutes; this only stops a ha
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 _UNSUPPORTED = re.compile(r"The (.+) model is not currently supported")
 _QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized")
+# model_type values whose RoPE transformers 5 nests per layer type, which the builder's
+# generic path cannot read (measured with onnxruntime-genai 0.18: KeyError 'rope_type').
+NESTED_ROPE_FAILS = frozenset({"gemma3", "gemma3_text"})
 
 
 def convert_genai(
@@ -119,6 +125,7 @@ def convert_genai(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UsageError(f"output folder is not empty: {out_dir}")
     config = read_config(hf_folder)
+    _refuse_known_failures(config)
     _require_modules()
     options = builder_options(settings)
 
@@ -282,6 +289,13 @@ def _stage(folder: Path, staging: Path, config: dict[str, Any]) -> list[str]:
         if entry.name != "config.json":
             (staging / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
     normalized, added = normalized_config(config)
+    # The builder's Phi-3 path reads the hub's old scaling key "type" (the mscale
+    # policy) beside "rope_type"; transformers 5 writes only "rope_type".
+    for key in ("rope_parameters", "rope_scaling"):
+        scaling = normalized.get(key)
+        if isinstance(scaling, dict) and "rope_type" in scaling and "type" not in scaling:
+            normalized[key] = {**scaling, "type": scaling["rope_type"]}
+            added.append(f"{key}.type")
     (staging / "config.json").write_text(json.dumps(normalized, indent=2) + "\n", "utf-8")
     return added
 
@@ -301,6 +315,17 @@ def _require_modules() -> None:
     for module in ("torch", "transformers", "onnx_ir"):
         if importlib.util.find_spec(module) is None:
             raise MissingExtra("hf" if module != "onnx_ir" else "coordinator", module)
+
+
+def _refuse_known_failures(config: dict[str, Any]) -> None:
+    """Architectures this builder version is known to fail on, refused up front."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    if config.get("model_type") in NESTED_ROPE_FAILS or text.get("model_type") in NESTED_ROPE_FAILS:
+        raise UnsupportedArchitecture(
+            f"{_architecture(config)}: the ONNX GenAI builder of onnxruntime-genai "
+            f"{_version('onnxruntime-genai')} cannot read its per-layer-type RoPE parameters "
+            "as transformers 5 loads them"
+        )
 
 
 def _raise_failure(tail: list[str], config: dict[str, Any], folder: Path) -> None:

@@ -4,7 +4,8 @@ The reference is the checkpoint run once by transformers in float32 with eager a
 (:func:`checkpoint_logits`): the first ``n_tokens`` ids of a text (BOS first when the
 tokenizer or config names one) and the logits at every position, ``[n, vocab]``. Each
 conversion is run on exactly those ids, from an empty cache, by its own runtime
-(:func:`gguf_logits`, :func:`onnx_logits`, :func:`openvino_logits`, :func:`mlx_logits`);
+(:func:`gguf_logits`, :func:`onnx_logits`, :func:`openvino_logits`, :func:`mlx_logits`,
+:func:`genai_logits`);
 no runtime re-tokenizes. :func:`check_conversion` compares (:func:`logit_difference`):
 the root mean square of the logit difference relative to the standard deviation of the
 reference's logits (``relative``), the maximum absolute difference and the share of
@@ -16,7 +17,8 @@ Measured on the tiny random checkpoints of :mod:`coordinator.models.checkpoints`
 norm x8: logit std 2.56, max |logit| 12.3-13.3; sharp attention: q/k x3, o_proj x4; 32
 tokens of :data:`agent.llm_eval.FALLBACK_TEXT`, BOS first; transformers 5.23, torch 2.13,
 llama.cpp of llama-cpp-python 0.3.36 (AVX2 build), onnxruntime 1.31.1, OpenVINO 2026.4.1
-(CPU, f32 inference precision), mlx 0.32.4 / mlx-lm 0.32.2 on Linux CPU). Honest
+(CPU, f32 inference precision), mlx 0.32.4 / mlx-lm 0.32.2 on Linux CPU, onnxruntime-genai
+0.18.0's builder and generator). Honest
 conversions, RMS |diff| / std(logits) | max |diff| / max |logit|::
 
     format           llama            qwen3            phi3             gemma3
@@ -27,6 +29,7 @@ conversions, RMS |diff| / std(logits) | max |diff| / max |logit|::
     mlx-fp16         5.0e-4 | 5.1e-4  2.4e-3 | 5.3e-3  6.4e-4 | 7.6e-4  1.4e-2 | 3.2e-2
     mlx-fp16, fp16   8.6e-4 | 9.0e-4  5.0e-3 | 1.3e-2  1.2e-3 | 1.4e-3  3.2e-2 | 7.9e-2
       arithmetic
+    genai-fp32       4.9e-7 | 7.1e-7  1.6e-6 | 3.3e-6  5.7e-7 | 7.4e-7  (builder fails)
 
 Silently wrong conversions, the same two measures (every format within 1% of the
 others and of transformers itself running the wrong config)::
@@ -56,6 +59,7 @@ longrope row is mlx-lm reading the source's ``rope_scaling`` as it is;
 from __future__ import annotations
 
 import gc
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,7 @@ TOLERANCES: dict[str, float] = {
     "openvino-fp32": 1e-3,
     "openvino-fp16": 4e-2,
     "mlx-fp16": 4e-2,
+    "genai-fp32": 1e-3,
 }
 FORMAT_NAMES: dict[str, str] = {
     "gguf-f16": "GGUF F16",
@@ -84,6 +89,7 @@ FORMAT_NAMES: dict[str, str] = {
     "openvino-fp32": "OpenVINO IR fp32",
     "openvino-fp16": "OpenVINO IR fp16",
     "mlx-fp16": "MLX fp16",
+    "genai-fp32": "ONNX GenAI fp32",
 }
 OPENVINO_PRECISIONS = ("f32", "f16", "bf16")
 
@@ -306,6 +312,37 @@ def mlx_logits(folder: Path, tokens: np.ndarray, dtype: str | None = "float32") 
     logits = model(mx.array(ids[None, :].astype(np.int32)))[0].astype(mx.float32)
     mx.eval(logits)
     return np.array(logits, dtype=np.float32)
+
+
+def genai_logits(folder: Path, tokens: np.ndarray, threads: int = 1) -> np.ndarray:
+    """onnxruntime-genai's logits ``[n, vocab]`` (float32) for ``tokens``: the ONNX GenAI
+    folder opened on the CPU provider (as the farm's backend does) and the tokens appended
+    to one fresh generator as a prompt."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as exc:
+        raise MissingExtra("onnxruntime-genai", exc.name or "onnxruntime_genai") from exc
+    ids = _ids(tokens).astype(np.int32)
+    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    try:
+        config = og.Config(str(folder))
+        config.overlay(json.dumps(overlay))
+        config.clear_providers()
+        model = og.Model(config)
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids), do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
+    except RuntimeError as err:
+        raise ConversionError(
+            one_line(f"onnxruntime-genai could not run {Path(folder).name}: {err}")
+        ) from err
+    if logits.ndim != 3 or logits.shape[1] != len(ids):
+        raise ConversionError(
+            f"onnxruntime-genai returned logits of shape {logits.shape} for {len(ids)} tokens"
+        )
+    return logits[0]
 
 
 def _ids(tokens: np.ndarray) -> np.ndarray:

@@ -114,3 +114,80 @@ measurement:
             "openvino-fp32": 4,
             "mlx-fp16": 4,
         }
+
+
+@pytest.mark.timeout(900)  # 4 conversions and 4 measurements on 2 cores: ~2 minutes
+def test_onnx_genai_variants_of_a_checkpoint_beside_llama_cpp(
+    make_farm: MakeFarm, checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """A local Qwen3 checkpoint built by the ONNX GenAI builder (int4 RTN with a block
+    size, fp32 checked against the checkpoint's logits), measured by the
+    onnxruntime-genai backend with the same metric set as llama.cpp's rows."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    farm = make_farm(1)
+    text = (Path(__file__).parents[2] / "coordinator/models/texts/eval_en.txt").read_text()
+    (tmp_path / "eval.txt").write_text(text[:600])
+    spec = tmp_path / "genai.yaml"
+    spec.write_text(
+        f"""name: genai
+models:
+  - name: tiny-qwen3
+    source: file:{checkpoints["qwen3"]}
+    eval: file:eval.txt
+backends:
+  - name: llama-cpp
+    schemes: [F16, Q8_0]
+  - name: onnxruntime-genai
+    schemes: [fp32, int4]
+    convert:
+      int4: {{block_size: 64, algo: rtn}}
+measurement:
+  warmup_iterations: 1
+  min_iterations: 3
+  min_duration_s: 0.01
+  trials: 2
+  threads: 1
+  prompt_tokens: 8
+  context_tokens: 64
+  timeout_s: 240
+  max_other_cpu_cores: 0
+"""
+    )
+    campaign_id = run_campaign(farm.address, farm.token, spec)  # raises if a task failed
+    with open_store(farm) as store:
+        rows = {(r["backend"], r["scheme"]): r for r in store.results_for_campaign(campaign_id)}
+        assert set(rows) == {
+            ("llama-cpp", "F16"),
+            ("llama-cpp", "Q8_0"),
+            ("onnxruntime-genai", "fp32"),
+            ("onnxruntime-genai", "int4"),
+        }
+        for row in rows.values():
+            assert row["ok"] and row["valid"], row
+        llama, genai = rows["llama-cpp", "F16"], rows["onnxruntime-genai", "fp32"]
+        for key in (
+            "lat_p50_ms",
+            "throughput_per_s",
+            "load_time_s",
+            "peak_rss_bytes",
+            "model_size_bytes",
+        ):
+            assert genai[key] > 0, key
+        for key in ("prompt_tok_per_s", "ttft_ms", "prompt_tokens", "context_tokens"):
+            assert genai["metrics"][key] > 0 and llama["metrics"][key] > 0, key
+        for key in ("perplexity", "kld_mean", "top1_agreement"):
+            assert key in genai["accuracy"] and key in llama["accuracy"], key
+        # fp32 keeps the model; int4 of a random checkpoint moves it measurably
+        assert genai["accuracy"]["kld_mean"] < 0.05, genai["accuracy"]
+        assert rows["onnxruntime-genai", "int4"]["accuracy"]["kld_mean"] > 0, rows
+        assert genai["environment"]["fidelity.kld_method"] == "topk-tail-sampled"
+        provenance = {
+            record.name: record.provenance
+            for record in store.list_artifacts()
+            if record.name.startswith("tiny-qwen3.genai-")
+        }
+        int4 = provenance["tiny-qwen3.genai-int4.tar"]
+        assert int4["block_size"] == 64 and int4["algo"] == "rtn", int4
+        assert int4["execution_provider"] == "cpu" and "MatMulNBits" in str(int4["weight_types"])
+        check = provenance["tiny-qwen3.genai-fp32.tar"]["logit_check"]
+        assert check["format"] == "genai-fp32" and check["relative"] <= check["tolerance"]

@@ -342,6 +342,34 @@ def test_builder_failures_quote_the_builder(checkpoint: Path, tmp_path: Path) ->
     assert not (tmp_path / "out2").exists()
 
 
+def test_config_keys_the_builder_reads_and_gemma3_refused(tmp_path: Path) -> None:
+    """transformers 5 writes RoPE scaling with "rope_type" only; the builder's Phi-3 path
+    reads the hub's "type" too. Gemma 3 (RoPE per layer type) is refused before the
+    builder runs."""
+    from coordinator.conversion.hf_to_genai import _stage
+
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    scaling = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0]}
+    config = {"architectures": ["Phi3ForCausalLM"], "rope_parameters": scaling}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    added = _stage(folder, tmp_path / "staged", config)
+    staged = json.loads((tmp_path / "staged" / "config.json").read_text(encoding="utf-8"))
+    assert staged["rope_parameters"]["type"] == "longrope"
+    assert staged["rope_scaling"]["type"] == "longrope" and staged["rope_theta"] == 1e4
+    assert {"rope_parameters.type", "rope_scaling.type", "rope_theta"} <= set(added)
+    assert "type" not in json.loads((folder / "config.json").read_text())["rope_parameters"]
+
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    gemma_config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    (gemma / "config.json").write_text(json.dumps({**gemma_config, "rope_parameters": nested}))
+    with pytest.raises(UnsupportedArchitecture, match=r"^Gemma3ForCausalLM: the ONNX GenAI"):
+        convert_genai(gemma, tmp_path / "out", "int4")
+    assert not (tmp_path / "out").exists()
+
+
 def _copy(folder: Path, out: Path) -> Path:
     out.mkdir()
     for entry in folder.iterdir():
