@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
+from agent.backend_envs import BackendEnv
 from agent.runner import TrialsReport, run_measurement
 from edgefarm.domain import Assignment
 
@@ -34,7 +35,11 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Measures on this machine with the task's backend, one child process per trial."""
+    """Measures on this machine with the task's backend, one child process per trial (run
+    by a backend environment's interpreter for the backends in ``envs``)."""
+
+    def __init__(self, envs: dict[str, BackendEnv] | None = None) -> None:
+        self.envs = dict(envs or {})
 
     async def execute(
         self, assignment: Assignment, model_path: Path, eval_path: Path | None, progress: Progress
@@ -46,5 +51,12 @@ class LocalExecutor:
 
         a = assignment
         return await run_measurement(
-            a.backend, a.scheme, model_path, eval_path, a.settings, a.options, on_trial
+            a.backend,
+            a.scheme,
+            model_path,
+            eval_path,
+            a.settings,
+            a.options,
+            on_trial,
+            self.envs.get(a.backend),
         )

@@ -66,8 +66,13 @@ _CPU_MODEL_KEYS = ("model name", "Processor", "cpu model", "Model", "Hardware")
 _CPU_FLAG_KEYS = ("flags", "Features")
 
 
-def probe_device(device_id: str | None = None) -> DeviceCapabilities:
-    """Describe this machine. ``device_id`` overrides :func:`default_device_id`."""
+def probe_device(
+    device_id: str | None = None, env_backends: dict[str, dict[str, str]] | None = None
+) -> DeviceCapabilities:
+    """Describe this machine. ``device_id`` overrides :func:`default_device_id`;
+    ``env_backends`` are the backends that run in their own environments, as
+    :func:`agent.backend_envs.probe_env_backends` found them (their versions replace what
+    the agent's own environment has)."""
     system = platform.system()
     arch = normalize_arch(platform.machine())
     cpu_model, cpu_flags = _cpu_info(system)
@@ -76,6 +81,10 @@ def probe_device(device_id: str | None = None) -> DeviceCapabilities:
     if usable:
         extra["usable_cores"] = str(usable)
     accelerators = _accelerators(system, arch, extra)
+    backends = _installed_backends(extra)
+    for name, found in (env_backends or {}).items():
+        backends[name] = found["version"]
+        extra[f"backend_env.{name}"] = f"{found['prefix']} (Python {found['python']})"
     return DeviceCapabilities(
         device_id=device_id or default_device_id(),
         hostname=_safe(socket.gethostname, "") or platform.node(),
@@ -88,7 +97,7 @@ def probe_device(device_id: str | None = None) -> DeviceCapabilities:
         logical_cores=_logical_cores(),
         ram_bytes=_safe(lambda: int(psutil.virtual_memory().total), 0),
         accelerators=accelerators,
-        backends=_installed_backends(extra),
+        backends=backends,
         python_version=platform.python_version(),
         extra=extra,
     )

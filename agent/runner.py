@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.backend_envs import BackendEnv, env_child_environment
 from agent.host_activity import BUSY_PREFIX, BUSY_RETRIES
 from agent.parent_watch import PARENT_PID_ENV
 from agent.trial import TrialRequest
@@ -66,8 +67,10 @@ async def run_measurement(
     settings: MeasureSettings,
     options: dict[str, str],
     on_trial: OnTrial | None = None,
+    env: BackendEnv | None = None,
 ) -> TrialsReport:
-    """Run ``settings.trials`` trials one after another, each in a fresh child.
+    """Run ``settings.trials`` trials one after another, each in a fresh child (with
+    ``env``'s interpreter when the backend runs in its own environment).
 
     Accuracy is computed in the first trial only (when ``eval_path`` is given).
     ``on_trial(done, total)`` is awaited after each finished trial. Raises the
@@ -87,12 +90,12 @@ async def run_measurement(
                 options=options,
                 compute_accuracy=index == 0 and eval_path is not None and settings.evaluate,
             )
-            result = await _run_child(request, Path(tmp), index)
+            result = await _run_child(request, Path(tmp), index, env)
             for _ in range(BUSY_RETRIES):
                 if not _host_was_busy(result):
                     break
                 log.info("trial %d: host busy, measuring it again", index + 1)
-                result = await _run_child(request, Path(tmp), index)
+                result = await _run_child(request, Path(tmp), index, env)
             try:
                 report.trials.append(TrialOutcome(**result["trial"]))
                 if index == 0:
@@ -102,6 +105,9 @@ async def run_measurement(
                         **host_environment(settings),
                         **{str(k): str(v) for k, v in result["environment"].items()},
                     }
+                    if env is not None:
+                        report.environment["backend_env"] = str(env.path)
+                        report.environment["backend_env.python"] = str(result.get("python", ""))
                     report.model_size_bytes = int(result["model_size_bytes"])
                     report.example_outcomes = [int(x) for x in result.get("example_outcomes", [])]
             except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -120,7 +126,9 @@ def _host_was_busy(result: dict[str, Any]) -> bool:
         return False  # a malformed result is reported as such below
 
 
-async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[str, Any]:
+async def _run_child(
+    request: TrialRequest, workdir: Path, index: int, env: BackendEnv | None = None
+) -> dict[str, Any]:
     """Run one trial child under the time limit; its successful result dict."""
     request_path = workdir / f"request-{index}.json"
     result_path = workdir / f"result-{index}.json"
@@ -128,7 +136,7 @@ async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[s
     timeout_s = request.settings.timeout_s
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
+        str(env.python) if env is not None else sys.executable,
         "-X",
         "faulthandler",  # a crash prints the Python stack to stderr before dying
         "-m",
@@ -138,7 +146,7 @@ async def _run_child(request: TrialRequest, workdir: Path, index: int) -> dict[s
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=child_environment(request.settings.threads),
+        env=child_environment(request.settings.threads, env is not None),
         # Its own session: a Ctrl-C or a service manager's stop signal to the agent's
         # process group reaches the agent only, which drains (lets the trial finish).
         start_new_session=True,
@@ -207,13 +215,17 @@ def _signal_name(signum: int) -> str:
     return name
 
 
-def child_environment(threads: int) -> dict[str, str]:
-    """The trial child's environment: ours, thread counts pinned, this agent's code first."""
+def child_environment(threads: int, own_env: bool = False) -> dict[str, str]:
+    """The trial child's environment: ours, thread counts pinned, this agent's code first
+    (only this agent's packages when it runs in a backend's own environment)."""
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
         env[var] = str(threads)
-    root = str(Path(__file__).resolve().parent.parent)  # the directory holding agent/
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    if own_env:
+        env = env_child_environment(env)
+    else:
+        root = str(Path(__file__).resolve().parent.parent)  # the directory holding agent/
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # The child ties its life to ours (agent.parent_watch); no preexec_fn here: running
     # Python between fork and exec in a process with gRPC threads crashes the child.
     env[PARENT_PID_ENV] = str(os.getpid())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 import traceback
@@ -141,6 +142,8 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         "backend_version": backend.version(),
         "environment": backend.environment(),
         "model_size_bytes": path_size_bytes(request.model_path),
+        # this child's Python (a backend may run in an environment of its own)
+        "python": f"{platform.python_version()} at {sys.prefix}",
         "example_outcomes": list(getattr(backend, "example_outcomes", [])),
     }
 

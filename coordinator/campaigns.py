@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coordinator.conversion.olive_convert import WORKFLOW_PARAM
 from coordinator.interleave import BASELINE, RunShape, shape_tasks
 from coordinator.preparation import (
     PreparationStats,
@@ -383,7 +384,7 @@ class CampaignPlanner:
                 log.warning("model %s: %s", model.name, sources[model.name])
         wanted = [v for v in spec.variants() if any(v.backend in d.backends for d in devices)]
         ready = [
-            (src, v.backend, v.scheme, v.convert)
+            (src, v.backend, v.scheme, _convert_params(v.convert, files))
             for v in wanted
             if isinstance(src := sources[v.model.name], PreparedSource)
         ]
@@ -522,6 +523,15 @@ def _task_record(
         else "",
         created_at=created_at,
     )
+
+
+def _convert_params(params: dict[str, Any], files: Mapping[str, Path]) -> dict[str, Any]:
+    """A scheme's conversion parameters with an Olive workflow's ``file:`` reference
+    pointing at its path on the coordinator."""
+    ref = params.get(WORKFLOW_PARAM)
+    if isinstance(ref, str) and ref in files:
+        return {**params, WORKFLOW_PARAM: f"file:{files[ref]}"}
+    return params
 
 
 def _file_path(ref: str | None, files: Mapping[str, Path]) -> Path | None:

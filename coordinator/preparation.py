@@ -43,6 +43,8 @@ import ray
 from agent.llm_eval import DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, TAIL_SEED
 from coordinator import steps
 from coordinator.artifacts import ArtifactStore
+from coordinator.conversion.olive_convert import SCHEME_PREFIX as OLIVE_PREFIX
+from coordinator.conversion.olive_convert import olive_request, read_workflow, workflow_sha256
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
 from coordinator.spec import DEFAULT_FIDELITY_CONTEXT
 from edgefarm.domain import HUB_BACKEND, ArtifactRef
@@ -106,6 +108,7 @@ STEP_TOOLS: dict[str, tuple[str, ...]] = {
     "hub-inputs": ("numpy", "onnx"),
     "variant:llama-cpp": ("llama-cpp-python",),
     "variant:mlx": ("mlx", "mlx-lm", "transformers"),
+    "variant:olive": ("olive-ai", "onnxruntime", "onnx"),
     "variant:onnxruntime-genai": ("onnxruntime-genai", "onnxruntime", "torch", "transformers"),
     "variant:onnxruntime": ("numpy", "onnx", "onnxruntime"),
     "variant:openvino": ("numpy", "onnx", "openvino", "nncf", "transformers"),
@@ -559,6 +562,8 @@ class Preparer:
             return onnx  # quantized and compiled by hub jobs, not here (agent.hub.executor)
         if (backend, scheme) in IDENTITY_SCHEMES:
             return onnx
+        if backend == "onnxruntime" and scheme.startswith(OLIVE_PREFIX):
+            return await self._olive(onnx, scheme, params, stats)
         if backend == "onnxruntime":
             return await self._step(
                 self._key(onnx, backend, scheme, src.calibration, params),
@@ -584,6 +589,31 @@ class Preparer:
             src.calibration,
             params,
             logits,
+        )
+
+    async def _olive(
+        self, onnx: ArtifactRef, scheme: str, params: dict[str, Any], stats: PreparationStats
+    ) -> ArtifactRef:
+        """An ``olive-*`` scheme: the Olive command or workflow applied to ``onnx``, keyed
+        by Olive's version, the command or the workflow's contents, and the input."""
+        try:
+            request = olive_request(params)
+        except ValueError as err:
+            raise SpecError(f"{scheme}: {err}") from None
+        command = request.get("command")
+        workflow = None
+        if "workflow_path" in request:
+            workflow = await asyncio.to_thread(read_workflow, Path(request["workflow_path"]))
+        run = {"command": command} if workflow is None else {"workflow": workflow_sha256(workflow)}
+        return await self._step(
+            step_key("variant:olive", model=onnx.sha256, scheme=scheme, **run),
+            "onnx",
+            f"{onnx.name.split('.')[0]}.{scheme}.onnx",
+            stats,
+            steps.convert_olive,
+            onnx,
+            command,
+            workflow,
         )
 
     async def onnx_export(self, src: PreparedSource, stats: PreparationStats) -> ArtifactRef:

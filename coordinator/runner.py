@@ -31,8 +31,10 @@ def print_plan(spec: CampaignSpec) -> None:
     click.echo(
         f"campaign {spec.name}: {len(variants)} variant(s) on devices matching {spec.selectors()}"
     )
+    model_width = max([20, *(len(v.model.name) for v in variants)])
+    backend_width = max([12, *(len(v.backend) for v in variants)])
     for v in variants:
-        click.echo(f"  {v.model.name:<20} {v.backend:<12} {v.scheme}")
+        click.echo(f"  {v.model.name:<{model_width}} {v.backend:<{backend_width}} {v.scheme}")
     s = spec.measure_settings()
     click.echo(
         f"measurement: {s.trials} trials x (warm-up {s.warmup_iterations}, >= "

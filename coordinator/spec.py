@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from coordinator.conversion.olive_convert import SCHEME_PREFIX as OLIVE_PREFIX
+from coordinator.conversion.olive_convert import olive_request
 from edgefarm.domain import AUTO_OTHER_CPU, MeasureSettings
 from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import (
@@ -60,6 +62,9 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     "qai-hub": ("fp32", "fp16", "int8", "int16", "w4a8", "w4a16"),
 }
 KNOWN_BACKENDS = tuple(BACKEND_SCHEMES)
+# Backends that also take "olive-*" schemes: a model made by a Microsoft Olive command or
+# workflow (coordinator.conversion.olive_convert) from the model's ONNX.
+OLIVE_BACKENDS = ("onnxruntime",)
 
 SOURCE_KINDS = ("builtin", "file", "hf")
 
@@ -476,7 +481,9 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
         allowed = BACKEND_SCHEMES[backend.name]
         for position, scheme in enumerate(backend.schemes):
             loc = ("backends", index, "schemes", position)
-            if allowed is not None and scheme not in allowed:
+            if backend.name in OLIVE_BACKENDS and scheme.startswith(OLIVE_PREFIX):
+                _olive_scheme(backend, index, position, scheme)
+            elif allowed is not None and scheme not in allowed:
                 raise FieldError(
                     loc,
                     f"unknown scheme {excerpt(scheme)} for {backend.name} "
@@ -506,6 +513,24 @@ def _known_schemes(backends: list[BackendEntry]) -> None:
                 f"(also backends[{seen[key]}])",
             )
         seen[key] = index
+
+
+def _olive_scheme(backend: BackendEntry, index: int, position: int, scheme: str) -> None:
+    """An ``olive-*`` scheme: a valid name with an Olive command or workflow to make it."""
+    if not _SCHEME.match(scheme):
+        raise FieldError(
+            ("backends", index, "schemes", position), f"invalid scheme name {excerpt(scheme)}"
+        )
+    if scheme not in backend.convert:
+        raise FieldError(
+            ("backends", index, "schemes", position),
+            f"scheme {excerpt(scheme)} needs convert: {{{scheme}: {{olive: COMMAND}}}} or "
+            "{olive_workflow: file:PATH}: what Olive runs to make it",
+        )
+    try:
+        olive_request(dict(backend.convert[scheme]))
+    except ValueError as err:
+        raise FieldError(("backends", index, "convert", scheme), str(err)) from None
 
 
 def _model_backends(models: list[ModelEntry], backends: list[BackendEntry]) -> None:

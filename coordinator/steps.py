@@ -403,6 +403,26 @@ def convert_genai(
         return _done(store.put_folder(out, "genai.tar"), provenance, started)
 
 
+@ray.remote(num_cpus=1, max_retries=0, max_calls=1)
+def convert_olive(
+    root: str,
+    model: ArtifactRef,
+    command: list[str] | None,
+    workflow: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """An Olive command or workflow applied to an ONNX model, offline (its telemetry off
+    and every network attempt refused), as an ONNX artifact."""
+    from coordinator.conversion.olive_convert import run_olive
+
+    started = time.perf_counter()
+    with _step(root) as (store, staging):
+        out = staging / "olive"
+        provenance = run_olive(
+            onnx_model_path(store, model, staging), out, command=command, workflow=workflow
+        )
+        return _done(store_onnx(store, out / "model.onnx", "model.onnx"), provenance, started)
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def hub_inputs(
     root: str, model: ArtifactRef, eval_set: ArtifactRef | None, calibration: ArtifactRef | None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.backends.archive import write_folder_tar
+from coordinator.conversion.olive_convert import WORKFLOW_PARAM
 from coordinator.spec import CampaignSpec, resolve_file_ref
 from edgefarm.errors import EdgefarmError, SpecError
 from edgefarm.yamlfile import format_path, load_yaml_with_lines, locate
@@ -59,7 +60,8 @@ class FileRef:
 
 
 def file_refs(spec: CampaignSpec, spec_text: str, spec_name: str) -> list[FileRef]:
-    """Every ``file:`` reference of ``spec``, in spec order, with its line."""
+    """Every ``file:`` reference of ``spec``, in spec order, with its line: the models'
+    files, then the Olive workflows of conversion parameters."""
     _, lines = load_yaml_with_lines(spec_text, spec_name)
     found = []
     for index, model in enumerate(spec.models):
@@ -67,6 +69,13 @@ def file_refs(spec: CampaignSpec, spec_text: str, spec_name: str) -> list[FileRe
             value = getattr(model, name)
             if isinstance(value, str) and value.startswith("file:"):
                 line, shown = locate(("models", index, name), lines)
+                found.append(FileRef(value, format_path(shown), line))
+    for index, backend in enumerate(spec.backends):
+        for scheme, params in backend.convert.items():
+            value = params.get(WORKFLOW_PARAM)
+            if isinstance(value, str) and value.startswith("file:"):
+                path = ("backends", index, "convert", scheme, WORKFLOW_PARAM)
+                line, shown = locate(path, lines)
                 found.append(FileRef(value, format_path(shown), line))
     return found
 

@@ -21,6 +21,7 @@ FULL_PRECISION = {
     "openvino": "fp32",
     "llama-cpp": "F16",
     "mlx": "fp16",
+    "onnxruntime-genai": "fp32",
     "qai-hub": "fp32",
     "noop": "none",
 }

@@ -319,8 +319,9 @@ def _require_modules() -> None:
 
 def _refuse_known_failures(config: dict[str, Any]) -> None:
     """Architectures this builder version is known to fail on, refused up front."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    if config.get("model_type") in NESTED_ROPE_FAILS or text.get("model_type") in NESTED_ROPE_FAILS:
+    text = config.get("text_config")
+    types = {config.get("model_type"), text.get("model_type") if isinstance(text, dict) else None}
+    if types & NESTED_ROPE_FAILS:
         raise UnsupportedArchitecture(
             f"{_architecture(config)}: the ONNX GenAI builder of onnxruntime-genai "
             f"{_version('onnxruntime-genai')} cannot read its per-layer-type RoPE parameters "

@@ -76,6 +76,15 @@ def agent() -> None:
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port). "
     "Off by default.",
 )
+@click.option(
+    "--backend-env",
+    "backend_envs",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Run backend NAME's measuring processes with the Python of the virtual environment "
+    "at PATH (a runtime whose dependencies conflict with the agent's; repeatable). The "
+    "environment needs the runtime, psutil and numpy.",
+)
 @home_option
 @verbose_option
 def serve(
@@ -91,6 +100,7 @@ def serve(
     cache_max_gb: float,
     drain_timeout: float,
     metrics_listen: str | None,
+    backend_envs: tuple[str, ...],
     home: str | None,
     verbose: int,
 ) -> None:
@@ -100,7 +110,9 @@ def serve(
     """
     from pathlib import Path
 
+    from agent.backend_envs import parse_backend_envs, probe_env_backends
     from agent.client import Agent, AgentConfig, serve_agents
+    from agent.executor import LocalExecutor
     from agent.metrics import AgentMetrics
     from agent.probe import probe_device
     from edgefarm.transport import channel_credentials
@@ -109,6 +121,8 @@ def serve(
     tls = client_tls(tls_ca, tls_cert, tls_key)
     if tls is not None:
         channel_credentials(tls)  # a bad certificate file fails here, not at each reconnect
+    envs = parse_backend_envs(backend_envs)
+    env_backends = probe_env_backends(envs)
     agent_name = name or socket.gethostname()
     base = Path(work_dir) if work_dir else edgefarm_home(home) / f"agent-{agent_name}"
     config = AgentConfig(
@@ -124,14 +138,15 @@ def serve(
     metrics = AgentMetrics()
     if metrics_listen is not None:
         metrics.serve(metrics_listen)  # logs the bound address
-    capabilities = probe_device()
+    capabilities = probe_device(env_backends=env_backends)
     click.echo(
         f"edgefarm agent {agent_name} on device {capabilities.device_id} "
         f"({capabilities.arch}, {capabilities.logical_cores} cores, backends: "
         f"{', '.join(sorted(capabilities.backends)) or 'none'}) -> {coordinator}"
     )
     try:
-        asyncio.run(serve_agents([Agent(config, capabilities, metrics=metrics)], drain_timeout))
+        agents = [Agent(config, capabilities, LocalExecutor(envs), metrics=metrics)]
+        asyncio.run(serve_agents(agents, drain_timeout))
     finally:
         metrics.close()
 
