@@ -5,11 +5,15 @@ Runs a campaign (by default the quickstart) ``--runs`` times, each a fresh
 home (so prepared artifacts are reused), then, for every configuration and every pair of
 consecutive runs, checks whether the later run's p50 lies inside the earlier run's
 
-- 95% repeat-run interval (what tables show as ``±x%``; ``TrialInterval.repeat_half``),
+- 95% repeat-run interval (what tables show as ``±x%``; ``TrialInterval.repeat_half``:
+  both runs' trial noise and the run-level noise ``edgefarm.domain.RUN_NOISE_SD``),
 - 95% confidence interval of the typical value (``TrialInterval.mean_half``, for reference:
-  it is ``sqrt(2)`` narrower, so it covers a repeat run less often than 95%),
+  it describes one run's trials only, so it covers a repeat run less often than 95%),
 
-and prints one line per configuration and pair, then the coverage of each. Run it on a
+and prints one line per configuration and pair, then the coverage of each and its
+estimate of the run-level noise on this machine (the figure ``RUN_NOISE_SD`` comes from).
+``--rejudge FILE`` re-reads the runs a previous ``--json`` named (their homes must still
+exist) without measuring again. Run it on a
 quiet machine: anything else running makes the runs differ for reasons the intervals do
 not describe (and the busy-host guard may reject trials).
 
@@ -22,6 +26,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edgefarm.domain import trial_interval  # noqa: E402
+from edgefarm.domain import RUN_NOISE_SD, trial_interval  # noqa: E402
 from edgefarm.home import default_store_url  # noqa: E402
 from results.store import ResultsStore  # noqa: E402
 
@@ -55,6 +61,7 @@ measurement:
 """
 
 Key = tuple[str, str, str]
+KEPT = ("ok", "valid", "lat_p50_ms", "trial_medians_ms")  # what --json keeps of each row
 
 
 def run_once(spec: Path, home: Path, index: int) -> str:
@@ -122,11 +129,34 @@ def coverage(runs: list[dict[Key, dict[str, Any]]]) -> dict[str, Any]:
     return {
         "pairs": lines,
         "judged": len(judged),
+        "run_noise_sd_pct": run_noise_estimate(runs),
         "repeat_coverage": sum(bool(x["in_repeat"]) for x in judged) / len(judged)
         if judged
         else None,
         "ci_coverage": sum(bool(x["in_ci"]) for x in judged) / len(judged) if judged else None,
     }
+
+
+def run_noise_estimate(runs: list[dict[Key, dict[str, Any]]]) -> float | None:
+    """The run-level noise (log-scale sd of one run's p50, in %) that the trials do not
+    show: half the mean squared log change between consecutive runs, less what the trial
+    spread of both runs explains (``2 s^2 / n``), over every configuration."""
+    excess: list[float] = []
+    for first, second in itertools.pairwise(runs):
+        for key, row in first.items():
+            other = second.get(key)
+            if other is None or not (row.get("ok") and other.get("ok")):
+                continue
+            a, b = row.get("trial_medians_ms") or [], other.get("trial_medians_ms") or []
+            p, q = row.get("lat_p50_ms"), other.get("lat_p50_ms")
+            ia, ib = trial_interval(a, run_noise=0.0), trial_interval(b, run_noise=0.0)
+            if ia is None or ib is None or not p or not q:
+                continue
+            within = ia.log_sd**2 / ia.trials + ib.log_sd**2 / ib.trials
+            excess.append(math.log(float(q) / float(p)) ** 2 - within)
+    if not excess:
+        return None
+    return math.sqrt(max(statistics.fmean(excess), 0.0) / 2) * 100
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -150,6 +180,12 @@ def print_report(result: dict[str, Any]) -> None:
             f"{result['repeat_coverage']:.1%}, confidence interval of the mean "
             f"{result['ci_coverage']:.1%}"
         )
+        noise = result["run_noise_sd_pct"]
+        if noise is not None:
+            print(
+                f"run-level noise beyond the trials on this machine: {noise:.2f}% "
+                f"(the intervals assume {RUN_NOISE_SD * 100:.2f}%: edgefarm.domain.RUN_NOISE_SD)"
+            )
     else:
         print("\nno pair with an interval (every row needs at least two trials)")
 
@@ -165,24 +201,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", type=Path, default=QUICKSTART, help="campaign to repeat")
     parser.add_argument("--tiny", action="store_true", help="a tiny digits-only campaign")
     parser.add_argument("--home", type=Path, help="edgefarm home to use (default: temporary)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, help="also write the figures (and the runs) here")
+    parser.add_argument("--rejudge", type=Path, help="judge the runs of an earlier --json again")
     args = parser.parse_args(argv)
-    if args.runs < 2:
-        parser.error("--runs must be at least 2")
-    with tempfile.TemporaryDirectory(prefix="edgefarm-repeat-") as tmp:
-        home = args.home or Path(tmp)
-        spec = args.spec
-        if args.tiny:
-            spec = home / "repeat-tiny.yaml"
-            home.mkdir(parents=True, exist_ok=True)
-            spec.write_text(TINY_SPEC, encoding="utf-8")
-        ids = [run_once(spec, home, i) for i in range(args.runs)]
-        result = coverage([rows_by_key(home, c) for c in ids])
+    if args.rejudge is not None:
+        runs = [
+            {tuple(key.split("/")): row for key, row in run.items()}
+            for run in json.loads(args.rejudge.read_text(encoding="utf-8"))["runs"]
+        ]
+    else:
+        if args.runs < 2:
+            parser.error("--runs must be at least 2")
+        runs = measure(args.runs, args.spec, args.tiny, args.home)
+    result = coverage(runs)  # type: ignore[arg-type]
     print()
     print_report(result)
     if args.json:
+        result["runs"] = [{"/".join(key): row for key, row in run.items()} for run in runs]
         args.json.write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
+
+
+def measure(count: int, spec: Path, tiny: bool, home: Path | None) -> list[dict[Key, Any]]:
+    """``count`` fresh runs of the campaign; the figures of each run's rows."""
+    with tempfile.TemporaryDirectory(prefix="edgefarm-repeat-") as tmp:
+        home = home or Path(tmp)
+        if tiny:
+            spec = home / "repeat-tiny.yaml"
+            home.mkdir(parents=True, exist_ok=True)
+            spec.write_text(TINY_SPEC, encoding="utf-8")
+        ids = [run_once(spec, home, i) for i in range(count)]
+        return [
+            {key: {k: row.get(k) for k in KEPT} for key, row in rows_by_key(home, c).items()}
+            for c in ids
+        ]
 
 
 if __name__ == "__main__":

@@ -241,6 +241,15 @@ def t_quantile_975(df: float) -> float:
     return w * _T975[lo - 1] + (1 - w) * _T975[lo]
 
 
+# Run-to-run noise beyond a run's own trial spread: the standard deviation (log scale) of
+# one run's p50 around the configuration's typical value that its trials cannot show
+# (what the host, its caches, clocks and neighbours do to a whole run). Measured on the
+# 2-core development VM with benchmarks/repeat_runs.py (5 quiet fresh quickstart runs:
+# 2.05%, which prints its estimate for any machine); repeat-run intervals include it.
+RUN_NOISE_SD = 0.02
+Z_975 = 1.959964
+
+
 @dataclass(frozen=True)
 class TrialInterval:
     """A 95% interval of a timing figure from its per-trial values (the trial is the unit).
@@ -249,12 +258,13 @@ class TrialInterval:
     with ``n`` trials whose log values have standard deviation ``s``,
 
     - ``mean_half`` = ``t(n-1) * s / sqrt(n)``: the confidence interval of the typical
-      value (the mean log trial value) of this configuration on this device;
-    - ``repeat_half`` = ``t(n-1) * s * sqrt(2/n)``: a 95% prediction interval for the
-      same figure of a repeat run with as many trials. A run's own confidence interval
-      covers a repeat run's figure less often than 95% (the repeat has its own noise,
-      so the difference is ``sqrt(2)`` wider), which is what a reader comparing two runs
-      needs: tables show this one (``12.3 ms ±2.1%``).
+      value (the mean log trial value) of this configuration in this run;
+    - ``repeat_half``: a 95% prediction interval for the same figure of a repeat run with
+      as many trials: ``sqrt((t(n-1) * s * sqrt(2/n))^2 + (1.96 * sqrt(2) * r)^2)``, the
+      trial noise of both runs (the difference of two runs is ``sqrt(2)`` wider than
+      one) and ``r`` (:data:`RUN_NOISE_SD`), the noise of a whole run that its own trials
+      cannot show. Tables show this one (``12.3 ms ±4.1%``): it answers the question a
+      reader comparing two runs asks.
 
     A figure ``v`` of the run lies in ``[v * exp(-half), v * exp(half)]``.
     """
@@ -280,15 +290,20 @@ def _logs(values: Sequence[float]) -> list[float]:
     return [math.log(v) for v in values if v is not None and math.isfinite(v) and v > 0]
 
 
-def trial_interval(values: Sequence[float]) -> TrialInterval | None:
-    """The 95% interval of a figure measured once per trial; None below 2 usable trials."""
+def trial_interval(
+    values: Sequence[float], run_noise: float = RUN_NOISE_SD
+) -> TrialInterval | None:
+    """The 95% interval of a figure measured once per trial; None below 2 usable trials.
+    ``run_noise``: the run-level noise the repeat-run interval adds (log-scale sd)."""
     logs = _logs(values)
     n = len(logs)
     if n < 2:
         return None
     sd = statistics.stdev(logs)
     t = t_quantile_975(n - 1)
-    return TrialInterval(n, sd, t * sd / math.sqrt(n), t * sd * math.sqrt(2.0 / n))
+    within = t * sd * math.sqrt(2.0 / n)
+    between = Z_975 * math.sqrt(2.0) * run_noise
+    return TrialInterval(n, sd, t * sd / math.sqrt(n), math.hypot(within, between))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import statistics
 import pytest
 from scipy.stats import t as student_t  # type: ignore[import-untyped]
 
-from edgefarm.domain import ratio_interval, t_quantile_975, trial_interval
+from edgefarm.domain import RUN_NOISE_SD, ratio_interval, t_quantile_975, trial_interval
 from results.rows import INTERVAL_KEYS, interval_columns
 
 
@@ -27,7 +27,16 @@ def test_trial_interval_on_the_log_scale() -> None:
     sd = statistics.stdev(math.log(v) for v in values)
     q = student_t.ppf(0.975, 4)
     assert interval.mean_half == pytest.approx(q * sd / math.sqrt(5), rel=1e-4)  # 4-digit t
-    assert interval.repeat_half == pytest.approx(interval.mean_half * math.sqrt(2))
+    # the repeat-run interval: both runs' trial noise and the run-level noise
+    within = interval.mean_half * math.sqrt(2)
+    between = 1.959964 * math.sqrt(2) * RUN_NOISE_SD
+    assert interval.repeat_half == pytest.approx(math.hypot(within, between))
+    quiet = trial_interval(values, run_noise=0.0)
+    assert quiet is not None and quiet.repeat_half == pytest.approx(within)
+    # identical trials still leave the run-level noise: a repeat run is not identical
+    flat = trial_interval([10.0] * 5)
+    assert flat is not None and flat.repeat_half == pytest.approx(between)
+    assert 5.5 < flat.repeat_percent < 6.0
     low, high = interval.bounds(10.0)
     assert low == pytest.approx(10 * math.exp(-interval.repeat_half)) and high > 10.0
     assert trial_interval([10.0]) is None and trial_interval([10.0, float("nan")]) is None
