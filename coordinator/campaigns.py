@@ -51,6 +51,7 @@ BACKEND_EXTRAS = {
     "llama-cpp": "llama-cpp",
     "mlx": "mlx",
     "onnxruntime-genai": "onnxruntime-genai",
+    "foundry-local": "foundry-local (an environment of its own: --backend-env)",
     "qai-hub": "qai-hub",
     "noop": "agent",
 }

@@ -60,6 +60,8 @@ BUILDER_REVISION = 1
 PASSTHROUGH_BACKENDS = frozenset({"noop"})
 # (backend, scheme) pairs whose artifact is the prepared source model itself.
 IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
+# Backends that measure ONNX Runtime GenAI folders (the same artifact for both).
+GENAI_BACKENDS = ("onnxruntime-genai", "foundry-local")
 # Language-model fidelity: default context per evaluation chunk (a campaign sets its own
 # with measurement.fidelity_context_tokens), reference top-k and tail samples kept.
 LLM_EVAL_CONTEXT = DEFAULT_FIDELITY_CONTEXT
@@ -540,12 +542,12 @@ class Preparer:
                 params,
                 logits,
             )
-        if backend == "onnxruntime-genai":
+        if backend in GENAI_BACKENDS:  # one ONNX GenAI artifact serves both
             self._require(src, "gguf", backend)
             hf = await self.hf_folder(src, stats)
             logits = await self.logits(src, stats) if scheme == "fp32" else None
             return await self._step(
-                self._key(hf, backend, scheme, params=params, logits=logits),
+                self._key(hf, "onnxruntime-genai", scheme, params=params, logits=logits),
                 "onnx-genai",
                 f"{stem}.genai-{scheme}.tar",
                 stats,

@@ -57,6 +57,9 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     # ONNX Runtime GenAI (Olive's ModelBuilder, Foundry Local): weight-only int4 / int8
     # MatMulNBits, or float weights.
     "onnxruntime-genai": ("int4", "int8", "fp32", "fp16"),
+    # Foundry Local (its SDK, in its own environment on the agent): the same ONNX GenAI
+    # artifacts, run in-process by the SDK.
+    "foundry-local": ("int4", "int8", "fp32", "fp16"),
     # Qualcomm AI Hub: fp32 / fp16 compiled as they are; the rest quantized by a hub
     # quantize job (int8 = w8a8, int16 = w8a16, w4a8, w4a16: weights x activations).
     "qai-hub": ("fp32", "fp16", "int8", "int16", "w4a8", "w4a16"),

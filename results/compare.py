@@ -22,6 +22,7 @@ FULL_PRECISION = {
     "llama-cpp": "F16",
     "mlx": "fp16",
     "onnxruntime-genai": "fp32",
+    "foundry-local": "fp32",
     "qai-hub": "fp32",
     "noop": "none",
 }

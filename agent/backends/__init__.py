@@ -21,6 +21,7 @@ BACKENDS: dict[str, str] = {
     "mlx": "agent.backends.mlx:MlxBackend",
     "openvino": "agent.backends.openvino:OpenVinoBackend",
     "onnxruntime-genai": "agent.backends.onnxruntime_genai:OnnxRuntimeGenaiBackend",
+    "foundry-local": "agent.backends.foundry_local:FoundryLocalBackend",
 }
 
 

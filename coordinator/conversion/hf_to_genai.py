@@ -293,7 +293,8 @@ def _stage(folder: Path, staging: Path, config: dict[str, Any]) -> list[str]:
     # policy) beside "rope_type"; transformers 5 writes only "rope_type".
     for key in ("rope_parameters", "rope_scaling"):
         scaling = normalized.get(key)
-        if isinstance(scaling, dict) and "rope_type" in scaling and "type" not in scaling:
+        scaled = isinstance(scaling, dict) and scaling.get("rope_type") not in (None, "default")
+        if scaled and isinstance(scaling, dict) and "type" not in scaling:
             normalized[key] = {**scaling, "type": scaling["rope_type"]}
             added.append(f"{key}.type")
     (staging / "config.json").write_text(json.dumps(normalized, indent=2) + "\n", "utf-8")

@@ -77,12 +77,13 @@ def test_timing_figures_carry_their_repeat_interval_and_llm_rows_their_fidelity_
     }
     text = render([llm, classifier])
     assert "gen tok/s ±95%" in text and "p50 ms ±95%" in text and "items/s ±95%" in text
-    # 5 trials, log sd 0.0262: t(4) * sd * sqrt(2/5) = 4.6%
+    # 5 trials, log sd 0.0262: t(4) * sd * sqrt(2/5) = 4.5% (log), with the run-level
+    # term 1.96 * sqrt(2) * 2% = 5.5%: sqrt(4.5^2 + 5.5^2) = 7.2% (log) = +7.4%
     llm_line = next(line for line in text.splitlines() if "Q8_0" in line)
-    assert "100.0 ±4.6%" in llm_line and "ctx 512 x4, 2044 pos" in llm_line
+    assert "100.0 ±7.4%" in llm_line and "ctx 512 x4, 2044 pos" in llm_line
     # 2 trials: t(1) = 12.7 makes the interval wide, and says so
     fp32_line = next(line for line in text.splitlines() if "fp32" in line)
-    assert "0.0100 ±19.5%" in fp32_line and "100,000 ±19.5%" in fp32_line
+    assert "0.0100 ±20.5%" in fp32_line and "100,000 ±20.5%" in fp32_line
     # one trial: no interval; an older row without fidelity settings: a dash
     single = {**llm, "trial_medians_ms": [10.0], "accuracy": {"kld_mean": 0.01}}
     line = next(line for line in render([single]).splitlines() if "Q8_0" in line)

@@ -27,6 +27,7 @@ def test_a_tool_upgrade_redoes_only_the_steps_that_use_it(
         "builtin",
         "hf-onnx",
         "hub-inputs",
+        "variant:olive",
         "variant:onnxruntime",
         "variant:openvino",
     }

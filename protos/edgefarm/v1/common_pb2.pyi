@@ -159,7 +159,8 @@ class MeasureSettings(google.protobuf.message.Message):
 
     Zero: the coordinator validates campaign specs so that every field here except
     warmup_iterations, max_other_cpu_cores and skip_evaluation is greater than zero.
-    warmup_iterations 0 means no warm-up; max_other_cpu_cores 0 means record only. An
+    warmup_iterations 0 means no warm-up; max_other_cpu_cores 0 means record only and
+    -1 a share of the host's cores. An
     agent that receives 0 in any other field (a coordinator not following this
     contract) should answer the assignment with ok=false, error_kind "task_error".
     """
@@ -211,8 +212,11 @@ class MeasureSettings(google.protobuf.message.Message):
     """Measure speed only: no accuracy pass (e.g. later blocks of an interleaved run)."""
     max_other_cpu_cores: builtins.float
     """Reject a trial whose timed loop saw other processes use more than this many
-    cores on average (it is measured again, at most twice); 0: record only (the
-    reading is reported as the trial metric "host_other_cpu_cores" either way).
+    cores on average (it is measured again, at most twice, then stored invalid with
+    a reason starting "host busy:"); 0: record only; -1 (the default): a quarter of
+    the measuring host's logical cores. Loops shorter than 0.2 s are never rejected
+    (the kernel's 10 ms ticks make their reading too coarse). The reading is
+    reported as the trial metric "host_other_cpu_cores" either way.
     """
     def __init__(
         self,
