@@ -233,3 +233,14 @@ def test_the_guard_refuses_and_logs_any_lookup_or_connection(tmp_path: Path) -> 
     lines = log.read_text().splitlines()
     assert lines[0] == "socket.getaddrinfo example.org"
     assert lines[1].startswith("socket.connect ('127.0.0.1', 9)")
+
+
+@olive_installed
+@pytest.mark.timeout(120)
+def test_an_olive_run_past_its_limit_is_killed(digits: Path, tmp_path: Path) -> None:
+    """A hung or slow Olive is killed at the step's limit (importing Olive alone takes
+    longer than the one second given here) and leaves nothing behind."""
+    with pytest.raises(ConversionError, match=r"^Olive ran past its 1 s limit on model\.onnx$"):
+        run_olive(digits, tmp_path / "out", command=parse_command(INT8), timeout_s=1.0)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
