@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 EXTRAS_RUN := coordinator,onnxruntime,llama-cpp
-EXTRAS_TEST := coordinator,onnxruntime,onnxruntime-genai,olive,llama-cpp,hf,openvino,mlx,qai-hub,postgres,dev
+EXTRAS_TEST := coordinator,onnxruntime,onnxruntime-genai,olive,llama-cpp,serving,hf,openvino,mlx,qai-hub,postgres,dev
 # llama.cpp build flags for llama-cpp-python, from this CPU's instruction sets. The native
 # build crashes on CPUs with AMX (inside ggml's AMX matmul), so on x86 the flags name each
 # extension the CPU has (/proc/cpuinfo) and leave AMX out; elsewhere llama.cpp's defaults.
