@@ -238,15 +238,20 @@ class OnnxRuntimeGenaiBackend(LanguageModelBackend):
         """Float32 log-softmax rows predicting tokens ``1..`` of each reference chunk,
         each chunk on a fresh generator."""
         for chunk in token_chunks(np.asarray(tokens, dtype=np.int32), n_ctx):
-            generator = self._generator(len(chunk))
-            self._append(generator, chunk)
-            logits = np.asarray(generator.get_output("logits"))
-            if logits.ndim != 3 or logits.shape[1] != len(chunk):
-                raise TaskError(
-                    f"the decoder returned logits of shape {logits.shape} for a prompt of "
-                    f"{len(chunk)} tokens (a model built with prune_lm_head cannot be scored)"
-                )
-            yield log_softmax(logits[0, :-1])
+            yield log_softmax(self.prompt_logits(chunk)[:-1])
+
+    def prompt_logits(self, tokens: np.ndarray) -> np.ndarray:
+        """The decoder's logits ``[n, vocab]`` at every position of ``tokens`` appended to
+        a fresh generator as one prompt."""
+        generator = self._generator(len(tokens))
+        self._append(generator, tokens)
+        logits = np.asarray(generator.get_output("logits"))
+        if logits.ndim != 3 or logits.shape[1] != len(tokens):
+            raise TaskError(
+                f"the decoder returned logits of shape {logits.shape} for a prompt of "
+                f"{len(tokens)} tokens (a model built with prune_lm_head cannot be scored)"
+            )
+        return np.asarray(logits[0], dtype=np.float32)
 
     def version(self) -> str:
         """onnxruntime-genai's version."""

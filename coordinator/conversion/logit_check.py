@@ -59,7 +59,6 @@ longrope row is mlx-lm reading the source's ``rope_scaling`` as it is;
 from __future__ import annotations
 
 import gc
-import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -316,33 +315,28 @@ def mlx_logits(folder: Path, tokens: np.ndarray, dtype: str | None = "float32") 
 
 def genai_logits(folder: Path, tokens: np.ndarray, threads: int = 1) -> np.ndarray:
     """onnxruntime-genai's logits ``[n, vocab]`` (float32) for ``tokens``: the ONNX GenAI
-    folder opened on the CPU provider (as the farm's backend does) and the tokens appended
-    to one fresh generator as a prompt."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError as exc:
-        raise MissingExtra("onnxruntime-genai", exc.name or "onnxruntime_genai") from exc
+    folder opened by the farm's backend (CPU provider) and the tokens appended to one
+    fresh generator as a prompt."""
+    from agent.backends.onnxruntime_genai import OnnxRuntimeGenaiBackend
+    from edgefarm.domain import MeasureSettings
+    from edgefarm.errors import TaskError
+
     ids = _ids(tokens).astype(np.int32)
-    overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
+    backend = OnnxRuntimeGenaiBackend()
     try:
-        config = og.Config(str(folder))
-        config.overlay(json.dumps(overlay))
-        config.clear_providers()
-        model = og.Model(config)
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids), do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
-    except RuntimeError as err:
+        settings = MeasureSettings(
+            threads=threads,
+            prompt_tokens=1,
+            warmup_iterations=0,
+            min_iterations=1,
+            context_tokens=max(len(ids), 2),
+        )
+        backend.load(Path(folder), settings, {})
+        return backend.prompt_logits(ids)
+    except TaskError as err:  # a load or run failure of the runtime
         raise ConversionError(
             one_line(f"onnxruntime-genai could not run {Path(folder).name}: {err}")
         ) from err
-    if logits.ndim != 3 or logits.shape[1] != len(ids):
-        raise ConversionError(
-            f"onnxruntime-genai returned logits of shape {logits.shape} for {len(ids)} tokens"
-        )
-    return logits[0]
 
 
 def _ids(tokens: np.ndarray) -> np.ndarray:
