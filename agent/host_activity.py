@@ -48,13 +48,15 @@ def _own_cpu_s(process: psutil.Process) -> float:
 class OtherCpuMeter:
     """``with OtherCpuMeter() as meter: ...`` then ``meter.cores``."""
 
-    def __init__(self) -> None:
+    def __init__(self, own_pids: tuple[int, ...] = ()) -> None:
         self._process = psutil.Process()
+        # processes whose CPU counts as ours (a server this trial started and measures)
+        self._own = [psutil.Process(pid) for pid in own_pids]
         self._start = (0.0, 0.0, 0.0)
         self.cores = 0.0  # average cores used by everything but this process
 
     def __enter__(self) -> OtherCpuMeter:
-        self._start = (time.perf_counter(), _host_busy_s(), _own_cpu_s(self._process))
+        self._start = (time.perf_counter(), _host_busy_s(), self._own_s())
         return self
 
     def __exit__(
@@ -65,8 +67,18 @@ class OtherCpuMeter:
     ) -> None:
         wall0, busy0, own0 = self._start
         wall = time.perf_counter() - wall0
-        others = (_host_busy_s() - busy0) - (_own_cpu_s(self._process) - own0)
+        others = (_host_busy_s() - busy0) - (self._own_s() - own0)
         self.cores = max(0.0, others / wall) if wall > 0 else 0.0
+
+
+    def _own_s(self) -> float:
+        total = _own_cpu_s(self._process)
+        for process in self._own:
+            try:
+                total += _own_cpu_s(process)
+            except psutil.Error:  # it ended: its last reading is lost, not the trial
+                continue
+        return total
 
 
 def other_cpu_limit(setting: float, logical_cpus: int | None = None) -> float:

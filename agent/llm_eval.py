@@ -77,6 +77,11 @@ REFERENCE_ARRAYS = (
     "top_k",
 )
 TAIL_ARRAYS = ("ref_tail_ids", "ref_tail_logprob", "ref_tail_mass", "tail_samples", "tail_seed")
+# The reference model's vocabulary as text pieces (``vocab_bytes`` uint8, every token's
+# bytes one after another, special tokens empty; ``vocab_offsets`` int64, n_vocab + 1):
+# lets an agent without a tokenizer (a serving endpoint's) turn reference tokens into
+# prompts and name the reference's top tokens. Optional: older references lack it.
+VOCAB_ARRAYS = ("vocab_bytes", "vocab_offsets")
 
 
 def open_llama(model_path: Path, n_ctx: int, threads: int, logits_all: bool) -> Llama:
@@ -357,7 +362,8 @@ def token_chunks(tokens: np.ndarray, n_ctx: int) -> list[np.ndarray]:
 
 def save_llm_reference(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write the reference arrays (with ``kind="llm"``) as an uncompressed ``.npz``."""
-    names = [n for n in REFERENCE_ARRAYS if n != "kind"] + [n for n in TAIL_ARRAYS if n in arrays]
+    optional = TAIL_ARRAYS + VOCAB_ARRAYS
+    names = [n for n in REFERENCE_ARRAYS if n != "kind"] + [n for n in optional if n in arrays]
     payload: dict[str, Any] = {name: arrays[name] for name in names}
     _check_reference(payload, path)
     with open(path, "wb") as out:
@@ -374,13 +380,40 @@ def load_llm_reference(path: Path) -> dict[str, np.ndarray]:
                     f"LLM reference {path.name} lacks array(s): {', '.join(missing)}"
                 )
             arrays = {name: npz[name] for name in REFERENCE_ARRAYS}
-            arrays.update({name: npz[name] for name in TAIL_ARRAYS if name in npz.files})
+            arrays.update(
+                {name: npz[name] for name in TAIL_ARRAYS + VOCAB_ARRAYS if name in npz.files}
+            )
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise ArtifactError(f"cannot read LLM reference {path}: {err}") from err
     if str(arrays["kind"]) != LLM_KIND:
         raise ArtifactError(f"{path.name} is not an LLM reference (kind {arrays['kind']!s})")
     _check_reference(arrays, path)
     return arrays
+
+
+def vocabulary_arrays(llm: Llama) -> dict[str, np.ndarray]:
+    """:data:`VOCAB_ARRAYS` of ``llm``'s vocabulary (special tokens as empty pieces)."""
+    pieces = [llm.detokenize([i]) for i in range(llm.n_vocab())]
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum([len(p) for p in pieces], out=offsets[1:])
+    return {
+        "vocab_bytes": np.frombuffer(b"".join(pieces), dtype=np.uint8).copy(),
+        "vocab_offsets": offsets,
+    }
+
+
+def decode_with_vocabulary(reference: dict[str, np.ndarray], ids: Iterable[int]) -> str:
+    """The text of token ``ids`` from a reference's :data:`VOCAB_ARRAYS` (ArtifactError
+    when it has none or an id is outside it)."""
+    if any(name not in reference for name in VOCAB_ARRAYS):
+        raise ArtifactError("the LLM reference carries no vocabulary (built by an older farm)")
+    data, offsets = reference["vocab_bytes"], reference["vocab_offsets"]
+    out = bytearray()
+    for i in ids:
+        if not 0 <= int(i) < len(offsets) - 1:
+            raise ArtifactError(f"token id {int(i)} is outside the reference's vocabulary")
+        out += data[offsets[i] : offsets[i + 1]].tobytes()
+    return out.decode("utf-8", "replace")
 
 
 def load_reference_tokens(path: Path) -> np.ndarray:
@@ -417,6 +450,18 @@ def _check_reference(arrays: dict[str, Any], path: Path) -> None:
         raise ArtifactError(f"LLM reference {path.name}: no scored positions")
     if not np.array_equal(arrays["targets"], _targets(tokens, n_ctx)):
         raise ArtifactError(f"LLM reference {path.name}: targets do not follow tokens")
+    if any(name in arrays for name in VOCAB_ARRAYS):
+        offsets = np.asarray(arrays.get("vocab_offsets", []))
+        size = np.shape(arrays.get("vocab_bytes", ()))
+        if (
+            offsets.ndim != 1
+            or len(offsets) < 2
+            or len(size) != 1
+            or offsets[0] != 0
+            or offsets[-1] != size[0]
+            or np.any(np.diff(offsets) < 0)
+        ):
+            raise ArtifactError(f"LLM reference {path.name}: malformed vocabulary arrays")
     present = [name for name in TAIL_ARRAYS if name in arrays]
     if present and len(present) != len(TAIL_ARRAYS):
         missing = ", ".join(n for n in TAIL_ARRAYS if n not in arrays)

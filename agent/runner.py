@@ -97,7 +97,7 @@ async def run_measurement(
                 log.info("trial %d: host busy, measuring it again", index + 1)
                 result = await _run_child(request, Path(tmp), index, env)
             try:
-                report.trials.append(TrialOutcome(**result["trial"]))
+                report.trials.append(TrialOutcome.from_dict(result["trial"]))
                 if index == 0:
                     report.accuracy = {k: float(v) for k, v in result["accuracy"].items()}
                     report.backend_version = str(result["backend_version"])

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends import get_backend
+from agent.backends.serving import ServingBackend
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
+from agent.serving.workload import run_serving_trial
 from edgefarm.domain import MeasureSettings, TrialOutcome
 from edgefarm.errors import BackendUnavailable, MissingExtra, TaskError
 
@@ -81,6 +83,23 @@ class TrialRequest:
         )
 
 
+def _serving_result(backend: ServingBackend, request: TrialRequest) -> dict[str, Any]:
+    """A serving trial's success result (:mod:`agent.serving.workload`)."""
+    served = run_serving_trial(
+        backend, request.model_path, request.eval_path, request.settings, request.options
+    )
+    return {
+        "ok": True,
+        "trial": asdict(served.trial),
+        "accuracy": {},
+        "backend_version": backend.version(),
+        "environment": served.environment,
+        "model_size_bytes": path_size_bytes(request.model_path),
+        "python": f"{platform.python_version()} at {sys.prefix}",
+        "example_outcomes": [],
+    }
+
+
 def path_size_bytes(path: Path) -> int:
     """Size on disk of a model: the file, or every file under a model directory."""
     if path.is_dir():
@@ -95,6 +114,8 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     if backend_cls.MODULE:
         backend_cls.require()  # import the runtime now: neither load time nor load RSS
     backend = backend_cls()
+    if isinstance(backend, ServingBackend):
+        return _serving_result(backend, request)
     eval_batch = (
         backend.read_eval_inputs(request.eval_path, settings)
         if request.eval_path is not None

@@ -54,6 +54,8 @@ BACKEND_EXTRAS = {
     "foundry-local": "foundry-local (an environment of its own: --backend-env)",
     "qai-hub": "qai-hub",
     "noop": "agent",
+    "llama-server": "serving",
+    "openai-endpoint": "agent",
 }
 
 

@@ -46,7 +46,7 @@ from coordinator.artifacts import ArtifactStore
 from coordinator.conversion.olive_convert import SCHEME_PREFIX as OLIVE_PREFIX
 from coordinator.conversion.olive_convert import olive_request, read_workflow, workflow_sha256
 from coordinator.models.texts import DEFAULT_EVAL_TEXT
-from coordinator.spec import DEFAULT_FIDELITY_CONTEXT
+from coordinator.spec import DEFAULT_FIDELITY_CONTEXT, ENDPOINT_BACKEND
 from edgefarm.domain import HUB_BACKEND, ArtifactRef
 from edgefarm.errors import ArtifactError, ConversionError, SpecError, UnsupportedScheme
 from results.records import ArtifactRecord
@@ -62,6 +62,8 @@ PASSTHROUGH_BACKENDS = frozenset({"noop"})
 IDENTITY_SCHEMES = frozenset({("onnxruntime", "fp32"), ("llama-cpp", "F16")})
 # Backends that measure ONNX Runtime GenAI folders (the same artifact for both).
 GENAI_BACKENDS = ("onnxruntime-genai", "foundry-local")
+# Backends that measure llama.cpp's GGUF: in-process, and through llama.cpp's server.
+GGUF_BACKENDS = ("llama-cpp", "llama-server")
 # Language-model fidelity: default context per evaluation chunk (a campaign sets its own
 # with measurement.fidelity_context_tokens), reference top-k and tail samples kept.
 LLM_EVAL_CONTEXT = DEFAULT_FIDELITY_CONTEXT
@@ -407,6 +409,7 @@ class Preparer:
                 top_k=LLM_TOP_K,
                 tail_samples=LLM_TAIL_SAMPLES,
                 tail_seed=TAIL_SEED,
+                vocabulary=True,  # the reference carries the vocabulary's text pieces
             )
             prepared.eval_data = await self._step(
                 key,
@@ -514,12 +517,18 @@ class Preparer:
         if backend in PASSTHROUGH_BACKENDS:
             return src.model
         stem = src.model.name.split(".")[0]
-        if backend == "llama-cpp":
+        if backend == ENDPOINT_BACKEND:  # the artifact says which endpoint to measure
             self._require(src, "gguf", backend)
-            if (backend, scheme) in IDENTITY_SCHEMES:
+            descriptor = json.dumps(params, sort_keys=True).encode()
+            return await asyncio.to_thread(
+                self.artifacts.put_bytes, descriptor, f"{stem}.endpoint.json"
+            )
+        if backend in GGUF_BACKENDS:  # one GGUF per type serves both
+            self._require(src, "gguf", backend)
+            if ("llama-cpp", scheme) in IDENTITY_SCHEMES:
                 return src.model
             return await self._step(
-                self._key(src.model, backend, scheme, params=params),
+                self._key(src.model, "llama-cpp", scheme, params=params),
                 "gguf",
                 f"{stem}.{scheme}.gguf",
                 stats,

@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent.serving.plan import ServingPlan
+from agent.serving.plan import Slo as ServingSlo
 from coordinator.conversion.olive_convert import SCHEME_PREFIX as OLIVE_PREFIX
 from coordinator.conversion.olive_convert import olive_request
 from edgefarm.domain import AUTO_OTHER_CPU, MeasureSettings
@@ -41,6 +43,7 @@ from edgefarm.wire_limits import (
     MAX_NAME_BYTES,
     MAX_SAMPLES_PER_RESULT,
     MAX_SAMPLES_PER_TRIAL,
+    MAX_SERVING_LEVELS,
     MAX_STRING_BYTES,
     MAX_TRIALS,
 )
@@ -60,11 +63,18 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     # Foundry Local (its SDK, in its own environment on the agent): the same ONNX GenAI
     # artifacts, run in-process by the SDK.
     "foundry-local": ("int4", "int8", "fp32", "fp16"),
+    # Serving: llama.cpp's server on the GGUF of each type (the agent starts it), and an
+    # external OpenAI-compatible endpoint (its scheme is a label of what it serves).
+    "llama-server": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"),
+    "openai-endpoint": None,
     # Qualcomm AI Hub: fp32 / fp16 compiled as they are; the rest quantized by a hub
     # quantize job (int8 = w8a8, int16 = w8a16, w4a8, w4a16: weights x activations).
     "qai-hub": ("fp32", "fp16", "int8", "int16", "w4a8", "w4a16"),
 }
 KNOWN_BACKENDS = tuple(BACKEND_SCHEMES)
+# Backends measured through an endpoint by the serving workload (a `serving:` block).
+SERVING_BACKENDS = ("llama-server", "openai-endpoint")
+ENDPOINT_BACKEND = "openai-endpoint"
 # Backends that also take "olive-*" schemes: a model made by a Microsoft Olive command or
 # workflow (coordinator.conversion.olive_convert) from the model's ONNX.
 OLIVE_BACKENDS = ("onnxruntime",)
@@ -91,6 +101,10 @@ MAX_CPU_CORES = 4096.0  # max_other_cpu_cores
 # reference is built with it once per model, so it is a campaign-wide setting).
 DEFAULT_FIDELITY_CONTEXT = 512
 FIDELITY_CONTEXT_FIELD = "fidelity_context_tokens"
+MAX_CONCURRENCY = 4096  # requests in flight at one serving level
+SERVER_STARTUP_ALLOWANCE_S = 120.0  # a serving trial's start-up, in its time budget
+_ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.\[\]:-]+(:[0-9]{1,5})?(/[\w./~%-]*)?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
@@ -255,6 +269,78 @@ class ModelEntry(BaseModel):
         return value
 
 
+class Slo(BaseModel):
+    """The service-level objective goodput counts against."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ttft_ms: float = Field(default=500.0, gt=0, le=MAX_DURATION_S * 1000, allow_inf_nan=False)
+    tpot_ms: float = Field(default=100.0, gt=0, le=MAX_DURATION_S * 1000, allow_inf_nan=False)
+
+
+class Serving(BaseModel):
+    """How a serving backend is loaded: levels, request shape, objective, and for
+    ``openai-endpoint`` which endpoint (the API key stays in the agent's environment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    concurrency: list[Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)]] | None = Field(
+        default=None, max_length=MAX_SERVING_LEVELS
+    )
+    rates: list[Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)]] = Field(
+        default_factory=list, max_length=MAX_SERVING_LEVELS
+    )
+    arrival: Literal["constant", "poisson"] = "constant"
+    requests: int = Field(default=16, ge=1, le=MAX_SAMPLES_PER_TRIAL, strict=True)
+    level_s: float = Field(default=60.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
+    output_tokens: int = Field(default=64, ge=1, le=MAX_TOKENS, strict=True)
+    first_token_timeout_s: float = Field(default=60.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
+    slo: Slo = Field(default_factory=lambda: Slo())
+    endpoint: ValueText | None = None
+    model: NameText | None = None
+    api_key_env: NameText | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _ENDPOINT.match(value):
+            raise ValueError(
+                f"invalid endpoint {excerpt(value)} (expected http(s)://HOST[:PORT]/PATH, "
+                "e.g. http://127.0.0.1:11434/v1)"
+            )
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"invalid environment variable name {excerpt(value)}")
+        return value
+
+    def plan(self) -> ServingPlan:
+        """The agent-side plan of these settings."""
+        return ServingPlan(
+            concurrency=tuple(
+                self.concurrency if self.concurrency is not None else (() if self.rates else (1,))
+            ),
+            rates=tuple(self.rates),
+            arrival=self.arrival,
+            requests=self.requests,
+            level_s=self.level_s,
+            output_tokens=self.output_tokens,
+            slo=ServingSlo(self.slo.ttft_ms, self.slo.tpot_ms),
+            first_token_timeout_s=self.first_token_timeout_s,
+        )
+
+    def descriptor(self) -> dict[str, str]:
+        """What the ``openai-endpoint`` task's artifact holds."""
+        return {
+            "endpoint": self.endpoint or "",
+            "model": self.model or "",
+            "api_key_env": self.api_key_env or "",
+        }
+
+
 class BackendEntry(BaseModel):
     """A backend, the quantization schemes to try on it, and options for the agent."""
 
@@ -272,6 +358,8 @@ class BackendEntry(BaseModel):
     convert: dict[NameText, ConvertParams] = Field(
         default_factory=dict, max_length=MAX_SPEC_ENTRIES
     )
+    # Serving backends: the load to measure them under (and the endpoint, if external).
+    serving: Serving | None = None
 
     @field_validator("name")
     @classmethod
@@ -410,9 +498,9 @@ class CampaignSpec(BaseModel):
                 model=model,
                 backend=backend.name,
                 scheme=scheme,
-                options=dict(backend.options),
+                options={**backend.options, **_serving_options(backend)},
                 settings=self.measure_settings(backend),
-                convert=dict(backend.convert.get(scheme, {})),
+                convert=_variant_convert(backend, scheme),
             )
             for model in self.models
             for backend in self.backends
@@ -447,6 +535,8 @@ class CampaignSpec(BaseModel):
         """Checks across entries; they run once every field is valid on its own."""
         _unique_models(self.models)
         _known_schemes(self.backends)
+        for index, backend in enumerate(self.backends):
+            _serving_entry(backend, index, self.measure_settings(backend))
         _convert_values(self.backends)
         _model_backends(self.models, self.backends)
         _variant_count(self.models, self.backends)
@@ -465,6 +555,67 @@ class CampaignSpec(BaseModel):
                 )
                 _bounds(merged, ("backends", index, "measurement"))
         return self
+
+
+def _serving_options(backend: BackendEntry) -> dict[str, str]:
+    """A serving backend's plan as task options (none for other backends)."""
+    if backend.name not in SERVING_BACKENDS:
+        return {}
+    return (backend.serving or Serving()).plan().to_options()
+
+
+def _variant_convert(backend: BackendEntry, scheme: str) -> dict[str, Any]:
+    """A variant's conversion parameters; an external endpoint's are its descriptor."""
+    if backend.name == ENDPOINT_BACKEND and backend.serving is not None:
+        return dict(backend.serving.descriptor())
+    return dict(backend.convert.get(scheme, {}))
+
+
+def _serving_entry(backend: BackendEntry, index: int, settings: MeasureSettings) -> None:
+    """A ``serving:`` block only on serving backends; an endpoint only (and always) on
+    ``openai-endpoint``; levels that fit in the trial's time limit."""
+    at: tuple[str | int, ...] = ("backends", index, "serving")
+    serving = backend.serving
+    if backend.name not in SERVING_BACKENDS:
+        if serving is not None:
+            raise FieldError(
+                at,
+                f"serving: is for serving backends ({', '.join(SERVING_BACKENDS)}), "
+                f"not {backend.name}",
+            )
+        return
+    serving = serving or Serving()
+    external = backend.name == ENDPOINT_BACKEND
+    if external and (serving.endpoint is None or serving.model is None):
+        raise FieldError(
+            at
+            if backend.serving is None
+            else (*at, "endpoint" if serving.endpoint is None else "model"),
+            "openai-endpoint needs serving.endpoint (http(s)://HOST:PORT/v1) and serving.model",
+        )
+    if not external:
+        for name in ("endpoint", "model", "api_key_env"):
+            if getattr(serving, name) is not None:
+                raise FieldError(
+                    (*at, name),
+                    f"{name} is for openai-endpoint; {backend.name} starts its own server",
+                )
+    if backend.convert:
+        raise FieldError(
+            ("backends", index, "convert"), f"{backend.name} takes no conversion parameters"
+        )
+    try:
+        plan = serving.plan()
+    except ValueError as err:
+        raise FieldError(at, str(err)) from None
+    needed = len(plan.levels()) * plan.level_s + SERVER_STARTUP_ALLOWANCE_S
+    if needed > settings.timeout_s:
+        raise FieldError(
+            at,
+            f"{len(plan.levels())} level(s) of up to {plan.level_s:g} s plus start-up need "
+            f"{needed:g} s, over the trial time limit timeout_s={settings.timeout_s:g}: "
+            "raise measurement.timeout_s or lower serving.level_s",
+        )
 
 
 def _unique_models(models: list[ModelEntry]) -> None:

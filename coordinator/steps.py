@@ -212,6 +212,7 @@ def llm_reference(
         fidelity_environment,
         open_llama,
         save_llm_reference,
+        vocabulary_arrays,
     )
     from coordinator.conversion.gguf_convert import tokenize_text
 
@@ -221,6 +222,7 @@ def llm_reference(
         tokens = tokenize_text(model, text)
         llm = open_llama(model, n_ctx=n_ctx, threads=1, logits_all=True)
         arrays = build_reference(llm, tokens, n_ctx, top_k, tail_samples)
+        arrays.update(vocabulary_arrays(llm))  # prompts and names for serving endpoints
         del llm
         out = staging / "reference.npz"
         save_llm_reference(out, arrays)

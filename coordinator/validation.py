@@ -11,11 +11,11 @@ import math
 import re
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edgefarm.domain import MeasurementResult
+from edgefarm.domain import SERVING_LATENCIES, MeasurementResult
 from edgefarm.wire_limits import (
     MAX_EXAMPLE_OUTCOMES,
     MAX_LIST_ENTRIES,
@@ -23,6 +23,8 @@ from edgefarm.wire_limits import (
     MAX_NAME_BYTES,
     MAX_SAMPLES_PER_RESULT,
     MAX_SAMPLES_PER_TRIAL,
+    MAX_SERVING_ERRORS,
+    MAX_SERVING_LEVELS,
     MAX_STRING_BYTES,
     MAX_TRIALS,
 )
@@ -158,6 +160,9 @@ def check_result(result: common_pb2.TaskResult, now: float | None = None) -> str
         ) or _check_map(f"trials[{index}].metrics", trial.metrics, numbers=True)
         if problem:
             return problem
+        problem = _check_serving(index, trial.serving)
+        if problem:
+            return problem
     if len(result.example_outcomes) > MAX_EXAMPLE_OUTCOMES:
         return (
             f"example_outcomes has {len(result.example_outcomes)} entries "
@@ -170,6 +175,33 @@ def check_result(result: common_pb2.TaskResult, now: float | None = None) -> str
         or _check_map("accuracy", result.accuracy, numbers=True)
         or _check_map("environment", result.environment)
     )
+
+
+def _check_serving(index: int, levels: Sequence[common_pb2.ServingLevel]) -> str | None:
+    """A serving trial's levels are within the limits, their figures finite and >= 0."""
+    if len(levels) > MAX_SERVING_LEVELS:
+        return f"trials[{index}].serving has {len(levels)} levels (at most {MAX_SERVING_LEVELS})"
+    for n, level in enumerate(levels):
+        where = f"trials[{index}].serving[{n}]"
+        if len(level.errors) > MAX_SERVING_ERRORS:
+            return f"{where}.errors has {len(level.errors)} entries (at most {MAX_SERVING_ERRORS})"
+        problem = _check_strings(
+            [(f"{where}.label", level.label), (f"{where}.arrival", level.arrival)],
+            MAX_NAME_BYTES,
+        ) or _check_strings((f"{where}.errors", e) for e in level.errors)
+        if problem:
+            return problem
+        if level.failed > level.requests or level.goodput_requests > level.requests:
+            return f"{where}: more failed or good requests than requests"
+        scalars = [level.rate, level.wall_s, level.slo_ttft_ms, level.slo_tpot_ms]
+        lists = {name: getattr(level, name) for name in SERVING_LATENCIES}
+        if any(len(values) > MAX_SAMPLES_PER_TRIAL for values in lists.values()):
+            return f"{where} has a list of more than {MAX_SAMPLES_PER_TRIAL} entries"
+        for name, values in {"figures": scalars, **lists}.items():
+            numbers = np.asarray(values, dtype=np.float64)
+            if not np.all(np.isfinite(numbers)) or np.any(numbers < 0):
+                return f"{where}.{name} must hold finite, non-negative numbers"
+    return None
 
 
 def check_measure_times(started_at: float, ended_at: float, now: float | None = None) -> str | None:

@@ -341,6 +341,70 @@ def ratio_interval(a: Sequence[float], b: Sequence[float]) -> RatioInterval | No
 
 
 @dataclass
+class ServingLevel:
+    """One load level of a serving trial: how requests were sent and what each did.
+
+    A level runs at a fixed ``concurrency`` (requests in flight) or a ``rate`` (requests
+    per second, ``arrival`` "constant" or "poisson"). The per-request lists hold the
+    successful requests in start order (milliseconds): time to first token (any
+    token-bearing delta, reasoning included), time per output token after the first,
+    end-to-end latency and output tokens; ``itl_ms`` every gap between consecutive
+    token-bearing deltas. ``goodput_requests``: successful requests within the SLO.
+    """
+
+    label: str  # "c=4" or "r=2/s poisson"
+    concurrency: int = 0
+    rate: float = 0.0
+    arrival: str = ""
+    requests: int = 0  # sent
+    failed: int = 0
+    wall_s: float = 0.0
+    goodput_requests: int = 0
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    tpot_ms: list[float] = field(default_factory=list)  # requests with >= 2 tokens only
+    e2e_ms: list[float] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # distinct failure reasons
+
+    @property
+    def ok_requests(self) -> int:
+        """Requests that streamed at least one token without an error."""
+        return self.requests - self.failed
+
+    def summary(self) -> dict[str, Any]:
+        """The level's figures without raw samples: percentiles (linear), request and
+        output-token throughput and goodput per second."""
+        wall = self.wall_s if self.wall_s > 0 else math.nan
+        out: dict[str, Any] = {
+            "label": self.label,
+            "concurrency": self.concurrency,
+            "rate": self.rate,
+            "arrival": self.arrival,
+            "requests": self.requests,
+            "failed": self.failed,
+            "wall_s": self.wall_s,
+            "request_per_s": self.ok_requests / wall,
+            "output_tok_per_s": sum(self.output_tokens) / wall,
+            "goodput_per_s": self.goodput_requests / wall,
+            "slo_ttft_ms": self.slo_ttft_ms,
+            "slo_tpot_ms": self.slo_tpot_ms,
+            "errors": list(self.errors),
+        }
+        for name in SERVING_LATENCIES:
+            ordered = sorted(getattr(self, name))
+            for q in (50, 90, 99):
+                out[f"{name.removesuffix('_ms')}_p{q}_ms"] = percentile(ordered, q)
+        return out
+
+
+# The per-request latency lists of a ServingLevel, in the order tables show them.
+SERVING_LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+
+
+@dataclass
 class TrialOutcome:
     """One trial: a fresh process that loaded, warmed up and measured."""
 
@@ -356,6 +420,16 @@ class TrialOutcome:
     invalid_reason: str = ""
     # Backend-specific figures of this trial, e.g. prompt_tok_per_s, ttft_ms.
     metrics: dict[str, float] = field(default_factory=dict)
+    # Serving trials only: the load levels, in the order run (the samples are then the
+    # time per output token of the first level's requests).
+    serving: list[ServingLevel] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialOutcome:
+        """A trial from its :func:`dataclasses.asdict` form (a trial child's JSON)."""
+        fields = dict(data)
+        fields["serving"] = [ServingLevel(**level) for level in fields.get("serving") or []]
+        return cls(**fields)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle the samples as packed doubles: one quick copy instead of a walk over

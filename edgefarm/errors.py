@@ -156,6 +156,13 @@ class UnsupportedArchitecture(TaskError):
     kind = "unsupported_architecture"
 
 
+class ServingFailed(TaskError):
+    """A serving measurement got no usable answer from its endpoint (every request of a
+    level failed, or the endpoint cannot be reached); the message says why."""
+
+    kind = "serving_error"
+
+
 TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
     cls.kind: cls
     for cls in (
@@ -170,6 +177,7 @@ TASK_ERROR_KINDS: dict[str, type[TaskError]] = {
         HubJobFailed,
         ConversionError,
         UnsupportedArchitecture,
+        ServingFailed,
     )
 }
 

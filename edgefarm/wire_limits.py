@@ -15,6 +15,9 @@ MAX_MESSAGE_BYTES = 24 << 20
 MAX_TRIALS = 100
 MAX_SAMPLES_PER_TRIAL = 1_000_000
 MAX_SAMPLES_PER_RESULT = 2_000_000
+# Trial.serving: load levels of one serving trial, and distinct errors kept per level.
+MAX_SERVING_LEVELS = 64
+MAX_SERVING_ERRORS = 16
 # Any one string field (names, error messages, map keys and values).
 MAX_STRING_BYTES = 65_536
 # Entries of any one map (labels, environment, metrics, accuracy, options).

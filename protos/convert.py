@@ -7,6 +7,7 @@ dataclasses; these functions translate in both directions.
 from __future__ import annotations
 
 from array import array
+from typing import Any
 
 from edgefarm.domain import (
     ArtifactRef,
@@ -14,6 +15,7 @@ from edgefarm.domain import (
     DeviceCapabilities,
     MeasurementResult,
     MeasureSettings,
+    ServingLevel,
     TrialOutcome,
 )
 from protos.edgefarm.v1 import agent_pb2, common_pb2
@@ -132,6 +134,27 @@ def assignment_from_pb(m: agent_pb2.TaskAssignment) -> Assignment:
     )
 
 
+_LEVEL_FIELDS = (
+    "label", "concurrency", "rate", "arrival", "requests", "failed", "wall_s",
+    "goodput_requests", "slo_ttft_ms", "slo_tpot_ms",
+)  # fmt: skip
+_LEVEL_LISTS = ("ttft_ms", "tpot_ms", "e2e_ms", "output_tokens", "itl_ms", "errors")
+
+
+def serving_level_to_pb(level: ServingLevel) -> common_pb2.ServingLevel:
+    """Domain serving level -> wire."""
+    return common_pb2.ServingLevel(
+        **{name: getattr(level, name) for name in _LEVEL_FIELDS + _LEVEL_LISTS}
+    )
+
+
+def serving_level_from_pb(m: common_pb2.ServingLevel) -> ServingLevel:
+    """Wire serving level -> domain."""
+    fields: dict[str, Any] = {name: getattr(m, name) for name in _LEVEL_FIELDS}
+    fields.update({name: list(getattr(m, name)) for name in _LEVEL_LISTS})
+    return ServingLevel(**fields)
+
+
 def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:
     """Domain result -> wire (agent and device ids travel with the session)."""
     return common_pb2.TaskResult(
@@ -154,6 +177,7 @@ def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:
                 valid=t.valid,
                 invalid_reason=t.invalid_reason,
                 metrics=dict(t.metrics),
+                serving=[serving_level_to_pb(level) for level in t.serving],
             )
             for t in r.trials
         ],
@@ -190,6 +214,7 @@ def result_from_pb(m: common_pb2.TaskResult, agent_id: str, device_id: str) -> M
                 valid=t.valid,
                 invalid_reason=t.invalid_reason,
                 metrics=dict(t.metrics),
+                serving=[serving_level_from_pb(level) for level in t.serving],
             )
             for t in m.trials
         ],

@@ -7,8 +7,9 @@ Every format gets the same flat table (:func:`to_dataframe`):
 - ``accuracy.<metric>`` for every accuracy metric of any row;
 - ``settings.<name>`` for every measurement setting;
 - ``env.<key>`` for the keys in :data:`ENV_KEYS` found in any row's environment;
-- ``samples_ms``, ``trial_medians_ms``, ``trials_detail`` and ``environment`` (complete)
-  as JSON text, so every format holds them losslessly (``json.loads`` to get them back).
+- ``samples_ms``, ``trial_medians_ms``, ``trials_detail``, ``environment`` and
+  ``serving`` (load levels of serving results, raw samples included) complete as JSON
+  text, so every format holds them losslessly (``json.loads`` to get them back).
 
 Missing measurements (NULL / NaN) are empty in CSV, ``null`` in JSON, null in Parquet.
 pandas is imported lazily: it is a coordinator-only dependency.
@@ -35,7 +36,7 @@ ENV_KEYS: tuple[str, ...] = (
     "cpu_model",
     "python_version",
 )
-JSON_TEXT_COLUMNS = ("samples_ms", "trial_medians_ms", "trials_detail", "environment")
+JSON_TEXT_COLUMNS = ("samples_ms", "trial_medians_ms", "trials_detail", "environment", "serving")
 _FLATTENED = ("accuracy", "metrics", "settings")
 
 

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from edgefarm.domain import (
+    SERVING_LATENCIES,
     CampaignStatus,
     MeasurementResult,
     MeasureSettings,
+    ServingLevel,
     TaskStatus,
     TrialInterval,
     TrialOutcome,
@@ -179,7 +181,46 @@ def trial_detail(t: TrialOutcome) -> dict[str, Any]:
         "valid": t.valid,
         "invalid_reason": t.invalid_reason,
         "metrics": dict(t.metrics),
+        **({"serving": [level.summary() for level in t.serving]} if t.serving else {}),
     }
+
+
+def serving_levels(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]] | None:
+    """A serving result's ``serving`` column: per level (matched by label over the
+    trials), the figures of every trial's requests pooled (:meth:`ServingLevel.summary`,
+    throughput from the summed wall time), the trial count and the raw samples; None
+    for a result without levels."""
+    by_label: dict[str, list[ServingLevel]] = {}
+    for trial in trials:
+        for level in trial.serving:
+            by_label.setdefault(level.label, []).append(level)
+    if not by_label:
+        return None
+    out = []
+    for label, levels in by_label.items():
+        first = levels[0]
+        pooled = ServingLevel(
+            label=label,
+            concurrency=first.concurrency,
+            rate=first.rate,
+            arrival=first.arrival,
+            requests=sum(v.requests for v in levels),
+            failed=sum(v.failed for v in levels),
+            wall_s=sum(v.wall_s for v in levels),
+            goodput_requests=sum(v.goodput_requests for v in levels),
+            slo_ttft_ms=first.slo_ttft_ms,
+            slo_tpot_ms=first.slo_tpot_ms,
+            errors=sorted({e for v in levels for e in v.errors}),
+            **{name: [x for v in levels for x in getattr(v, name)] for name in _LISTS},
+        )
+        summary = pooled.summary()
+        summary["trials"] = len(levels)
+        summary["samples"] = {name: getattr(pooled, name) for name in _LISTS}
+        out.append(summary)
+    return out
+
+
+_LISTS = (*SERVING_LATENCIES, "output_tokens")
 
 
 def _task_columns(task: TaskRecord) -> dict[str, Any]:
@@ -237,6 +278,7 @@ def result_to_row(
         "environment": dict(result.environment),
         "trials_detail": [trial_detail(t) for t in result.trials],
         "example_outcomes": list(result.example_outcomes) or None,
+        "serving": serving_levels(result.trials),
         "measure_started_at": finite_or_none(result.measure_started_at) or None,
         "measure_ended_at": finite_or_none(result.measure_ended_at) or None,
         "created_at": now,

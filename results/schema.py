@@ -213,6 +213,9 @@ results = sa.Table(
     sa.Column("environment", JSONText, nullable=False),
     sa.Column("trials_detail", JSONText, nullable=False),
     sa.Column("example_outcomes", JSONText),
+    # Serving results: per load level, its figures and raw per-request samples
+    # (results.rows.serving_levels); NULL for other results.
+    sa.Column("serving", JSONText),
     # When the agent started / ended measuring (unix seconds, agent clock; NULL: unknown).
     sa.Column("measure_started_at", FiniteFloat),
     sa.Column("measure_ended_at", FiniteFloat),
@@ -351,6 +354,12 @@ def _v6_attempts(conn: Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE results ADD COLUMN {column} FLOAT"))
 
 
+def _v7_serving(conn: Connection) -> None:
+    """v6 -> v7: results.serving (load levels of serving measurements)."""
+    if not has_column(conn, "results", "serving"):
+        conn.execute(sa.text("ALTER TABLE results ADD COLUMN serving TEXT"))
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
@@ -358,6 +367,7 @@ MIGRATIONS: list[Migration] = [
     _v4_agent_credentials,
     _v5_campaign_plan,
     _v6_attempts,
+    _v7_serving,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

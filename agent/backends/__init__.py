@@ -22,6 +22,8 @@ BACKENDS: dict[str, str] = {
     "openvino": "agent.backends.openvino:OpenVinoBackend",
     "onnxruntime-genai": "agent.backends.onnxruntime_genai:OnnxRuntimeGenaiBackend",
     "foundry-local": "agent.backends.foundry_local:FoundryLocalBackend",
+    "llama-server": "agent.backends.llama_server:LlamaServerBackend",
+    "openai-endpoint": "agent.backends.openai_endpoint:OpenAiEndpointBackend",
 }
 
 

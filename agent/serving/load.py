@@ -10,79 +10,26 @@ limits). :func:`summarize` turns the per-request records into the level's figure
 - ITL: the gaps between consecutive token-bearing events (all requests pooled);
 - TPOT: ``(end - first token) / (output tokens - 1)`` per request with 2+ tokens;
 - E2E: request start to the end of its stream;
-- p50 / p90 / p99 of each (milliseconds), request/s and output tok/s over the level's
-  wall time, failed requests, and goodput: requests/s that met the SLO (TTFT and TPOT
-  at most their limits).
+- the raw values of each (milliseconds), failed requests, and goodput: requests that
+  met the SLO (TTFT and TPOT at most their limits); :meth:`ServingLevel.summary` gives
+  p50 / p90 / p99 and request, output-token and goodput throughput over the level's
+  wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import random
-import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
+from agent.serving.plan import Level, Slo
 from agent.serving.sse import RequestRecord
+from edgefarm.domain import ServingLevel
+from edgefarm.wire_limits import MAX_SERVING_ERRORS
 
-ARRIVALS = ("constant", "poisson")
 Send = Callable[[str], Awaitable[RequestRecord]]
-
-
-@dataclass(frozen=True)
-class Level:
-    """One load level: ``concurrency`` > 0, or ``rate`` > 0 with ``arrival``."""
-
-    concurrency: int = 0
-    rate: float = 0.0
-    arrival: str = "constant"
-    max_requests: int = 32
-    max_duration_s: float = 60.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.concurrency > 0) == (self.rate > 0):
-            raise ValueError("a load level is a concurrency or a rate, not both or neither")
-        if self.arrival not in ARRIVALS:
-            raise ValueError(f"arrival must be one of {', '.join(ARRIVALS)}")
-        if self.max_requests < 1 or self.max_duration_s <= 0:
-            raise ValueError("a load level needs max_requests >= 1 and max_duration_s > 0")
-
-    def label(self) -> str:
-        """``c=4`` or ``r=2.0/s poisson``."""
-        if self.concurrency:
-            return f"c={self.concurrency}"
-        return f"r={self.rate:g}/s {self.arrival}"
-
-
-@dataclass(frozen=True)
-class Slo:
-    """Service-level objective for goodput."""
-
-    ttft_ms: float = 500.0
-    tpot_ms: float = 100.0
-
-
-@dataclass(frozen=True)
-class LevelResult:
-    """A level's figures (milliseconds, per second) and its raw records."""
-
-    level: Level
-    wall_s: float
-    requests: int
-    failed: int
-    ttft_ms: dict[str, float]
-    tpot_ms: dict[str, float]
-    itl_ms: dict[str, float]
-    e2e_ms: dict[str, float]
-    request_per_s: float
-    output_tok_per_s: float
-    goodput_per_s: float
-    errors: list[str]
-    records: list[RequestRecord]
 
 
 def arrival_offsets(level: Level) -> list[float]:
@@ -132,59 +79,40 @@ async def run_level(level: Level, prompts: Sequence[str], send: Send) -> list[Re
     return records
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float]:
-    """p50 / p90 / p99 (nearest rank) and the count; empty for no values."""
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
-
-    return {
-        "p50": statistics.median(ordered),
-        "p90": rank(0.9),
-        "p99": rank(0.99),
-        "n": len(ordered),
-    }
-
-
-def summarize(level: Level, records: list[RequestRecord], wall_s: float, slo: Slo) -> LevelResult:
-    """The level's figures from its records over ``wall_s`` seconds."""
+def summarize(level: Level, records: list[RequestRecord], wall_s: float, slo: Slo) -> ServingLevel:
+    """The level's per-request figures from its records over ``wall_s`` seconds."""
     ok = [r for r in records if r.ok]
     ttft = [(r.token_ns[0] - r.start_ns) / 1e6 for r in ok]
-    e2e = [(r.end_ns - r.start_ns) / 1e6 for r in ok]
-    itl = [(b - a) / 1e6 for r in ok for a, b in itertools.pairwise(r.token_ns)]
-    tpot_of = {
-        id(r): (r.end_ns - r.token_ns[0]) / 1e6 / (r.output_tokens - 1)
+    per_token = [
+        (r.end_ns - r.token_ns[0]) / 1e6 / (r.output_tokens - 1) if r.output_tokens > 1 else 0.0
         for r in ok
-        if r.output_tokens > 1
-    }
-    good = [
-        r
-        for r in ok
-        if (r.token_ns[0] - r.start_ns) / 1e6 <= slo.ttft_ms
-        and tpot_of.get(id(r), 0.0) <= slo.tpot_ms
     ]
-    wall = max(wall_s, 1e-9)
-    return LevelResult(
-        level=level,
-        wall_s=wall_s,
+    tpot = [t for r, t in zip(ok, per_token, strict=True) if r.output_tokens > 1]
+    good = sum(
+        1 for a, b in zip(ttft, per_token, strict=True) if a <= slo.ttft_ms and b <= slo.tpot_ms
+    )
+    errors = sorted({r.error for r in records if r.error})
+    return ServingLevel(
+        label=level.label(),
+        concurrency=level.concurrency,
+        rate=level.rate,
+        arrival=level.arrival if level.rate else "",
         requests=len(records),
         failed=len(records) - len(ok),
-        ttft_ms=percentiles(ttft),
-        tpot_ms=percentiles(list(tpot_of.values())),
-        itl_ms=percentiles(itl),
-        e2e_ms=percentiles(e2e),
-        request_per_s=len(ok) / wall,
-        output_tok_per_s=sum(r.output_tokens for r in ok) / wall,
-        goodput_per_s=len(good) / wall,
-        errors=sorted({r.error for r in records if r.error}),
-        records=records,
+        wall_s=wall_s,
+        goodput_requests=good,
+        slo_ttft_ms=slo.ttft_ms,
+        slo_tpot_ms=slo.tpot_ms,
+        ttft_ms=ttft,
+        tpot_ms=tpot,
+        e2e_ms=[(r.end_ns - r.start_ns) / 1e6 for r in ok],
+        output_tokens=[r.output_tokens for r in ok],
+        itl_ms=[(b - a) / 1e6 for r in ok for a, b in itertools.pairwise(r.token_ns)],
+        errors=errors[:MAX_SERVING_ERRORS],
     )
 
 
-async def measure_level(level: Level, prompts: Sequence[str], send: Send, slo: Slo) -> LevelResult:
+async def measure_level(level: Level, prompts: Sequence[str], send: Send, slo: Slo) -> ServingLevel:
     """Run one level and summarise it."""
     started = time.perf_counter()
     records = await run_level(level, prompts, send)

@@ -23,7 +23,8 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+
+from agent.backends.serving import Endpoint
 
 MAX_LINE_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 64 << 20
@@ -32,26 +33,6 @@ TOKEN_KEYS = ("content", "reasoning_content", "reasoning")
 
 class StreamError(Exception):
     """Why one streamed request failed (one line)."""
-
-
-@dataclass
-class Endpoint:
-    """An OpenAI-compatible endpoint: ``http(s)://host:port/v1``, a model name, a key."""
-
-    base_url: str
-    model: str
-    api_key: str = ""
-
-    def parts(self) -> tuple[str, str, int, str, bool]:
-        """(host, host header, port, path prefix, tls) of ``base_url``."""
-        url = urlsplit(self.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise StreamError(
-                f"endpoint {self.base_url!r:.200}: expected http(s)://HOST[:PORT]/PATH"
-            )
-        tls = url.scheme == "https"
-        port = url.port or (443 if tls else 80)
-        return url.hostname, url.netloc, port, url.path.rstrip("/"), tls
 
 
 @dataclass
@@ -84,7 +65,10 @@ async def stream_chat(
     record = RequestRecord(start_ns=time.perf_counter_ns())
     writer: asyncio.StreamWriter | None = None
     try:
-        host, netloc, port, prefix, tls = endpoint.parts()
+        try:
+            host, netloc, port, prefix, tls = endpoint.parts()
+        except ValueError as err:
+            raise StreamError(str(err)) from None
         body = json.dumps(
             {
                 "model": endpoint.model,

@@ -298,6 +298,7 @@ class Trial(google.protobuf.message.Message):
     VALID_FIELD_NUMBER: builtins.int
     INVALID_REASON_FIELD_NUMBER: builtins.int
     METRICS_FIELD_NUMBER: builtins.int
+    SERVING_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     """Untimed iterations actually run before the loop."""
     duration_s: builtins.float
@@ -343,6 +344,15 @@ class Trial(google.protobuf.message.Message):
         At most MAX_MAP_ENTRIES (256) entries.
         """
 
+    @property
+    def serving(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___ServingLevel]:
+        """Serving trials only (backends "llama-server", "openai-endpoint"): the load levels
+        in the order run. samples_ms then holds the time per output token of each
+        successful request of the first level, load_time_s the server's start-up (until
+        it accepted a connection) and duration_s the time of all levels. At most
+        MAX_SERVING_LEVELS (64) levels.
+        """
+
     def __init__(
         self,
         *,
@@ -355,10 +365,109 @@ class Trial(google.protobuf.message.Message):
         valid: builtins.bool = ...,
         invalid_reason: builtins.str = ...,
         metrics: collections.abc.Mapping[builtins.str, builtins.float] | None = ...,
+        serving: collections.abc.Iterable[global___ServingLevel] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["duration_s", b"duration_s", "invalid_reason", b"invalid_reason", "load_rss_delta_bytes", b"load_rss_delta_bytes", "load_time_s", b"load_time_s", "metrics", b"metrics", "peak_rss_bytes", b"peak_rss_bytes", "samples_ms", b"samples_ms", "valid", b"valid", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["duration_s", b"duration_s", "invalid_reason", b"invalid_reason", "load_rss_delta_bytes", b"load_rss_delta_bytes", "load_time_s", b"load_time_s", "metrics", b"metrics", "peak_rss_bytes", b"peak_rss_bytes", "samples_ms", b"samples_ms", "serving", b"serving", "valid", b"valid", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___Trial = Trial
+
+@typing.final
+class ServingLevel(google.protobuf.message.Message):
+    """One load level of a serving trial against an OpenAI-compatible endpoint: streamed
+    chat completions sent at a fixed concurrency or request rate, each timed per
+    token-bearing delta (content, reasoning or tool calls: a reasoning model's thinking
+    counts). Per-request lists hold the successful requests in start order; all values
+    finite and >= 0, milliseconds unless named otherwise. At most MAX_SAMPLES_PER_TRIAL
+    entries per list.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: builtins.int
+    CONCURRENCY_FIELD_NUMBER: builtins.int
+    RATE_FIELD_NUMBER: builtins.int
+    ARRIVAL_FIELD_NUMBER: builtins.int
+    REQUESTS_FIELD_NUMBER: builtins.int
+    FAILED_FIELD_NUMBER: builtins.int
+    WALL_S_FIELD_NUMBER: builtins.int
+    GOODPUT_REQUESTS_FIELD_NUMBER: builtins.int
+    SLO_TTFT_MS_FIELD_NUMBER: builtins.int
+    SLO_TPOT_MS_FIELD_NUMBER: builtins.int
+    TTFT_MS_FIELD_NUMBER: builtins.int
+    TPOT_MS_FIELD_NUMBER: builtins.int
+    E2E_MS_FIELD_NUMBER: builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: builtins.int
+    ITL_MS_FIELD_NUMBER: builtins.int
+    ERRORS_FIELD_NUMBER: builtins.int
+    label: builtins.str
+    """"c=4" (concurrency) or "r=2/s poisson" (rate and arrival process)."""
+    concurrency: builtins.int
+    """Requests kept in flight (0 for a rate level)."""
+    rate: builtins.float
+    """Requests started per second (0 for a concurrency level)."""
+    arrival: builtins.str
+    """"constant" or "poisson" for a rate level; "" otherwise."""
+    requests: builtins.int
+    """Requests sent, and how many of them failed (an error, or no token)."""
+    failed: builtins.int
+    wall_s: builtins.float
+    """Wall time of the level, from its first request to its last answer (seconds)."""
+    goodput_requests: builtins.int
+    """Successful requests that met the service-level objective below."""
+    slo_ttft_ms: builtins.float
+    """The objective: time to first token and time per output token at most these."""
+    slo_tpot_ms: builtins.float
+    @property
+    def ttft_ms(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
+        """Time to first token of each successful request."""
+
+    @property
+    def tpot_ms(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
+        """Time per output token after the first ((end - first token) / (tokens - 1)), for
+        requests with at least two tokens.
+        """
+
+    @property
+    def e2e_ms(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
+        """End-to-end latency of each successful request."""
+
+    @property
+    def output_tokens(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """Output tokens of each successful request (the server's usage count when it sends
+        one, else the token-bearing deltas).
+        """
+
+    @property
+    def itl_ms(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
+        """Every gap between consecutive token-bearing deltas of the successful requests."""
+
+    @property
+    def errors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """The distinct one-line reasons requests failed (at most 16)."""
+
+    def __init__(
+        self,
+        *,
+        label: builtins.str = ...,
+        concurrency: builtins.int = ...,
+        rate: builtins.float = ...,
+        arrival: builtins.str = ...,
+        requests: builtins.int = ...,
+        failed: builtins.int = ...,
+        wall_s: builtins.float = ...,
+        goodput_requests: builtins.int = ...,
+        slo_ttft_ms: builtins.float = ...,
+        slo_tpot_ms: builtins.float = ...,
+        ttft_ms: collections.abc.Iterable[builtins.float] | None = ...,
+        tpot_ms: collections.abc.Iterable[builtins.float] | None = ...,
+        e2e_ms: collections.abc.Iterable[builtins.float] | None = ...,
+        output_tokens: collections.abc.Iterable[builtins.int] | None = ...,
+        itl_ms: collections.abc.Iterable[builtins.float] | None = ...,
+        errors: collections.abc.Iterable[builtins.str] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["arrival", b"arrival", "concurrency", b"concurrency", "e2e_ms", b"e2e_ms", "errors", b"errors", "failed", b"failed", "goodput_requests", b"goodput_requests", "itl_ms", b"itl_ms", "label", b"label", "output_tokens", b"output_tokens", "rate", b"rate", "requests", b"requests", "slo_tpot_ms", b"slo_tpot_ms", "slo_ttft_ms", b"slo_ttft_ms", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "wall_s", b"wall_s"]) -> None: ...
+
+global___ServingLevel = ServingLevel
 
 @typing.final
 class TaskResult(google.protobuf.message.Message):
@@ -432,7 +541,8 @@ class TaskResult(google.protobuf.message.Message):
     """Typed failure kind and a one-line message. Kinds: "task_error",
     "artifact_error" (download, sha256 or file format), "model_load_error",
     "backend_crash", "timeout", "backend_unavailable", "unsupported_scheme",
-    "unsupported_architecture", "conversion_error", "hub_job_failed".
+    "unsupported_architecture", "conversion_error", "hub_job_failed",
+    "serving_error" (a serving endpoint answered no request of a level).
     """
     error_message: builtins.str
     backend_version: builtins.str

@@ -1,6 +1,6 @@
-"""llama.cpp's server (llama-cpp-python's ``python -m llama_cpp.server``) for one GGUF
-artifact: started on loopback with explicit threads and context, waited for (the start-up
-time is a metric), and stopped.
+"""The ``llama-server`` backend: llama.cpp's server (llama-cpp-python's ``python -m
+llama_cpp.server``) for one GGUF artifact, started on loopback with explicit threads and
+context, waited for (the start-up time is the trial's load time), and stopped.
 
 The server reads its settings from environment variables too (``HOST``, ``PORT``,
 ``N_CTX``... override the flags), so it starts with a scrubbed environment. Flags that
@@ -25,7 +25,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from agent.backends.base import check_options
+from agent.backends.gguf_check import check_gguf
+from agent.backends.serving import Endpoint, ServingBackend
+from edgefarm.domain import MeasureSettings
 from edgefarm.errors import BackendCrash, ModelLoadError, TaskTimeout
 
 MODEL_ALIAS = "model"
@@ -84,6 +89,7 @@ class LlamaServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # safe: the trial child that starts it runs no threads
         )
         deadline = started + self.startup_timeout_s
         while time.perf_counter() < deadline:
@@ -140,3 +146,73 @@ class LlamaServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the server, before exec: SIGKILL it when the process that started it dies (a
+    trial child killed at its time limit must not leave a server behind). Linux only."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+# The server extra's modules (llama-cpp-python[server]); the backend needs them all.
+SERVER_MODULES = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+class LlamaServerBackend(ServingBackend):
+    """GGUF models served by llama.cpp's server, measured through its endpoint."""
+
+    NAME: ClassVar[str] = "llama-server"
+    MODULE: ClassVar[str] = "llama_cpp"
+    EXTRA: ClassVar[str] = "serving"
+    DISTRIBUTIONS: ClassVar[tuple[str, ...]] = ("llama-cpp-python",)
+
+    def __init__(self) -> None:
+        self.server: LlamaServer | None = None
+
+    @classmethod
+    def installed_version(cls) -> str | None:
+        """llama-cpp-python's version when its server extra is installed too."""
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) is None for m in SERVER_MODULES):
+            return None
+        return super().installed_version()
+
+    def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
+        """Check the GGUF, start the server on it and wait until it accepts connections."""
+        check_options(self.NAME, options, frozenset())
+        check_gguf(model_path)
+        self.server = LlamaServer(
+            model_path,
+            threads=settings.threads,
+            n_ctx=settings.context_tokens,
+            startup_timeout_s=min(120.0, settings.timeout_s),
+        ).start()
+        self.endpoint = Endpoint(self.server.base_url, MODEL_ALIAS)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def server_pid(self) -> int | None:
+        process = self.server.process if self.server is not None else None
+        return process.pid if process is not None and process.poll() is None else None
+
+    def version(self) -> str:
+        """llama-cpp-python's version."""
+        return str(self.require().__version__)
+
+    def environment(self) -> dict[str, str]:
+        """Version, server, threads, context."""
+        env = {
+            "llama_cpp.version": self.version(),
+            "serving.server": "llama_cpp.server (one request at a time)",
+        }
+        if self.server is not None:
+            env["serving.threads"] = str(self.server.threads)
+            env["serving.n_ctx"] = str(self.server.n_ctx)
+            env["serving.startup_s"] = f"{self.server.startup_s:.3f}"
+        return env

@@ -1,0 +1,128 @@
+"""The ``openai-endpoint`` backend: a server the farm did not start (Ollama, vLLM, a
+llama.cpp server elsewhere, any OpenAI-compatible service), named by the campaign.
+
+The task's artifact is the endpoint's descriptor, a small JSON file the coordinator
+writes from the spec: ``{"endpoint": "http://host:port/v1", "model": NAME,
+"api_key_env": VAR}``. The API key itself never leaves the agent: it is read from the
+agent's environment variable ``api_key_env`` names. Loading waits until ``GET
+{endpoint}/models`` answers (the time it takes is the trial's load time).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import ssl
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from agent.backends.base import check_options
+from agent.backends.serving import Endpoint, ServingBackend
+from edgefarm.domain import MeasureSettings
+from edgefarm.errors import ArtifactError, ModelLoadError, ServingFailed
+
+DESCRIPTOR_MAX_BYTES = 64 << 10
+READY_TIMEOUT_S = 30.0
+
+
+def read_descriptor(path: Path) -> dict[str, str]:
+    """The descriptor's fields; :class:`ArtifactError` naming what is wrong."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(DESCRIPTOR_MAX_BYTES + 1)
+    except OSError as err:
+        raise ArtifactError(f"cannot read endpoint descriptor {path.name}: {err}") from err
+    if len(raw) > DESCRIPTOR_MAX_BYTES:
+        raise ArtifactError(f"endpoint descriptor {path.name} is over {DESCRIPTOR_MAX_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ArtifactError(f"endpoint descriptor {path.name} is not JSON") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"endpoint descriptor {path.name} is not a JSON object")
+    fields = {k: data.get(k, "") for k in ("endpoint", "model", "api_key_env")}
+    bad = [k for k, v in fields.items() if not isinstance(v, str)]
+    if bad or not fields["endpoint"] or not fields["model"]:
+        raise ArtifactError(
+            f"endpoint descriptor {path.name}: needs text fields endpoint and model "
+            "(and optionally api_key_env)"
+        )
+    return fields
+
+
+class OpenAiEndpointBackend(ServingBackend):
+    """An external OpenAI-compatible endpoint, measured through the serving workload."""
+
+    NAME: ClassVar[str] = "openai-endpoint"
+
+    @classmethod
+    def installed_version(cls) -> str | None:
+        """Always available: the client is the standard library's."""
+        return "http"
+
+    def load(self, model_path: Path, settings: MeasureSettings, options: dict[str, str]) -> None:
+        """Read the descriptor and the API key, and wait until the endpoint answers."""
+        check_options(self.NAME, options, frozenset())
+        fields = read_descriptor(model_path)
+        key = ""
+        if fields["api_key_env"]:
+            key = os.environ.get(fields["api_key_env"], "")
+            if not key:
+                raise ServingFailed(
+                    f"the endpoint's API key variable {fields['api_key_env']} is not set "
+                    "on this agent"
+                )
+        self.endpoint = Endpoint(fields["endpoint"], fields["model"], key)
+        try:
+            self.endpoint.parts()
+        except ValueError as err:
+            raise ArtifactError(str(err)) from None
+        self.server_header = wait_until_ready(
+            self.endpoint, min(READY_TIMEOUT_S, settings.timeout_s)
+        )
+
+    server_header = ""
+
+    def version(self) -> str:
+        """The endpoint's server as its ``Server`` header names it ("unknown" if not)."""
+        return self.server_header or "unknown"
+
+    def environment(self) -> dict[str, str]:
+        """Where the endpoint is and which model it was asked for (never the key)."""
+        return self.serving_environment()
+
+
+def wait_until_ready(endpoint: Endpoint, timeout_s: float) -> str:
+    """Poll ``GET {endpoint}/models`` until it answers 200; its ``Server`` header
+    (ModelLoadError for another status, ServingFailed when nothing answers within
+    ``timeout_s``)."""
+    host, _, port, prefix, tls = endpoint.parts()
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        conn: http.client.HTTPConnection = (
+            http.client.HTTPSConnection(host, port, timeout=5, context=ssl.create_default_context())
+            if tls
+            else http.client.HTTPConnection(host, port, timeout=5)
+        )
+        try:
+            headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+            conn.request("GET", f"{prefix}/models", headers=headers)
+            response = conn.getresponse()
+            body = response.read(4096).decode("utf-8", "replace")
+            if response.status == 200:
+                return str(response.getheader("server") or "")[:200]
+            raise ModelLoadError(
+                f"endpoint {endpoint.base_url} answered GET /models with HTTP "
+                f"{response.status}: {' '.join(body.split())[:200]}"
+            )
+        except (OSError, http.client.HTTPException) as err:
+            last = f"{type(err).__name__}: {err}"
+        finally:
+            conn.close()
+        time.sleep(0.5)
+    raise ServingFailed(
+        f"endpoint {endpoint.base_url} did not answer within {timeout_s:g} s ({last[:200]})"
+    )

@@ -1,0 +1,74 @@
+"""What a serving runtime is: something that answers OpenAI-compatible chat completions.
+
+A :class:`ServingBackend` is measured by the serving workload (:mod:`agent.serving`),
+not by the timing loop: ``load`` makes its endpoint ready (starting a server when the
+backend runs one; the time it takes is the trial's load time), :attr:`endpoint` says
+where requests go, and ``stop`` ends whatever ``load`` started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from agent.backends.base import Backend
+from edgefarm.domain import MeasureSettings
+from edgefarm.errors import TaskError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An OpenAI-compatible endpoint: ``http(s)://host:port/v1``, a model name, a key."""
+
+    base_url: str
+    model: str
+    api_key: str = ""
+
+    def parts(self) -> tuple[str, str, int, str, bool]:
+        """(host, host header, port, path prefix, tls) of ``base_url``; ValueError when
+        it is not an http(s) URL with a host."""
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"endpoint {self.base_url!r:.200}: expected http(s)://HOST[:PORT]/PATH"
+            )
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
+        return url.hostname, url.netloc, port, url.path.rstrip("/"), tls
+
+
+class ServingBackend(Backend):
+    """A runtime measured through its OpenAI-compatible endpoint."""
+
+    endpoint: Endpoint | None = None
+
+    def stop(self) -> None:
+        """End what :meth:`load` started (a server); nothing by default."""
+
+    def server_pid(self) -> int | None:
+        """The server process this backend started (its CPU and memory are the
+        measurement's), or None for an endpoint it did not start."""
+        return None
+
+    def serving_environment(self) -> dict[str, str]:
+        """What the endpoint is, for the result's environment (never a secret)."""
+        if self.endpoint is None:
+            return {}
+        return {"serving.endpoint": self.endpoint.base_url, "serving.model": self.endpoint.model}
+
+    # Serving backends are not timed by the iteration loop.
+    def make_inputs(self, eval_inputs: np.ndarray | None, batch_size: int) -> Any:
+        raise TaskError(f"{self.NAME} is measured through its endpoint, not the timing loop")
+
+    def run_once(self, inputs: Any) -> None:
+        raise TaskError(f"{self.NAME} is measured through its endpoint, not the timing loop")
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        raise TaskError(f"{self.NAME} is measured through its endpoint, not predict()")
+
+    def read_eval_inputs(self, eval_path: Path, settings: MeasureSettings) -> np.ndarray:
+        raise TaskError(f"{self.NAME} reads its prompts through the serving workload")
