@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from results.rows import p50_interval
+from results.serving import ServingVsInProcess, is_serving_row, side_by_side
 
 Row = dict[str, Any]
 STATUS_WIDTH = 70
@@ -158,15 +159,91 @@ def _table(rows: list[Row], columns: list[tuple[str, Callable[[Row], str]]], tit
 
 
 def results_tables(rows: list[Row], title: str = "") -> list[Table]:
-    """One table for classifier-style rows and one for language-model rows (if any)."""
-    llm = [r for r in rows if is_llm_row(r)]
-    other = [r for r in rows if not is_llm_row(r)]
+    """One table for classifier-style rows, one for language-model rows and, for
+    serving rows, one of their load levels and one beside the in-process figures."""
+    served = [r for r in rows if is_serving_row(r)]
+    rest = [r for r in rows if not is_serving_row(r)]
+    llm = [r for r in rest if is_llm_row(r)]
+    other = [r for r in rest if not is_llm_row(r)]
     tables = []
-    if other or not llm:
+    if other or not (llm or served):
         tables.append(_table(other, CLASSIFIER_COLUMNS, title))
     if llm:
         tables.append(_table(llm, LLM_COLUMNS, f"{title} (language models)" if title else ""))
+    if served:
+        tables.append(serving_table(served, f"{title} (serving)" if title else "serving"))
+        pairs = side_by_side(rows)
+        if pairs:
+            tables.append(side_by_side_table(pairs))
     return tables
+
+
+SERVING_HEAD = (
+    "model", "backend", "scheme", "device", "start s", "level", "requests", "failed",
+    "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "ITL p99 ms", "E2E p50 ms",
+    "req/s", "out tok/s", "goodput/s", "status",
+)  # fmt: skip
+
+
+def serving_table(rows: list[Row], title: str) -> Table:
+    """One line per load level of each serving row (failed rows: one line)."""
+    table = Table(title=title or None)
+    for name in SERVING_HEAD:
+        table.add_column(name, justify="left" if name in _LEFT else "right")
+    for row in rows:
+        ident = [str(row.get(k) or "") for k in ("model", "backend", "scheme")]
+        ident.append(str(row.get("device_name") or row.get("device_id", "")))
+        start = _field("load_time_s", ".2f")(row)
+        levels = row.get("serving") or []
+        if not levels:
+            table.add_row(*ident, start, *["-"] * 12, _status(row))
+        for level in levels:
+            table.add_row(
+                *ident,
+                start,
+                str(level.get("label", "")),
+                str(level.get("requests", "")),
+                str(level.get("failed", "")),
+                *(
+                    _num(level.get(key), ".1f")
+                    for key in ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p99_ms")
+                ),
+                _num(level.get("e2e_p50_ms"), ".0f"),
+                _num(level.get("request_per_s"), ".2f"),
+                _num(level.get("output_tok_per_s"), ".1f"),
+                _num(level.get("goodput_per_s"), ".2f"),
+                _status(row),
+            )
+    return table
+
+
+def side_by_side_table(pairs: list[ServingVsInProcess]) -> Table:
+    """Decode speed and TTFT through the server beside the same artifact in-process."""
+    table = Table(title="serving vs in-process (same artifact, same device)")
+    head = ["model", "scheme", "device", "in-process", "tok/s", "TTFT ms", "server"]
+    head += ["level", "tok/s (1/TPOT)", "TTFT p50 ms", "served / in-process"]
+    for name in head:
+        table.add_column(
+            name, justify="left" if name in _LEFT | {"in-process", "server"} else "right"
+        )
+    for p in pairs:
+        table.add_row(
+            p.model,
+            p.scheme,
+            p.device,
+            p.in_process,
+            _num(p.in_process_tok_per_s, ".1f"),
+            _num(p.in_process_ttft_ms, ".1f"),
+            p.server,
+            p.first_level,
+            _num(p.served_tok_per_s, ".1f"),
+            _num(p.served_ttft_ms, ".1f"),
+            _num(p.speed_ratio, ".2f"),
+        )
+    return table
+
+
+_LEFT = {"model", "backend", "scheme", "device", "status", "level"}
 
 
 def print_tables(tables: list[Table]) -> None:
