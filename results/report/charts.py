@@ -8,11 +8,13 @@ configuration), ``path.front``; ``circle.night``, ``line.trials``, ``rect.band``
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from results.regression.types import ChangePoint, Direction, SeriesHistory, Status
 from results.report.fmt import MIB, fmt_bytes, fmt_date, fmt_ms, fmt_num, fmt_ratio, fmt_value
 from results.report.model import HistoryPanel, ParetoChart
 from results.report.svg import Frame, Scale, auto_scale, axes, element, group, padded, svg, tooltip
+from results.serving import ServingSweep
 
 MAX_RADIUS = 18.0
 MIN_RADIUS = 3.0
@@ -227,3 +229,63 @@ def history_svg(panel: HistoryPanel) -> str:
         element("text", history.key.label() + status, x=frame.x0, y=18, class_="chart-title")
     )
     return svg(frame, body, history.key.label(), "chart history")
+
+
+SWEEP_COLOURS = ("#2f6fdf", "#d9480f", "#2f9e44", "#9c36b5", "#e8890c", "#0c8599")
+
+
+def serving_svg(device: str, model: str, sweeps: Sequence[ServingSweep]) -> str:
+    """Latency vs throughput of each configuration's load sweep: output tokens/s (x)
+    against p50 end-to-end request latency (y), one line per configuration, each point
+    a load level (``circle.level``, labelled ``c=4`` / ``r=2/s ...``)."""
+    frame = Frame(720, 400, right=150)
+    points = [
+        (s, p)
+        for s in sweeps
+        for p in s.points
+        if p.output_tok_per_s is not None and p.e2e_p50_ms is not None
+    ]
+    xs = [p.output_tok_per_s for _, p in points if p.output_tok_per_s is not None] or [0.0, 1.0]
+    ys = [p.e2e_p50_ms for _, p in points if p.e2e_p50_ms is not None] or [0.0, 1.0]
+    x = Scale(*padded(0.0, max(xs), 0.1), frame.x0, frame.x1)
+    y = auto_scale(ys, frame.y1, frame.y0)
+    body = [
+        axes(
+            frame,
+            x,
+            y,
+            "output tokens/s (higher is better)",
+            "p50 end-to-end latency, ms (lower is better)",
+        )
+    ]
+    for index, sweep in enumerate(sweeps):
+        colour = SWEEP_COLOURS[index % len(SWEEP_COLOURS)]
+        mine = [p for s, p in points if s is sweep]
+        coords = [(x(p.output_tok_per_s or 0.0), y(p.e2e_p50_ms or 0.0)) for p in mine]
+        if len(coords) > 1:
+            d = "M" + " L".join(f"{cx:.1f},{cy:.1f}" for cx, cy in coords)
+            body.append(element("path", d=d, class_="sweep", stroke=colour))
+        for p, (cx, cy) in zip(mine, coords, strict=True):
+            tip = (
+                f"{sweep.label} {p.label}: {fmt_num(p.output_tok_per_s, 3)} tok/s, "
+                f"E2E p50 {fmt_ms(p.e2e_p50_ms)}, TTFT p50 {fmt_ms(p.ttft_p50_ms)}, "
+                f"TPOT p50 {fmt_ms(p.tpot_p50_ms)}, {p.failed}/{p.requests} failed"
+            )
+            body.append(
+                element(
+                    "circle", inner=tooltip(tip), cx=cx, cy=cy, r=4, class_="level", fill=colour
+                )
+            )
+            body.append(element("text", p.label, x=cx + 6, y=cy - 6, class_="point-label"))
+        body.append(
+            element(
+                "text",
+                sweep.label,
+                x=frame.x1 + 10,
+                y=frame.y0 + 14 + 16 * index,
+                class_="legend",
+                fill=colour,
+            )
+        )
+    title = f"{model} on {device}: latency vs throughput under load"
+    return svg(frame, body, title, "chart serving")

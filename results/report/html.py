@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 
 from results.compare import COLUMNS, INTERVAL_NOTE, cells, groups
-from results.report.charts import history_svg, pareto_svg
+from results.report.charts import history_svg, pareto_svg, serving_svg
 from results.report.fmt import (
     fmt_bytes,
     fmt_interval,
@@ -18,6 +18,7 @@ from results.report.fmt import (
     verdict_figures,
 )
 from results.report.model import ParetoChart, Report
+from results.serving import ServingSweep
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
@@ -51,6 +52,9 @@ svg .changepoint { stroke: #e8890c; stroke-width: 1.5; stroke-dasharray: 4 3; }
 svg .changepoint.worse { stroke: #d9480f; }
 svg .cp-label { font-size: 11px; fill: #b35c00; }
 svg .regression { fill: none; stroke: #d6336c; stroke-width: 2.5; }
+svg .sweep { fill: none; stroke-width: 1.8; }
+svg .level { stroke: #fff; stroke-width: 1; }
+svg .legend { font-size: 12px; }
 """
 
 
@@ -117,6 +121,72 @@ def _verdict_rows(report: Report) -> tuple[list[list[str]], list[str]]:
     return rows, [v.status.value for v in verdicts]
 
 
+SERVING_HEAD = [
+    "configuration", "level", "requests", "failed", "TTFT p50", "TTFT p99", "TPOT p50",
+    "ITL p99", "E2E p50", "E2E p99", "req/s", "out tok/s", "goodput/s",
+]  # fmt: skip
+
+
+def _serving_section(report: Report) -> str:
+    """Per device and model: the latency-vs-throughput chart of every sweep and a table
+    of its levels; then served vs in-process decode speed."""
+    parts = ['<h2 id="serving">Serving: latency vs throughput</h2>']
+    by: dict[tuple[str, str], list[ServingSweep]] = {}
+    for sweep in report.serving:
+        by.setdefault((sweep.device, sweep.model), []).append(sweep)
+    for (device, model), members in by.items():
+        parts.append(f"<h3>{_e(model)} on {_e(device)}</h3>")
+        parts.append(
+            f"<figure>{serving_svg(device, model, members)}<figcaption>Each line is one "
+            "configuration's sweep; each point a load level (concurrency c or request "
+            "rate r).</figcaption></figure>"
+        )
+        rows = [
+            [
+                f"{s.label} (start {fmt_num(s.startup_s, 3)} s)",
+                p.label,
+                str(p.requests),
+                str(p.failed),
+                *(fmt_ms(v) for v in (p.ttft_p50_ms, p.ttft_p99_ms, p.tpot_p50_ms)),
+                *(fmt_ms(v) for v in (p.itl_p99_ms, p.e2e_p50_ms, p.e2e_p99_ms)),
+                *(fmt_num(v, 3) for v in (p.request_per_s, p.output_tok_per_s, p.goodput_per_s)),
+            ]
+            for s in members
+            for p in s.points
+        ]
+        parts.append(_table(SERVING_HEAD, rows, left=2))
+        slos = sorted({p.slo for s in members for p in s.points})
+        parts.append(f"<p>Goodput: requests per second that met {_e('; '.join(slos))}.</p>")
+    if report.serving_vs_in_process:
+        parts.append("<h3>Served vs in-process (same artifact, same device)</h3>")
+        head = ["model", "scheme", "device", "in-process", "decode tok/s", "TTFT"]
+        head += ["server", "level", "tok/s (1/TPOT)", "TTFT p50", "served / in-process"]
+        rows = [
+            [
+                v.model,
+                v.scheme,
+                v.device,
+                v.in_process,
+                fmt_num(v.in_process_tok_per_s, 3),
+                fmt_ms(v.in_process_ttft_ms),
+                v.server,
+                v.first_level,
+                fmt_num(v.served_tok_per_s, 3),
+                fmt_ms(v.served_ttft_ms),
+                fmt_num(v.speed_ratio, 2),
+            ]
+            for v in report.serving_vs_in_process
+        ]
+        parts.append(_table(head, rows, left=4))
+        parts.append(
+            "<p>In-process: one decode step of the runtime in the measuring process; "
+            "served: the time per output token of single-stream requests through the "
+            "server's HTTP API (tokenization, chat template, sampling and streaming "
+            "included), and its time to first token.</p>"
+        )
+    return "\n".join(parts)
+
+
 def render_html(report: Report) -> str:
     """The whole report as a standalone HTML document."""
     s = report.summary
@@ -161,6 +231,8 @@ def render_html(report: Report) -> str:
             "full-precision run; fidelity is against the shared full-precision reference. "
             f"{_e(INTERVAL_NOTE)}</p>"
         )
+    if report.serving:
+        parts.append(_serving_section(report))
     if report.failures:
         parts.append('<h2 id="failures">Failed or invalid runs</h2>')
         rows = [[f.device, f.model, f"{f.backend}/{f.scheme}", f.reason] for f in report.failures]

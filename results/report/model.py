@@ -12,6 +12,13 @@ from typing import Any
 
 from results.compare import ComparisonRow, compare, device_label, is_llm_row
 from results.regression.types import Direction, SeriesHistory, SeriesKey, Status, Verdict
+from results.serving import (
+    ServingSweep,
+    ServingVsInProcess,
+    is_serving_row,
+    side_by_side,
+    sweeps,
+)
 
 Row = dict[str, Any]
 
@@ -125,6 +132,9 @@ class Report:
     histories: tuple[HistoryPanel, ...]
     failures: tuple[Failure, ...]
     notes: tuple[str, ...]
+    # Serving measurements: each configuration's load sweep, and served vs in-process.
+    serving: tuple[ServingSweep, ...] = ()
+    serving_vs_in_process: tuple[ServingVsInProcess, ...] = ()
     schema: str = SCHEMA
 
     def unit_of(self, key: SeriesKey) -> str:
@@ -253,15 +263,18 @@ def build_report(
         for r in rows
         if failure_reason(r)
     ]
+    measured = [r for r in rows if not is_serving_row(r)]  # serving has its own section
     return Report(
         title=title,
         summary=_summary(rows),
-        pareto=tuple(pareto_charts(rows)),
-        comparison=tuple(compare(rows)) if rows else (),
+        pareto=tuple(pareto_charts(measured)),
+        comparison=tuple(compare(measured)) if measured else (),
         verdicts=tuple(
             sorted(verdicts, key=lambda v: (STATUS_ORDER.get(v.status, 9), v.key.label()))
         ),
         histories=tuple(_panels(histories, verdicts)),
         failures=tuple(failures),
         notes=tuple(notes),
+        serving=tuple(sweeps(rows)),
+        serving_vs_in_process=tuple(side_by_side(rows)),
     )
