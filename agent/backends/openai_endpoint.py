@@ -80,7 +80,7 @@ class OpenAiEndpointBackend(ServingBackend):
         except ValueError as err:
             raise ArtifactError(str(err)) from None
         self.server_header = wait_until_ready(
-            self.endpoint, min(READY_TIMEOUT_S, settings.timeout_s)
+            self.endpoint, min(READY_TIMEOUT_S, settings.timeout_s / 2)
         )
 
     server_header = ""

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.serving.llama_server import MODEL_ALIAS, LlamaServer
-from agent.serving.load import Level, LevelResult, Slo, measure_level
-from agent.serving.sse import Endpoint, RequestRecord, stream_chat
+from agent.backends.llama_server import MODEL_ALIAS, LlamaServer
+from agent.backends.serving import Endpoint
+from agent.serving.load import measure_level
+from agent.serving.plan import Level, Slo
+from agent.serving.sse import RequestRecord, stream_chat
+from edgefarm.domain import ServingLevel
 from edgefarm.errors import ModelLoadError
 
 pytest.importorskip("uvicorn", reason="llama-cpp-python's server extra is not installed")
@@ -37,7 +40,7 @@ def test_a_concurrency_sweep_through_the_server() -> None:
         async def send(prompt: str) -> RequestRecord:
             return await stream_chat(endpoint, prompt, 24)
 
-        async def sweep() -> list[LevelResult]:
+        async def sweep() -> list[ServingLevel]:
             return [
                 await measure_level(Level(concurrency=c, max_requests=4), PROMPTS, send, Slo())
                 for c in (1, 2)
@@ -46,10 +49,10 @@ def test_a_concurrency_sweep_through_the_server() -> None:
         one, two = asyncio.run(sweep())
     for result in (one, two):
         assert result.requests == 4 and result.failed == 0, result.errors
-        assert result.tpot_ms["p50"] > 0 and result.output_tok_per_s > 0
-        assert all(r.output_tokens >= 2 for r in result.records)
+        assert result.summary()["tpot_p50_ms"] > 0 and result.summary()["output_tok_per_s"] > 0
+        assert all(n >= 2 for n in result.output_tokens)
     # one request at a time: at concurrency 2 a request waits for the other's stream
-    assert two.ttft_ms["p50"] > 2 * one.ttft_ms["p50"]
+    assert two.summary()["ttft_p50_ms"] > 2 * one.summary()["ttft_p50_ms"]
     assert server.process is not None and server.process.poll() is not None  # stopped
 
 

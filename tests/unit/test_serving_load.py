@@ -14,15 +14,11 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from agent.serving.load import (
-    Level,
-    LevelResult,
-    Slo,
-    arrival_offsets,
-    measure_level,
-    summarize,
-)
-from agent.serving.sse import MAX_LINE_BYTES, Endpoint, RequestRecord, stream_chat
+from agent.backends.serving import Endpoint
+from agent.serving.load import arrival_offsets, measure_level, summarize
+from agent.serving.plan import Level, Slo
+from agent.serving.sse import MAX_LINE_BYTES, RequestRecord, stream_chat
+from edgefarm.domain import ServingLevel
 
 Writer = Callable[[asyncio.StreamWriter], "asyncio.Future[None] | object"]
 
@@ -207,7 +203,7 @@ def test_arrivals_constant_and_poisson() -> None:
 
 
 def test_levels_against_the_test_server_and_their_summary() -> None:
-    async def go(level: Level) -> LevelResult:
+    async def go(level: Level) -> ServingLevel:
         async with serve("normal") as endpoint:
 
             async def send(prompt: str) -> RequestRecord:
@@ -217,9 +213,10 @@ def test_levels_against_the_test_server_and_their_summary() -> None:
 
     result = asyncio.run(go(Level(concurrency=3, max_requests=6)))
     assert result.requests == 6 and result.failed == 0
-    assert result.ttft_ms["n"] == 6 and result.itl_ms["n"] == 24
-    assert 5 <= result.itl_ms["p50"] < 1000
-    assert result.goodput_per_s == pytest.approx(result.request_per_s)
+    assert len(result.ttft_ms) == 6 and len(result.itl_ms) == 24
+    figures = result.summary()
+    assert 5 <= figures["itl_p50_ms"] < 1000
+    assert figures["goodput_per_s"] == pytest.approx(figures["request_per_s"])
     rated = asyncio.run(go(Level(rate=20.0, max_requests=4)))
     assert rated.requests == 4 and rated.failed == 0
     # the time bound: nothing starts after max_duration_s
@@ -236,7 +233,11 @@ def test_summary_arithmetic_and_goodput() -> None:
     failed = RequestRecord(start_ns=0, end_ns=5 * ms, error="HTTP 500: boom")
     result = summarize(Level(concurrency=1), [fast, slow, failed], 2.0, Slo(500, 100))
     assert result.requests == 3 and result.failed == 1 and result.errors == ["HTTP 500: boom"]
-    assert result.ttft_ms["p50"] == 500.0 and result.tpot_ms["p50"] == 60.0  # (20+100)/2
-    assert result.itl_ms["n"] == 3 and result.e2e_ms["p99"] == 1000.0
-    assert result.request_per_s == 1.0 and result.output_tok_per_s == 2.5
-    assert result.goodput_per_s == 0.5  # only the fast one meets TTFT <= 500 ms
+    assert result.ttft_ms == [100.0, 900.0] and result.tpot_ms == [20.0, 100.0]
+    assert len(result.itl_ms) == 3 and result.e2e_ms == [140.0, 1000.0]
+    assert result.output_tokens == [3, 2] and result.goodput_requests == 1
+    figures = result.summary()
+    assert figures["ttft_p50_ms"] == 500.0 and figures["tpot_p50_ms"] == 60.0  # (20+100)/2
+    assert figures["e2e_p99_ms"] == pytest.approx(991.4)  # linear between 140 and 1000
+    assert figures["request_per_s"] == 1.0 and figures["output_tok_per_s"] == 2.5
+    assert figures["goodput_per_s"] == 0.5  # only the fast one meets TTFT <= 500 ms
