@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from edgefarm.errors import ArtifactError, ServingFailed, SpecError, TaskError
 from protos.convert import result_from_pb, result_to_pb
 from results.report import build_report, render
 from results.rows import serving_levels
+from results.store import ResultsStore
 
 WORDS = ["", "Hello", " world", ",", " the", " river", " runs", "."]  # id 0: special
 
@@ -391,3 +393,16 @@ def test_the_store_pools_trials_per_level_and_the_report_charts_them() -> None:
     assert html.count('class="level"') == 2 and 'class="sweep"' in html
     assert "<script" not in html
     assert json.loads(render(report, "json"))["serving"][0]["points"][0]["label"] == "c=1"
+
+
+def test_a_v6_store_gains_the_serving_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    ResultsStore.open(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:  # make it look like a v6 store
+        db.execute("ALTER TABLE results DROP COLUMN serving")
+        db.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
+    ResultsStore.open(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
+        version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert "serving" in columns and version == "7"

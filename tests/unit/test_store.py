@@ -199,7 +199,7 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
         "agent_credentials",
         "attempts",
     } <= tables
-    assert version == str(schema.SCHEMA_VERSION) == "6"
+    assert version == str(schema.SCHEMA_VERSION) == "7"
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
 
 

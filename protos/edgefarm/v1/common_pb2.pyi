@@ -377,7 +377,7 @@ class ServingLevel(google.protobuf.message.Message):
     chat completions sent at a fixed concurrency or request rate, each timed per
     token-bearing delta (content, reasoning or tool calls: a reasoning model's thinking
     counts). Per-request lists hold the successful requests in start order; all values
-    finite and >= 0, milliseconds unless named otherwise. At most MAX_SAMPLES_PER_TRIAL
+    finite and >= 0, milliseconds unless named otherwise. At most MAX_SAMPLES_PER_TRIAL (1000000)
     entries per list.
     """
 
