@@ -70,7 +70,6 @@ class OtherCpuMeter:
         others = (_host_busy_s() - busy0) - (self._own_s() - own0)
         self.cores = max(0.0, others / wall) if wall > 0 else 0.0
 
-
     def _own_s(self) -> float:
         total = _own_cpu_s(self._process)
         for process in self._own:

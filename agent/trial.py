@@ -86,12 +86,18 @@ class TrialRequest:
 def _serving_result(backend: ServingBackend, request: TrialRequest) -> dict[str, Any]:
     """A serving trial's success result (:mod:`agent.serving.workload`)."""
     served = run_serving_trial(
-        backend, request.model_path, request.eval_path, request.settings, request.options
+        backend,
+        request.model_path,
+        request.eval_path,
+        request.settings,
+        request.options,
+        request.compute_accuracy,
+        request.scheme,
     )
     return {
         "ok": True,
         "trial": asdict(served.trial),
-        "accuracy": {},
+        "accuracy": served.accuracy,
         "backend_version": backend.version(),
         "environment": served.environment,
         "model_size_bytes": path_size_bytes(request.model_path),

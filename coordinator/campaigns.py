@@ -56,6 +56,7 @@ BACKEND_EXTRAS = {
     "noop": "agent",
     "llama-server": "serving",
     "openai-endpoint": "agent",
+    "vllm": "vllm (an environment of its own: --backend-env vllm=PATH)",
 }
 
 

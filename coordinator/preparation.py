@@ -523,6 +523,9 @@ class Preparer:
             return await asyncio.to_thread(
                 self.artifacts.put_bytes, descriptor, f"{stem}.endpoint.json"
             )
+        if backend == "vllm":  # served from the checkpoint folder, in the scheme's dtype
+            self._require(src, "gguf", backend)
+            return await self.hf_folder(src, stats)
         if backend in GGUF_BACKENDS:  # one GGUF per type serves both
             self._require(src, "gguf", backend)
             if ("llama-cpp", scheme) in IDENTITY_SCHEMES:

@@ -67,13 +67,16 @@ BACKEND_SCHEMES: dict[str, tuple[str, ...] | None] = {
     # external OpenAI-compatible endpoint (its scheme is a label of what it serves).
     "llama-server": ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"),
     "openai-endpoint": None,
+    # vLLM's server on the model's Hugging Face folder, in the dtype the scheme names (in
+    # an environment of its own on the agent: --backend-env vllm=PATH).
+    "vllm": ("fp32", "bf16", "fp16"),
     # Qualcomm AI Hub: fp32 / fp16 compiled as they are; the rest quantized by a hub
     # quantize job (int8 = w8a8, int16 = w8a16, w4a8, w4a16: weights x activations).
     "qai-hub": ("fp32", "fp16", "int8", "int16", "w4a8", "w4a16"),
 }
 KNOWN_BACKENDS = tuple(BACKEND_SCHEMES)
 # Backends measured through an endpoint by the serving workload (a `serving:` block).
-SERVING_BACKENDS = ("llama-server", "openai-endpoint")
+SERVING_BACKENDS = ("llama-server", "openai-endpoint", "vllm")
 ENDPOINT_BACKEND = "openai-endpoint"
 # Backends that also take "olive-*" schemes: a model made by a Microsoft Olive command or
 # workflow (coordinator.conversion.olive_convert) from the model's ONNX.

@@ -191,6 +191,9 @@ def _check_serving(index: int, levels: Sequence[common_pb2.ServingLevel]) -> str
         ) or _check_strings((f"{where}.errors", e) for e in level.errors)
         if problem:
             return problem
+        problem = _check_map(f"{where}.server", level.server, numbers=True)
+        if problem:
+            return problem
         if level.failed > level.requests or level.goodput_requests > level.requests:
             return f"{where}: more failed or good requests than requests"
         scalars = [level.rate, level.wall_s, level.slo_ttft_ms, level.slo_tpot_ms]

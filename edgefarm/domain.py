@@ -368,6 +368,9 @@ class ServingLevel:
     output_tokens: list[int] = field(default_factory=list)
     itl_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # distinct failure reasons
+    # What the server reported about the level (its /metrics around it: mean TTFT,
+    # inter-token latency, queue time... in ms, token counts; names as the server's).
+    server: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok_requests(self) -> int:
@@ -392,6 +395,7 @@ class ServingLevel:
             "slo_ttft_ms": self.slo_ttft_ms,
             "slo_tpot_ms": self.slo_tpot_ms,
             "errors": list(self.errors),
+            "server": dict(self.server),
         }
         for name in SERVING_LATENCIES:
             ordered = sorted(getattr(self, name))

@@ -144,7 +144,8 @@ _LEVEL_LISTS = ("ttft_ms", "tpot_ms", "e2e_ms", "output_tokens", "itl_ms", "erro
 def serving_level_to_pb(level: ServingLevel) -> common_pb2.ServingLevel:
     """Domain serving level -> wire."""
     return common_pb2.ServingLevel(
-        **{name: getattr(level, name) for name in _LEVEL_FIELDS + _LEVEL_LISTS}
+        **{name: getattr(level, name) for name in _LEVEL_FIELDS + _LEVEL_LISTS},
+        server=dict(level.server),
     )
 
 
@@ -152,7 +153,7 @@ def serving_level_from_pb(m: common_pb2.ServingLevel) -> ServingLevel:
     """Wire serving level -> domain."""
     fields: dict[str, Any] = {name: getattr(m, name) for name in _LEVEL_FIELDS}
     fields.update({name: list(getattr(m, name)) for name in _LEVEL_LISTS})
-    return ServingLevel(**fields)
+    return ServingLevel(**fields, server=dict(m.server))
 
 
 def result_to_pb(r: MeasurementResult) -> common_pb2.TaskResult:

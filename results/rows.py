@@ -188,8 +188,8 @@ def trial_detail(t: TrialOutcome) -> dict[str, Any]:
 def serving_levels(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]] | None:
     """A serving result's ``serving`` column: per level (matched by label over the
     trials), the figures of every trial's requests pooled (:meth:`ServingLevel.summary`,
-    throughput from the summed wall time), the trial count and the raw samples; None
-    for a result without levels."""
+    throughput from the summed wall time; the server's own figures: medians over the
+    trials), the trial count and the raw samples; None for a result without levels."""
     by_label: dict[str, list[ServingLevel]] = {}
     for trial in trials:
         for level in trial.serving:
@@ -211,6 +211,10 @@ def serving_levels(trials: Sequence[TrialOutcome]) -> list[dict[str, Any]] | Non
             slo_ttft_ms=first.slo_ttft_ms,
             slo_tpot_ms=first.slo_tpot_ms,
             errors=sorted({e for v in levels for e in v.errors}),
+            server={
+                key: median([v.server[key] for v in levels if key in v.server])
+                for key in sorted({k for v in levels for k in v.server})
+            },
             **{name: [x for v in levels for x in getattr(v, name)] for name in _LISTS},
         )
         summary = pooled.summary()

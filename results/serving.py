@@ -1,7 +1,7 @@
 """Serving results as readers see them: one line per load level, one sweep per
 configuration, and each server beside the same artifact's in-process micro-benchmark.
 
-A serving row (backends ``llama-server``, ``openai-endpoint``) stores its levels in the
+A serving row (backends ``llama-server``, ``openai-endpoint``, ``vllm``) stores its levels in the
 ``serving`` column (:func:`results.rows.serving_levels`): figures pooled over its trials.
 Its ``lat_p50_ms`` is the median time per output token at the first level, so
 ``1000 / lat_p50_ms`` is the single-stream decode speed through the server, the figure
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Row = dict[str, Any]
-SERVING_BACKENDS = ("llama-server", "openai-endpoint")
+SERVING_BACKENDS = ("llama-server", "openai-endpoint", "vllm")
 
 
 def is_serving_row(row: Row) -> bool:
@@ -85,6 +85,10 @@ class ServingVsInProcess:
     in_process_ttft_ms: float | None
     served_ttft_ms: float | None  # p50 at the first level (HTTP, template, queue incl.)
     first_level: str
+    # top-1 agreement with the reference: in-process, and through the server's prompt
+    # log-probabilities (None where not measured)
+    in_process_top1: float | None = None
+    served_top1: float | None = None
 
     @property
     def speed_ratio(self) -> float | None:
@@ -170,6 +174,8 @@ def side_by_side(rows: Sequence[Row]) -> list[ServingVsInProcess]:
                 in_process_ttft_ms=_finite((micro.get("metrics") or {}).get("ttft_ms")),
                 served_ttft_ms=_finite(first.get("ttft_p50_ms")),
                 first_level=str(first.get("label", "")),
+                in_process_top1=_finite((micro.get("accuracy") or {}).get("top1_agreement")),
+                served_top1=_finite((row.get("accuracy") or {}).get("served_top1_agreement")),
             )
         )
     return out

@@ -24,6 +24,7 @@ BACKENDS: dict[str, str] = {
     "foundry-local": "agent.backends.foundry_local:FoundryLocalBackend",
     "llama-server": "agent.backends.llama_server:LlamaServerBackend",
     "openai-endpoint": "agent.backends.openai_endpoint:OpenAiEndpointBackend",
+    "vllm": "agent.backends.vllm:VllmBackend",
 }
 
 

@@ -5,7 +5,8 @@ The task's artifact is the endpoint's descriptor, a small JSON file the coordina
 writes from the spec: ``{"endpoint": "http://host:port/v1", "model": NAME,
 "api_key_env": VAR}``. The API key itself never leaves the agent: it is read from the
 agent's environment variable ``api_key_env`` names. Loading waits until ``GET
-{endpoint}/models`` answers (the time it takes is the trial's load time).
+{endpoint}/models`` answers (the time it takes is the trial's load time); when the
+server also answers ``GET /metrics`` (vLLM does), it is read around every load level.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ArtifactError, ModelLoadError, ServingFailed
 
 DESCRIPTOR_MAX_BYTES = 64 << 10
+METRICS_PATH = "/metrics"  # read when the endpoint's server exposes Prometheus metrics
 READY_TIMEOUT_S = 30.0
 
 
@@ -82,6 +84,8 @@ class OpenAiEndpointBackend(ServingBackend):
         self.server_header = wait_until_ready(
             self.endpoint, min(READY_TIMEOUT_S, settings.timeout_s / 2)
         )
+        if _status(self.endpoint, METRICS_PATH, root=True) == 200:  # read around levels
+            self.metrics_path = METRICS_PATH
 
     server_header = ""
 
@@ -92,6 +96,26 @@ class OpenAiEndpointBackend(ServingBackend):
     def environment(self) -> dict[str, str]:
         """Where the endpoint is and which model it was asked for (never the key)."""
         return self.serving_environment()
+
+
+def _status(endpoint: Endpoint, path: str, root: bool = False) -> int:
+    """The status of ``GET {endpoint}{path}`` (under the server's root with ``root``);
+    0 when it does not answer."""
+    host, _, port, prefix, tls = endpoint.parts()
+    conn: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(host, port, timeout=5, context=ssl.create_default_context())
+        if tls
+        else http.client.HTTPConnection(host, port, timeout=5)
+    )
+    try:
+        conn.request("GET", path if root else prefix + path)
+        response = conn.getresponse()
+        response.read(1 << 16)
+        return int(response.status)
+    except (OSError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
 
 
 def wait_until_ready(endpoint: Endpoint, timeout_s: float) -> str:

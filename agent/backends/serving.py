@@ -8,9 +8,11 @@ where requests go, and ``stop`` ends whatever ``load`` started.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -45,9 +47,25 @@ class ServingBackend(Backend):
     """A runtime measured through its OpenAI-compatible endpoint."""
 
     endpoint: Endpoint | None = None
+    # The task's scheme, set before load: a server may serve it as a setting (vLLM: dtype).
+    scheme: str = ""
+    # Prometheus text metrics under the server's root, read around every load level.
+    metrics_path: str | None = None
+    # How the server aligns echoed prompt log-probabilities (agent.serving.fidelity.
+    # score_chunk): 0 as OpenAI, 1 one token late; None: unknown, found by trying both.
+    LOGPROBS_SHIFT: ClassVar[int | None] = None
 
     def stop(self) -> None:
         """End what :meth:`load` started (a server); nothing by default."""
+
+    @contextlib.contextmanager
+    def fidelity_endpoint(self, n_ctx: int) -> Iterator[Endpoint]:
+        """Where prompt log-probabilities of ``n_ctx``-token chunks are asked for, after
+        the load levels and before :meth:`stop`: the measured endpoint by default (its
+        context must hold a chunk and one generated token)."""
+        if self.endpoint is None:
+            raise TaskError(f"{self.NAME} has no endpoint")
+        yield self.endpoint
 
     def server_pid(self) -> int | None:
         """The server process this backend started (its CPU and memory are the

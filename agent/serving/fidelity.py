@@ -99,11 +99,15 @@ def score_chunk(
     chunk: int,
     tokens: list[str],
     top: list[dict[str, float] | None],
+    shift: int = 0,
     k: int = TOP_K,
 ) -> tuple[list[float], list[float]]:
     """Per matched position of reference ``chunk``: (top-1 agreement 1/0, KL over the
     server's top-k). Positions are matched by token text from the chunk's first text
-    token; the walk stops at the first token the server tokenized differently."""
+    token; the walk stops at the first token the server tokenized differently.
+
+    ``shift`` 0: ``top[j]`` is the distribution of token ``j`` given the tokens before it
+    (OpenAI's meaning); 1: of the token after ``j`` (llama-cpp-python 0.3's echo)."""
     n_ctx = int(reference["n_ctx"])
     seq = np.asarray(reference["tokens"])
     ids = seq[chunk * n_ctx : (chunk + 1) * n_ctx]
@@ -113,17 +117,14 @@ def score_chunk(
     agree: list[float] = []
     kld: list[float] = []
     for j, piece in enumerate(pieces[first:]):
-        i = first + j  # index in the chunk of the token the server saw as tokens[j]
         if j >= len(tokens) or tokens[j] != piece:
             break
-        if j == 0 or i == 0:
-            continue
         served = top[j] if j < len(top) else None
-        if not served:
-            break
-        p = position0 + i - 1  # the reference position that predicts token i
-        ref_ids = reference["ref_topk_ids"][p]
-        ref_lp = reference["ref_topk_logprob"][p]
+        local = first + j - 1 + shift  # the chunk position whose prediction top[j] is
+        if not served or not 0 <= local < len(ids) - 1:
+            continue
+        ref_ids = reference["ref_topk_ids"][position0 + local]
+        ref_lp = reference["ref_topk_logprob"][position0 + local]
         ref_by_text: dict[str, float] = {}
         for text, lp in zip(_pieces(reference, ref_ids), ref_lp, strict=True):
             ref_by_text.setdefault(text, float(lp))
@@ -145,23 +146,37 @@ def _renormalized_kl(ref: list[float], served: list[float]) -> float:
 
 
 def served_fidelity(
-    endpoint: Endpoint, reference: dict[str, np.ndarray], chunks: int = 1
+    endpoint: Endpoint,
+    reference: dict[str, np.ndarray],
+    chunks: int = 1,
+    shift: int | None = None,
 ) -> dict[str, float]:
     """Top-1 agreement and top-k KLD of ``endpoint`` against the reference over its
-    first ``chunks`` chunks (accuracy keys ``served_*``); empty without a vocabulary."""
+    first ``chunks`` chunks (accuracy keys ``served_*``); empty without a vocabulary.
+
+    ``shift`` (see :func:`score_chunk`): the server's alignment of its echoed
+    log-probabilities when known; None tries both and keeps the one that agrees better
+    (a server serving another model agrees with neither), reported as
+    ``served_logprob_shift``."""
     if any(name not in reference for name in VOCAB_ARRAYS):
         return {}
     n_ctx = int(reference["n_ctx"])
     seq = np.asarray(reference["tokens"])
-    agree: list[float] = []
-    kld: list[float] = []
+    answers = []
     for chunk in range(min(chunks, math.ceil(len(seq) / n_ctx))):
         ids = seq[chunk * n_ctx : (chunk + 1) * n_ctx]
-        text = "".join(_pieces(reference, ids))
-        tokens, top = request_logprobs(endpoint, text)
-        a, d = score_chunk(reference, chunk, tokens, top)
-        agree += a
-        kld += d
+        answers.append((chunk, *request_logprobs(endpoint, "".join(_pieces(reference, ids)))))
+    scored = {}
+    for candidate in (0, 1) if shift is None else (shift,):
+        agree: list[float] = []
+        kld: list[float] = []
+        for chunk, tokens, top in answers:
+            a, d = score_chunk(reference, chunk, tokens, top, candidate)
+            agree += a
+            kld += d
+        scored[candidate] = (agree, kld)
+    shift = max(scored, key=lambda c: float(np.mean(scored[c][0])) if scored[c][0] else -1.0)
+    agree, kld = scored[shift]
     if not agree:
         raise ServingFailed(
             "prompt log-probabilities: no position matched the reference's tokens "
@@ -176,4 +191,5 @@ def served_fidelity(
         ),
         "served_fidelity_positions": float(len(agree)),
         "served_top_k": float(TOP_K),
+        "served_logprob_shift": float(shift),
     }

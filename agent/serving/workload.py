@@ -34,21 +34,29 @@ import psutil
 from agent.backends.serving import Endpoint, ServingBackend
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.llm_eval import decode_with_vocabulary, load_llm_reference
+from agent.serving.fidelity import SERVED_KLD_METHOD, TOP_K, served_fidelity
 from agent.serving.load import measure_level
 from agent.serving.plan import ServingPlan, split_options
+from agent.serving.server_metrics import level_figures, scrape
 from agent.serving.sse import RequestRecord, stream_chat
 from edgefarm.domain import MeasureSettings, ServingLevel, TrialOutcome, median
 from edgefarm.errors import ServingFailed, TaskError
 
 MAX_PROMPTS = 64  # distinct prompts per trial (requests cycle through them)
+FIDELITY_CHUNKS = 2  # reference chunks scored through the endpoint (first trial only)
+FLAT_LEVELS = 16  # levels named in the trial's metrics (8 figures each, within 256)
 
 
-def make_prompts(reference_path: Path | None, prompt_tokens: int, count: int) -> list[str]:
-    """``count`` prompts of ``prompt_tokens`` tokens each: consecutive windows of the
-    reference's evaluation text (wrapping around), decoded with its vocabulary."""
+def load_reference(reference_path: Path | None) -> dict[str, np.ndarray]:
+    """The task's LLM reference (prompts and fidelity come from it)."""
     if reference_path is None:
         raise TaskError("a serving task needs the model's LLM reference (its prompts)")
-    reference = load_llm_reference(reference_path)
+    return load_llm_reference(reference_path)
+
+
+def make_prompts(reference: dict[str, np.ndarray], prompt_tokens: int, count: int) -> list[str]:
+    """``count`` prompts of ``prompt_tokens`` tokens each: consecutive windows of the
+    reference's evaluation text (wrapping around), decoded with its vocabulary."""
     tokens = np.asarray(reference["tokens"])
     pieces = reference.get("vocab_offsets")
     if pieces is not None:  # special tokens (empty pieces) are no text
@@ -64,9 +72,13 @@ def make_prompts(reference_path: Path | None, prompt_tokens: int, count: int) ->
 
 
 async def run_plan(
-    endpoint: Endpoint, plan: ServingPlan, prompts: Sequence[str]
+    endpoint: Endpoint,
+    plan: ServingPlan,
+    prompts: Sequence[str],
+    metrics_path: str | None = None,
 ) -> list[ServingLevel]:
-    """Every level of ``plan`` against ``endpoint``, one after another."""
+    """Every level of ``plan`` against ``endpoint``, one after another; with
+    ``metrics_path``, the server's own figures of each level (read off the loop)."""
 
     async def send(prompt: str) -> RequestRecord:
         return await stream_chat(
@@ -77,16 +89,26 @@ async def run_plan(
             idle_timeout_s=plan.first_token_timeout_s,
         )
 
-    return [await measure_level(level, prompts, send, plan.slo) for level in plan.levels()]
+    levels = []
+    for level in plan.levels():
+        if metrics_path:
+            before = await asyncio.to_thread(scrape, endpoint.base_url, metrics_path)
+        measured = await measure_level(level, prompts, send, plan.slo)
+        if metrics_path:
+            after = await asyncio.to_thread(scrape, endpoint.base_url, metrics_path)
+            measured.server = level_figures(before, after)
+        levels.append(measured)
+    return levels
 
 
 def level_metrics(levels: Sequence[ServingLevel]) -> dict[str, float]:
-    """Each level's headline figures as trial metrics ``serve.<label>.<figure>``, and
-    the first level's TTFT and TPOT as ``ttft_ms`` / ``tpot_ms`` (finite values only)."""
+    """The headline figures of the first :data:`FLAT_LEVELS` levels as trial metrics
+    ``serve.<label>.<figure>`` (every level's are in the trial's levels), and the first
+    level's TTFT and TPOT as ``ttft_ms`` / ``tpot_ms`` (finite values only)."""
     out: dict[str, float] = {}
     keys = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "e2e_p50_ms")
     keys_rates = ("output_tok_per_s", "request_per_s", "goodput_per_s")
-    for level in levels:
+    for level in levels[:FLAT_LEVELS]:
         summary = level.summary()
         tag = level.label.replace(" ", "_").replace("/", "")
         for key in keys + keys_rates:
@@ -124,6 +146,7 @@ class ServingTrial:
 
     trial: TrialOutcome
     environment: dict[str, str]
+    accuracy: dict[str, float]
 
 
 def run_serving_trial(
@@ -132,11 +155,16 @@ def run_serving_trial(
     eval_path: Path | None,
     settings: MeasureSettings,
     options: dict[str, str],
+    compute_accuracy: bool = False,
+    scheme: str = "",
 ) -> ServingTrial:
-    """Load (start) the endpoint, run the plan, stop; the trial and its environment."""
+    """Load (start) the endpoint, run the plan, (when asked) score fidelity through the
+    endpoint, stop; the trial, its environment and the fidelity figures."""
     plan_options, own_options = split_options(options)
     plan = ServingPlan.from_options(plan_options)
-    prompts = make_prompts(eval_path, settings.prompt_tokens, min(plan.requests, MAX_PROMPTS))
+    reference = load_reference(eval_path)
+    prompts = make_prompts(reference, settings.prompt_tokens, min(plan.requests, MAX_PROMPTS))
+    backend.scheme = scheme
     started = time.perf_counter()
     try:
         backend.load(model_path, settings, own_options)
@@ -148,10 +176,13 @@ def run_serving_trial(
         loaded_rss = _peak_rss(pid)
         with OtherCpuMeter(own_pids=(pid,) if pid else ()) as others:
             began = time.perf_counter()
-            levels = asyncio.run(run_plan(endpoint, plan, prompts))
+            levels = asyncio.run(run_plan(endpoint, plan, prompts, backend.metrics_path))
             duration_s = time.perf_counter() - began
         peak = _peak_rss(pid)
         environment = {**backend.environment(), **backend.serving_environment()}
+        accuracy: dict[str, float] = {}
+        if compute_accuracy and levels[0].ok_requests:
+            accuracy = _fidelity(backend, reference, environment)
     finally:
         backend.stop()
     first = levels[0]
@@ -184,4 +215,24 @@ def run_serving_trial(
         serving=levels,
     )
     environment["serving.memory"] = "server's peak RSS" if pid else "not measured (external)"
-    return ServingTrial(trial, environment)
+    return ServingTrial(trial, environment, accuracy)
+
+
+def _fidelity(
+    backend: ServingBackend, reference: dict[str, np.ndarray], environment: dict[str, str]
+) -> dict[str, float]:
+    """Fidelity through the endpoint (:mod:`agent.serving.fidelity`); a server without
+    prompt log-probabilities leaves it unmeasured, with the reason in the environment."""
+    try:
+        with backend.fidelity_endpoint(int(reference["n_ctx"])) as endpoint:
+            figures = served_fidelity(
+                endpoint, reference, chunks=FIDELITY_CHUNKS, shift=backend.LOGPROBS_SHIFT
+            )
+    except ServingFailed as err:
+        environment["fidelity.served"] = f"not measured: {err}"
+        return {}
+    environment["fidelity.served"] = (
+        f"{SERVED_KLD_METHOD}, k={TOP_K}, {int(figures['served_fidelity_positions'])} "
+        f"positions, log-probabilities shifted by {int(figures['served_logprob_shift'])}"
+    )
+    return figures

@@ -222,6 +222,7 @@ def side_by_side_table(pairs: list[ServingVsInProcess]) -> Table:
     table = Table(title="serving vs in-process (same artifact, same device)")
     head = ["model", "scheme", "device", "in-process", "tok/s", "TTFT ms", "server"]
     head += ["level", "tok/s (1/TPOT)", "TTFT p50 ms", "served / in-process"]
+    head += ["top-1 in-process", "top-1 served"]
     for name in head:
         table.add_column(
             name, justify="left" if name in _LEFT | {"in-process", "server"} else "right"
@@ -239,6 +240,8 @@ def side_by_side_table(pairs: list[ServingVsInProcess]) -> Table:
             _num(p.served_tok_per_s, ".1f"),
             _num(p.served_ttft_ms, ".1f"),
             _num(p.speed_ratio, ".2f"),
+            _num(p.in_process_top1, ".4f"),
+            _num(p.served_top1, ".4f"),
         )
     return table
 

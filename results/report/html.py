@@ -161,6 +161,7 @@ def _serving_section(report: Report) -> str:
         parts.append("<h3>Served vs in-process (same artifact, same device)</h3>")
         head = ["model", "scheme", "device", "in-process", "decode tok/s", "TTFT"]
         head += ["server", "level", "tok/s (1/TPOT)", "TTFT p50", "served / in-process"]
+        head += ["top-1 in-process", "top-1 served"]
         rows = [
             [
                 v.model,
@@ -174,6 +175,8 @@ def _serving_section(report: Report) -> str:
                 fmt_num(v.served_tok_per_s, 3),
                 fmt_ms(v.served_ttft_ms),
                 fmt_num(v.speed_ratio, 2),
+                fmt_num(v.in_process_top1),
+                fmt_num(v.served_top1),
             ]
             for v in report.serving_vs_in_process
         ]
@@ -182,7 +185,10 @@ def _serving_section(report: Report) -> str:
             "<p>In-process: one decode step of the runtime in the measuring process; "
             "served: the time per output token of single-stream requests through the "
             "server's HTTP API (tokenization, chat template, sampling and streaming "
-            "included), and its time to first token.</p>"
+            "included), and its time to first token. Top-1: agreement of the most likely "
+            "next token with the full-precision reference, in-process over every scored "
+            "position, served from the server's prompt log-probabilities (the same "
+            "artifact should agree; a server serving another model does not).</p>"
         )
     return "\n".join(parts)
 

@@ -86,7 +86,7 @@ def test_serving_sweep_external_endpoint_and_report(
     monkeypatch.setenv(KEY_VAR, "not-a-real-key")  # read by the agent, never stored
     packaged = next(Path(smollm2.__file__).parent.rglob("*.gguf"))
     farm = make_farm(1)
-    with LlamaServer(packaged, threads=1, n_ctx=256) as external:
+    with LlamaServer(packaged, threads=1, n_ctx=1024, logits_all=True) as external:
         campaign_id = run_campaign(
             farm.address, farm.token, spec(tmp_path / "serving.yaml", external.base_url)
         )
@@ -119,6 +119,14 @@ def test_serving_sweep_external_endpoint_and_report(
     pairs = side_by_side(list(rows.values()))
     assert [(p.server, p.in_process) for p in pairs] == [("llama-server", "llama-cpp")]
     assert pairs[0].in_process_tok_per_s and pairs[0].served_tok_per_s
+    # fidelity through both servers' prompt log-probabilities: the same model as the
+    # reference, and for the farm's own server the same GGUF as the in-process row
+    for backend in ("llama-server", "openai-endpoint"):
+        accuracy = rows[backend]["accuracy"]
+        assert accuracy["served_top1_agreement"] > 0.6, accuracy
+        assert accuracy["served_fidelity_positions"] > 500
+        assert "positions" in rows[backend]["environment"]["fidelity.served"]
+    assert pairs[0].served_top1 == pytest.approx(pairs[0].in_process_top1, abs=0.1)
 
     html = render(build_report("serving", list(rows.values())), "html")
     assert 'class="chart serving"' in html

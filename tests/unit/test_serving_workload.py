@@ -23,7 +23,8 @@ import pytest
 from agent.llm_eval import reference_from_chunks, save_llm_reference
 from agent.runner import run_measurement
 from agent.serving.plan import ServingPlan, Slo
-from agent.serving.workload import make_prompts
+from agent.serving.server_metrics import level_figures, parse
+from agent.serving.workload import load_reference, make_prompts
 from coordinator.spec import CampaignSpec
 from coordinator.validation import check_result
 from edgefarm.domain import MeasurementResult, MeasureSettings, ServingLevel, TrialOutcome
@@ -37,21 +38,34 @@ WORDS = ["", "Hello", " world", ",", " the", " river", " runs", "."]  # id 0: sp
 
 
 def vocab_reference(path: Path, tokens: list[int]) -> Path:
-    """An LLM reference of ``tokens`` over :data:`WORDS` with the vocabulary arrays."""
+    """An LLM reference of ``tokens`` over :data:`WORDS`, with the vocabulary arrays,
+    whose most likely next token is always the text's actual next token."""
     rng = np.random.default_rng(0)
     n_ctx = 8
-    rows = [
-        np.log(np.full((len(c) - 1, len(WORDS)), 1 / len(WORDS)))
-        + rng.normal(0, 1e-3, (len(c) - 1, len(WORDS)))
-        for c in (tokens[i : i + n_ctx] for i in range(0, len(tokens), n_ctx))
-        if len(c) > 1
-    ]
+    rows = []
+    for start in range(0, len(tokens), n_ctx):
+        chunk = tokens[start : start + n_ctx]
+        if len(chunk) < 2:
+            continue
+        logits = rng.normal(0, 0.1, (len(chunk) - 1, len(WORDS)))
+        logits[np.arange(len(chunk) - 1), chunk[1:]] += 4.0
+        rows.append(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))
     arrays = reference_from_chunks(rows, np.array(tokens), n_ctx, top_k=4, tail_samples=0)
     pieces = [w.encode() for w in WORDS]
     arrays["vocab_bytes"] = np.frombuffer(b"".join(pieces), dtype=np.uint8).copy()
     arrays["vocab_offsets"] = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
     save_llm_reference(path, arrays)
     return path
+
+
+def tokenize(text: str) -> list[str]:
+    """The test server's tokenizer: greedy longest match over :data:`WORDS`."""
+    out = []
+    while text:
+        word = max((w for w in WORDS if w and text.startswith(w)), key=len)
+        out.append(word)
+        text = text[len(word) :]
+    return out
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -190,10 +204,10 @@ def test_prompts_are_windows_of_the_reference_text_without_special_tokens(
     tmp_path: Path,
 ) -> None:
     reference = vocab_reference(tmp_path / "r.npz", [0, 1, 2, 3, 4, 5, 6, 7] * 3)
-    prompts = make_prompts(reference, prompt_tokens=3, count=3)
+    prompts = make_prompts(load_reference(reference), prompt_tokens=3, count=3)
     assert prompts == ["Hello world,", " the river runs", ".Hello world"]
     with pytest.raises(TaskError, match="needs the model's LLM reference"):
-        make_prompts(None, 3, 1)
+        load_reference(None)
 
 
 def test_an_old_reference_without_a_vocabulary_is_a_clear_error(tmp_path: Path) -> None:
@@ -201,7 +215,7 @@ def test_an_old_reference_without_a_vocabulary_is_a_clear_error(tmp_path: Path) 
     rows = [np.log(np.full((7, 8), 1 / 8))]
     save_llm_reference(path, reference_from_chunks(rows, np.arange(8), 8, top_k=2, tail_samples=0))
     with pytest.raises(ArtifactError, match="carries no vocabulary"):
-        make_prompts(path, 2, 1)
+        make_prompts(load_reference(path), 2, 1)
 
 
 # ------------------------------------------------------- whole trials, real child process
@@ -215,8 +229,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:  # readiness: GET /v1/models
+    def do_GET(self) -> None:  # readiness: GET /v1/models; GET /metrics as vLLM's
         body = b'{"data": [{"id": "m"}]}'
+        if self.path == "/metrics":
+            served = len(type(self).keys)
+            body = (
+                "# HELP vllm:time_to_first_token_seconds TTFT\n"
+                "# TYPE vllm:time_to_first_token_seconds histogram\n"
+                f'vllm:time_to_first_token_seconds_sum{{model_name="m"}} {0.02 * served}\n'
+                f'vllm:time_to_first_token_seconds_count{{model_name="m"}} {served}\n'
+                f'vllm:generation_tokens_total{{model_name="m"}} {4 * served}\n'
+                "vllm:num_requests_waiting 0\n"
+            ).encode()
         self.send_response(200)
         self.send_header("Server", "test-endpoint/1.0")
         self.send_header("Content-Length", str(len(body)))
@@ -224,7 +248,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
+            self._logprobs(request["prompt"], request["logprobs"])
+            return
         type(self).keys.append(self.headers.get("Authorization", ""))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -246,6 +273,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.01)
         self.wfile.write(b"data: [DONE]\n\n")
+
+    def _logprobs(self, prompt: str, k: int) -> None:
+        """Prompt log-probabilities: the text's actual next token is the most likely
+        (another model's server: always "Hello")."""
+        tokens = tokenize(prompt)
+        top: list[dict[str, float] | None] = [None]
+        for token in tokens[1:]:
+            best = "Hello" if type(self).scenario == "wrong-model" else token
+            others = [w for w in WORDS if w and w != best][: k - 1]
+            top.append({best: -0.05, **{w: -4.0 - i for i, w in enumerate(others)}})
+        logprobs = {"tokens": tokens, "token_logprobs": [None] * len(tokens), "top_logprobs": top}
+        body = json.dumps({"choices": [{"text": prompt, "logprobs": logprobs}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 @contextmanager
@@ -272,7 +316,9 @@ def _measure(tmp_path: Path, url: str, key_env: str = "") -> MeasurementResult:
             "openai-endpoint", "served", descriptor, reference, settings, plan.to_options()
         )
     )
-    return MeasurementResult("t", 1, "l", "a", "d", True, trials=report.trials)
+    return MeasurementResult(
+        "t", 1, "l", "a", "d", True, trials=report.trials, accuracy=report.accuracy
+    )
 
 
 def test_a_trial_against_an_external_endpoint(
@@ -290,6 +336,27 @@ def test_a_trial_against_an_external_endpoint(
         assert len(level.itl_ms) == 12 and len(level.tpot_ms) == 4
     assert trial.samples_ms == trial.serving[0].tpot_ms
     assert trial.metrics["serve.c=2.output_tok_per_s"] > 0 and trial.metrics["ttft_ms"] > 0
+    # the endpoint's own /metrics, read around each level
+    for level in trial.serving:
+        assert level.server == {
+            "generation_tokens": 16.0,
+            "num_requests_waiting": 0.0,
+            "time_to_first_token_ms": pytest.approx(20.0),
+        }
+    # the endpoint serves the reference's model: its top token is the reference's
+    assert result.accuracy["served_top1_agreement"] == 1.0
+    assert result.accuracy["served_fidelity_positions"] == 14  # 2 chunks of 8 tokens scored
+    assert 0 <= result.accuracy["served_kld_topk_mean"] < 0.2
+
+
+def test_a_server_serving_another_model_is_caught_by_its_log_probabilities(
+    tmp_path: Path,
+) -> None:
+    with fake_endpoint("wrong-model") as (url, _):
+        result = _measure(tmp_path, url)
+    assert result.trials[0].valid  # it streams fine...
+    assert result.accuracy["served_top1_agreement"] < 0.3  # ...but not the reference's model
+    assert result.accuracy["served_kld_topk_mean"] > 1.0
 
 
 @pytest.mark.parametrize(
@@ -319,6 +386,32 @@ def test_a_missing_api_key_fails_before_any_request(
     ):
         _measure(tmp_path, url, "TEST_SERVING_KEY")
     assert handler.keys == []
+
+
+def test_prometheus_text_becomes_per_level_figures() -> None:
+    before = parse(
+        "# TYPE x counter\n"
+        'vllm:e2e_request_latency_seconds_sum{a="1"} 1.0\n'
+        'vllm:e2e_request_latency_seconds_sum{a="2"} 1.0\n'
+        "vllm:e2e_request_latency_seconds_count 4\n"
+        "vllm:prompt_tokens_total 100\n"
+        "vllm:prompt_tokens_created 1.7e9\n"
+        "garbage line\n"
+        "vllm:kv_cache_usage_perc NaN\n"
+    )
+    assert before["vllm:e2e_request_latency_seconds_sum"] == 2.0
+    after = parse(
+        "vllm:e2e_request_latency_seconds_sum 5.0\n"
+        "vllm:e2e_request_latency_seconds_count 6\n"
+        "vllm:prompt_tokens_total 164\n"
+        "vllm:kv_cache_usage_perc 0.25\n"
+    )
+    assert level_figures(before, after) == {
+        "e2e_request_latency_ms": 1500.0,  # 3 s over 2 requests
+        "kv_cache_usage_perc": 0.25,
+        "prompt_tokens": 64.0,
+    }
+    assert level_figures(after, before) == {}  # a restarted server: no negative figures
 
 
 # ----------------------------------------------------- on the wire, in the store, reports

@@ -383,6 +383,22 @@ class ServingLevel(google.protobuf.message.Message):
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
+    @typing.final
+    class ServerEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.float
+        def __init__(
+            self,
+            *,
+            key: builtins.str = ...,
+            value: builtins.float = ...,
+        ) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
+
     LABEL_FIELD_NUMBER: builtins.int
     CONCURRENCY_FIELD_NUMBER: builtins.int
     RATE_FIELD_NUMBER: builtins.int
@@ -399,6 +415,7 @@ class ServingLevel(google.protobuf.message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: builtins.int
     ITL_MS_FIELD_NUMBER: builtins.int
     ERRORS_FIELD_NUMBER: builtins.int
+    SERVER_FIELD_NUMBER: builtins.int
     label: builtins.str
     """"c=4" (concurrency) or "r=2/s poisson" (rate and arrival process)."""
     concurrency: builtins.int
@@ -445,6 +462,16 @@ class ServingLevel(google.protobuf.message.Message):
     def errors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """The distinct one-line reasons requests failed (at most 16)."""
 
+    @property
+    def server(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.float]:
+        """What the server itself reported about this level, where it exposes metrics
+        (Prometheus text at /metrics, read before and after the level): for each
+        histogram X_seconds the mean over the level's observations as "X_ms" (vLLM:
+        time_to_first_token_ms, inter_token_latency_ms, request_queue_time_ms ...), for each
+        counter X_total its increase as "X", and a few gauges' values after the level.
+        At most MAX_MAP_ENTRIES (256) entries, values finite and >= 0.
+        """
+
     def __init__(
         self,
         *,
@@ -464,8 +491,9 @@ class ServingLevel(google.protobuf.message.Message):
         output_tokens: collections.abc.Iterable[builtins.int] | None = ...,
         itl_ms: collections.abc.Iterable[builtins.float] | None = ...,
         errors: collections.abc.Iterable[builtins.str] | None = ...,
+        server: collections.abc.Mapping[builtins.str, builtins.float] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["arrival", b"arrival", "concurrency", b"concurrency", "e2e_ms", b"e2e_ms", "errors", b"errors", "failed", b"failed", "goodput_requests", b"goodput_requests", "itl_ms", b"itl_ms", "label", b"label", "output_tokens", b"output_tokens", "rate", b"rate", "requests", b"requests", "slo_tpot_ms", b"slo_tpot_ms", "slo_ttft_ms", b"slo_ttft_ms", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "wall_s", b"wall_s"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["arrival", b"arrival", "concurrency", b"concurrency", "e2e_ms", b"e2e_ms", "errors", b"errors", "failed", b"failed", "goodput_requests", b"goodput_requests", "itl_ms", b"itl_ms", "label", b"label", "output_tokens", b"output_tokens", "rate", b"rate", "requests", b"requests", "server", b"server", "slo_tpot_ms", b"slo_tpot_ms", "slo_ttft_ms", b"slo_ttft_ms", "tpot_ms", b"tpot_ms", "ttft_ms", b"ttft_ms", "wall_s", b"wall_s"]) -> None: ...
 
 global___ServingLevel = ServingLevel
 
