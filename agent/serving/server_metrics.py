@@ -11,8 +11,9 @@ Samples are summed over their labels. From the differences across the level:
   preemptions);
 
 and each gauge named in :data:`GAUGES` its value after the level. Names lose a ``vllm:``
-style prefix. At most :data:`MAX_FIGURES` figures per level; reading is bounded in bytes
-and time, and a server whose metrics cannot be read just has none.
+style prefix. At most :data:`MAX_FIGURES` figures per level, the server's own
+(namespaced) metrics before generic ones (process, Python, HTTP); reading is bounded in
+bytes and time, and a server whose metrics cannot be read just has none.
 """
 
 from __future__ import annotations
@@ -71,17 +72,21 @@ def _short(name: str) -> str:
 
 def level_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The level's figures from the readings before and after it."""
-    out: dict[str, float] = {}
+    found: list[tuple[bool, str, float]] = []  # (not the server's own namespace, key, value)
     for name, total in after.items():
+        generic = ":" not in name  # process_*, python_gc_*, http_*: not the server's own
         if name.endswith("_seconds_sum"):
             base = name.removesuffix("_sum")
             count = after.get(base + "_count", 0.0) - before.get(base + "_count", 0.0)
             if count > 0:
                 seconds = (total - before.get(name, 0.0)) / count
-                out[_short(base).removesuffix("_seconds") + "_ms"] = seconds * 1000.0
-        elif name.endswith("_total") and not name.endswith("_created"):
-            out[_short(name).removesuffix("_total")] = total - before.get(name, 0.0)
+                key = _short(base).removesuffix("_seconds") + "_ms"
+                found.append((generic, key, seconds * 1000.0))
+        elif name.endswith("_total"):
+            found.append(
+                (generic, _short(name).removesuffix("_total"), total - before.get(name, 0.0))
+            )
         elif _short(name) in GAUGES:
-            out[_short(name)] = total
-    kept = sorted(out.items())[:MAX_FIGURES]
-    return {k: v for k, v in kept if math.isfinite(v) and v >= 0}
+            found.append((generic, _short(name), total))
+    kept = [(k, v) for _, k, v in sorted(found) if math.isfinite(v) and v >= 0]
+    return dict(kept[:MAX_FIGURES])
