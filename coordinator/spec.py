@@ -302,6 +302,9 @@ class Serving(BaseModel):
     endpoint: ValueText | None = None
     model: NameText | None = None
     api_key_env: NameText | None = None
+    # openai: POST {endpoint}/chat/completions; ollama: Ollama's native {endpoint}/api/chat
+    # (endpoint = the server's root, e.g. http://127.0.0.1:11434), with its own timings
+    api: Literal["openai", "ollama"] | None = None
 
     @field_validator("endpoint")
     @classmethod
@@ -341,6 +344,7 @@ class Serving(BaseModel):
             "endpoint": self.endpoint or "",
             "model": self.model or "",
             "api_key_env": self.api_key_env or "",
+            "api": self.api or "openai",
         }
 
 
@@ -597,7 +601,7 @@ def _serving_entry(backend: BackendEntry, index: int, settings: MeasureSettings)
             "openai-endpoint needs serving.endpoint (http(s)://HOST:PORT/v1) and serving.model",
         )
     if not external:
-        for name in ("endpoint", "model", "api_key_env"):
+        for name in ("endpoint", "model", "api_key_env", "api"):
             if getattr(serving, name) is not None:
                 raise FieldError(
                     (*at, name),

@@ -52,6 +52,7 @@ class ServingPoint:
     output_tok_per_s: float | None
     goodput_per_s: float | None
     slo: str  # "TTFT <= 500 ms, TPOT <= 100 ms"
+    server: dict[str, float]  # the server's own figures of the level (may be empty)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ def _point(level: dict[str, Any]) -> ServingPoint:
             f"TTFT <= {float(level.get('slo_ttft_ms') or 0):g} ms, "
             f"TPOT <= {float(level.get('slo_tpot_ms') or 0):g} ms"
         ),
+        server={
+            str(k): float(v)
+            for k, v in (level.get("server") or {}).items()
+            if _finite(v) is not None
+        },
     )
 
 

@@ -3,10 +3,12 @@ llama.cpp server elsewhere, any OpenAI-compatible service), named by the campaig
 
 The task's artifact is the endpoint's descriptor, a small JSON file the coordinator
 writes from the spec: ``{"endpoint": "http://host:port/v1", "model": NAME,
-"api_key_env": VAR}``. The API key itself never leaves the agent: it is read from the
-agent's environment variable ``api_key_env`` names. Loading waits until ``GET
-{endpoint}/models`` answers (the time it takes is the trial's load time); when the
-server also answers ``GET /metrics`` (vLLM does), it is read around every load level.
+"api_key_env": VAR, "api": "openai" | "ollama"}`` (``ollama``: Ollama's native chat API
+under the server's root, whose own timings are recorded per level). The API key itself
+never leaves the agent: it is read from the agent's environment variable ``api_key_env``
+names. Loading waits until ``GET {endpoint}/models`` (Ollama: ``/api/version``) answers
+(the time it takes is the trial's load time); when the server also answers ``GET
+/metrics`` (vLLM does), it is read around every load level.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ArtifactError, ModelLoadError, ServingFailed
 
 DESCRIPTOR_MAX_BYTES = 64 << 10
+APIS = ("openai", "ollama")
+READY_PATHS = {"openai": "/models", "ollama": "/api/version"}
 METRICS_PATH = "/metrics"  # read when the endpoint's server exposes Prometheus metrics
 READY_TIMEOUT_S = 30.0
 
@@ -44,13 +48,16 @@ def read_descriptor(path: Path) -> dict[str, str]:
         raise ArtifactError(f"endpoint descriptor {path.name} is not JSON") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"endpoint descriptor {path.name} is not a JSON object")
-    fields = {k: data.get(k, "") for k in ("endpoint", "model", "api_key_env")}
+    fields = {k: data.get(k, "") for k in ("endpoint", "model", "api_key_env", "api")}
     bad = [k for k, v in fields.items() if not isinstance(v, str)]
     if bad or not fields["endpoint"] or not fields["model"]:
         raise ArtifactError(
             f"endpoint descriptor {path.name}: needs text fields endpoint and model "
-            "(and optionally api_key_env)"
+            "(and optionally api_key_env, api)"
         )
+    fields["api"] = fields["api"] or "openai"
+    if fields["api"] not in APIS:
+        raise ArtifactError(f"endpoint descriptor {path.name}: api must be one of {APIS}")
     return fields
 
 
@@ -76,7 +83,7 @@ class OpenAiEndpointBackend(ServingBackend):
                     f"the endpoint's API key variable {fields['api_key_env']} is not set "
                     "on this agent"
                 )
-        self.endpoint = Endpoint(fields["endpoint"], fields["model"], key)
+        self.endpoint = Endpoint(fields["endpoint"], fields["model"], key, fields["api"])
         try:
             self.endpoint.parts()
         except ValueError as err:
@@ -119,7 +126,8 @@ def _status(endpoint: Endpoint, path: str, root: bool = False) -> int:
 
 
 def wait_until_ready(endpoint: Endpoint, timeout_s: float) -> str:
-    """Poll ``GET {endpoint}/models`` until it answers 200; its ``Server`` header
+    """Poll ``GET {endpoint}/models`` (Ollama: ``/api/version``) until it answers 200;
+    its ``Server`` header
     (ModelLoadError for another status, ServingFailed when nothing answers within
     ``timeout_s``)."""
     host, _, port, prefix, tls = endpoint.parts()
@@ -133,13 +141,13 @@ def wait_until_ready(endpoint: Endpoint, timeout_s: float) -> str:
         )
         try:
             headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
-            conn.request("GET", f"{prefix}/models", headers=headers)
+            conn.request("GET", prefix + READY_PATHS[endpoint.api], headers=headers)
             response = conn.getresponse()
             body = response.read(4096).decode("utf-8", "replace")
             if response.status == 200:
                 return str(response.getheader("server") or "")[:200]
             raise ModelLoadError(
-                f"endpoint {endpoint.base_url} answered GET /models with HTTP "
+                f"endpoint {endpoint.base_url} answered GET {READY_PATHS[endpoint.api]} with HTTP "
                 f"{response.status}: {' '.join(body.split())[:200]}"
             )
         except (OSError, http.client.HTTPException) as err:

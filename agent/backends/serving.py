@@ -24,11 +24,15 @@ from edgefarm.errors import TaskError
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An OpenAI-compatible endpoint: ``http(s)://host:port/v1``, a model name, a key."""
+    """A chat endpoint: ``http(s)://host:port/v1`` (OpenAI-compatible) or an Ollama
+    server's root, a model name, a key."""
 
     base_url: str
     model: str
     api_key: str = ""
+    # "openai" (POST {base}/chat/completions, server-sent events) or "ollama" (Ollama's
+    # native POST {base}/api/chat, newline-delimited JSON with its own timings)
+    api: str = "openai"
 
     def parts(self) -> tuple[str, str, int, str, bool]:
         """(host, host header, port, path prefix, tls) of ``base_url``; ValueError when

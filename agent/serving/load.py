@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -109,7 +110,23 @@ def summarize(level: Level, records: list[RequestRecord], wall_s: float, slo: Sl
         output_tokens=[r.output_tokens for r in ok],
         itl_ms=[(b - a) / 1e6 for r in ok for a, b in itertools.pairwise(r.token_ns)],
         errors=errors[:MAX_SERVING_ERRORS],
+        server=native_figures(ok),
     )
+
+
+def native_figures(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """Ollama's own figures over a level's successful requests: the median of each (as
+    ``ollama.<name>``), and its evaluation speed, tokens over evaluation time."""
+    keys = sorted({k for r in records for k in r.native})
+    out = {
+        f"ollama.{k}": statistics.median([r.native[k] for r in records if k in r.native])
+        for k in keys
+    }
+    count = sum(r.native.get("eval_count", 0.0) for r in records)
+    ms = sum(r.native.get("eval_duration_ms", 0.0) for r in records)
+    if count and ms:
+        out["ollama.eval_tok_per_s"] = count / ms * 1000.0
+    return out
 
 
 async def measure_level(level: Level, prompts: Sequence[str], send: Send, slo: Slo) -> ServingLevel:

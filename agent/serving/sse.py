@@ -8,6 +8,11 @@ their thinking before any content, and a harness that waits for content reports 
 time-to-first-token collapses. ``usage`` (when the server sends it) gives the token
 count; otherwise the count of token-bearing events stands for it.
 
+An endpoint with ``api="ollama"`` is asked through Ollama's native ``POST {base}/api/chat``
+instead (newline-delimited JSON; ``message.content`` or ``message.thinking`` carry
+tokens): its last line's own figures (load, prompt-evaluation and evaluation counts and
+durations) are kept in :attr:`RequestRecord.native`, and ``eval_count`` is the token count.
+
 Bounded against a hostile or broken server: a response line longer than
 :data:`MAX_LINE_BYTES`, a body over ``max_bytes``, a status other than 200, a malformed
 event, a connection dropped before ``data: [DONE]`` (or the end of the body), or no
@@ -29,6 +34,11 @@ from agent.backends.serving import Endpoint
 MAX_LINE_BYTES = 1 << 20
 DEFAULT_MAX_BYTES = 64 << 20
 TOKEN_KEYS = ("content", "reasoning_content", "reasoning")
+OLLAMA = "ollama"  # Endpoint.api of Ollama's native chat API
+OLLAMA_FIELDS = (
+    "total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration",
+    "eval_count", "eval_duration",
+)  # fmt: skip
 
 
 class StreamError(Exception):
@@ -45,6 +55,8 @@ class RequestRecord:
     output_tokens: int = 0  # usage.completion_tokens when sent, else len(token_ns)
     prompt_tokens: int = 0
     error: str = ""
+    # Ollama's native figures of the request (counts; *_duration_ms), when it sends them
+    native: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -69,22 +81,29 @@ async def stream_chat(
             host, netloc, port, prefix, tls = endpoint.parts()
         except ValueError as err:
             raise StreamError(str(err)) from None
+        ollama = endpoint.api == OLLAMA
         body = json.dumps(
             {
                 "model": endpoint.model,
                 "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens,
                 "stream": True,
-                "stream_options": {"include_usage": True},
-                "temperature": 0,
+                **(
+                    {"options": {"temperature": 0, "num_predict": max_tokens}}
+                    if ollama
+                    else {
+                        "max_tokens": max_tokens,
+                        "stream_options": {"include_usage": True},
+                        "temperature": 0,
+                    }
+                ),
                 **(extra or {}),
             }
         ).encode()
         headers = [
-            f"POST {prefix}/chat/completions HTTP/1.1",
+            f"POST {prefix}{'/api/chat' if ollama else '/chat/completions'} HTTP/1.1",
             f"Host: {netloc}",
             "Content-Type: application/json",
-            "Accept: text/event-stream",
+            f"Accept: {'application/x-ndjson' if ollama else 'text/event-stream'}",
             f"Content-Length: {len(body)}",
             "Connection: close",
         ]
@@ -98,7 +117,7 @@ async def stream_chat(
         writer = connected
         connected.write(("\r\n".join(headers) + "\r\n\r\n").encode() + body)
         await connected.drain()
-        await _read_stream(reader, record, first_token_timeout_s, idle_timeout_s, max_bytes)
+        await _read_stream(reader, record, first_token_timeout_s, idle_timeout_s, max_bytes, ollama)
     except StreamError as err:
         record.error = str(err)
     except TimeoutError:
@@ -123,8 +142,9 @@ async def _read_stream(
     first_s: float,
     idle_s: float,
     max_bytes: int,
+    ollama: bool = False,
 ) -> None:
-    """Read the status, headers and the SSE body into ``record``."""
+    """Read the status, headers and the SSE (or Ollama's NDJSON) body into ``record``."""
     status = await _line(reader, first_s) or ""
     parts = status.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
@@ -147,6 +167,10 @@ async def _read_stream(
         received += len(line)
         if received > max_bytes:
             raise StreamError(f"the response passed {max_bytes} bytes")
+        if ollama:
+            if line.strip() and _take_ollama_event(line.strip(), record):
+                return
+            continue
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
@@ -179,6 +203,35 @@ def _take_event(data: str, record: RequestRecord) -> None:
         "tool_calls"
     ):
         record.token_ns.append(time.perf_counter_ns())
+
+
+def _take_ollama_event(data: str, record: RequestRecord) -> bool:
+    """One line of Ollama's ``/api/chat`` stream: a token timestamp when its message
+    carries content or thinking; True for the last (``done``), whose native counts and
+    durations (nanoseconds) are kept in milliseconds."""
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError:
+        raise StreamError(f"malformed event: {data[:80]!r}") from None
+    if not isinstance(event, dict):
+        raise StreamError(f"malformed event: {data[:80]!r}")
+    if "error" in event:
+        raise StreamError(f"server error: {str(event['error'])[:200]}")
+    message = event.get("message")
+    if isinstance(message, dict) and any(
+        isinstance(message.get(k), str) and message[k] for k in ("content", "thinking")
+    ):
+        record.token_ns.append(time.perf_counter_ns())
+    if not event.get("done"):
+        return False
+    for key in OLLAMA_FIELDS:
+        value = event.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            name = key.replace("_duration", "_duration_ms")
+            record.native[name] = float(value) / (1e6 if key.endswith("_duration") else 1.0)
+    if record.native.get("eval_count"):
+        record.output_tokens = int(record.native["eval_count"])
+    return True
 
 
 async def _line(reader: asyncio.StreamReader, timeout_s: float, eof: bool = False) -> str | None:

@@ -96,7 +96,7 @@ async def run_plan(
         measured = await measure_level(level, prompts, send, plan.slo)
         if metrics_path:
             after = await asyncio.to_thread(scrape, endpoint.base_url, metrics_path)
-            measured.server = level_figures(before, after)
+            measured.server.update(level_figures(before, after))
         levels.append(measured)
     return levels
 

@@ -123,7 +123,7 @@ def _verdict_rows(report: Report) -> tuple[list[list[str]], list[str]]:
 
 SERVING_HEAD = [
     "configuration", "level", "requests", "failed", "TTFT p50", "TTFT p99", "TPOT p50",
-    "ITL p99", "E2E p50", "E2E p99", "req/s", "out tok/s", "goodput/s",
+    "ITL p99", "E2E p50", "E2E p99", "req/s", "out tok/s", "goodput/s", "the server's own",
 ]  # fmt: skip
 
 
@@ -150,6 +150,7 @@ def _serving_section(report: Report) -> str:
                 *(fmt_ms(v) for v in (p.ttft_p50_ms, p.ttft_p99_ms, p.tpot_p50_ms)),
                 *(fmt_ms(v) for v in (p.itl_p99_ms, p.e2e_p50_ms, p.e2e_p99_ms)),
                 *(fmt_num(v, 3) for v in (p.request_per_s, p.output_tok_per_s, p.goodput_per_s)),
+                ", ".join(f"{k} {fmt_num(v, 3)}" for k, v in sorted(p.server.items())),
             ]
             for s in members
             for p in s.points

@@ -145,6 +145,7 @@ def test_the_spec_writes_the_plan_and_the_endpoint_descriptor() -> None:
         "endpoint": "http://127.0.0.1:11434/v1",
         "model": "smollm2:135m",
         "api_key_env": "OLLAMA_KEY",
+        "api": "openai",
     }
 
 
@@ -231,6 +232,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # readiness: GET /v1/models; GET /metrics as vLLM's
         body = b'{"data": [{"id": "m"}]}'
+        if self.path == "/metrics" and type(self).scenario == "ollama":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path == "/metrics":
             served = len(type(self).keys)
             body = (
@@ -249,6 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).scenario == "ollama":
+            self._ollama_chat(request)
+            return
         if self.path.endswith("/completions") and not self.path.endswith("/chat/completions"):
             self._logprobs(request["prompt"], request["logprobs"])
             return
@@ -273,6 +282,39 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.01)
         self.wfile.write(b"data: [DONE]\n\n")
+
+    def _ollama_chat(self, request: dict[str, object]) -> None:
+        """Ollama's native chat: NDJSON lines, thinking first, its timings last."""
+        if self.path != "/api/chat":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        type(self).keys.append(self.headers.get("Authorization", ""))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        lines = [{"message": {"role": "assistant", "thinking": "hm"}, "done": False}]
+        lines += [
+            {"message": {"role": "assistant", "content": f"t{i}"}, "done": False} for i in range(3)
+        ]
+        lines.append(
+            {
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "total_duration": 90_000_000,
+                "load_duration": 5_000_000,
+                "prompt_eval_count": 4,
+                "prompt_eval_duration": 8_000_000,
+                "eval_count": 4,
+                "eval_duration": 40_000_000,
+            }
+        )
+        for line in lines:
+            self.wfile.write(json.dumps(line).encode() + b"\n")
+            self.wfile.flush()
+            time.sleep(0.005)
 
     def _logprobs(self, prompt: str, k: int) -> None:
         """Prompt log-probabilities: the text's actual next token is the most likely
@@ -305,9 +347,10 @@ def fake_endpoint(scenario: str) -> Iterator[tuple[str, type[_Handler]]]:
         server.server_close()
 
 
-def _measure(tmp_path: Path, url: str, key_env: str = "") -> MeasurementResult:
+def _measure(tmp_path: Path, url: str, key_env: str = "", api: str = "openai") -> MeasurementResult:
     descriptor = tmp_path / "endpoint.json"
-    descriptor.write_text(json.dumps({"endpoint": url, "model": "m", "api_key_env": key_env}))
+    fields = {"endpoint": url, "model": "m", "api_key_env": key_env, "api": api}
+    descriptor.write_text(json.dumps(fields))
     reference = vocab_reference(tmp_path / "r.npz", [1, 2, 3, 4, 5, 6, 7] * 4)
     plan = ServingPlan(concurrency=(1, 2), requests=4, output_tokens=4, first_token_timeout_s=1)
     settings = MeasureSettings(trials=1, prompt_tokens=4, timeout_s=60, max_other_cpu_cores=0)
@@ -317,7 +360,15 @@ def _measure(tmp_path: Path, url: str, key_env: str = "") -> MeasurementResult:
         )
     )
     return MeasurementResult(
-        "t", 1, "l", "a", "d", True, trials=report.trials, accuracy=report.accuracy
+        "t",
+        1,
+        "l",
+        "a",
+        "d",
+        True,
+        trials=report.trials,
+        accuracy=report.accuracy,
+        environment=report.environment,
     )
 
 
@@ -357,6 +408,30 @@ def test_a_server_serving_another_model_is_caught_by_its_log_probabilities(
     assert result.trials[0].valid  # it streams fine...
     assert result.accuracy["served_top1_agreement"] < 0.3  # ...but not the reference's model
     assert result.accuracy["served_kld_topk_mean"] > 1.0
+
+
+def test_ollamas_native_api_and_its_own_timings(tmp_path: Path) -> None:
+    with fake_endpoint("ollama") as (url, handler):
+        result = _measure(tmp_path, url.removesuffix("/v1"), api="ollama")
+    assert len(handler.keys) == 8
+    (trial,) = result.trials
+    assert trial.valid, trial.invalid_reason
+    for level in trial.serving:
+        assert level.failed == 0 and level.output_tokens == [4] * 4  # eval_count
+        assert len(level.itl_ms) == 12  # thinking + 3 content lines: 4 token timestamps
+        assert level.server == {
+            "ollama.eval_count": 4.0,
+            "ollama.eval_duration_ms": 40.0,
+            "ollama.load_duration_ms": 5.0,
+            "ollama.prompt_eval_count": 4.0,
+            "ollama.prompt_eval_duration_ms": 8.0,
+            "ollama.total_duration_ms": 90.0,
+            "ollama.eval_tok_per_s": 100.0,
+        }
+    # Ollama returns no prompt log-probabilities: fidelity is left out, with the reason
+    assert result.accuracy == {}
+    assert result.environment["fidelity.served"].startswith("not measured: ")
+    assert "HTTP 404" in result.environment["fidelity.served"]
 
 
 @pytest.mark.parametrize(

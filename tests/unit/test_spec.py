@@ -118,7 +118,7 @@ def test_from_text_does_not_need_the_files() -> None:
             "  - name: tflite",
             "12: backends[1].name: unknown backend 'tflite' (expected one of onnxruntime, "
             "noop, openvino, llama-cpp, mlx, onnxruntime-genai, foundry-local, llama-server, "
-            "openai-endpoint, qai-hub)",
+            "openai-endpoint, vllm, qai-hub)",
         ),
         ("[none]", "[none, none]", "13: backends[1].schemes[1]: scheme 'none' is listed twice"),
         (

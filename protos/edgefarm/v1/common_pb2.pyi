@@ -468,8 +468,11 @@ class ServingLevel(google.protobuf.message.Message):
         (Prometheus text at /metrics, read before and after the level): for each
         histogram X_seconds the mean over the level's observations as "X_ms" (vLLM:
         time_to_first_token_ms, inter_token_latency_ms, request_queue_time_ms ...), for each
-        counter X_total its increase as "X", and a few gauges' values after the level.
-        At most MAX_MAP_ENTRIES (256) entries, values finite and >= 0.
+        counter X_total its increase as "X", and a few gauges' values after the level;
+        or Ollama's native figures of its /api/chat answers ("ollama.load_duration_ms",
+        "ollama.prompt_eval_count", "ollama.eval_duration_ms"...: medians over the level's
+        requests; "ollama.eval_tok_per_s"). At most MAX_MAP_ENTRIES (256) entries, values
+        finite and >= 0.
         """
 
     def __init__(
