@@ -14,17 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from agent.backends.llama_server import MODEL_ALIAS, LlamaServer  # noqa: E402
-from agent.backends.serving import Endpoint  # noqa: E402
-from agent.serving.sse import stream_chat  # noqa: E402
+from agent.backends.llama_server import MODEL_ALIAS, LlamaServer
+from agent.backends.serving import Endpoint
+from agent.serving.sse import stream_chat
 
 PROMPT = "Write a long story about a bicycle that crosses a river at night."
 OUTPUT_TOKENS = 48
