@@ -109,10 +109,6 @@ class LlamaServerBackend(ServingBackend):
         self.server.start()
         self.endpoint = Endpoint(self.server.base_url, MODEL_ALIAS)
 
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-
     @contextlib.contextmanager
     def fidelity_endpoint(self, n_ctx: int) -> Iterator[Endpoint]:
         """A second server on the same GGUF with ``logits_all`` (which prompt
@@ -122,10 +118,6 @@ class LlamaServerBackend(ServingBackend):
             self.model_path, threads=self.settings.threads, n_ctx=room, logits_all=True
         ) as server:
             yield Endpoint(server.base_url, MODEL_ALIAS)
-
-    def server_pid(self) -> int | None:
-        process = self.server.process if self.server is not None else None
-        return process.pid if process is not None and process.poll() is None else None
 
     def version(self) -> str:
         """llama-cpp-python's version."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import ssl
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -108,12 +107,8 @@ class OpenAiEndpointBackend(ServingBackend):
 def _status(endpoint: Endpoint, path: str, root: bool = False) -> int:
     """The status of ``GET {endpoint}{path}`` (under the server's root with ``root``);
     0 when it does not answer."""
-    host, _, port, prefix, tls = endpoint.parts()
-    conn: http.client.HTTPConnection = (
-        http.client.HTTPSConnection(host, port, timeout=5, context=ssl.create_default_context())
-        if tls
-        else http.client.HTTPConnection(host, port, timeout=5)
-    )
+    prefix = endpoint.parts()[3]
+    conn = endpoint.connection(5.0)
     try:
         conn.request("GET", path if root else prefix + path)
         response = conn.getresponse()
@@ -130,15 +125,11 @@ def wait_until_ready(endpoint: Endpoint, timeout_s: float) -> str:
     its ``Server`` header
     (ModelLoadError for another status, ServingFailed when nothing answers within
     ``timeout_s``)."""
-    host, _, port, prefix, tls = endpoint.parts()
+    prefix = endpoint.parts()[3]
     deadline = time.monotonic() + timeout_s
     last = ""
     while time.monotonic() < deadline:
-        conn: http.client.HTTPConnection = (
-            http.client.HTTPSConnection(host, port, timeout=5, context=ssl.create_default_context())
-            if tls
-            else http.client.HTTPConnection(host, port, timeout=5)
-        )
+        conn = endpoint.connection(5.0)
         try:
             headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
             conn.request("GET", prefix + READY_PATHS[endpoint.api], headers=headers)

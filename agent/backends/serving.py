@@ -9,6 +9,8 @@ where requests go, and ``stop`` ends whatever ``load`` started.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from agent.backends.base import Backend
+from agent.backends.server_process import ServerProcess
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import TaskError
 
@@ -46,11 +49,21 @@ class Endpoint:
         port = url.port or (443 if tls else 80)
         return url.hostname, url.netloc, port, url.path.rstrip("/"), tls
 
+    def connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        """A (not yet connected) HTTP or HTTPS connection to the endpoint's host."""
+        host, _, port, _, tls = self.parts()
+        if tls:
+            return http.client.HTTPSConnection(
+                host, port, timeout=timeout_s, context=ssl.create_default_context()
+            )
+        return http.client.HTTPConnection(host, port, timeout=timeout_s)
+
 
 class ServingBackend(Backend):
     """A runtime measured through its OpenAI-compatible endpoint."""
 
     endpoint: Endpoint | None = None
+    server: ServerProcess | None = None  # the server load started, if it started one
     # The task's scheme, set before load: a server may serve it as a setting (vLLM: dtype).
     scheme: str = ""
     # Prometheus text metrics under the server's root, read around every load level.
@@ -60,7 +73,9 @@ class ServingBackend(Backend):
     LOGPROBS_SHIFT: ClassVar[int | None] = None
 
     def stop(self) -> None:
-        """End what :meth:`load` started (a server); nothing by default."""
+        """End what :meth:`load` started (its server, if any)."""
+        if self.server is not None:
+            self.server.stop()
 
     @contextlib.contextmanager
     def fidelity_endpoint(self, n_ctx: int) -> Iterator[Endpoint]:
@@ -74,7 +89,8 @@ class ServingBackend(Backend):
     def server_pid(self) -> int | None:
         """The server process this backend started (its CPU and memory are the
         measurement's), or None for an endpoint it did not start."""
-        return None
+        process = self.server.process if self.server is not None else None
+        return process.pid if process is not None and process.poll() is None else None
 
     def serving_environment(self) -> dict[str, str]:
         """What the endpoint is, for the result's environment (never a secret)."""

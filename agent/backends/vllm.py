@@ -116,14 +116,9 @@ class VllmBackend(ServingBackend):
         self.endpoint = Endpoint(self.server.base_url, MODEL_NAME)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        super().stop()
         if self._unpacked is not None:
             self._unpacked.cleanup()
-
-    def server_pid(self) -> int | None:
-        process = self.server.process if self.server is not None else None
-        return process.pid if process is not None and process.poll() is None else None
 
     def version(self) -> str:
         """vLLM's version."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import ssl
 
 import numpy as np
 
@@ -40,7 +39,7 @@ def request_logprobs(
 ) -> tuple[list[str], list[dict[str, float] | None]]:
     """The server's prompt tokens and each one's top-``k`` alternatives (None for the
     first); ServingFailed naming what the server did instead."""
-    host, netloc, port, prefix, tls = endpoint.parts()
+    _, netloc, _, prefix, _ = endpoint.parts()
     body = json.dumps(
         {
             "model": endpoint.model,
@@ -54,13 +53,7 @@ def request_logprobs(
     headers = {"Content-Type": "application/json", "Host": netloc}
     if endpoint.api_key:
         headers["Authorization"] = f"Bearer {endpoint.api_key}"
-    conn: http.client.HTTPConnection = (
-        http.client.HTTPSConnection(
-            host, port, timeout=timeout_s, context=ssl.create_default_context()
-        )
-        if tls
-        else http.client.HTTPConnection(host, port, timeout=timeout_s)
-    )
+    conn = endpoint.connection(timeout_s)
     try:
         conn.request("POST", f"{prefix}/completions", body=body, headers=headers)
         response = conn.getresponse()

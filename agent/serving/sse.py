@@ -179,8 +179,8 @@ async def _read_stream(
         _take_event(data, record)
 
 
-def _take_event(data: str, record: RequestRecord) -> None:
-    """One ``data:`` event: a token timestamp when it carries a token, usage when sent."""
+def _event(data: str) -> dict[str, Any]:
+    """One event's JSON object; StreamError for malformed JSON or an error event."""
     try:
         event = json.loads(data)
     except json.JSONDecodeError:
@@ -189,6 +189,12 @@ def _take_event(data: str, record: RequestRecord) -> None:
         raise StreamError(f"malformed event: {data[:80]!r}")
     if "error" in event:
         raise StreamError(f"server error: {str(event['error'])[:200]}")
+    return event
+
+
+def _take_event(data: str, record: RequestRecord) -> None:
+    """One ``data:`` event: a token timestamp when it carries a token, usage when sent."""
+    event = _event(data)
     usage = event.get("usage")
     if isinstance(usage, dict):
         record.output_tokens = int(usage.get("completion_tokens") or 0)
@@ -209,14 +215,7 @@ def _take_ollama_event(data: str, record: RequestRecord) -> bool:
     """One line of Ollama's ``/api/chat`` stream: a token timestamp when its message
     carries content or thinking; True for the last (``done``), whose native counts and
     durations (nanoseconds) are kept in milliseconds."""
-    try:
-        event = json.loads(data)
-    except json.JSONDecodeError:
-        raise StreamError(f"malformed event: {data[:80]!r}") from None
-    if not isinstance(event, dict):
-        raise StreamError(f"malformed event: {data[:80]!r}")
-    if "error" in event:
-        raise StreamError(f"server error: {str(event['error'])[:200]}")
+    event = _event(data)
     message = event.get("message")
     if isinstance(message, dict) and any(
         isinstance(message.get(k), str) and message[k] for k in ("content", "thinking")
