@@ -31,6 +31,8 @@ from typing import Any
 
 from agent.backends import get_backend
 from agent.backends.serving import ServingBackend
+from agent.device_state import read_state, state_environment, state_metrics
+from agent.energy import EnergyMeter, energy_environment, rapl_status
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
@@ -128,6 +130,8 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         else None
     )
 
+    zones, no_energy = rapl_status()
+    state_before = read_state()
     rss_before = current_rss_bytes()
     started = time.perf_counter()
     backend.load(request.model_path, settings, request.options)
@@ -135,9 +139,13 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     rss_after = current_rss_bytes()
 
     inputs = backend.make_inputs(eval_batch, settings.batch_size)
-    with OtherCpuMeter() as others:
+    # the energy meter's idle window comes before the other-CPU reading starts
+    with EnergyMeter(zones) as energy, OtherCpuMeter() as others:
         timing = time_iterations(backend.timed_call(inputs), settings)
+    state_after = read_state()
     metrics = backend.extra_metrics(settings)
+    metrics.update(energy.figures(len(timing.samples_ms)))
+    metrics.update(state_metrics(state_before, state_after))
     # Neighbours on the same cores (other processes, not other measurements - the
     # scheduler prevents those) distort timings: keep the evidence, and reject the
     # trial over the limit (settings.max_other_cpu_cores; by default a share of the cores).
@@ -167,7 +175,11 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         "trial": asdict(trial),
         "accuracy": accuracy,
         "backend_version": backend.version(),
-        "environment": backend.environment(),
+        "environment": {
+            **backend.environment(),
+            **energy_environment(zones, no_energy),
+            **state_environment(state_after),
+        },
         "model_size_bytes": path_size_bytes(request.model_path),
         # this child's Python (a backend may run in an environment of its own)
         "python": f"{platform.python_version()} at {sys.prefix}",

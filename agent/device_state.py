@@ -1,0 +1,112 @@
+"""The device's state around a trial, as Linux exposes it under ``/sys``: temperatures,
+CPU clocks and governor, throttling counters, mains or battery.
+
+- ``class/thermal/thermal_zone*/temp`` (millidegrees C) and ``type``;
+- ``devices/system/cpu/cpu*/cpufreq/scaling_cur_freq`` (kHz) and ``scaling_governor``;
+- ``devices/system/cpu/cpu*/thermal_throttle/{core,package}_throttle_count`` (x86);
+- ``class/power_supply/*/type`` with ``online`` (Mains) or ``status`` (Battery).
+
+:func:`read_state` takes one snapshot (every value optional: a device exposes what it
+exposes); :func:`state_metrics` turns the snapshots before and after a trial into trial
+metrics, and :func:`state_environment` says what was exposed and what was not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SYS = Path("/sys")
+
+
+@dataclass
+class DeviceState:
+    """One snapshot; empty collections for what the device does not expose."""
+
+    temps_c: dict[str, float] = field(default_factory=dict)  # zone type -> degrees C
+    freqs_mhz: list[float] = field(default_factory=list)  # one per CPU
+    governors: list[str] = field(default_factory=list)
+    throttle_count: int | None = None  # summed over CPUs (core + package)
+    on_mains: bool | None = None
+    battery_status: str = ""
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _number(path: Path) -> float | None:
+    text = _text(path)
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def read_state(root: Path = SYS) -> DeviceState:
+    """A snapshot of the device's state under ``root`` (``/sys``; a fixture tree in tests)."""
+    state = DeviceState()
+    for zone in sorted((root / "class" / "thermal").glob("thermal_zone*")):
+        milli = _number(zone / "temp")
+        if milli is not None:
+            kind = _text(zone / "type") or zone.name
+            key = kind if kind not in state.temps_c else f"{kind}.{zone.name}"
+            state.temps_c[key] = milli / 1000.0
+    throttles = 0
+    seen_throttle = False
+    for cpu in sorted((root / "devices" / "system" / "cpu").glob("cpu[0-9]*")):
+        khz = _number(cpu / "cpufreq" / "scaling_cur_freq")
+        if khz is not None:
+            state.freqs_mhz.append(khz / 1000.0)
+        governor = _text(cpu / "cpufreq" / "scaling_governor")
+        if governor:
+            state.governors.append(governor)
+        for name in ("core_throttle_count", "package_throttle_count"):
+            count = _number(cpu / "thermal_throttle" / name)
+            if count is not None:
+                throttles += int(count)
+                seen_throttle = True
+    state.throttle_count = throttles if seen_throttle else None
+    for supply in sorted((root / "class" / "power_supply").glob("*")):
+        supply_type = _text(supply / "type")
+        if supply_type == "Mains":
+            online = _number(supply / "online")
+            if online is not None:
+                state.on_mains = bool(online) or bool(state.on_mains)
+        elif supply_type == "Battery":
+            state.battery_status = _text(supply / "status") or state.battery_status
+            if state.on_mains is None and state.battery_status == "Discharging":
+                state.on_mains = False
+    return state
+
+
+def state_metrics(before: DeviceState, after: DeviceState) -> dict[str, float]:
+    """Trial metrics from the snapshots around it (only what both expose)."""
+    out: dict[str, float] = {}
+    for when, state in (("before", before), ("after", after)):
+        if state.temps_c:
+            out[f"temp_max_c_{when}"] = max(state.temps_c.values())
+        if state.freqs_mhz:
+            out[f"cpu_mhz_mean_{when}"] = sum(state.freqs_mhz) / len(state.freqs_mhz)
+    if before.throttle_count is not None and after.throttle_count is not None:
+        out["throttle_events"] = float(max(0, after.throttle_count - before.throttle_count))
+    if after.on_mains is not None:
+        out["on_mains"] = 1.0 if after.on_mains else 0.0
+    return out
+
+
+def state_environment(state: DeviceState) -> dict[str, str]:
+    """What the device exposes, for the result's environment; "not exposed" otherwise."""
+    missing = "not exposed by this device"
+    return {
+        "device.thermal_zones": ", ".join(sorted(state.temps_c)) or missing,
+        "device.cpufreq_governor": ", ".join(sorted(set(state.governors))) or missing,
+        "device.throttle_counters": "yes" if state.throttle_count is not None else missing,
+        "device.power_source": (
+            ("mains" if state.on_mains else "battery") if state.on_mains is not None else missing
+        )
+        + (f" (battery {state.battery_status})" if state.battery_status else ""),
+    }
