@@ -13,10 +13,17 @@ metrics, and :func:`state_environment` says what was exposed and what was not.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SYS = Path("/sys")
+# Where /sys is: the real one, or another tree (a container that mounts the host's /sys
+# elsewhere; tests) named by EDGEFARM_SYS_ROOT.
+SYS = Path(os.environ.get("EDGEFARM_SYS_ROOT") or "/sys")
+HOT_PREFIX = "device hot:"  # how a thermal-guard rejection's reason starts
+THROTTLED_PREFIX = "device throttled:"
+POLL_S = 1.0
 
 
 @dataclass
@@ -46,8 +53,9 @@ def _number(path: Path) -> float | None:
         return None
 
 
-def read_state(root: Path = SYS) -> DeviceState:
-    """A snapshot of the device's state under ``root`` (``/sys``; a fixture tree in tests)."""
+def read_state(root: Path | None = None) -> DeviceState:
+    """A snapshot of the device's state under ``root`` (default :data:`SYS`)."""
+    root = root if root is not None else SYS
     state = DeviceState()
     for zone in sorted((root / "class" / "thermal").glob("thermal_zone*")):
         milli = _number(zone / "temp")
@@ -110,3 +118,40 @@ def state_environment(state: DeviceState) -> dict[str, str]:
         )
         + (f" (battery {state.battery_status})" if state.battery_status else ""),
     }
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    """What the cool-down wait before a trial found."""
+
+    waited_s: float
+    temp_c: float | None  # the hottest zone when the wait ended (None: no zones)
+    reason: str  # "" when cool enough (or unguarded), else why the trial is invalid
+
+
+def wait_until_cool(limit_c: float, timeout_s: float, root: Path | None = None) -> Cooldown:
+    """Wait until every thermal zone is at most ``limit_c`` (0: no guard), polling each
+    :data:`POLL_S` for at most ``timeout_s``."""
+    started = time.monotonic()
+    while True:
+        temps = read_state(root).temps_c
+        hottest = max(temps.values()) if temps else None
+        waited = time.monotonic() - started
+        if limit_c <= 0 or hottest is None or hottest <= limit_c:
+            return Cooldown(waited, hottest, "")
+        if waited >= timeout_s:
+            return Cooldown(
+                waited,
+                hottest,
+                f"{HOT_PREFIX} {hottest:.1f} C after waiting {waited:.0f} s to cool below "
+                f"{limit_c:g} C",
+            )
+        time.sleep(min(POLL_S, max(0.0, timeout_s - waited)))
+
+
+def throttle_reason(limit_c: float, before: DeviceState, after: DeviceState) -> str:
+    """With the guard on, why a trial during which the device throttled is invalid."""
+    if limit_c <= 0 or before.throttle_count is None or after.throttle_count is None:
+        return ""
+    events = after.throttle_count - before.throttle_count
+    return f"{THROTTLED_PREFIX} {events} throttle events during the trial" if events > 0 else ""

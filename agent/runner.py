@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backend_envs import BackendEnv, env_child_environment
+from agent.device_state import HOT_PREFIX, THROTTLED_PREFIX
 from agent.host_activity import BUSY_PREFIX, BUSY_RETRIES
 from agent.parent_watch import PARENT_PID_ENV
 from agent.trial import TrialRequest
@@ -94,7 +95,7 @@ async def run_measurement(
             for _ in range(BUSY_RETRIES):
                 if not _host_was_busy(result):
                     break
-                log.info("trial %d: host busy, measuring it again", index + 1)
+                log.info("trial %d: host busy or device hot, measuring it again", index + 1)
                 result = await _run_child(request, Path(tmp), index, env)
             try:
                 report.trials.append(TrialOutcome.from_dict(result["trial"]))
@@ -119,11 +120,13 @@ async def run_measurement(
 
 def _host_was_busy(result: dict[str, Any]) -> bool:
     """Whether the child rejected its trial because the host was busy (it judged the
-    reading against the limit resolved on this host: agent.host_activity)."""
+    reading against the limit resolved on this host: agent.host_activity) or the device
+    was hot or throttled (the thermal guard: agent.device_state)."""
     try:
-        return BUSY_PREFIX in str(result["trial"]["invalid_reason"])
+        reason = str(result["trial"]["invalid_reason"])
     except (KeyError, TypeError):
         return False  # a malformed result is reported as such below
+    return any(p in reason for p in (BUSY_PREFIX, HOT_PREFIX, THROTTLED_PREFIX))
 
 
 async def _run_child(

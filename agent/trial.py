@@ -31,7 +31,13 @@ from typing import Any
 
 from agent.backends import get_backend
 from agent.backends.serving import ServingBackend
-from agent.device_state import read_state, state_environment, state_metrics
+from agent.device_state import (
+    read_state,
+    state_environment,
+    state_metrics,
+    throttle_reason,
+    wait_until_cool,
+)
 from agent.energy import EnergyMeter, energy_environment, rapl_status
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
@@ -131,6 +137,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     )
 
     zones, no_energy = rapl_status()
+    cooldown = wait_until_cool(settings.max_start_temp_c, settings.cooldown_timeout_s)
     state_before = read_state()
     rss_before = current_rss_bytes()
     started = time.perf_counter()
@@ -146,6 +153,12 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     metrics = backend.extra_metrics(settings)
     metrics.update(energy.figures(len(timing.samples_ms)))
     metrics.update(state_metrics(state_before, state_after))
+    if settings.max_start_temp_c > 0:
+        metrics["cooldown_wait_s"] = cooldown.waited_s
+    thermal = [
+        cooldown.reason,
+        throttle_reason(settings.max_start_temp_c, state_before, state_after),
+    ]
     # Neighbours on the same cores (other processes, not other measurements - the
     # scheduler prevents those) distort timings: keep the evidence, and reject the
     # trial over the limit (settings.max_other_cpu_cores; by default a share of the cores).
@@ -161,8 +174,8 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         load_time_s=load_time_s,
         peak_rss_bytes=peak_rss_bytes(),  # before the accuracy pass loads the eval set
         load_rss_delta_bytes=rss_after - rss_before,
-        valid=timing.valid and not busy,
-        invalid_reason="; ".join(r for r in (timing.invalid_reason, busy) if r),
+        valid=timing.valid and not busy and not any(thermal),
+        invalid_reason="; ".join(r for r in (timing.invalid_reason, busy, *thermal) if r),
         metrics={str(k): float(v) for k, v in metrics.items()},
     )
 

@@ -435,6 +435,19 @@ class Measurement(BaseModel):
         allow_inf_nan=False,
     )
 
+    # Thermal guard: degrees C every zone must be at most before a trial (0: off), and how
+    # long to wait for it; a throttled or still-hot trial is re-measured, then invalid.
+    max_start_temp_c: float = Field(
+        default=_DEFAULTS.max_start_temp_c, ge=0, le=150, strict=True, allow_inf_nan=False
+    )
+    cooldown_timeout_s: float = Field(
+        default=_DEFAULTS.cooldown_timeout_s,
+        ge=0,
+        le=MAX_DURATION_S,
+        strict=True,
+        allow_inf_nan=False,
+    )
+
     @field_validator("max_other_cpu_cores")
     @classmethod
     def _check_busy_limit(cls, value: float) -> float:
@@ -729,6 +742,17 @@ def _bounds(measurement: Measurement, at: tuple[str | int, ...] = ("measurement"
             (*at, where),
             f"trials x max_iterations ({measurement.trials} x {measurement.max_iterations} = "
             f"{samples}) is above the {MAX_SAMPLES_PER_RESULT} samples one result may carry",
+        )
+    if measurement.max_start_temp_c > 0 and measurement.cooldown_timeout_s >= measurement.timeout_s:
+        where = (
+            "cooldown_timeout_s"
+            if "cooldown_timeout_s" in measurement.model_fields_set
+            else "timeout_s"
+        )
+        raise FieldError(
+            (*at, where),
+            f"cooldown_timeout_s ({measurement.cooldown_timeout_s:g}) must be below the trial "
+            f"time limit timeout_s ({measurement.timeout_s:g}): the wait is part of the trial",
         )
 
 

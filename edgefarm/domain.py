@@ -74,6 +74,11 @@ class MeasureSettings:
     # (the default): a quarter of the measuring host's logical cores
     # (agent.host_activity.BUSY_SHARE).
     max_other_cpu_cores: float = AUTO_OTHER_CPU
+    # Thermal guard (0: off): before a trial, wait up to cooldown_timeout_s until every
+    # thermal zone is at most this many degrees C; a trial that stays hot, or whose
+    # device throttled during it, is measured again and then stored invalid.
+    max_start_temp_c: float = 0.0
+    cooldown_timeout_s: float = 120.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for JSON and hashing)."""

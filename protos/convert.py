@@ -84,6 +84,8 @@ def settings_from_pb(m: common_pb2.MeasureSettings) -> MeasureSettings:
         context_tokens=m.context_tokens,
         evaluate=not m.skip_evaluation,
         max_other_cpu_cores=m.max_other_cpu_cores,
+        max_start_temp_c=m.max_start_temp_c,
+        cooldown_timeout_s=m.cooldown_timeout_s,
     )
 
 

@@ -6,8 +6,12 @@ the figures are absent, the result says why, and nothing else changes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +146,66 @@ def test_a_trial_on_a_machine_without_sources_has_the_reasons_and_nothing_else()
     assert not any(k.startswith(("temp_", "cpu_mhz", "throttle")) for k in trial.metrics)
     assert report.environment["energy.source"].startswith("none: no RAPL")
     assert report.environment["device.thermal_zones"] == "not exposed by this device"
+
+
+# ----------------------------------------------------------------------- the thermal guard
+
+GUARDED = MeasureSettings(
+    warmup_iterations=1, min_iterations=20, min_duration_s=0.01, max_duration_s=1, trials=1,
+    max_other_cpu_cores=0, max_start_temp_c=70.0, cooldown_timeout_s=1.0, timeout_s=60,
+)  # fmt: skip
+
+
+def hot_device(root: Path, milli: int) -> Path:
+    write(root / "class/thermal/thermal_zone0/type", "x86_pkg_temp")
+    write(root / "class/thermal/thermal_zone0/temp", str(milli))
+    write(root / "devices/system/cpu/cpu0/thermal_throttle/core_throttle_count", "0")
+    return root
+
+
+def _trial(settings: MeasureSettings, options: dict[str, str] | None = None) -> Any:
+    report = asyncio.run(
+        run_measurement("noop", "none", Path(__file__), None, settings, options or {})
+    )
+    return report.trials[0]
+
+
+def test_a_device_that_stays_hot_is_measured_again_then_stored_invalid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("EDGEFARM_SYS_ROOT", str(hot_device(tmp_path, 91_000)))
+    with caplog.at_level(logging.INFO, logger="agent.runner"):
+        trial = _trial(GUARDED)
+    assert not trial.valid
+    assert trial.invalid_reason == "device hot: 91.0 C after waiting 1 s to cool below 70 C"
+    assert caplog.text.count("measuring it again") == 2
+    assert trial.metrics["cooldown_wait_s"] >= 1.0 and trial.metrics["temp_max_c_before"] == 91
+
+
+def test_the_guard_waits_for_the_device_to_cool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = hot_device(tmp_path, 85_000)
+    monkeypatch.setenv("EDGEFARM_SYS_ROOT", str(root))
+    cool = threading.Timer(1.5, write, (root / "class/thermal/thermal_zone0/temp", "55000"))
+    cool.start()
+    trial = _trial(replace(GUARDED, cooldown_timeout_s=20.0))
+    cool.join()
+    assert trial.valid, trial.invalid_reason
+    assert 1.0 <= trial.metrics["cooldown_wait_s"] < 20 and trial.metrics["temp_max_c_before"] == 55
+
+
+def test_a_trial_during_which_the_device_throttled_is_measured_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = hot_device(tmp_path, 50_000)
+    monkeypatch.setenv("EDGEFARM_SYS_ROOT", str(root))
+    counter = root / "devices/system/cpu/cpu0/thermal_throttle/core_throttle_count"
+    # the throttle counter rises once, while the first attempt loads (noop sleeps 1.5 s)
+    bump = threading.Timer(0.75, write, (counter, "4"))
+    bump.start()
+    with caplog.at_level(logging.INFO, logger="agent.runner"):
+        trial = _trial(GUARDED, {"noop_sleep_s": "1.5"})
+    bump.join()
+    assert caplog.text.count("measuring it again") == 1  # the first attempt throttled
+    assert trial.valid and trial.metrics["throttle_events"] == 0.0

@@ -158,7 +158,8 @@ class MeasureSettings(google.protobuf.message.Message):
       - noop: nothing (an iteration calls a function that returns at once).
 
     Zero: the coordinator validates campaign specs so that every field here except
-    warmup_iterations, max_other_cpu_cores and skip_evaluation is greater than zero.
+    warmup_iterations, max_other_cpu_cores, max_start_temp_c and skip_evaluation is
+    greater than zero.
     warmup_iterations 0 means no warm-up; max_other_cpu_cores 0 means record only and
     -1 a share of the host's cores. An
     agent that receives 0 in any other field (a coordinator not following this
@@ -180,6 +181,8 @@ class MeasureSettings(google.protobuf.message.Message):
     CONTEXT_TOKENS_FIELD_NUMBER: builtins.int
     SKIP_EVALUATION_FIELD_NUMBER: builtins.int
     MAX_OTHER_CPU_CORES_FIELD_NUMBER: builtins.int
+    MAX_START_TEMP_C_FIELD_NUMBER: builtins.int
+    COOLDOWN_TIMEOUT_S_FIELD_NUMBER: builtins.int
     warmup_iterations: builtins.int
     """Untimed iterations before the timed loop (0: none)."""
     min_iterations: builtins.int
@@ -218,6 +221,16 @@ class MeasureSettings(google.protobuf.message.Message):
     (the kernel's 10 ms ticks make their reading too coarse). The reading is
     reported as the trial metric "host_other_cpu_cores" either way.
     """
+    max_start_temp_c: builtins.float
+    """Thermal guard; 0 (the default): off. Before a trial, wait up to
+    cooldown_timeout_s seconds until every thermal zone the device exposes is at most
+    max_start_temp_c degrees C (the wait is the trial metric "cooldown_wait_s"); a trial
+    that starts hotter, or during which the device's throttle counters rose, is
+    measured again (at most twice) and then stored invalid with a reason starting
+    "device hot:" or "device throttled:". A device without thermal zones or throttle
+    counters is measured unguarded (its result's environment says so).
+    """
+    cooldown_timeout_s: builtins.float
     def __init__(
         self,
         *,
@@ -234,8 +247,10 @@ class MeasureSettings(google.protobuf.message.Message):
         context_tokens: builtins.int = ...,
         skip_evaluation: builtins.bool = ...,
         max_other_cpu_cores: builtins.float = ...,
+        max_start_temp_c: builtins.float = ...,
+        cooldown_timeout_s: builtins.float = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "max_other_cpu_cores", b"max_other_cpu_cores", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "skip_evaluation", b"skip_evaluation", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["batch_size", b"batch_size", "context_tokens", b"context_tokens", "cooldown_timeout_s", b"cooldown_timeout_s", "max_duration_s", b"max_duration_s", "max_iterations", b"max_iterations", "max_other_cpu_cores", b"max_other_cpu_cores", "max_start_temp_c", b"max_start_temp_c", "min_duration_s", b"min_duration_s", "min_iterations", b"min_iterations", "prompt_tokens", b"prompt_tokens", "skip_evaluation", b"skip_evaluation", "threads", b"threads", "timeout_s", b"timeout_s", "trials", b"trials", "warmup_iterations", b"warmup_iterations"]) -> None: ...
 
 global___MeasureSettings = MeasureSettings
 
