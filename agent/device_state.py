@@ -6,6 +6,10 @@ CPU clocks and governor, throttling counters, mains or battery.
 - ``devices/system/cpu/cpu*/thermal_throttle/{core,package}_throttle_count`` (x86);
 - ``class/power_supply/*/type`` with ``online`` (Mains) or ``status`` (Battery).
 
+On macOS the thermal pressure comes from ``powermetrics`` during the loop
+(:mod:`agent.energy.powermetrics`, root only) and counts as throttling in
+:func:`throttle_reason`.
+
 :func:`read_state` takes one snapshot (every value optional: a device exposes what it
 exposes); :func:`state_metrics` turns the snapshots before and after a trial into trial
 metrics, and :func:`state_environment` says what was exposed and what was not.
@@ -13,14 +17,13 @@ metrics, and :func:`state_environment` says what was exposed and what was not.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Where /sys is: the real one, or another tree (a container that mounts the host's /sys
-# elsewhere; tests) named by EDGEFARM_SYS_ROOT.
-SYS = Path(os.environ.get("EDGEFARM_SYS_ROOT") or "/sys")
+from agent.energy.powermetrics import PRESSURE_LEVELS
+from agent.sysfs import SYS
+
 HOT_PREFIX = "device hot:"  # how a thermal-guard rejection's reason starts
 THROTTLED_PREFIX = "device throttled:"
 POLL_S = 1.0
@@ -149,9 +152,18 @@ def wait_until_cool(limit_c: float, timeout_s: float, root: Path | None = None) 
         time.sleep(min(POLL_S, max(0.0, timeout_s - waited)))
 
 
-def throttle_reason(limit_c: float, before: DeviceState, after: DeviceState) -> str:
-    """With the guard on, why a trial during which the device throttled is invalid."""
-    if limit_c <= 0 or before.throttle_count is None or after.throttle_count is None:
+def throttle_reason(
+    limit_c: float, before: DeviceState, after: DeviceState, pressure: float | None = None
+) -> str:
+    """With the guard on, why a trial during which the device throttled is invalid:
+    throttle events counted by the kernel, or macOS thermal pressure above Nominal
+    (``pressure``: the worst level powermetrics saw, 0 = Nominal)."""
+    if limit_c <= 0:
+        return ""
+    if pressure is not None and pressure > 0:
+        level = PRESSURE_LEVELS[min(int(pressure), len(PRESSURE_LEVELS) - 1)]
+        return f"{THROTTLED_PREFIX} macOS thermal pressure {level} during the trial"
+    if before.throttle_count is None or after.throttle_count is None:
         return ""
     events = after.throttle_count - before.throttle_count
     return f"{THROTTLED_PREFIX} {events} throttle events during the trial" if events > 0 else ""

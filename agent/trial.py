@@ -38,7 +38,7 @@ from agent.device_state import (
     throttle_reason,
     wait_until_cool,
 )
-from agent.energy import EnergyMeter, energy_environment, rapl_status
+from agent.energy import EnergyMeter, energy_environment, energy_sources
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.measure import current_rss_bytes, peak_rss_bytes, time_iterations
 from agent.parent_watch import die_with_parent
@@ -136,7 +136,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         else None
     )
 
-    zones, no_energy = rapl_status()
+    meters, no_energy = energy_sources()
     cooldown = wait_until_cool(settings.max_start_temp_c, settings.cooldown_timeout_s)
     state_before = read_state()
     rss_before = current_rss_bytes()
@@ -147,17 +147,23 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
 
     inputs = backend.make_inputs(eval_batch, settings.batch_size)
     # the energy meter's idle window comes before the other-CPU reading starts
-    with EnergyMeter(zones) as energy, OtherCpuMeter() as others:
+    with EnergyMeter(meters) as energy, OtherCpuMeter() as others:
         timing = time_iterations(backend.timed_call(inputs), settings)
     state_after = read_state()
     metrics = backend.extra_metrics(settings)
-    metrics.update(energy.figures(len(timing.samples_ms)))
+    # one inference = one item of a batch; language models time one token per iteration
+    metrics.update(energy.figures(len(timing.samples_ms) * max(1, settings.batch_size)))
     metrics.update(state_metrics(state_before, state_after))
     if settings.max_start_temp_c > 0:
         metrics["cooldown_wait_s"] = cooldown.waited_s
     thermal = [
         cooldown.reason,
-        throttle_reason(settings.max_start_temp_c, state_before, state_after),
+        throttle_reason(
+            settings.max_start_temp_c,
+            state_before,
+            state_after,
+            metrics.get("thermal_pressure_max"),
+        ),
     ]
     # Neighbours on the same cores (other processes, not other measurements - the
     # scheduler prevents those) distort timings: keep the evidence, and reject the
@@ -190,7 +196,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
         "backend_version": backend.version(),
         "environment": {
             **backend.environment(),
-            **energy_environment(zones, no_energy),
+            **energy_environment(meters, no_energy),
             **state_environment(state_after),
         },
         "model_size_bytes": path_size_bytes(request.model_path),

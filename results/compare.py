@@ -12,6 +12,7 @@ from typing import Any
 
 from edgefarm.domain import RatioInterval, ratio_interval
 from results.rows import p50_interval
+from results.units import fmt_joules
 
 Row = dict[str, Any]
 
@@ -55,6 +56,7 @@ class ComparisonRow:
     # full-precision row itself, or fewer than two trials on a side
     speedup_interval: RatioInterval | None = None
     kld_lower_bound: bool = False  # KLD by the old top-k + residual method (shown as >=)
+    energy_j: float | None = None  # measured energy per item (per generated token for LLMs)
 
     @property
     def same_speed(self) -> bool:
@@ -175,6 +177,7 @@ def compare(
                 speed_pm_pct=_speed_pm(row) if speed else None,
                 speedup_interval=speedup_interval(row, base),
                 kld_lower_bound=kld_is_lower_bound(row),
+                energy_j=energy_per_inference(row),
             )
         )
     # stable: within a framework, full precision first, then the spec's order
@@ -182,6 +185,13 @@ def compare(
         key=lambda r: (r.device, r.model, r.framework, r.scheme != FULL_PRECISION.get(r.framework))
     )
     return out
+
+
+def energy_per_inference(row: Row) -> float | None:
+    """The row's measured energy per item (per generated token for language models), or
+    None where the device measured none (see ``energy.source`` in its environment)."""
+    value = (row.get("metrics") or {}).get("energy_per_inference_j") if row.get("ok") else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def device_label(row: Row) -> str:
@@ -234,7 +244,7 @@ def cells(r: ComparisonRow) -> list[str]:
         r.framework,
         r.scheme,
         _fmt(r.memory_bytes / (1 << 20) if r.memory_bytes else None, ".1f"),
-        f"{_fmt(r.speed, ',.1f')} {unit}" + _pm(r.speed_pm_pct) if r.speed else "-",
+        (f"{_fmt(r.speed, ',.1f')} {unit}" + _pm(r.speed_pm_pct) if r.speed else "-") + _energy(r),
         _speedup_cell(r),
         f"{_fmt(r.memory_reduction * 100, '.0f')}%" if r.memory_reduction is not None else "-",
         _fmt(r.size_bytes / (1 << 20) if r.size_bytes else None, ".1f")
@@ -242,6 +252,13 @@ def cells(r: ComparisonRow) -> list[str]:
         f"{_fmt(r.size_reduction * 100, '.0f')}%" if r.size_reduction is not None else "-",
         fidelity or (r.note or "-"),
     ]
+
+
+def _energy(r: ComparisonRow) -> str:
+    """``, 250 mJ/token`` beside the speed where energy was measured."""
+    if r.energy_j is None:
+        return ""
+    return f", {fmt_joules(r.energy_j)}/{'token' if r.is_llm else 'item'}"
 
 
 def _pm(percent: float | None) -> str:

@@ -14,6 +14,9 @@ admissible when its run succeeded and was valid, and it meets every limit given:
 
 - ``max_memory_bytes``: peak resident memory of the run;
 - ``max_kld``: mean KL divergence to the full-precision reference (language models);
+- ``max_energy_j``: energy per inference measured on the device (per generated
+  token for language models: joules/token), the median over the trials; a device that
+  measures no energy excludes every configuration and says why;
 - ``max_accuracy_drop``: for classifiers, the top-1 accuracy lost against the
   full-precision reference of the same model (``reference_top1`` stored with the row,
   else a full-precision run of the same model, on this device first); for language
@@ -26,6 +29,7 @@ a recommendation only ever stands on measured data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -35,6 +39,7 @@ from edgefarm.domain import RatioInterval, ratio_interval
 from results.compare import FULL_PRECISION, device_label, is_llm_row, kld_is_lower_bound
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_pct
 from results.report.model import failure_reason
+from results.units import fmt_joules
 
 Row = dict[str, Any]
 # A figure exactly at its limit is within it; this absorbs float rounding (0.91 - 0.90).
@@ -47,6 +52,7 @@ class Objective(StrEnum):
 
     LATENCY = "latency"  # p50 latency (ms per item, or per generated token); memory breaks ties
     MEMORY = "memory"  # peak memory; latency breaks ties
+    ENERGY = "energy"  # energy per inference (J/token for LLMs); latency breaks ties
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Limits:
     max_memory_bytes: int | None = None
     max_kld: float | None = None
     max_accuracy_drop: float | None = None
+    max_energy_j: float | None = None  # per inference; per generated token for LLMs
 
     def describe(self) -> str:
         """``memory <= 500.0 MiB, KLD <= 0.05`` or ``no limits``."""
@@ -66,6 +73,8 @@ class Limits:
             parts.append(f"KLD <= {fmt_num(self.max_kld)}")
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {fmt_pct(self.max_accuracy_drop, 2)}")
+        if self.max_energy_j is not None:
+            parts.append(f"energy <= {fmt_joules(self.max_energy_j)}/inference or token")
         return ", ".join(parts) or "no limits"
 
 
@@ -86,6 +95,7 @@ class Candidate:
     result_id: int | None = None
     trial_medians_ms: tuple[float, ...] = ()  # the per-trial p50s the latency came from
     kld_lower_bound: bool = False  # KLD by the old top-k + residual method (a lower bound)
+    energy_j: float | None = None  # per inference (per generated token for LLMs), measured
 
     @property
     def label(self) -> str:
@@ -105,6 +115,8 @@ class Candidate:
             f"{fmt_ms(self.latency_ms)}{per} p50 ({self.speed:,.1f} {unit})",
             f"peak memory {fmt_bytes(self.memory_bytes)}",
         ]
+        if self.energy_j is not None:
+            parts.append(f"{fmt_joules(self.energy_j)}{per or '/inference'}")
         if self.kld_mean is not None and self.kld_lower_bound:
             parts.append(
                 f"KLD ≥{fmt_num(self.kld_mean)} (old top-k lower bound: the full KLD is higher)"
@@ -158,7 +170,11 @@ class Recommendation:
         """Why the best one is best, in one sentence."""
         if self.best is None:
             return f"no measured configuration meets {self.limits.describe()}"
-        what = "fastest" if self.objective is Objective.LATENCY else "smallest peak memory"
+        what = {
+            Objective.LATENCY: "fastest",
+            Objective.MEMORY: "smallest peak memory",
+            Objective.ENERGY: "least energy per inference",
+        }[self.objective]
         text = (
             f"{what} of {self.admissible} admissible configuration"
             f"{'s' if self.admissible != 1 else ''} ({self.limits.describe()})"
@@ -177,7 +193,9 @@ class Recommendation:
             name = f"{nxt.backend}/{nxt.scheme}" if nxt.model == self.best.model else nxt.label
             if self.objective is Objective.LATENCY:
                 text += f"; {nxt.latency_ms / self.best.latency_ms:.2f}x faster than {name}"
-            elif nxt.memory_bytes and self.best.memory_bytes:
+            elif self.objective is Objective.ENERGY and nxt.energy_j and self.best.energy_j:
+                text += f"; {nxt.energy_j / self.best.energy_j:.2f}x less energy than {name}"
+            elif self.objective is Objective.MEMORY and nxt.memory_bytes and self.best.memory_bytes:
                 saved = nxt.memory_bytes - self.best.memory_bytes
                 text += f"; {fmt_bytes(saved)} less than {name}"
         return text
@@ -251,9 +269,10 @@ def _accuracy_drop(row: Row, rows: Sequence[Row], device: str) -> tuple[float | 
 
 
 def _judge(
-    row: Row, rows: Sequence[Row], device: str, limits: Limits
+    row: Row, rows: Sequence[Row], device: str, limits: Limits, need_energy: bool = False
 ) -> tuple[Candidate | None, list[str]]:
-    """The row as a candidate, or the reasons it is excluded."""
+    """The row as a candidate, or the reasons it is excluded (``need_energy``: one
+    without a measured energy is excluded, as under the energy objective)."""
     failed = failure_reason(row)
     if failed:
         return None, [failed]
@@ -287,6 +306,18 @@ def _judge(
                 f"{what} drops by {fmt_pct(drop, 2)}, over the "
                 f"{fmt_pct(limits.max_accuracy_drop, 2)} limit"
             )
+    energy = _number((row.get("metrics") or {}).get("energy_per_inference_j"))
+    if limits.max_energy_j is not None or need_energy:
+        per = "token" if is_llm_row(row) else "inference"
+        if energy is None:
+            source = str((row.get("environment") or {}).get("energy.source") or "")
+            why = source.removeprefix("none: ") if source.startswith("none") else ""
+            reasons.append("no energy measured" + (f" ({why})" if why else ""))
+        elif limits.max_energy_j is not None and energy > limits.max_energy_j + TOLERANCE:
+            reasons.append(
+                f"energy {fmt_joules(energy)}/{per} is over the "
+                f"{fmt_joules(limits.max_energy_j)} limit"
+            )
     if reasons or latency is None:
         return None, reasons
     candidate = Candidate(
@@ -303,14 +334,25 @@ def _judge(
         result_id=row.get("result_id"),
         trial_medians_ms=tuple(float(v) for v in row.get("trial_medians_ms") or [] if v),
         kld_lower_bound=kld_is_lower_bound(row),
+        energy_j=energy,
     )
     return candidate, []
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _order(objective: Objective) -> Any:
     inf = float("inf")
     if objective is Objective.MEMORY:
         return lambda c: (c.memory_bytes or inf, c.latency_ms)
+    if objective is Objective.ENERGY:
+        return lambda c: (inf if c.energy_j is None else c.energy_j, c.latency_ms)
     return lambda c: (c.latency_ms, c.memory_bytes or inf)
 
 
@@ -323,13 +365,14 @@ def recommend(
     objective: Objective = Objective.LATENCY,
     model: str | None = None,
     runners_up: int = 3,
+    max_energy_j: float | None = None,
 ) -> Recommendation:
     """The best configuration on ``device`` (its id or name) within the limits.
 
     ``model`` narrows to one model; without it every model measured is a candidate.
     Configurations measured only on other devices are listed as excluded.
     """
-    limits = Limits(max_memory_bytes, max_kld, max_accuracy_drop)
+    limits = Limits(max_memory_bytes, max_kld, max_accuracy_drop, max_energy_j)
     pool = [r for r in rows if model is None or r["model"] == model]
     here: dict[ConfigKey, list[Row]] = {}
     elsewhere: dict[ConfigKey, set[str]] = {}
@@ -341,7 +384,9 @@ def recommend(
     admissible: list[Candidate] = []
     excluded: list[Exclusion] = []
     for key, measured in here.items():
-        candidate, reasons = _judge(_newest(measured), pool, device, limits)
+        candidate, reasons = _judge(
+            _newest(measured), pool, device, limits, objective is Objective.ENERGY
+        )
         if candidate is not None:
             admissible.append(candidate)
         else:

@@ -11,6 +11,8 @@ Fault-injection options, for tests of the measuring child's supervision only:
 - ``noop_crash``: ``segv`` (the child sends itself SIGSEGV) or ``abort`` (``os.abort``),
   during ``load``.
 - ``noop_sleep_s``: seconds to sleep in ``load`` (a hang, to test time limits).
+- ``noop_call_s``: seconds each timed call sleeps (a stand-in for a model of known
+  speed, for tests of what the agent records around the loop).
 - ``noop_exit``: an exit code; in ``load`` the child says so on stderr and exits at
   once, writing no result (a runtime that calls ``exit`` behind our back).
 """
@@ -39,10 +41,13 @@ class NoopBackend(Backend):
     """Loads nothing, runs nothing: the farm's overhead, and a fake backend for tests."""
 
     NAME: ClassVar[str] = "noop"
-    OPTIONS: ClassVar[frozenset[str]] = frozenset({"noop_crash", "noop_sleep_s", "noop_exit"})
+    OPTIONS: ClassVar[frozenset[str]] = frozenset(
+        {"noop_crash", "noop_sleep_s", "noop_call_s", "noop_exit"}
+    )
 
     def __init__(self) -> None:
         self.model_size_bytes = 0
+        self.call_s = 0.0
 
     @classmethod
     def installed_version(cls) -> str | None:
@@ -58,6 +63,7 @@ class NoopBackend(Backend):
             raise TaskError(f"unknown noop_crash '{crash}' (known: {', '.join(_CRASHES)})")
         if "noop_sleep_s" in options:
             time.sleep(float(options["noop_sleep_s"]))
+        self.call_s = float(options.get("noop_call_s", 0.0))
         if "noop_exit" in options:
             code = int(options["noop_exit"])
             print(f"noop: exiting with code {code} without a result", file=sys.stderr, flush=True)
@@ -75,7 +81,9 @@ class NoopBackend(Backend):
         return rng.standard_normal((batch_size, NUM_CLASSES)).astype(np.float32)
 
     def run_once(self, inputs: Any) -> None:
-        """Nothing."""
+        """Nothing (or sleep ``noop_call_s``)."""
+        if self.call_s > 0:
+            time.sleep(self.call_s)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """One-hot of the argmax of each example's first 10 flattened features."""

@@ -17,7 +17,11 @@ Prompts are windows of ``settings.prompt_tokens`` tokens of the model's evaluati
 text (the task's LLM reference, decoded with the vocabulary it carries), one per
 request, cycled. The trial's samples are the time per output token of the first
 level's successful requests (so a serving row's latency and tok/s sit beside the
-micro-benchmark's decode step); its metrics name every level's figures.
+micro-benchmark's decode step); its metrics name every level's figures. Where the
+trial started the server and the host measures energy (:mod:`agent.energy`), the
+sweep's energy per generated token (prefill included) is ``energy_per_inference_j``;
+the device state before and after is recorded and the thermal guard applies, as for
+a micro-benchmark trial.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ import numpy as np
 import psutil
 
 from agent.backends.serving import Endpoint, ServingBackend
+from agent.device_state import (
+    read_state,
+    state_environment,
+    state_metrics,
+    throttle_reason,
+    wait_until_cool,
+)
+from agent.energy import EnergyMeter, energy_environment, energy_sources
 from agent.host_activity import OTHER_CPU_METRIC, OtherCpuMeter, busy_reason, other_cpu_limit
 from agent.llm_eval import decode_with_vocabulary, load_llm_reference
 from agent.serving.fidelity import SERVED_KLD_METHOD, TOP_K, served_fidelity
@@ -149,6 +161,9 @@ class ServingTrial:
     accuracy: dict[str, float]
 
 
+EXTERNAL_ENERGY = "not measured: the endpoint runs outside this trial, off this host's meters"
+
+
 def run_serving_trial(
     backend: ServingBackend,
     model_path: Path,
@@ -165,6 +180,8 @@ def run_serving_trial(
     reference = load_reference(eval_path)
     prompts = make_prompts(reference, settings.prompt_tokens, min(plan.requests, MAX_PROMPTS))
     backend.scheme = scheme
+    cooldown = wait_until_cool(settings.max_start_temp_c, settings.cooldown_timeout_s)
+    state_before = read_state()
     started = time.perf_counter()
     try:
         backend.load(model_path, settings, own_options)
@@ -174,12 +191,23 @@ def run_serving_trial(
             raise TaskError(f"{backend.NAME} loaded without an endpoint")
         pid = backend.server_pid()
         loaded_rss = _peak_rss(pid)
-        with OtherCpuMeter(own_pids=(pid,) if pid else ()) as others:
+        # this host's meters see a server the trial started, not an external endpoint
+        meters, no_energy = energy_sources() if pid else ([], [EXTERNAL_ENERGY])
+        with (
+            EnergyMeter(meters) as energy,
+            OtherCpuMeter(own_pids=(pid,) if pid else ()) as others,
+        ):
             began = time.perf_counter()
             levels = asyncio.run(run_plan(endpoint, plan, prompts, backend.metrics_path))
             duration_s = time.perf_counter() - began
+        state_after = read_state()
         peak = _peak_rss(pid)
-        environment = {**backend.environment(), **backend.serving_environment()}
+        environment = {
+            **backend.environment(),
+            **backend.serving_environment(),
+            **energy_environment(meters, no_energy),
+            **state_environment(state_after),
+        }
         accuracy: dict[str, float] = {}
         if compute_accuracy and levels[0].ok_requests:
             accuracy = _fidelity(backend, reference, environment)
@@ -195,9 +223,21 @@ def run_serving_trial(
     metrics[OTHER_CPU_METRIC] = others.cores
     metrics["prompt_tokens"] = float(settings.prompt_tokens)
     metrics["output_tokens"] = float(plan.output_tokens)
+    # energy of the whole sweep (prefill included) per generated token
+    metrics.update(energy.figures(sum(sum(level.output_tokens) for level in levels)))
+    metrics.update(state_metrics(state_before, state_after))
     # An endpoint the trial did not start may share the host: its CPU is not "other".
     limit = other_cpu_limit(settings.max_other_cpu_cores) if pid else 0.0
-    reasons = [busy_reason(others.cores, limit, duration_s)]
+    reasons = [
+        busy_reason(others.cores, limit, duration_s),
+        cooldown.reason,
+        throttle_reason(
+            settings.max_start_temp_c,
+            state_before,
+            state_after,
+            metrics.get("thermal_pressure_max"),
+        ),
+    ]
     if first.failed:
         reasons.append(f"{first.label}: {first.failed} of {first.requests} requests failed")
     if len(first.tpot_ms) < 2:

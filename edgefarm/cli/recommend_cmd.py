@@ -101,8 +101,16 @@ def _print(rec: Recommendation, name: str) -> None:
     help="Top-1 drop vs full precision: 0.01 or 1% (LLMs: 1 - top-1 agreement).",
 )
 @click.option(
+    "--max-joules-per-token",
+    "max_joules",
+    default=None,
+    type=float,
+    help="Energy limit in joules per generated token (per inference for other models), "
+    "where the device measures energy.",
+)
+@click.option(
     "--objective",
-    type=click.Choice(["latency", "memory"]),
+    type=click.Choice(["latency", "memory", "energy"]),
     default="latency",
     show_default=True,
     help="What 'best' minimises among admissible configurations.",
@@ -117,14 +125,15 @@ def recommend(
     max_memory: str | None,
     max_kld: float | None,
     max_accuracy_drop: str | None,
+    max_joules: float | None,
     objective: str,
     campaign: str | None,
     as_json: bool,
     store_url: str | None,
     home: str | None,
 ) -> None:
-    """The fastest configuration on a device within memory and fidelity limits, from
-    measured results, with the runners-up and why every other one was excluded."""
+    """The fastest configuration on a device within memory, fidelity and energy limits,
+    from measured results, with the runners-up and why every other one was excluded."""
     from results.compare import is_llm_row
     from results.recommend import Objective
     from results.recommend import recommend as answer
@@ -133,6 +142,8 @@ def recommend(
     drop = parse_fraction(max_accuracy_drop) if max_accuracy_drop is not None else None
     if max_kld is not None and max_kld < 0:
         raise UsageError("--max-kld must not be negative")
+    if max_joules is not None and not max_joules > 0:
+        raise UsageError("--max-joules-per-token must be a positive number of joules")
     rows = _load_rows(store_url, home, campaign)
     device_id, name = resolve_device(rows, device)
     models = sorted({str(r["model"]) for r in rows if device_id == r["device_id"]})
@@ -149,7 +160,16 @@ def recommend(
         if not models:
             raise UsageError(f"--max-kld: no language model has results on {name}")
     answers = [
-        answer(rows, device_id, memory, max_kld, drop, Objective(objective), model=m)
+        answer(
+            rows,
+            device_id,
+            memory,
+            max_kld,
+            drop,
+            Objective(objective),
+            model=m,
+            max_energy_j=max_joules,
+        )
         for m in ([model] if model else models)
     ]
     if as_json:

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from results.compare import energy_per_inference
 from results.rows import p50_interval
 from results.serving import ServingVsInProcess, is_serving_row, side_by_side
 
@@ -144,6 +145,25 @@ def is_llm_row(row: Row) -> bool:
     return LLM_MARKER in (row.get("metrics") or {}) or row.get("backend") == "llama-cpp"
 
 
+def _energy_columns(
+    rows: list[Row], columns: list[tuple[str, Callable[[Row], str]]], after: str, per: str
+) -> list[tuple[str, Callable[[Row], str]]]:
+    """``columns`` with energy per item/token and the average power after ``after``,
+    when any row measured energy (most devices do not: no column of dashes then)."""
+    if all(energy_per_inference(r) is None for r in rows):
+        return columns
+    at = [name for name, _ in columns].index(after) + 1
+    energy = [
+        (f"mJ/{per}", lambda row: _num(_times(energy_per_inference(row), 1000.0), ".3g")),
+        ("W", _metric("power_w", ".1f")),
+    ]
+    return [*columns[:at], *energy, *columns[at:]]
+
+
+def _times(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
+
+
 def _table(rows: list[Row], columns: list[tuple[str, Callable[[Row], str]]], title: str) -> Table:
     table = Table(title=title or None)
     for name, _ in columns:
@@ -167,9 +187,11 @@ def results_tables(rows: list[Row], title: str = "") -> list[Table]:
     other = [r for r in rest if not is_llm_row(r)]
     tables = []
     if other or not (llm or served):
-        tables.append(_table(other, CLASSIFIER_COLUMNS, title))
+        columns = _energy_columns(other, CLASSIFIER_COLUMNS, "items/s ±95%", "item")
+        tables.append(_table(other, columns, title))
     if llm:
-        tables.append(_table(llm, LLM_COLUMNS, f"{title} (language models)" if title else ""))
+        columns = _energy_columns(llm, LLM_COLUMNS, "TTFT ms", "token")
+        tables.append(_table(llm, columns, f"{title} (language models)" if title else ""))
     if served:
         tables.append(serving_table(served, f"{title} (serving)" if title else "serving"))
         pairs = side_by_side(rows)

@@ -6,7 +6,9 @@ Every metric has a unit, a good direction and a comparison kind:
   latency (the trial medians), throughput derived per trial from them, and the
   per-trial figures in ``trials_detail`` (peak RSS, load time, prompt tok/s, TTFT).
   Minimum effects: 2% for latency and throughput, 3% for prompt tok/s and TTFT (each
-  trial's figure is the median of only a few prompt runs), 5% for peak RSS (allocator
+  trial's figure is the median of only a few prompt runs) and for energy per inference
+  (joules per item, per generated token for language models, where the device
+  measures energy: agent.energy), 5% for peak RSS (allocator
   and page-cache noise), 10% for load time (dominated by file-system caching).
 - Accuracy metrics: ``top1`` with per-example outcomes (paired exact test) and the
   fidelity figures that are deterministic for a given artifact, runtime and eval set
@@ -26,6 +28,7 @@ give ``throughput`` in items/s.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Iterable
@@ -47,6 +50,7 @@ METRICS: dict[str, Metric] = {
         Metric("gen_tok_per_s", "tok/s", _H, _T, 0.02),
         Metric("prompt_tok_per_s", "tok/s", _H, _T, 0.03),
         Metric("ttft_ms", "ms", _L, _T, 0.03),
+        Metric("energy_per_inference_j", "J", _L, _T, 0.03),
         Metric("peak_rss", "bytes", _L, _T, 0.05),
         Metric("load_time", "s", _L, _T, 0.10),
         Metric("model_size", "bytes", _L, _E),
@@ -58,7 +62,8 @@ METRICS: dict[str, Metric] = {
     )
 }
 
-_TRIAL_METRICS = ("prompt_tok_per_s", "ttft_ms")  # per-trial backend figures
+# per-trial figures: backend ones, and energy per item (per generated token for LLMs)
+_TRIAL_METRICS = ("prompt_tok_per_s", "ttft_ms", "energy_per_inference_j")
 _ACCURACY_KEYS = ("top1", "agreement", "top1_agreement", "kld_mean", "ppl_ratio")
 
 
@@ -113,7 +118,10 @@ def samples_from_row(row: Row, run_id: str, at: float) -> dict[str, Sample]:
     put("load_time", _timing(run_id, at, _numbers(d.get("load_time_s") for d in details)))
     for name in _TRIAL_METRICS:
         values = _numbers((d.get("metrics") or {}).get(name) for d in details)
-        put(name, _timing(run_id, at, values))
+        sample = _timing(run_id, at, values)
+        if sample is not None and name == "energy_per_inference_j":
+            sample = dataclasses.replace(sample, method=energy_method(row))
+        put(name, sample)
 
     size = _number(row.get("model_size_bytes"))
     if size:
@@ -130,6 +138,12 @@ def samples_from_row(row: Row, run_id: str, at: float) -> dict[str, Sample]:
         method = kld_method(row) if name == "kld_mean" else ""
         out[name] = Sample(run_id=run_id, at=at, value=value, outcomes=outcomes, method=method)
     return out
+
+
+def energy_method(row: Row) -> str:
+    """The energy source of a row (``energy.source`` in its environment, e.g. ``rapl:
+    package-0, dram``): nights measured by different meters are not compared."""
+    return str((row.get("environment") or {}).get("energy.source") or "")
 
 
 def kld_method(row: Row) -> str:

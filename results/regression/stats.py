@@ -295,16 +295,6 @@ def compare_accuracy(
     """
     ratio = _value_ratio(baseline.value, candidate.value)
     eps = 1e-12
-    if baseline.method != candidate.method:
-        methods = " -> ".join(m or "not recorded" for m in (baseline.method, candidate.method))
-        return _verdict(
-            key,
-            Status.INSUFFICIENT,
-            baseline,
-            candidate,
-            ratio,
-            f"{metric.name}: not comparable, computed by another method ({methods})",
-        )
     if baseline.outcomes and candidate.outcomes and metric.direction is Direction.HIGHER:
         if len(baseline.outcomes) != len(candidate.outcomes):
             return _verdict(
@@ -361,6 +351,16 @@ def compare_exact(key: SeriesKey, metric: Metric, baseline: Sample, candidate: S
 
 def compare(key: SeriesKey, metric: Metric, baseline: Sample, candidate: Sample) -> Verdict:
     """The verdict for one series with the default settings of ``metric.kind``."""
+    if baseline.method != candidate.method:
+        methods = " -> ".join(m or "not recorded" for m in (baseline.method, candidate.method))
+        return _verdict(
+            key,
+            Status.INSUFFICIENT,
+            baseline,
+            candidate,
+            _value_ratio(baseline.value, candidate.value),
+            f"{metric.name}: not comparable, computed by another method ({methods})",
+        )
     if metric.kind is MetricKind.TIMING:
         return compare_timing(key, metric, baseline, candidate)
     if metric.kind is MetricKind.ACCURACY:

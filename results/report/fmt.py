@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from results.regression.metrics import METRICS
 from results.regression.types import Verdict
+from results.units import fmt_joules
 
 MIB = 1 << 20
 
@@ -63,6 +64,8 @@ def fmt_value(value: float | None, unit: str) -> str:
         return fmt_ms(value)
     if unit == "fraction":
         return fmt_pct(value, 2)
+    if unit == "J":
+        return fmt_joules(value)
     if unit in ("s",):
         return f"{value:.3g} s"
     return f"{fmt_num(value)} {unit}".rstrip()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent.device_state import read_state, state_environment, state_metrics
-from agent.energy import EnergyMeter, counter_delta, rapl_status, rapl_zones
+from agent.energy import EnergyMeter, RaplSource, counter_delta, rapl_status, rapl_zones
 from agent.runner import run_measurement
 from edgefarm.domain import MeasureSettings
 
@@ -53,11 +53,11 @@ def test_energy_over_a_loop_with_a_counter_that_wraps(tmp_path: Path) -> None:
     powercap = rapl_tree(tmp_path, package_uj=MAX_RANGE - 2_000_000, dram_uj=10_000_000)
     zones, reason = rapl_status(powercap)
     assert reason == "" and [z.name for z in zones] == ["package-0", "dram"]
-    with EnergyMeter(zones, idle_window_s=0) as meter:
+    with EnergyMeter([RaplSource(zones)], idle_window_s=0) as meter:
         # the loop: the package counter wraps (2 J to the top, then 3 J), DRAM adds 1 J
         write(powercap / "intel-rapl:0" / "energy_uj", "3000000")
         write(powercap / "intel-rapl:0" / "intel-rapl:0:1" / "energy_uj", "11000000")
-    figures = meter.figures(iterations=100)
+    figures = meter.figures(inferences=100)
     assert figures["energy_j"] == pytest.approx(6.0)
     assert figures["energy_per_inference_j"] == pytest.approx(0.06)
     assert figures["inferences_per_j"] == pytest.approx(100 / 6)
@@ -68,12 +68,12 @@ def test_energy_over_a_loop_with_a_counter_that_wraps(tmp_path: Path) -> None:
 def test_the_idle_baseline_is_measured_and_subtracted(tmp_path: Path) -> None:
     powercap = rapl_tree(tmp_path, package_uj=0, dram_uj=0)
     zones, _ = rapl_status(powercap)
-    meter = EnergyMeter(zones, idle_window_s=0.05)
+    meter = EnergyMeter([RaplSource(zones)], idle_window_s=0.05)
     meter.idle_w = None
     with meter:
         write(powercap / "intel-rapl:0" / "energy_uj", "4000000")
     # the idle window read an unchanged counter: 0 W idle, all 4 J are the loop's
-    figures = meter.figures(iterations=4)
+    figures = meter.figures(inferences=4)
     assert figures["idle_power_w"] == 0.0 and figures["energy_active_j"] == pytest.approx(4.0)
     assert figures["energy_active_per_inference_j"] == pytest.approx(1.0)
 

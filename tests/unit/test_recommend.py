@@ -197,3 +197,55 @@ def test_latencies_inside_their_noise_are_a_tie_decided_by_memory() -> None:
     rec = recommend(rows, "pi")
     assert rec.best is not None and rec.best.scheme == "Q4_K_M" and rec.tied == ()
     assert "1.04x faster than llama-cpp/Q5_K_M" in rec.why()
+
+
+def with_energy(r: dict[str, Any], joules: float | None) -> dict[str, Any]:
+    if joules is None:
+        reason = "none: no RAPL: /sys/class/powercap does not exist; no other energy source"
+        return {**r, "environment": {"energy.source": reason}}
+    metrics = {**r["metrics"], "energy_per_inference_j": joules}
+    return {**r, "metrics": metrics, "environment": {"energy.source": "rapl: package-0"}}
+
+
+def energy_rows() -> list[dict[str, Any]]:
+    return [
+        with_energy(row("slm", "Q8_0", 14.0, 210, kld_mean=0.003), 0.30),
+        with_energy(row("slm", "Q4_K_M", 13.0, 180, kld_mean=0.04), 0.45),  # faster, hotter
+        with_energy(row("slm", "Q5_K_M", 13.5, 190, kld_mean=0.01), 0.25),
+        with_energy(row("slm", "F16", 20.0, 330, kld_mean=0.0), None),
+    ]
+
+
+def test_an_energy_budget_in_joules_per_token() -> None:
+    rec = recommend(energy_rows(), "pi", max_energy_j=0.3)
+    assert rec.best is not None and rec.best.scheme == "Q5_K_M"
+    assert rec.best.energy_j == 0.25 and "250 mJ/token" in rec.best.describe()
+    assert [c.scheme for c in rec.runners_up] == ["Q8_0"]
+    why = reasons(rec)
+    assert why["Q4_K_M"] == ("energy 450 mJ/token is over the 300 mJ limit",)
+    assert why["F16"] == (
+        "no energy measured (no RAPL: /sys/class/powercap does not exist; no other energy source)",
+    )
+    assert "energy <= 300 mJ" in rec.why()
+    # no budget: the fastest wins whatever it draws
+    fastest = recommend(energy_rows(), "pi")
+    assert fastest.best is not None and fastest.best.scheme == "Q4_K_M"
+
+
+def test_the_energy_objective_ranks_by_joules_and_needs_a_measurement() -> None:
+    rec = recommend(energy_rows(), "pi", objective=Objective.ENERGY)
+    assert rec.best is not None and rec.best.scheme == "Q5_K_M"
+    assert [c.scheme for c in rec.runners_up] == ["Q8_0", "Q4_K_M"]
+    assert "least energy per inference" in rec.why() and "1.20x less energy" in rec.why()
+    assert reasons(rec)["F16"][0].startswith("no energy measured")
+
+
+def test_cli_energy_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recommend_cmd, "_load_rows", lambda *a: energy_rows())
+    args = ["recommend", "--device", "pi", "--max-joules-per-token", "0.3"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "best llama-cpp/Q5_K_M" in result.output
+    assert "llama-cpp/Q4_K_M: energy 450 mJ/token is over the 300 mJ limit" in result.output
+    bad = CliRunner().invoke(cli, [*args[:-1], "-1"])
+    assert bad.exit_code != 0 and "must be a positive number" in str(bad.exception)

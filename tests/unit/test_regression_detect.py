@@ -128,6 +128,29 @@ def test_kld_samples_carry_their_method() -> None:
     assert [v.status for v in old] == [Status.INSUFFICIENT]
 
 
+def test_energy_per_token_is_a_metric_of_its_own_meter() -> None:
+    energy = METRICS["energy_per_inference_j"]
+    assert (energy.unit, energy.direction) == ("J", Direction.LOWER)
+    assert "energy_per_inference_j" not in samples_from_row(llm_row(), "r", 0.0)
+    medians = [20.0, 21.0, 19.5]
+    measured = {
+        **llm_row(),
+        "environment": {"energy.source": "rapl: package-0, dram"},
+        "trials_detail": [
+            trial(m, 500_000_000, 1.0, energy_per_inference_j=0.5 + i / 100)
+            for i, m in enumerate(medians)
+        ],
+    }
+    out = samples_from_row(measured, "r", 0.0)["energy_per_inference_j"]
+    assert out.trials == (0.5, 0.51, 0.52) and out.value == 0.51
+    assert out.method == "rapl: package-0, dram"
+    other_meter = dataclasses.replace(out, method="nvml: gpu0")
+    verdicts = detect.judge_night(
+        {key("energy_per_inference_j"): out}, {key("energy_per_inference_j"): other_meter}
+    )
+    assert [v.status for v in verdicts] == [Status.INSUFFICIENT]
+
+
 def test_failed_or_invalid_rows_give_no_samples() -> None:
     assert samples_from_row({**classifier_row(), "ok": False}, "r", 0.0) == {}
     assert samples_from_row({**classifier_row(), "valid": False}, "r", 0.0) == {}

@@ -387,6 +387,9 @@ def test_a_trial_against_an_external_endpoint(
         assert len(level.itl_ms) == 12 and len(level.tpot_ms) == 4
     assert trial.samples_ms == trial.serving[0].tpot_ms
     assert trial.metrics["serve.c=2.output_tok_per_s"] > 0 and trial.metrics["ttft_ms"] > 0
+    # this host's meters do not see a server elsewhere: no energy, and the reason
+    assert not any(k.startswith("energy") for k in trial.metrics)
+    assert result.environment["energy.source"].startswith("none: not measured: the endpoint")
     # the endpoint's own /metrics, read around each level
     for level in trial.serving:
         assert level.server == {
