@@ -74,7 +74,7 @@ class Limits:
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {fmt_pct(self.max_accuracy_drop, 2)}")
         if self.max_energy_j is not None:
-            parts.append(f"energy <= {fmt_joules(self.max_energy_j)}/inference or token")
+            parts.append(f"energy <= {fmt_joules(self.max_energy_j)} per item or token")
         return ", ".join(parts) or "no limits"
 
 
@@ -116,7 +116,7 @@ class Candidate:
             f"peak memory {fmt_bytes(self.memory_bytes)}",
         ]
         if self.energy_j is not None:
-            parts.append(f"{fmt_joules(self.energy_j)}{per or '/inference'}")
+            parts.append(f"{fmt_joules(self.energy_j)}{per or '/item'}")
         if self.kld_mean is not None and self.kld_lower_bound:
             parts.append(
                 f"KLD ≥{fmt_num(self.kld_mean)} (old top-k lower bound: the full KLD is higher)"
@@ -308,7 +308,7 @@ def _judge(
             )
     energy = _number((row.get("metrics") or {}).get("energy_per_inference_j"))
     if limits.max_energy_j is not None or need_energy:
-        per = "token" if is_llm_row(row) else "inference"
+        per = "token" if is_llm_row(row) else "item"
         if energy is None:
             source = str((row.get("environment") or {}).get("energy.source") or "")
             why = source.removeprefix("none: ") if source.startswith("none") else ""

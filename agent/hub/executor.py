@@ -379,12 +379,18 @@ class HubExecutor:
             "qai_hub.jobs": ",".join(f"{step}={job}" for step, job in run.jobs.items()),
             "qai_hub.compute_units": placement_summary(profile.get("execution_detail") or []),
             "batch_size": str(run.a.settings.batch_size),
+            "energy.source": f"none: {HUB_NO_ENERGY}",
         }
         if run.plan.weights is not None:
             env["qai_hub.quantize"] = (
                 f"weights={run.plan.weights},activations={run.plan.activations}"
             )
         return env
+
+
+# Checked in the client's profile mapping and its protobuf schema (qai-hub 0.56): no
+# energy, power or thermal field exists, so hub results carry none.
+HUB_NO_ENERGY = "Qualcomm AI Hub's profiles report no energy or power figures"
 
 
 def _flags(*parts: str | None) -> str:

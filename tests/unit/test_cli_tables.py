@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 
 from edgefarm.cli.tables import fidelity_setting, results_tables
+from results.compare import cells, compare
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -89,3 +90,43 @@ def test_timing_figures_carry_their_repeat_interval_and_llm_rows_their_fidelity_
     line = next(line for line in render([single]).splitlines() if "Q8_0" in line)
     assert "100.0 " in line and "±" not in line
     assert fidelity_setting(single) == "-" and "pos" not in line
+
+
+def test_energy_columns_appear_where_energy_was_measured() -> None:
+    llm = {
+        "model": "smollm2",
+        "backend": "llama-cpp",
+        "scheme": "Q4_K_M",
+        "device_name": "laptop",
+        "ok": True,
+        "valid": True,
+        "lat_p50_ms": 20.0,
+        "metrics": {"prompt_tok_per_s": 600.0, "energy_per_inference_j": 0.125, "power_w": 6.25},
+    }
+    text = render([llm])
+    assert "mJ/token" in text and " W " in text
+    line = next(line for line in text.splitlines() if "Q4_K_M" in line)
+    assert "125" in line and "6.2" in line
+    unmeasured = {**llm, "metrics": {"prompt_tok_per_s": 600.0}}
+    assert "mJ/token" not in render([unmeasured])  # no column of dashes
+
+
+def test_the_comparison_shows_energy_beside_speed() -> None:
+    row = {
+        "model": "digits",
+        "backend": "onnxruntime",
+        "scheme": "fp32",
+        "device_name": "pi",
+        "ok": True,
+        "valid": True,
+        "lat_p50_ms": 2.0,
+        "peak_rss_bytes": 1 << 20,
+        "model_size_bytes": 1 << 20,
+        "accuracy": {},
+        "metrics": {"energy_per_inference_j": 0.0042},
+    }
+    (measured,) = compare([row])
+    assert measured.energy_j == 0.0042
+    assert "items/s, 4.2 mJ/item" in cells(measured)[3]
+    (plain,) = compare([{**row, "metrics": {}}])
+    assert "mJ" not in cells(plain)[3]

@@ -113,6 +113,7 @@ def test_fp32_and_int8_measure_latency_memory_placement_and_accuracy(
         assert report.accuracy["examples"] > 100 and report.accuracy["top1"] > 0.8
         assert len(report.example_outcomes) == report.accuracy["examples"]
         assert report.environment["qai_hub.target_runtime"] == "qnn_context_binary"
+        assert report.environment["energy.source"].startswith("none: Qualcomm AI Hub's")
     assert fp32.accuracy["agreement"] == 1.0 and fp32.accuracy["max_abs_diff"] == 0.0
     assert int8.accuracy["max_abs_diff"] > 0 and int8.model_size_bytes < fp32.model_size_bytes
     assert "quantize=j" in int8.environment["qai_hub.jobs"]

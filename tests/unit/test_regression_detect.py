@@ -144,6 +144,12 @@ def test_energy_per_token_is_a_metric_of_its_own_meter() -> None:
     out = samples_from_row(measured, "r", 0.0)["energy_per_inference_j"]
     assert out.trials == (0.5, 0.51, 0.52) and out.value == 0.51
     assert out.method == "rapl: package-0, dram"
+    # a night that draws 20% more per token, same meter: a regression in joules
+    hotter = dataclasses.replace(out, value=0.612, trials=(0.6, 0.612, 0.624), run_id="c")
+    (verdict,) = detect.judge_night(
+        {key("energy_per_inference_j"): out}, {key("energy_per_inference_j"): hotter}
+    )
+    assert verdict.status is Status.REGRESSION
     other_meter = dataclasses.replace(out, method="nvml: gpu0")
     verdicts = detect.judge_night(
         {key("energy_per_inference_j"): out}, {key("energy_per_inference_j"): other_meter}
