@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from agent.llm_eval import (
 from agent.runner import TrialsReport, run_measurement
 from edgefarm.domain import MeasureSettings
 from edgefarm.errors import ArtifactError, ModelLoadError, TaskError
+from tests.unit.test_energy_sources import Ticker, rapl_tree
 from tests.unit.test_gguf_check import packaged_smollm2
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama-cpp extra) is not installed")
@@ -200,3 +202,22 @@ def test_listing_backends_imports_neither_llama_cpp_nor_gguf() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False", "False"]
+
+
+def test_a_language_model_on_a_rapl_device_reports_joules_per_token(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RAPL tree whose package counter rises during the trial: one timed iteration is
+    one decode step, so energy per inference is joules per generated token."""
+    zone = rapl_tree(tmp_path, 0)
+    monkeypatch.setenv("EDGEFARM_SYS_ROOT", str(tmp_path))
+    with Ticker(zone / "energy_uj", 20_000):  # 20 mJ every ~5 ms: a few watts
+        report = measure(model, None, replace(TINY, trials=1))
+    (trial,) = report.trials
+    assert trial.valid, trial.invalid_reason
+    metrics = trial.metrics
+    tokens = len(trial.samples_ms)
+    assert metrics["energy_j"] > 0
+    assert metrics["energy_per_inference_j"] == pytest.approx(metrics["energy_j"] / tokens)
+    assert metrics["inferences_per_j"] == pytest.approx(tokens / metrics["energy_j"])  # tok/J
+    assert report.environment["energy.source"] == "rapl: package-0"
