@@ -167,3 +167,21 @@ def throttle_reason(
         return ""
     events = after.throttle_count - before.throttle_count
     return f"{THROTTLED_PREFIX} {events} throttle events during the trial" if events > 0 else ""
+
+
+def guard_reasons(
+    limit_c: float,
+    cooldown: Cooldown,
+    before: DeviceState,
+    after: DeviceState,
+    metrics: dict[str, float],
+) -> list[str]:
+    """The thermal guard's verdict on a finished trial: why it is invalid (started hot,
+    or throttled during its loop), empty when it is not or the guard is off. With the
+    guard on it adds the wait before the trial to ``metrics`` (``cooldown_wait_s``)."""
+    if limit_c <= 0:
+        return []
+    metrics["cooldown_wait_s"] = cooldown.waited_s
+    pressure = metrics.get("thermal_pressure_max")
+    reasons = [cooldown.reason, throttle_reason(limit_c, before, after, pressure)]
+    return [r for r in reasons if r]

@@ -32,10 +32,10 @@ from typing import Any
 from agent.backends import get_backend
 from agent.backends.serving import ServingBackend
 from agent.device_state import (
+    guard_reasons,
     read_state,
     state_environment,
     state_metrics,
-    throttle_reason,
     wait_until_cool,
 )
 from agent.energy import EnergyMeter, energy_environment, energy_sources
@@ -154,17 +154,7 @@ def run_trial(request: TrialRequest) -> dict[str, Any]:
     # one inference = one item of a batch; language models time one token per iteration
     metrics.update(energy.figures(len(timing.samples_ms) * max(1, settings.batch_size)))
     metrics.update(state_metrics(state_before, state_after))
-    if settings.max_start_temp_c > 0:
-        metrics["cooldown_wait_s"] = cooldown.waited_s
-    thermal = [
-        cooldown.reason,
-        throttle_reason(
-            settings.max_start_temp_c,
-            state_before,
-            state_after,
-            metrics.get("thermal_pressure_max"),
-        ),
-    ]
+    thermal = guard_reasons(settings.max_start_temp_c, cooldown, state_before, state_after, metrics)
     # Neighbours on the same cores (other processes, not other measurements - the
     # scheduler prevents those) distort timings: keep the evidence, and reject the
     # trial over the limit (settings.max_other_cpu_cores; by default a share of the cores).

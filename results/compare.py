@@ -12,7 +12,7 @@ from typing import Any
 
 from edgefarm.domain import RatioInterval, ratio_interval
 from results.rows import p50_interval
-from results.units import fmt_joules
+from results.units import as_number, fmt_joules
 
 Row = dict[str, Any]
 
@@ -190,8 +190,9 @@ def compare(
 def energy_per_inference(row: Row) -> float | None:
     """The row's measured energy per item (per generated token for language models), or
     None where the device measured none (see ``energy.source`` in its environment)."""
-    value = (row.get("metrics") or {}).get("energy_per_inference_j") if row.get("ok") else None
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+    if not row.get("ok"):
+        return None
+    return as_number((row.get("metrics") or {}).get("energy_per_inference_j"))
 
 
 def device_label(row: Row) -> str:

@@ -29,7 +29,6 @@ a recommendation only ever stands on measured data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -39,7 +38,7 @@ from edgefarm.domain import RatioInterval, ratio_interval
 from results.compare import FULL_PRECISION, device_label, is_llm_row, kld_is_lower_bound
 from results.report.fmt import fmt_bytes, fmt_ms, fmt_num, fmt_pct
 from results.report.model import failure_reason
-from results.units import fmt_joules
+from results.units import as_number, fmt_joules
 
 Row = dict[str, Any]
 # A figure exactly at its limit is within it; this absorbs float rounding (0.91 - 0.90).
@@ -306,7 +305,7 @@ def _judge(
                 f"{what} drops by {fmt_pct(drop, 2)}, over the "
                 f"{fmt_pct(limits.max_accuracy_drop, 2)} limit"
             )
-    energy = _number((row.get("metrics") or {}).get("energy_per_inference_j"))
+    energy = as_number((row.get("metrics") or {}).get("energy_per_inference_j"))
     if limits.max_energy_j is not None or need_energy:
         per = "token" if is_llm_row(row) else "item"
         if energy is None:
@@ -337,14 +336,6 @@ def _judge(
         energy_j=energy,
     )
     return candidate, []
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 def _order(objective: Objective) -> Any:

@@ -11,10 +11,11 @@ of the row measuring the same artifact on the same device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from results.units import as_number
 
 Row = dict[str, Any]
 SERVING_BACKENDS = ("llama-server", "openai-endpoint", "vllm")
@@ -23,14 +24,6 @@ SERVING_BACKENDS = ("llama-server", "openai-endpoint", "vllm")
 def is_serving_row(row: Row) -> bool:
     """A serving measurement (its load levels, or a failed serving task)."""
     return bool(row.get("serving")) or row.get("backend") in SERVING_BACKENDS
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -111,15 +104,15 @@ def _point(level: dict[str, Any]) -> ServingPoint:
         rate=float(level.get("rate") or 0.0),
         requests=int(level.get("requests") or 0),
         failed=int(level.get("failed") or 0),
-        ttft_p50_ms=_finite(level.get("ttft_p50_ms")),
-        ttft_p99_ms=_finite(level.get("ttft_p99_ms")),
-        tpot_p50_ms=_finite(level.get("tpot_p50_ms")),
-        itl_p99_ms=_finite(level.get("itl_p99_ms")),
-        e2e_p50_ms=_finite(level.get("e2e_p50_ms")),
-        e2e_p99_ms=_finite(level.get("e2e_p99_ms")),
-        request_per_s=_finite(level.get("request_per_s")),
-        output_tok_per_s=_finite(level.get("output_tok_per_s")),
-        goodput_per_s=_finite(level.get("goodput_per_s")),
+        ttft_p50_ms=as_number(level.get("ttft_p50_ms")),
+        ttft_p99_ms=as_number(level.get("ttft_p99_ms")),
+        tpot_p50_ms=as_number(level.get("tpot_p50_ms")),
+        itl_p99_ms=as_number(level.get("itl_p99_ms")),
+        e2e_p50_ms=as_number(level.get("e2e_p50_ms")),
+        e2e_p99_ms=as_number(level.get("e2e_p99_ms")),
+        request_per_s=as_number(level.get("request_per_s")),
+        output_tok_per_s=as_number(level.get("output_tok_per_s")),
+        goodput_per_s=as_number(level.get("goodput_per_s")),
         slo=(
             f"TTFT <= {float(level.get('slo_ttft_ms') or 0):g} ms, "
             f"TPOT <= {float(level.get('slo_tpot_ms') or 0):g} ms"
@@ -127,7 +120,7 @@ def _point(level: dict[str, Any]) -> ServingPoint:
         server={
             str(k): float(v)
             for k, v in (level.get("server") or {}).items()
-            if _finite(v) is not None
+            if as_number(v) is not None
         },
     )
 
@@ -140,7 +133,7 @@ def sweeps(rows: Iterable[Row]) -> list[ServingSweep]:
             model=str(row.get("model", "")),
             backend=str(row.get("backend", "")),
             scheme=str(row.get("scheme", "")),
-            startup_s=_finite(row.get("load_time_s")),
+            startup_s=as_number(row.get("load_time_s")),
             points=tuple(_point(level) for level in row["serving"]),
         )
         for row in rows
@@ -149,7 +142,7 @@ def sweeps(rows: Iterable[Row]) -> list[ServingSweep]:
 
 
 def _tok_per_s(row: Row) -> float | None:
-    p50 = _finite(row.get("lat_p50_ms"))
+    p50 = as_number(row.get("lat_p50_ms"))
     return 1000.0 / p50 if p50 else None
 
 
@@ -177,11 +170,11 @@ def side_by_side(rows: Sequence[Row]) -> list[ServingVsInProcess]:
                 in_process=str(micro.get("backend", "")),
                 in_process_tok_per_s=_tok_per_s(micro),
                 served_tok_per_s=_tok_per_s(row),
-                in_process_ttft_ms=_finite((micro.get("metrics") or {}).get("ttft_ms")),
-                served_ttft_ms=_finite(first.get("ttft_p50_ms")),
+                in_process_ttft_ms=as_number((micro.get("metrics") or {}).get("ttft_ms")),
+                served_ttft_ms=as_number(first.get("ttft_p50_ms")),
                 first_level=str(first.get("label", "")),
-                in_process_top1=_finite((micro.get("accuracy") or {}).get("top1_agreement")),
-                served_top1=_finite((row.get("accuracy") or {}).get("served_top1_agreement")),
+                in_process_top1=as_number((micro.get("accuracy") or {}).get("top1_agreement")),
+                served_top1=as_number((row.get("accuracy") or {}).get("served_top1_agreement")),
             )
         )
     return out

@@ -37,10 +37,10 @@ import psutil
 
 from agent.backends.serving import Endpoint, ServingBackend
 from agent.device_state import (
+    guard_reasons,
     read_state,
     state_environment,
     state_metrics,
-    throttle_reason,
     wait_until_cool,
 )
 from agent.energy import EnergyMeter, energy_environment, energy_sources
@@ -230,13 +230,7 @@ def run_serving_trial(
     limit = other_cpu_limit(settings.max_other_cpu_cores) if pid else 0.0
     reasons = [
         busy_reason(others.cores, limit, duration_s),
-        cooldown.reason,
-        throttle_reason(
-            settings.max_start_temp_c,
-            state_before,
-            state_after,
-            metrics.get("thermal_pressure_max"),
-        ),
+        *guard_reasons(settings.max_start_temp_c, cooldown, state_before, state_after, metrics),
     ]
     if first.failed:
         reasons.append(f"{first.label}: {first.failed} of {first.requests} requests failed")

@@ -29,13 +29,13 @@ give ``throughput`` in items/s.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from collections.abc import Iterable
 from typing import Any
 
 from results.compare import is_llm_row
 from results.regression.types import Direction, Metric, MetricKind, Sample
+from results.units import as_number
 
 Row = dict[str, Any]
 
@@ -67,18 +67,8 @@ _TRIAL_METRICS = ("prompt_tok_per_s", "ttft_ms", "energy_per_inference_j")
 _ACCURACY_KEYS = ("top1", "agreement", "top1_agreement", "kld_mean", "ppl_ratio")
 
 
-def _number(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _numbers(values: Iterable[Any]) -> tuple[float, ...]:
-    return tuple(n for n in (_number(v) for v in values) if n is not None)
+    return tuple(n for n in (as_number(v) for v in values) if n is not None)
 
 
 def _timing(run_id: str, at: float, trials: tuple[float, ...]) -> Sample | None:
@@ -123,13 +113,13 @@ def samples_from_row(row: Row, run_id: str, at: float) -> dict[str, Sample]:
             sample = dataclasses.replace(sample, method=energy_method(row))
         put(name, sample)
 
-    size = _number(row.get("model_size_bytes"))
+    size = as_number(row.get("model_size_bytes"))
     if size:
         out["model_size"] = Sample(run_id=run_id, at=at, value=size)
 
     accuracy = row.get("accuracy") or {}
     for name in _ACCURACY_KEYS:
-        value = _number(accuracy.get(name))
+        value = as_number(accuracy.get(name))
         if value is None:
             continue
         outcomes: tuple[int, ...] = ()
