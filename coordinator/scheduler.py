@@ -25,9 +25,10 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+from coordinator.pending import PendingQueue
 from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
     DRAINING_REASON,
@@ -179,7 +180,10 @@ class Scheduler:
         self.max_attempts = max_attempts
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
-        self.pending: list[TaskRecord] = []
+        self.pending = PendingQueue()
+        # device_id -> ids of the agents registered on it, in order (a dict as ordered set)
+        self.agents_on: dict[str, dict[str, None]] = {}
+        self.open_tasks: dict[str, int] = {}  # campaign_id -> its tasks not finished
         self.leases: dict[str, Lease] = {}  # task_id -> lease
         self.busy_devices: dict[str, str] = {}  # device_id -> task_id
         self.tasks: dict[str, TaskRecord] = {}  # unfinished tasks by id
@@ -226,6 +230,7 @@ class Scheduler:
             old.connected = False
             old.outbox.put_nowait(CloseMessage("ABORTED", "replaced by a newer registration"))
         self.sessions[agent_id] = session
+        self.agents_on.setdefault(caps.device_id, {})[agent_id] = None
         self.writer.post(
             self.store.upsert_device_seen,
             DeviceSeen(
@@ -253,7 +258,7 @@ class Scheduler:
         session.outbox = asyncio.Queue()
         session.connected = True
         session.last_heartbeat = self.clock()
-        self.dispatch()
+        self.dispatch([session.device_id])
         return session.outbox
 
     def disconnect(self, session: AgentSession) -> None:
@@ -283,7 +288,7 @@ class Scheduler:
         ):
             lease.expires_at = now + self.lease_duration_s
         if was_silent and session.lease_id is None:
-            self.dispatch()  # heard from again: it may take what waited meanwhile
+            self.dispatch([session.device_id])  # heard from again: it may take work now
 
     def flush_heartbeats(self, every_s: float = 5.0) -> None:
         """Write the latest heartbeat of each agent, at most once per ``every_s``."""
@@ -299,6 +304,7 @@ class Scheduler:
         """An agent's credential was revoked: close its stream now and re-queue its task."""
         session = self.sessions.pop(agent_id, None)
         if session is not None:
+            self.agents_on.get(session.device_id, {}).pop(agent_id, None)
             session.connected = False
             session.outbox.put_nowait(CloseMessage("UNAUTHENTICATED", "credential revoked"))
         for lease in list(self.leases.values()):
@@ -326,7 +332,7 @@ class Scheduler:
             session.draining = True
             self.free_attempts[task_id] = self.free_attempts.get(task_id, 0) + 1
         self._lease_lost(lease, "abandoned", outcome="abandoned", detail=reason)
-        self.dispatch()
+        self.dispatch([lease.device_id])
         return True
 
     def stop_leasing(self) -> None:
@@ -347,9 +353,9 @@ class Scheduler:
         for task in tasks:
             if task.status in FINISHED_TASK_STATUSES:
                 continue
-            self.tasks[task.task_id] = task
+            self._track(task)
             self.pending.append(task)
-        self.dispatch()
+        self.dispatch({task.device_id for task in tasks})
 
     def restore(self, tasks: list[TaskRecord]) -> None:
         """Rebuild state after a restart: pending tasks queue up again; assigned ones
@@ -357,7 +363,7 @@ class Scheduler:
         so that an agent retrying all along reconnects in time to deliver its result."""
         now = self.clock() + MAX_RECONNECT_DELAY_S
         for task in tasks:
-            self.tasks[task.task_id] = task
+            self._track(task)
             if task.status == TaskStatus.ASSIGNED and task.lease_id and task.agent_id:
                 self.leases[task.task_id] = Lease(
                     lease_id=task.lease_id,
@@ -372,18 +378,36 @@ class Scheduler:
                 self.pending.append(task)
         log.info("restored %d unfinished tasks", len(tasks))
 
-    def dispatch(self) -> None:
-        """Hand pending tasks to idle, connected, live, matching agents. A task goes back
-        to an agent that lost its lease only when no other agent can take it."""
+    def _track(self, task: TaskRecord) -> None:
+        """Keep an unfinished task, and count it in its campaign's open tasks."""
+        if task.task_id not in self.tasks:
+            self.open_tasks[task.campaign_id] = self.open_tasks.get(task.campaign_id, 0) + 1
+        self.tasks[task.task_id] = task
+
+    def dispatch(self, devices: Iterable[str] | None = None) -> None:
+        """Hand pending tasks of ``devices`` (default: every device with pending tasks)
+        to idle, connected, live, matching agents: one task per free device. A task goes
+        back to an agent that lost its lease only when no other agent can take it. The
+        cost is that of the devices looked at, not of the fleet."""
         if not self.pending or not self.leasing:
             return
-        for second_chance in (False, True):
-            for session in list(self.sessions.values()):
-                if not self._can_take_work(session):
-                    continue
-                task = self._first_task_for(session, second_chance)
-                if task is not None:
-                    self._assign(task, session)
+        for device_id in self.pending.devices() if devices is None else devices:
+            if device_id in self.busy_devices:
+                continue
+            agents = [self.sessions[a] for a in self.agents_on.get(device_id, ())]
+            idle = [s for s in agents if self._can_take_work(s)]
+            for second_chance in (False, True):
+                found = next(
+                    (
+                        (task, session)
+                        for session in idle
+                        if (task := self._first_task_for(session, second_chance)) is not None
+                    ),
+                    None,
+                )
+                if found is not None:
+                    self._assign(*found)
+                    break
 
     def _can_take_work(self, session: AgentSession) -> bool:
         """Idle, connected, not draining, heard from lately, and its device not busy."""
@@ -396,9 +420,7 @@ class Scheduler:
         )
 
     def _first_task_for(self, session: AgentSession, second_chance: bool) -> TaskRecord | None:
-        for task in self.pending:
-            if task.device_id != session.device_id:
-                continue
+        for task in self.pending.for_device(session.device_id):
             if task.backend not in session.capabilities.backends:
                 continue
             if task.selector and not matches(task.selector, session.facts):
@@ -512,7 +534,7 @@ class Scheduler:
         log.info("result for %s from %s stored: %s", task.task_id, session.name, outcome)
         self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
         self._check_campaign(task.campaign_id)
-        self.dispatch()
+        self.dispatch([lease.device_id])
         return AckMessage(result.task_id, result.attempt, True)
 
     def _lapsed_lease_of(self, session: AgentSession, result: MeasurementResult) -> Lease | None:
@@ -540,9 +562,7 @@ class Scheduler:
                 holder.outbox.put_nowait(CancelMessage(current.task_id, current.lease_id))
             self._release(current)
             self._end_attempt(current, "superseded", f"attempt {late.attempt} delivered late")
-        elif task in self.pending:
-            self.pending.remove(task)
-        else:
+        elif not self.pending.remove(task):
             return False
         self.leases[task.task_id] = late
         self._hold(task, late)
@@ -570,7 +590,9 @@ class Scheduler:
 
     def _forget(self, task_id: str) -> None:
         """A task is finished: drop what the scheduler kept about it."""
-        self.tasks.pop(task_id, None)
+        task = self.tasks.pop(task_id, None)
+        if task is not None:
+            self.open_tasks[task.campaign_id] -= 1
         self.lost_by.pop(task_id, None)
         self.lapsed.pop(task_id, None)
         self.free_attempts.pop(task_id, None)
@@ -602,7 +624,7 @@ class Scheduler:
             self.events.lease_expired()
             self._lease_lost(lease, "lease expired")
         if expired:
-            self.dispatch()
+            self.dispatch({lease.device_id for lease in expired})
         return len(expired)
 
     def _lease_lost(self, lease: Lease, why: str, outcome: str = "lost", detail: str = "") -> None:
@@ -640,7 +662,7 @@ class Scheduler:
                 lease_id=None,
                 agent_id=None,
             )
-            self.pending.insert(0, task)
+            self.pending.push_front(task)
             self.events.requeued(why)
             self._notify(task, f"{_label(task)}: {why}, re-queued")
 
@@ -656,7 +678,12 @@ class Scheduler:
     # ----- campaigns ----------------------------------------------------------
 
     def _check_campaign(self, campaign_id: str) -> None:
-        # After the writes queued so far, so that the counts include them.
+        """Once no task of the campaign is open here, finish it (after the writes queued
+        so far, so that the store's counts include them): one count per campaign, not
+        one per task."""
+        if self.open_tasks.get(campaign_id, 0) > 0:
+            return
+        self.open_tasks.pop(campaign_id, None)
         self.writer.post(self._finish_campaign_if_done, campaign_id)
 
     def _finish_campaign_if_done(self, campaign_id: str) -> None:

@@ -353,7 +353,7 @@ def test_result_after_lapsed_lease_is_accepted_while_not_re_leased(setup) -> Non
     assert [t.task_id for t in sched.pending] == ["t1"]
     ack = accept(sched, a, result_for(msg, a.agent_id))
     assert ack.accepted and not ack.duplicate
-    assert sched.pending == [] and not sched.leases
+    assert list(sched.pending) == [] and not sched.leases
     assert store.get_task("t1").status == TaskStatus.DONE
     assert outcomes(store, "t1") == [(1, "result")]
     again = accept(sched, a, result_for(msg, a.agent_id))  # its ack was lost: re-sent
