@@ -119,11 +119,17 @@ def _client_cert(context: grpc.aio.ServicerContext) -> bytes | None:
 class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
     """Serves agents."""
 
-    def __init__(self, scheduler: Scheduler, artifacts: ArtifactStore, token: str) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        artifacts: ArtifactStore,
+        token: str,
+        register_limiter: RateLimiter | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.artifacts = artifacts
         self.token = token
-        self.register_limiter = RateLimiter(REGISTER_BURST, REGISTER_PER_S)
+        self.register_limiter = register_limiter or RateLimiter(REGISTER_BURST, REGISTER_PER_S)
 
     async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext

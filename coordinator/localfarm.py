@@ -48,6 +48,7 @@ class LocalFarm:
     server_tls: ServerTls | None = None  # the coordinator serves TLS
     client_tls: ClientTls | None = None  # how agents and client() dial it
     metrics_listen: str | None = None  # the coordinator's --metrics-listen
+    coordinator_args: list[str] = field(default_factory=list)  # more `coordinator serve` options
     address: str = ""
     metrics_address: str = ""  # where the coordinator serves metrics, once started
     coordinator_proc: subprocess.Popen[str] | None = None
@@ -101,6 +102,7 @@ class LocalFarm:
             cmd += ["--heartbeat", str(self.heartbeat_s)]
         if self.metrics_listen is not None:
             cmd += ["--metrics-listen", self.metrics_listen]
+        cmd += self.coordinator_args
         if self.server_tls is not None:
             cmd += ["--tls-cert", str(self.server_tls.cert), "--tls-key", str(self.server_tls.key)]
             if self.server_tls.client_ca is not None:

@@ -291,14 +291,15 @@ class Scheduler:
             self.dispatch([session.device_id])  # heard from again: it may take work now
 
     def flush_heartbeats(self, every_s: float = 5.0) -> None:
-        """Write the latest heartbeat of each agent, at most once per ``every_s``."""
+        """Write the latest heartbeat of each agent, at most once per ``every_s``, in one
+        statement. Heartbeats live in memory: a crash loses at most the timestamps of
+        the last ``every_s`` (plus the writer's queue), never a lease decision."""
         now = self.clock()
         if not self._heartbeats or now - self._heartbeats_written < every_s:
             return
         beats, self._heartbeats = self._heartbeats, {}
         self._heartbeats_written = now
-        for agent_id, at in beats.items():
-            self.writer.post(self.store.touch_device, agent_id, at)
+        self.writer.post(self.store.touch_devices, beats)
 
     def revoke(self, agent_id: str) -> None:
         """An agent's credential was revoked: close its stream now and re-queue its task."""

@@ -23,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from coordinator.artifacts import ArtifactStore
 from coordinator.campaigns import CampaignPlanner
 from coordinator.control import ControlService
-from coordinator.gateway import AgentGateway
+from coordinator.gateway import REGISTER_BURST, REGISTER_PER_S, AgentGateway, RateLimiter
 from coordinator.metrics import CoordinatorMetrics, MetricsServer, serve_metrics
 from coordinator.preparation import Preparer
 from coordinator.ray_cluster import init_ray
@@ -100,6 +100,8 @@ class CoordinatorConfig:
     # Submitted specs may name file: paths under this folder (else only uploads count).
     model_root: Path | None = None
     metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics over HTTP
+    register_burst: float = REGISTER_BURST  # registrations per peer address at once...
+    register_per_s: float = REGISTER_PER_S  # ...and per second after that
 
 
 class CallTracker(grpc.aio.ServerInterceptor):
@@ -273,7 +275,7 @@ async def start_coordinator(
         lease_duration_s=config.lease_duration_s,
         heartbeat_interval_s=config.heartbeat_interval_s,
         max_attempts=config.max_attempts,
-        writer=StoreWriter(background=True, ingest_url=config.store_url),
+        writer=StoreWriter(background=True, ingest_url=config.store_url, store=store),
         events=metrics,
     )
     metrics.watch(scheduler)
@@ -282,7 +284,13 @@ async def start_coordinator(
     calls = CallTracker()
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[calls])
     agent_pb2_grpc.add_AgentGatewayServicer_to_server(
-        AgentGateway(scheduler, artifacts, config.token), server
+        AgentGateway(
+            scheduler,
+            artifacts,
+            config.token,
+            register_limiter=RateLimiter(config.register_burst, config.register_per_s),
+        ),
+        server,
     )
     control_pb2_grpc.add_ControlServicer_to_server(
         ControlService(

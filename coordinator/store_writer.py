@@ -20,9 +20,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from edgefarm.errors import StoreError
@@ -38,18 +40,46 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class StoreWriter:
-    """Runs store calls one at a time, in submission order."""
+@dataclass
+class _Job:
+    """One queued write: a call (or an ingestion) and where its outcome goes."""
 
-    def __init__(self, background: bool = False, ingest_url: str | None = None) -> None:
+    fn: Callable[[], Any] | None  # None: an ingestion of ``ingest``
+    ingest: tuple[TaskRecord, MeasurementResult, str] | None = None
+    future: Future[Any] | None = None  # for run() and ingest(); post() logs failures
+    outcome: tuple[bool, Any] = (True, None)  # (ok, value or exception)
+
+
+class StoreWriter:
+    """Runs store calls in submission order; in the background, many at a time.
+
+    Background writes are group-committed: the writer thread takes every write queued
+    so far and runs the calls in one transaction of ``store`` (:meth:`ResultsStore.batch`,
+    each call in a savepoint), then stores the queued results in one transaction of the
+    ingestion worker. A result's dependants (its attempt's end, the campaign's check) are
+    queued only once its ingestion is answered, and what it depends on (its lease's
+    records) was queued before it, so running the calls of a group before its results
+    keeps every dependency in order. Outcomes are given out after the commit."""
+
+    def __init__(
+        self,
+        background: bool = False,
+        ingest_url: str | None = None,
+        store: ResultsStore | None = None,
+    ) -> None:
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
             if background
             else None
         )
+        self.store = store  # the store the calls write to (batched when set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ingest_url = ingest_url if background else None
         self._ingester: ProcessPoolExecutor | None = None
+        self._queue: list[_Job] = []
+        self._lock = threading.Lock()
+        self._group = threading.local()  # .after_commit: callbacks of the running group
+        self.groups = 0  # group commits so far (for tests and metrics)
 
     @property
     def background(self) -> bool:
@@ -64,31 +94,95 @@ class StoreWriter:
             except Exception:
                 log.exception("store write %s failed", getattr(fn, "__name__", fn))
             return
-        self._remember_loop()
-        future = self._executor.submit(functools.partial(fn, *args, **kwargs))
-        future.add_done_callback(_log_failure)
+        self._enqueue(_Job(functools.partial(fn, *args, **kwargs)))
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` after every earlier write and return its result (or raise)."""
         if self._executor is None:
             return fn(*args, **kwargs)
-        self._remember_loop()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        future: Future[T] = Future()
+        self._enqueue(_Job(functools.partial(fn, *args, **kwargs), future=future))
+        return await asyncio.wrap_future(future)
 
     async def ingest(
         self, store: ResultsStore, task: TaskRecord, result: MeasurementResult, device_name: str
     ) -> tuple[int, bool]:
         """:meth:`ResultsStore.ingest_result`, after every earlier write: in the worker
-        process when there is one."""
-        if self._ingest_url is None:
-            return await self.run(store.ingest_result, task, result, device_name)
-        return await self.run(self._ingest_in_worker, task, result, device_name)
+        process when there is one, together with the other results queued meanwhile."""
+        if self._executor is None:
+            return store.ingest_result(task, result, device_name)
+        if self.store is None:
+            self.store = store
+        future: Future[tuple[int, bool]] = Future()
+        self._enqueue(_Job(None, ingest=(task, result, device_name), future=future))
+        return await asyncio.wrap_future(future)
+
+    def _enqueue(self, job: _Job) -> None:
+        self._remember_loop()
+        assert self._executor is not None
+        with self._lock:
+            self._queue.append(job)
+            first = len(self._queue) == 1
+        if first:  # a group is not yet scheduled: the next one takes this and what follows
+            self._executor.submit(self._run_group)
+
+    def _run_group(self) -> None:
+        """On the writer thread: the writes queued so far, as one group."""
+        with self._lock:
+            jobs, self._queue = self._queue, []
+        if not jobs:
+            return
+        self.groups += 1
+        calls = [j for j in jobs if j.fn is not None]
+        results = [j for j in jobs if j.ingest is not None]
+        callbacks: list[Callable[[], None]] = []
+        self._group.after_commit = callbacks
+        try:
+            self._commit_calls(calls)
+        finally:
+            self._group.after_commit = None
+        if results:
+            self._ingest_group(results)
+        for job in jobs:
+            _settle(job)
+        for callback in callbacks:
+            self.call_on_loop(callback)
+
+    def _commit_calls(self, calls: list[_Job]) -> None:
+        """Run the calls in one transaction; a failed commit fails them all."""
+        if not calls:
+            return
+        batch = self.store.batch() if self.store is not None else contextlib.nullcontext()
+        try:
+            with batch:
+                for job in calls:
+                    assert job.fn is not None
+                    try:
+                        job.outcome = (True, job.fn())
+                    except Exception as error:
+                        job.outcome = (False, error)
+        except Exception as error:  # the commit itself
+            for job in calls:
+                job.outcome = (False, error)
+
+    def _ingest_group(self, jobs: list[_Job]) -> None:
+        """Store the queued results: in the worker process when there is one."""
+        items = [j.ingest for j in jobs if j.ingest is not None]
+        try:
+            if self._ingest_url is None:
+                assert self.store is not None
+                outcomes = _ingest_many(self.store, items)
+            else:
+                outcomes = self._ingest_in_worker(items)
+        except Exception as error:
+            outcomes = [(False, error)] * len(jobs)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            job.outcome = outcome
 
     def _ingest_in_worker(
-        self, task: TaskRecord, result: MeasurementResult, device_name: str
-    ) -> tuple[int, bool]:
-        """On the writer thread: hand the result to the worker and wait (GIL released)."""
+        self, items: list[tuple[TaskRecord, MeasurementResult, str]]
+    ) -> list[tuple[bool, Any]]:
+        """On the writer thread: hand the results to the worker and wait (GIL released)."""
         if self._ingester is None:
             assert self._ingest_url is not None
             self._ingester = ProcessPoolExecutor(
@@ -98,7 +192,7 @@ class StoreWriter:
                 initargs=(self._ingest_url,),  # type: ignore[arg-type]
             )
         try:
-            return self._ingester.submit(_ingest_in_worker, task, result, device_name).result()
+            return self._ingester.submit(_ingest_in_worker, items).result()
         except BrokenProcessPool:
             self._ingester = None  # started afresh for the next result
             raise StoreError(
@@ -106,8 +200,12 @@ class StoreWriter:
             ) from None
 
     def call_on_loop(self, fn: Callable[[], None]) -> None:
-        """From a write: call ``fn`` on the event loop (inline without a writer thread)."""
-        if self._executor is None or self._loop is None:
+        """From a write: call ``fn`` on the event loop (inline without a writer thread;
+        after the commit when called during a group)."""
+        after_commit = getattr(self._group, "after_commit", None)
+        if after_commit is not None:
+            after_commit.append(fn)
+        elif self._executor is None or self._loop is None:
             fn()
         else:
             self._loop.call_soon_threadsafe(fn)
@@ -121,13 +219,35 @@ class StoreWriter:
 
     def _remember_loop(self) -> None:
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
 
 
-def _log_failure(future: Future[Any]) -> None:
-    error = future.exception()
-    if error is not None:
-        log.error("store write failed: %s", error, exc_info=error)
+def _settle(job: _Job) -> None:
+    """Give a job's outcome to its caller, or log a failed post()."""
+    ok, value = job.outcome
+    if job.future is not None:
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
+    elif not ok:
+        name = getattr(getattr(job.fn, "func", job.fn), "__name__", job.fn)
+        log.error("store write %s failed: %s", name, value, exc_info=value)
+
+
+def _ingest_many(
+    store: ResultsStore, items: list[tuple[TaskRecord, MeasurementResult, str]]
+) -> list[tuple[bool, Any]]:
+    """Store results in one transaction, each in a savepoint; each one's outcome."""
+    outcomes: list[tuple[bool, Any]] = []
+    with store.batch():
+        for task, result, device_name in items:
+            try:
+                outcomes.append((True, store.ingest_result(task, result, device_name)))
+            except Exception as error:
+                outcomes.append((False, error))
+    return outcomes
 
 
 _WORKER_STORE: ResultsStore | None = None
@@ -146,7 +266,7 @@ def _open_worker_store(url: str) -> None:
 
 
 def _ingest_in_worker(
-    task: TaskRecord, result: MeasurementResult, device_name: str
-) -> tuple[int, bool]:
+    items: list[tuple[TaskRecord, MeasurementResult, str]],
+) -> list[tuple[bool, Any]]:
     assert _WORKER_STORE is not None
-    return _WORKER_STORE.ingest_result(task, result, device_name)
+    return _ingest_many(_WORKER_STORE, items)

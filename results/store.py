@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,18 @@ logger = logging.getLogger(__name__)
 
 MIN_PREFIX_LEN = 4
 _WRITE_OPTION = "edgefarm_write"
+
+
+# A task's outcome: its status and result row (parameters bound at execution).
+_TASK_RESULT = (
+    schema.tasks.update()
+    .where(schema.tasks.c.task_id == sa.bindparam("b_task_id"))
+    .values(
+        status=sa.bindparam("status"),
+        result_id=sa.bindparam("result_id"),
+        updated_at=sa.bindparam("updated_at"),
+    )
+)
 
 
 class _Conflict(StoreError):
@@ -137,6 +150,7 @@ class ResultsStore:
         self._url = url
         self._safe_url = engine.url.render_as_string(hide_password=True)
         self._closed = False
+        self._batch = threading.local()  # .conn: this thread's batch transaction, if any
 
     # ---------------------------------------------------------------------- lifecycle
 
@@ -190,14 +204,34 @@ class ResultsStore:
         """One transaction; database errors become StoreError (_Conflict for constraints)."""
         if self._closed:
             raise StoreError("the results store is closed")
-        engine = self._write_engine if write else self._engine
+        outer: Connection | None = getattr(self._batch, "conn", None)
         try:
+            if outer is not None:  # inside batch(): a savepoint of its transaction
+                with outer.begin_nested():
+                    yield outer
+                return
+            engine = self._write_engine if write else self._engine
             with engine.begin() as conn:
                 yield conn
         except sa.exc.IntegrityError as e:
             raise _Conflict(_one_line(e)) from e
         except sa.exc.DBAPIError as e:
             raise StoreError(f"results store {self._safe_url}: {_one_line(e)}") from e
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every store call made inside, on this thread, in one write transaction (one
+        commit), each in a savepoint of its own: a call that fails rolls back alone. A
+        failed commit raises StoreError and keeps none of them. Nested: one batch."""
+        if getattr(self._batch, "conn", None) is not None:
+            yield
+            return
+        with self._tx(write=True) as conn:
+            self._batch.conn = conn
+            try:
+                yield
+            finally:
+                self._batch.conn = None
 
     # ---------------------------------------------------------------------- campaigns
 
@@ -373,7 +407,10 @@ class ResultsStore:
         values.setdefault("updated_at", time.time())
         try:
             with self._tx(write=True) as conn:
-                done = conn.execute(tasks.update().where(tasks.c.task_id == task_id).values(values))
+                done = conn.execute(
+                    tasks.update().where(tasks.c.task_id == sa.bindparam("b_task_id")),
+                    {**values, "b_task_id": task_id},
+                )
                 if not done.rowcount:
                     raise KeyError(task_id)
         except _Conflict as e:
@@ -418,15 +455,16 @@ class ResultsStore:
                 existing = self._result_id_for(conn, task_id, attempt)
                 if existing is not None:
                     return existing, False
-                inserted = conn.execute(results.insert().values(**row)).inserted_primary_key
+                # parameters apart from the statement: compiled once, not per row
+                inserted = conn.execute(results.insert(), row).inserted_primary_key
                 if inserted is None:  # pragma: no cover - every supported dialect reports it
                     raise StoreError("the database did not report the new result id")
                 result_id = int(inserted[0])
                 conn.execute(
-                    tasks.update()
-                    .where(tasks.c.task_id == task_id)
-                    .values(status=status.value, result_id=result_id, updated_at=now)
-                )
+                    _TASK_RESULT,
+                    {"b_task_id": task_id, "status": status.value, "result_id": result_id,
+                     "updated_at": now},
+                )  # fmt: skip
                 return result_id, True
         except _Conflict as e:
             # Lost a race with a concurrent ingestion of the same attempt (or the task
@@ -552,7 +590,7 @@ class ResultsStore:
                     found = conn.execute(sa.select(attempts).where(key)).mappings().first()
                     if found is None:
                         self._require_task(conn, a.task_id)
-                        conn.execute(attempts.insert().values(**values))
+                        conn.execute(attempts.insert(), values)
                         return
                     fill: dict[str, Any] = {}
                     if found["started_at"] <= 0 < values["started_at"]:
@@ -703,12 +741,20 @@ class ResultsStore:
 
     def touch_device(self, agent_id: str, at: float) -> None:
         """Record a heartbeat of a known agent (an unknown agent is ignored)."""
+        self.touch_devices({agent_id: at})
+
+    def touch_devices(self, beats: Mapping[str, float]) -> None:
+        """Record the latest heartbeat of many agents in one statement (unknown agents
+        are ignored)."""
+        if not beats:
+            return
+        stmt = (
+            devices_seen.update()
+            .where(devices_seen.c.agent_id == sa.bindparam("b_agent_id"))
+            .values(last_heartbeat=sa.bindparam("b_at"))
+        )
         with self._tx(write=True) as conn:
-            conn.execute(
-                devices_seen.update()
-                .where(devices_seen.c.agent_id == agent_id)
-                .values(last_heartbeat=at)
-            )
+            conn.execute(stmt, [{"b_agent_id": a, "b_at": at} for a, at in beats.items()])
 
     def list_devices_seen(self) -> list[DeviceSeen]:
         """Every agent sighting, by device id then agent id."""

@@ -15,6 +15,7 @@ from edgefarm.cli.options import (
     token_option,
     verbose_option,
 )
+from edgefarm.errors import UsageError
 from edgefarm.home import default_store_url, edgefarm_home
 from edgefarm.logging_setup import configure_logging
 
@@ -51,6 +52,13 @@ def coordinator() -> None:
     help="Agent heartbeat interval in seconds (default 2).",
 )
 @click.option(
+    "--register-rate",
+    default=None,
+    metavar="BURST/PER_S",
+    help="Registrations one peer address may make at once, then per second (default "
+    "60/5). Raise it for many agents behind one NAT address.",
+)
+@click.option(
     "--model-root",
     type=click.Path(file_okay=False, exists=True),
     default=None,
@@ -75,6 +83,7 @@ def serve(
     inventory: str | None,
     lease_s: float | None,
     heartbeat_s: float | None,
+    register_rate: str | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
@@ -104,6 +113,7 @@ def serve(
     if tls is not None:
         server_credentials(tls)  # a bad certificate file fails here, before Ray starts
     base = edgefarm_home(home)
+    burst, per_s = parse_rate(register_rate) if register_rate else (None, None)
     config = CoordinatorConfig(
         listen=listen,
         store_url=store_url or default_store_url(base),
@@ -120,8 +130,22 @@ def serve(
         overrides["lease_duration_s"] = lease_s
     if heartbeat_s is not None:
         overrides["heartbeat_interval_s"] = heartbeat_s
+    if burst is not None and per_s is not None:
+        overrides["register_burst"], overrides["register_per_s"] = burst, per_s
     if overrides:
         from dataclasses import replace
 
         config = replace(config, **overrides)  # type: ignore[arg-type]
     asyncio.run(run_server(config))
+
+
+def parse_rate(text: str) -> tuple[float, float]:
+    """``BURST/PER_S`` (e.g. ``60/5``) as two positive numbers; UsageError otherwise."""
+    burst, _, per_s = text.partition("/")
+    try:
+        values = float(burst), float(per_s)
+    except ValueError:
+        values = (0.0, 0.0)
+    if not all(v > 0 and v < float("inf") for v in values):
+        raise UsageError(f"--register-rate {text!r}: give BURST/PER_S, e.g. 60/5")
+    return values

@@ -1,0 +1,64 @@
+"""The background store writer's group commits: every write queued meanwhile in one
+transaction, each call in a savepoint (a failing call rolls back alone), results in
+one transaction after the calls, outcomes only after the commit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from coordinator.store_writer import StoreWriter
+from edgefarm.domain import CampaignStatus, TaskStatus
+from edgefarm.errors import StoreError
+from results.records import CampaignRecord
+from results.store import ResultsStore
+from tests.unit.scheduler_doubles import task
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ResultsStore:
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    tasks = [task(i, f"dev-{i}") for i in range(20)]
+    store.create_campaign(CampaignRecord("c1", "c", "", CampaignStatus.RUNNING, 0.0), tasks)
+    return store
+
+
+def test_queued_writes_commit_together_and_a_failing_one_alone(store: ResultsStore) -> None:
+    writer = StoreWriter(background=True, store=store)
+    gate = threading.Event()
+
+    async def scenario() -> tuple[object, object]:
+        blocker = writer.run(gate.wait, 10)  # holds the writer thread: the rest queues up
+        blocked = asyncio.ensure_future(blocker)
+        await asyncio.sleep(0.05)
+        for i in range(10):
+            writer.post(store.update_task, f"t{i}", status=TaskStatus.FAILED)
+        bad = asyncio.ensure_future(writer.run(store.update_task, "no-such-task", attempt=3))
+        last = asyncio.ensure_future(writer.run(store.get_task, "t9"))
+        gate.set()
+        await blocked
+        return await asyncio.gather(bad, return_exceptions=True), await last
+
+    groups_before = writer.groups
+    (failure,), seen = asyncio.run(scenario())
+    writer.close()
+    assert isinstance(failure, KeyError)  # its own error, and only its own
+    assert seen.status is TaskStatus.FAILED  # type: ignore[attr-defined]  # sees earlier writes
+    assert all(store.get_task(f"t{i}").status is TaskStatus.FAILED for i in range(10))  # type: ignore[union-attr]
+    assert writer.groups - groups_before == 2  # the blocker, then all twelve in one group
+
+
+def test_a_failed_commit_fails_every_write_of_its_group(store: ResultsStore) -> None:
+    writer = StoreWriter(background=True, store=store)
+    store.close()  # every transaction fails now
+
+    async def scenario() -> list[object]:
+        calls = [writer.run(store.get_task, "t1"), writer.run(store.get_task, "t2")]
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    outcomes = asyncio.run(scenario())
+    writer.close()
+    assert all(isinstance(o, StoreError) for o in outcomes)
