@@ -112,15 +112,28 @@ class ControlClient:
             raise _translate(error, self.address, self.tls) from None
         return list(reply.campaigns)
 
-    def list_devices(self) -> list[control_pb2.DeviceStatus]:
-        """The fleet."""
-        try:
-            reply = self.stub.ListDevices(
-                control_pb2.ListDevicesRequest(token=self.token), timeout=self.timeout_s
+    def list_devices(
+        self, state: str = "", selector: str = "", page_size: int = 0
+    ) -> list[control_pb2.DeviceStatus]:
+        """The fleet (every page), or the devices in ``state`` matching ``selector``."""
+        out: list[control_pb2.DeviceStatus] = []
+        token = ""
+        while True:
+            request = control_pb2.ListDevicesRequest(
+                token=self.token,
+                state=state,
+                selector=selector,
+                page_size=page_size,
+                page_token=token,
             )
-        except grpc.RpcError as error:
-            raise _translate(error, self.address, self.tls) from None
-        return list(reply.devices)
+            try:
+                reply = self.stub.ListDevices(request, timeout=self.timeout_s)
+            except grpc.RpcError as error:
+                raise _translate(error, self.address, self.tls) from None
+            out.extend(reply.devices)
+            token = reply.next_page_token
+            if not token:
+                return out
 
     def results(
         self,

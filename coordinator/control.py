@@ -22,9 +22,10 @@ from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
+from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES
-from inventory.fleet import FleetDevice, load_inventory, merge_fleet
-from inventory.model import LiveAgent
+from inventory.fleet import FLEET_STATES, FleetDevice, load_inventory, merge_fleet, select_fleet
+from inventory.model import DeclaredDevice, LiveAgent
 from protos.convert import capabilities_to_pb
 from protos.edgefarm.v1 import common_pb2, control_pb2, control_pb2_grpc
 from results.store import ResultsStore
@@ -72,6 +73,57 @@ def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAg
 
 
 MAX_SERIES = 10_000  # series a nightly run may restrict itself to
+DEVICES_PAGE = 1000  # devices per ListDevices page by default...
+MAX_DEVICES_PAGE = 5000  # ...and at most
+
+
+def _page_offset(token: str) -> int | None:
+    """The offset a page token stands for (empty: 0); None for a token not ours."""
+    if not token:
+        return 0
+    return int(token) if token.isdigit() and len(token) <= 9 else None
+
+
+def _device_status(d: FleetDevice) -> control_pb2.DeviceStatus:
+    status = control_pb2.DeviceStatus(
+        name=d.name,
+        device_id=d.device_id or "",
+        state=d.state,
+        last_heartbeat_unix=d.last_heartbeat or 0.0,
+        agents=d.agents,
+        labels=d.labels,
+        declared=d.declared,
+        enrolment=d.enrolment,
+    )
+    if d.capabilities is not None:
+        status.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
+    return status
+
+
+class InventoryCache:
+    """The declared-fleet file, read again (off the event loop) only when it changed."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._devices: list[DeclaredDevice] = []
+
+    async def refresh(self) -> None:
+        """Re-read the file if its size or modification time changed."""
+        if self.path is None:
+            return
+        try:
+            info = await asyncio.to_thread(self.path.stat)
+            stamp = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = (0, -1)
+        if stamp != self._stamp:
+            inventory = await asyncio.to_thread(load_inventory, self.path)
+            self._devices, self._stamp = inventory.devices, stamp
+
+    def devices(self) -> list[DeclaredDevice]:
+        """The declared devices as last read."""
+        return self._devices
 
 
 def _spec_name(name: str) -> str:
@@ -113,7 +165,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.scheduler = planner.scheduler
         self.store = planner.scheduler.store
         self.token = token
-        self.inventory_path = inventory_path
+        self.inventory = InventoryCache(inventory_path)
         self.missing_after_s = missing_after_s
 
     async def _check(self, token: str, context: grpc.aio.ServicerContext) -> None:
@@ -306,33 +358,43 @@ class ControlService(control_pb2_grpc.ControlServicer):
         return control_pb2.ListCampaignsResponse(campaigns=await asyncio.to_thread(summaries))
 
     def fleet(self) -> list[FleetDevice]:
-        """Declared devices merged with live registrations."""
-        declared = load_inventory(self.inventory_path).devices
-        agents = live_agents(self.scheduler, self.store)
-        return merge_fleet(declared, agents, time.time(), self.missing_after_s)
+        """Declared devices merged with every agent known (from memory: no store read)."""
+        now = time.time()
+        agents = self.scheduler.fleet.agents(self.scheduler.sessions, now)
+        return merge_fleet(self.inventory.devices(), agents, now, self.missing_after_s)
 
     async def ListDevices(
         self, request: control_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListDevicesResponse:
-        """The fleet with each device's state."""
+        """One page of the fleet with each device's state, filtered by state and
+        selector; answered from memory."""
         await self._check(request.token, context)
-        out = []
-        # After the queued store writes (e.g. a registration), off the event loop.
-        for d in await self.scheduler.writer.run(self.fleet):
-            status = control_pb2.DeviceStatus(
-                name=d.name,
-                device_id=d.device_id or "",
-                state=d.state,
-                last_heartbeat_unix=d.last_heartbeat or 0.0,
-                agents=d.agents,
-                labels=d.labels,
-                declared=d.declared,
-                enrolment=d.enrolment,
-            )
-            if d.capabilities is not None:
-                status.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
-            out.append(status)
-        return control_pb2.ListDevicesResponse(devices=out)
+        problem = ""
+        selector: dict[str, str] = {}
+        try:
+            selector = parse_selector(request.selector) if request.selector else {}
+        except ValueError as error:
+            problem = f"selector: {error}"
+        if request.state and request.state not in FLEET_STATES:
+            problem = f"state {request.state!r}: use one of {', '.join(FLEET_STATES)}"
+        offset = _page_offset(request.page_token)
+        if offset is None:
+            problem = f"page_token {request.page_token[:40]!r} is not one this coordinator gave"
+        if request.page_size > MAX_DEVICES_PAGE:
+            problem = f"page_size {request.page_size} is over {MAX_DEVICES_PAGE}"
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        assert offset is not None
+        await self.inventory.refresh()  # the declared-fleet file, re-read when it changed
+        chosen = select_fleet(self.fleet(), request.state, selector)
+        size = request.page_size or DEVICES_PAGE
+        page = chosen[offset : offset + size]
+        more = offset + size < len(chosen)
+        return control_pb2.ListDevicesResponse(
+            devices=[_device_status(d) for d in page],
+            next_page_token=str(offset + size) if more else "",
+            total=len(chosen),
+        )
 
     async def QueryResults(
         self, request: control_pb2.QueryResultsRequest, context: grpc.aio.ServicerContext

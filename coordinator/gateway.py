@@ -170,6 +170,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
         if admission.credential:
             log.info("enrolled agent %s (%s)", request.name, agent_id)
+            self.scheduler.fleet.enrolled(agent_id)
         device_name = request.labels.get("device") or caps.hostname or request.name
         session = self.scheduler.register(request.name, device_name, dict(request.labels), caps)
         return agent_pb2.RegisterResponse(

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+from coordinator.fleet_view import FleetView
 from coordinator.pending import PendingQueue
 from coordinator.store_writer import StoreWriter
 from edgefarm.domain import (
@@ -181,6 +182,7 @@ class Scheduler:
         self.clock = clock
         self.sessions: dict[str, AgentSession] = {}
         self.pending = PendingQueue()
+        self.fleet = FleetView()  # every agent known, for device lists
         # device_id -> ids of the agents registered on it, in order (a dict as ordered set)
         self.agents_on: dict[str, dict[str, None]] = {}
         self.open_tasks: dict[str, int] = {}  # campaign_id -> its tasks not finished
@@ -231,18 +233,17 @@ class Scheduler:
             old.outbox.put_nowait(CloseMessage("ABORTED", "replaced by a newer registration"))
         self.sessions[agent_id] = session
         self.agents_on.setdefault(caps.device_id, {})[agent_id] = None
-        self.writer.post(
-            self.store.upsert_device_seen,
-            DeviceSeen(
-                agent_id=agent_id,
-                agent_name=name,
-                device_id=caps.device_id,
-                capabilities=_caps_dict(caps, device_name),
-                labels=dict(labels),
-                registered_at=now,
-                last_heartbeat=now,
-            ),
+        seen = DeviceSeen(
+            agent_id=agent_id,
+            agent_name=name,
+            device_id=caps.device_id,
+            capabilities=_caps_dict(caps, device_name),
+            labels=dict(labels),
+            registered_at=now,
+            last_heartbeat=now,
         )
+        self.fleet.saw(seen)
+        self.writer.post(self.store.upsert_device_seen, seen)
         log.info("agent %s (%s) registered on device %s", name, agent_id, caps.device_id)
         return session
 
@@ -308,6 +309,7 @@ class Scheduler:
             self.agents_on.get(session.device_id, {}).pop(agent_id, None)
             session.connected = False
             session.outbox.put_nowait(CloseMessage("UNAUTHENTICATED", "credential revoked"))
+        self.fleet.enrolled(agent_id, revoked=True)
         for lease in list(self.leases.values()):
             # (a result already being written completes: it was sent before the revocation)
             if lease.agent_id == agent_id and lease.storing is None:

@@ -280,6 +280,7 @@ async def start_coordinator(
     )
     metrics.watch(scheduler)
     scheduler.restore(store.unfinished_tasks())
+    scheduler.fleet.load(store.list_devices_seen(), store.agent_identities())
     planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
     calls = CallTracker()
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[calls])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from edgefarm.domain import DeviceCapabilities
 from edgefarm.selectors import device_facts, matches
 from edgefarm.yamlfile import load_file
 from inventory.model import DeclaredDevice, FleetDevice, FleetState, Inventory, LiveAgent
@@ -18,6 +20,7 @@ __all__ = [
     "load_inventory",
     "merge_fleet",
     "render_fleet_table",
+    "select_fleet",
 ]
 
 
@@ -59,6 +62,28 @@ def merge_fleet(
     ]
     extra = [_live_device(agents, now, missing_after_s) for agents in undeclared.values()]
     return fleet + sorted(extra, key=lambda d: (d.name, d.device_id or ""))
+
+
+FLEET_STATES: tuple[FleetState, ...] = ("online", "busy", "missing", "never_seen")
+
+
+def select_fleet(
+    fleet: list[FleetDevice], state: str = "", selector: Mapping[str, str] | None = None
+) -> list[FleetDevice]:
+    """The devices in ``state`` (any when empty) matching ``selector`` (any when empty;
+    matched against each device's capabilities, labels and name)."""
+    out = []
+    for device in fleet:
+        if state and device.state != state:
+            continue
+        if selector:
+            caps = device.capabilities or DeviceCapabilities(
+                device_id=device.device_id or "", hostname=""
+            )
+            if not matches(selector, device_facts(caps, device.labels, device.name)):
+                continue
+        out.append(device)
+    return out
 
 
 def _owner(declared: list[DeclaredDevice], agent: LiveAgent) -> int | None:

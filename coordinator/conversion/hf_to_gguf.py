@@ -98,13 +98,18 @@ def convert_checkpoint(
         partial = work / "out.gguf"
         log = log_path or work / "convert.log"
         command = [
-            sys.executable, str(info.script), str(staging),
-            "--outfile", str(partial), "--outtype", outtype, "--model-name", name,
+            sys.executable,
+            str(info.script),
+            str(staging),
+            "--outfile",
+            str(partial),
+            "--outtype",
+            outtype,
+            "--model-name",
+            name,
         ]
         started = time.monotonic()
-        code, peak_rss, peak_anon = _run_logged(
-            command, converter_env(info), log, timeout_s, work
-        )
+        code, peak_rss, peak_anon = _run_logged(command, converter_env(info), log, timeout_s, work)
         wall_s = time.monotonic() - started
         if code == "timeout":
             raise ConversionError(
@@ -313,8 +318,13 @@ def _run_logged(
     (file-backed, reclaimable); the anonymous peak is what the converter itself holds."""
     with log.open("wb") as sink:
         child = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True,
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
         )
     deadline = time.monotonic() + timeout_s
     peak_anon: int | None = None

@@ -43,16 +43,18 @@ FETCH_HINT = "run `make install` or `python -m coordinator.conversion.llama_conv
 
 # What is kept from the sdist's vendor/llama.cpp/: whole folders, and single files.
 _KEEP_PREFIXES = ("conversion/", "gguf-py/gguf/", "models/templates/")
-_KEEP_FILES = frozenset({
-    SCRIPT,
-    "LICENSE",
-    "gguf-py/LICENSE",
-    "gguf-py/pyproject.toml",
-    "requirements/requirements-convert_hf_to_gguf.txt",
-    "requirements/requirements-convert_legacy_llama.txt",
-    "models/ggml-vocab-gpt-neox.gguf",  # built-in vocabularies (Mamba, OpenELM)
-    "models/ggml-vocab-llama-spm.gguf",
-})
+_KEEP_FILES = frozenset(
+    {
+        SCRIPT,
+        "LICENSE",
+        "gguf-py/LICENSE",
+        "gguf-py/pyproject.toml",
+        "requirements/requirements-convert_hf_to_gguf.txt",
+        "requirements/requirements-convert_legacy_llama.txt",
+        "models/ggml-vocab-gpt-neox.gguf",  # built-in vocabularies (Mamba, OpenELM)
+        "models/ggml-vocab-llama-spm.gguf",
+    }
+)
 _VENDOR = "vendor/llama.cpp/"
 _SUBMODULE_HEAD = ".git/modules/vendor/llama.cpp/HEAD"
 _MAX_MEMBER_BYTES = 64 * 1024 * 1024  # the largest converter file is well under 1 MB
@@ -158,8 +160,17 @@ def fetch_converter(
 def download_sdist(release: str, into: Path, timeout_s: float = FETCH_TIMEOUT_S) -> Path:
     """``pip download`` the llama-cpp-python ``release`` sdist into ``into``; its path."""
     command = [
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-        "--no-binary", ":all:", f"{DISTRIBUTION}=={release}", "--dest", str(into),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"{DISTRIBUTION}=={release}",
+        "--dest",
+        str(into),
     ]
     try:
         done = subprocess.run(
@@ -226,7 +237,7 @@ def _extract_members(sdist: Path, into: Path) -> tuple[str | None, int]:
                     continue
                 if not inner.startswith(_VENDOR):
                     continue
-                relative = inner[len(_VENDOR):]
+                relative = inner[len(_VENDOR) :]
                 if not _kept(relative):
                     continue
                 _write_member(archive, member, root, relative)

@@ -15,6 +15,7 @@ from edgefarm.cli.options import (
     store_option,
     token_option,
 )
+from edgefarm.errors import UsageError
 from edgefarm.home import default_store_url, edgefarm_home
 
 
@@ -38,6 +39,18 @@ def devices() -> None:
     default=None,
     help="YAML file of declared devices (store mode).",
 )
+@click.option(
+    "--state",
+    type=click.Choice(["online", "busy", "missing", "never_seen"]),
+    default=None,
+    help="Only devices in this state.",
+)
+@click.option(
+    "--selector",
+    default=None,
+    metavar="KEY=VALUE,...",
+    help="Only devices matching this selector (e.g. arch=arm64,label.rack=a).",
+)
 @click.option("--json", "as_json", is_flag=True)
 @store_option
 @home_option
@@ -48,6 +61,8 @@ def list_devices(
     tls_cert: str | None,
     tls_key: str | None,
     inventory: str | None,
+    state: str | None,
+    selector: str | None,
     as_json: bool,
     store_url: str | None,
     home: str | None,
@@ -76,17 +91,23 @@ def list_devices(
                     declared=d.declared,
                     enrolment=dict(d.enrolment),
                 )
-                for d in client.list_devices()
+                for d in client.list_devices(state or "", selector or "")
             ]
     else:
         from coordinator.control import live_agents_from_store
-        from inventory.fleet import load_inventory, merge_fleet
+        from edgefarm.selectors import parse_selector
+        from inventory.fleet import load_inventory, merge_fleet, select_fleet
         from results.store import ResultsStore
 
         with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
             agents = live_agents_from_store(store)
         declared = load_inventory(Path(inventory) if inventory else None).devices
+        try:
+            wanted = parse_selector(selector) if selector else {}
+        except ValueError as error:
+            raise UsageError(f"--selector: {error}") from None
         fleet = merge_fleet(declared, agents, time.time(), missing_after_s=30.0)
+        fleet = select_fleet(fleet, state or "", wanted)
     if as_json:
         click.echo(json.dumps(fleet_to_json(fleet), indent=2))
     else:

@@ -306,18 +306,36 @@ global___ListCampaignsResponse = ListCampaignsResponse
 
 @typing.final
 class ListDevicesRequest(google.protobuf.message.Message):
-    """No filter yet: every declared or seen device."""
+    """Devices, filtered and a page at a time (the coordinator answers from memory)."""
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     TOKEN_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    SELECTOR_FIELD_NUMBER: builtins.int
+    PAGE_SIZE_FIELD_NUMBER: builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: builtins.int
     token: builtins.str
+    state: builtins.str
+    """Only devices in this state: "online", "busy", "missing" or "never_seen"; empty: all."""
+    selector: builtins.str
+    """Only devices matching this selector, "key=value,key!=value" (keys as in a campaign's
+    device selector: os, arch, backend, name, hostname, label.<name>, ...); empty: all.
+    """
+    page_size: builtins.int
+    """Devices per page; 0 means 1000; at most 5000."""
+    page_token: builtins.str
+    """Where to continue: the next_page_token of the previous response; empty: the start."""
     def __init__(
         self,
         *,
         token: builtins.str = ...,
+        state: builtins.str = ...,
+        selector: builtins.str = ...,
+        page_size: builtins.int = ...,
+        page_token: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["token", b"token"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["page_size", b"page_size", "page_token", b"page_token", "selector", b"selector", "state", b"state", "token", b"token"]) -> None: ...
 
 global___ListDevicesRequest = ListDevicesRequest
 
@@ -404,19 +422,29 @@ global___DeviceStatus = DeviceStatus
 
 @typing.final
 class ListDevicesResponse(google.protobuf.message.Message):
-    """The fleet."""
+    """One page of the fleet: declared devices first (in declared order), then the others
+    by name.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    TOTAL_FIELD_NUMBER: builtins.int
+    next_page_token: builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
+    total: builtins.int
+    """Devices matching the filter, over all pages."""
     @property
     def devices(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___DeviceStatus]: ...
     def __init__(
         self,
         *,
         devices: collections.abc.Iterable[global___DeviceStatus] | None = ...,
+        next_page_token: builtins.str = ...,
+        total: builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["devices", b"devices"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["devices", b"devices", "next_page_token", b"next_page_token", "total", b"total"]) -> None: ...
 
 global___ListDevicesResponse = ListDevicesResponse
 
