@@ -11,8 +11,9 @@ with a minimal valid result. Four phases, one after the other:
    time until the coordinator's ``ListDevices`` reports every device online;
 2. **steady**: ``--steady-s`` seconds of heartbeats only: the coordinator process's CPU
    (user + system, in % of one core);
-3. **devices list**: ``--list-calls`` ``ListDevices`` calls one after the other during
-   the steady heartbeats: p50 / p99 / max latency;
+3. **devices list**: ``--list-calls`` full device lists (``ListDevices``, every page),
+   one after the other during the steady heartbeats, from a process of their own:
+   p50 / p99 / max latency;
 4. **dispatch**: a campaign of ``--tasks-per-agent`` no-op models, so that many tasks per
    device; end-to-end tasks/s from the first assignment to the last acknowledged result,
    and each agent's gap from sending a result to receiving its next assignment (p50 /
@@ -228,10 +229,14 @@ async def simulate(farm: LocalFarm, args: argparse.Namespace) -> Figures:
     fig.coordinator_cpu_pct = 100 * (cpu_seconds(coordinator) - cpu0) / (time.perf_counter() - t0)
     print(f"steady: coordinator {fig.coordinator_cpu_pct:.0f}% of a core", flush=True)
 
-    # 3. devices list under the heartbeats
-    for _ in range(args.list_calls):
-        _, ms = await asyncio.to_thread(online_count, farm)
-        fig.list_ms.append(ms)
+    # 3. devices list under the heartbeats, timed from a process of its own (this one's
+    # event loop is busy with the simulated agents)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--list-only", farm.address, farm.token, str(args.list_calls),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    fig.list_ms = [float(v) for v in out.split()]
     print(f"devices list: p99 {percentile(sorted(fig.list_ms), 99):.0f} ms", flush=True)
 
     # 4. dispatch
@@ -291,7 +296,22 @@ def table(fig: Figures) -> str:
     return "\n".join(out)
 
 
+def list_only(address: str, token: str, calls: int) -> None:
+    """Time ``calls`` full device lists (every page), one after the other; print ms."""
+    from coordinator.client import ControlClient
+
+    with ControlClient(address, token) as client:
+        client.list_devices()  # the connection is up before timing
+        for _ in range(calls):
+            started = time.perf_counter()
+            client.list_devices()
+            print(f"{(time.perf_counter() - started) * 1000:.2f}", flush=True)
+
+
 def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--list-only":
+        list_only(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--heartbeat-s", type=float, default=2.0)

@@ -75,6 +75,7 @@ def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAg
 MAX_SERIES = 10_000  # series a nightly run may restrict itself to
 DEVICES_PAGE = 1000  # devices per ListDevices page by default...
 MAX_DEVICES_PAGE = 5000  # ...and at most
+LISTING_REUSE_S = 10.0  # how long later pages of a device listing reuse its snapshot
 
 
 def _page_offset(token: str) -> int | None:
@@ -166,6 +167,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.store = planner.scheduler.store
         self.token = token
         self.inventory = InventoryCache(inventory_path)
+        # the last device listing: (monotonic time, state, selector, devices)
+        self._last_listing: tuple[float, str, str, list[FleetDevice]] | None = None
         self.missing_after_s = missing_after_s
 
     async def _check(self, token: str, context: grpc.aio.ServicerContext) -> None:
@@ -363,6 +366,21 @@ class ControlService(control_pb2_grpc.ControlServicer):
         agents = self.scheduler.fleet.agents(self.scheduler.sessions, now)
         return merge_fleet(self.inventory.devices(), agents, now, self.missing_after_s)
 
+    async def _listing(
+        self, state: str, text: str, selector: dict[str, str], later_page: bool
+    ) -> list[FleetDevice]:
+        """The filtered fleet; a later page of a listing reuses the snapshot its first
+        page was cut from (for up to LISTING_REUSE_S), so pages neither overlap nor cost
+        a merge each."""
+        now = time.monotonic()
+        kept = self._last_listing
+        if later_page and kept and kept[1:3] == (state, text) and now - kept[0] < LISTING_REUSE_S:
+            return kept[3]
+        await self.inventory.refresh()  # the declared-fleet file, re-read when it changed
+        chosen = select_fleet(self.fleet(), state, selector)
+        self._last_listing = (now, state, text, chosen)
+        return chosen
+
     async def ListDevices(
         self, request: control_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListDevicesResponse:
@@ -385,8 +403,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         assert offset is not None
-        await self.inventory.refresh()  # the declared-fleet file, re-read when it changed
-        chosen = select_fleet(self.fleet(), request.state, selector)
+        chosen = await self._listing(request.state, request.selector, selector, offset > 0)
         size = request.page_size or DEVICES_PAGE
         page = chosen[offset : offset + size]
         more = offset + size < len(chosen)

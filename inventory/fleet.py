@@ -88,6 +88,8 @@ def select_fleet(
 
 def _owner(declared: list[DeclaredDevice], agent: LiveAgent) -> int | None:
     """Index of the declared device an agent belongs to, or None."""
+    if not declared:
+        return None
     for index, device in enumerate(declared):
         if device.device_id and device.device_id == agent.device_id:
             return index
