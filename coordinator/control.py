@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,12 +16,12 @@ import grpc
 
 from coordinator.artifacts import ArtifactWriter, safe_name
 from coordinator.campaigns import CampaignPlanner
+from coordinator.fleet_view import FleetView
 from coordinator.identity import token_ok
 from coordinator.interleave import RunShape
-from coordinator.scheduler import Scheduler
 from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
-from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
+from edgefarm.domain import FINISHED_TASK_STATUSES, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
 from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES
@@ -39,37 +40,9 @@ _SUBMISSION_ID = re.compile(r"[\x21-\x7e]{0,64}")
 
 def live_agents_from_store(store: ResultsStore) -> list[LiveAgent]:
     """Every agent the store has seen; without a coordinator none counts as online."""
-    return live_agents(None, store)
-
-
-def live_agents(scheduler: Scheduler | None, store: ResultsStore) -> list[LiveAgent]:
-    """Every agent ever seen, with its live state."""
-    agents = []
-    enrolment = {
-        identity.agent_id: "revoked" if identity.revoked else "enrolled"
-        for identity in store.agent_identities()
-    }
-    for seen in store.list_devices_seen():
-        session = scheduler.sessions.get(seen.agent_id) if scheduler else None
-        caps = dict(seen.capabilities)
-        device_name = str(caps.pop("device_name", "") or seen.device_id)
-        fields = DeviceCapabilities.__dataclass_fields__
-        capabilities = DeviceCapabilities(**{k: v for k, v in caps.items() if k in fields})
-        agents.append(
-            LiveAgent(
-                agent_id=seen.agent_id,
-                agent_name=seen.agent_name,
-                device_id=seen.device_id,
-                device_name=session.device_name if session else device_name,
-                capabilities=session.capabilities if session else capabilities,
-                labels=session.labels if session else dict(seen.labels),
-                online=bool(session and session.connected),
-                busy=bool(session and session.lease_id),
-                last_heartbeat=session.last_heartbeat if session else seen.last_heartbeat,
-                enrolment=enrolment.get(seen.agent_id, ""),
-            )
-        )
-    return agents
+    view = FleetView(forget_after_s=math.inf)
+    view.load(store.list_devices_seen(), store.agent_identities())
+    return view.agents({}, time.time())
 
 
 MAX_SERIES = 10_000  # series a nightly run may restrict itself to
@@ -448,7 +421,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         re-registration is refused), then their streams close and their tasks move."""
         await self._check(request.token, context)
         identities = await asyncio.to_thread(self.store.agent_identities)
-        agents = await asyncio.to_thread(live_agents, self.scheduler, self.store)
+        agents = self.scheduler.fleet.agents(self.scheduler.sessions, time.time())
         on_device = {a.agent_id for a in agents if request.name in (a.device_name, a.device_id)}
         chosen = [
             i.agent_id

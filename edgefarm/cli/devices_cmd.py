@@ -110,6 +110,9 @@ def list_devices(
         fleet = select_fleet(fleet, state or "", wanted)
     if as_json:
         click.echo(json.dumps(fleet_to_json(fleet), indent=2))
+    elif not fleet and (state or selector):
+        asked = " and ".join(p for p in (state, selector) if p)
+        click.echo(f"no devices {asked} (of those declared or seen)")
     else:
         click.echo(render_fleet_table(fleet))
 

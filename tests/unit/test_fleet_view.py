@@ -109,3 +109,24 @@ def test_the_view_loads_from_the_store_records() -> None:
     (agent,) = view.agents({}, now=120.0)
     assert (agent.device_name, agent.capabilities.arch, agent.online) == ("bench", "arm64", False)
     assert view.agents({}, now=151.0) == [] and len(view) == 0  # unseen too long: dropped
+
+
+def test_the_cli_filters_the_store_fleet_and_says_when_nothing_matches(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgefarm.cli.main import cli
+
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    with ResultsStore.open(url) as store:
+        store.upsert_device_seen(
+            DeviceSeen("ag-1", "a", "d1", {"device_name": "pi", "arch": "arm64"}, {}, 1.0, 1.0)
+        )
+    run = CliRunner().invoke
+    listed = run(cli, ["devices", "list", "--store", url, "--selector", "arch=arm64"])
+    assert listed.exit_code == 0 and "pi" in listed.output and "missing" in listed.output
+    none = run(cli, ["devices", "list", "--store", url, "--state", "online"])
+    assert none.exit_code == 0 and none.output.strip() == (
+        "no devices online (of those declared or seen)"
+    )
+    bad = run(cli, ["devices", "list", "--store", url, "--selector", "=x"])
+    assert bad.exit_code != 0 and "--selector: bad selector item '=x'" in str(bad.exception)
