@@ -23,6 +23,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from coordinator.artifacts import ArtifactStore
 from coordinator.campaigns import CampaignPlanner
 from coordinator.control import ControlService
+from coordinator.fleet_view import FORGET_AFTER_S
 from coordinator.gateway import REGISTER_BURST, REGISTER_PER_S, AgentGateway, RateLimiter
 from coordinator.metrics import CoordinatorMetrics, MetricsServer, serve_metrics
 from coordinator.preparation import Preparer
@@ -102,6 +103,7 @@ class CoordinatorConfig:
     metrics_listen: str | None = None  # HOST:PORT for Prometheus metrics over HTTP
     register_burst: float = REGISTER_BURST  # registrations per peer address at once...
     register_per_s: float = REGISTER_PER_S  # ...and per second after that
+    forget_after_s: float = FORGET_AFTER_S  # agents unseen this long leave the device list
 
 
 class CallTracker(grpc.aio.ServerInterceptor):
@@ -280,6 +282,7 @@ async def start_coordinator(
     )
     metrics.watch(scheduler)
     scheduler.restore(store.unfinished_tasks())
+    scheduler.fleet.forget_after_s = config.forget_after_s
     scheduler.fleet.load(store.list_devices_seen(), store.agent_identities())
     planner = CampaignPlanner(scheduler, Preparer(store, artifacts, config.home / "hub-cache"))
     calls = CallTracker()

@@ -59,6 +59,15 @@ def coordinator() -> None:
     "60/5). Raise it for many agents behind one NAT address.",
 )
 @click.option(
+    "--forget-devices-after",
+    "forget_days",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="DAYS",
+    help="Agents not heard from for this many days leave the live device list (default "
+    "30; they stay in the store and return when they register).",
+)
+@click.option(
     "--model-root",
     type=click.Path(file_okay=False, exists=True),
     default=None,
@@ -84,6 +93,7 @@ def serve(
     lease_s: float | None,
     heartbeat_s: float | None,
     register_rate: str | None,
+    forget_days: float | None,
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
@@ -130,6 +140,8 @@ def serve(
         overrides["lease_duration_s"] = lease_s
     if heartbeat_s is not None:
         overrides["heartbeat_interval_s"] = heartbeat_s
+    if forget_days is not None:
+        overrides["forget_after_s"] = forget_days * 86400.0
     if burst is not None and per_s is not None:
         overrides["register_burst"], overrides["register_per_s"] = burst, per_s
     if overrides:

@@ -130,3 +130,14 @@ def test_the_cli_filters_the_store_fleet_and_says_when_nothing_matches(tmp_path:
     )
     bad = run(cli, ["devices", "list", "--store", url, "--selector", "=x"])
     assert bad.exit_code != 0 and "--selector: bad selector item '=x'" in str(bad.exception)
+
+
+@pytest.mark.parametrize("rate", ["5", "0/5", "a/b", "inf/1"])
+def test_a_bad_register_rate_is_refused_before_the_coordinator_starts(rate: str) -> None:
+    from click.testing import CliRunner
+
+    from edgefarm.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["coordinator", "serve", "--register-rate", rate])
+    assert result.exit_code != 0
+    assert f"--register-rate {rate!r}: give BURST/PER_S, e.g. 60/5" in str(result.exception)
