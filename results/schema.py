@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
 from edgefarm.errors import SchemaVersionError
+from results import samples_codec
 
 metadata = sa.MetaData()
 
@@ -173,12 +174,12 @@ results = sa.Table(
     sa.Column("task_id", _id(), sa.ForeignKey("tasks.task_id"), nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("campaign_id", _id(), nullable=False, index=True),
-    sa.Column("model", sa.String(256), nullable=False),
-    sa.Column("backend", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False, index=True),
+    sa.Column("backend", sa.String(64), nullable=False, index=True),
     sa.Column("backend_version", sa.String(128), nullable=False),
     sa.Column("scheme", sa.String(64), nullable=False),
     sa.Column("device_id", sa.String(256), nullable=False, index=True),
-    sa.Column("device_name", sa.String(256), nullable=False),
+    sa.Column("device_name", sa.String(256), nullable=False, index=True),
     sa.Column("agent_id", sa.String(128), nullable=False),
     sa.Column("artifact_sha256", sa.String(64), nullable=False),
     sa.Column("eval_sha256", sa.String(64)),
@@ -192,6 +193,8 @@ results = sa.Table(
     sa.Column("error_message", sa.Text, nullable=False),
     sa.Column("settings", JSONText, nullable=False),
     sa.Column("trials", sa.Integer, nullable=False),
+    # Since v8 always ``[]``: the raw samples live in ``result_samples`` (compressed,
+    # one row per trial), so a row stays small; reads attach them only when asked.
     sa.Column("samples_ms", JSONText, nullable=False),
     sa.Column("trial_medians_ms", JSONText, nullable=False),
     sa.Column("lat_mean_ms", FiniteFloat),
@@ -221,6 +224,24 @@ results = sa.Table(
     sa.Column("measure_ended_at", FiniteFloat),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.UniqueConstraint("task_id", "attempt", name="uq_results_task_attempt"),
+)
+
+# The raw latency samples of a result, one row per trial, in trial order; ``data`` is
+# ``count`` samples packed by :mod:`results.samples_codec` (``encoding`` names how).
+result_samples = sa.Table(
+    "result_samples",
+    metadata,
+    sa.Column(
+        "result_id",
+        sa.Integer,
+        sa.ForeignKey("results.result_id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("trial", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("encoding", sa.String(32), nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
 artifacts = sa.Table(
@@ -360,6 +381,56 @@ def _v7_serving(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE results ADD COLUMN serving TEXT"))
 
 
+_MOVE_BATCH = 16  # result rows per step of the v8 move (each may hold MBs of JSON)
+
+
+def _v8_result_samples(conn: Connection) -> None:
+    """v7 -> v8: raw samples move from ``results.samples_ms`` (JSON) into
+    ``result_samples`` (compressed, one row per trial, split by ``trials_detail``);
+    results get indexes on model, backend and device name. Rows move a few at a time,
+    so memory stays flat whatever the store's size."""
+    result_samples.create(conn, checkfirst=True)
+    for index in results.indexes:
+        index.create(conn, checkfirst=True)
+    last = 0
+    while True:
+        batch = conn.execute(
+            sa.select(results.c.result_id, results.c.samples_ms, results.c.trials_detail)
+            .where(results.c.result_id > last)
+            .order_by(results.c.result_id)
+            .limit(_MOVE_BATCH)
+        ).all()
+        if not batch:
+            return
+        for result_id, samples, details in batch:
+            if samples:
+                conn.execute(result_samples.insert(), sample_rows(result_id, samples, details))
+                conn.execute(
+                    results.update().where(results.c.result_id == result_id).values(samples_ms=[])
+                )
+        last = batch[-1][0]
+
+
+def sample_rows(
+    result_id: int, samples: list[float], details: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """``result_samples`` rows for a result's flat samples, split per trial by the
+    trials' ``iterations`` (all in one row when they do not add up)."""
+    counts = [int(d.get("iterations") or 0) for d in details or []]
+    if sum(counts) != len(samples):
+        counts = [len(samples)]
+    out, offset = [], 0
+    for trial, count in enumerate(counts):
+        if count:
+            encoding, data = samples_codec.encode(samples[offset : offset + count])
+            out.append(
+                {"result_id": result_id, "trial": trial, "count": count,
+                 "encoding": encoding, "data": data}
+            )  # fmt: skip
+        offset += count
+    return out
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
@@ -368,6 +439,7 @@ MIGRATIONS: list[Migration] = [
     _v5_campaign_plan,
     _v6_attempts,
     _v7_serving,
+    _v8_result_samples,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

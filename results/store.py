@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
-from results import rows, schema
+from results import rows, samples_codec, schema
 from results.records import (
     AgentIdentity,
     ArtifactRecord,
@@ -55,6 +55,7 @@ from results.schema import (
     devices_seen,
     migrate,
     nightly_runs,
+    result_samples,
     results,
     tasks,
 )
@@ -62,6 +63,9 @@ from results.schema import (
 logger = logging.getLogger(__name__)
 
 MIN_PREFIX_LEN = 4
+RESULT_BATCH = 500  # result rows per query of a streamed read
+# Every results column but the always-empty samples_ms (samples: result_samples).
+_ROW_COLUMNS = tuple(c for c in results.c if c.name != "samples_ms")
 _WRITE_OPTION = "edgefarm_write"
 
 
@@ -456,10 +460,18 @@ class ResultsStore:
                 if existing is not None:
                     return existing, False
                 # parameters apart from the statement: compiled once, not per row
-                inserted = conn.execute(results.insert(), row).inserted_primary_key
+                samples = row["samples_ms"]
+                inserted = conn.execute(
+                    results.insert(), {**row, "samples_ms": []}
+                ).inserted_primary_key
                 if inserted is None:  # pragma: no cover - every supported dialect reports it
                     raise StoreError("the database did not report the new result id")
                 result_id = int(inserted[0])
+                if samples:
+                    conn.execute(
+                        result_samples.insert(),
+                        schema.sample_rows(result_id, samples, row["trials_detail"]),
+                    )
                 conn.execute(
                     _TASK_RESULT,
                     {"b_task_id": task_id, "status": status.value, "result_id": result_id,
@@ -500,9 +512,9 @@ class ResultsStore:
             value = conn.execute(stmt).scalar_one_or_none()
         return None if value is None else int(value)
 
-    def get_result(self, result_id: int) -> dict[str, Any] | None:
-        """One result row as a dict, or None."""
-        found = self._select_results(results.c.result_id == result_id)
+    def get_result(self, result_id: int, samples: bool = False) -> dict[str, Any] | None:
+        """One result row as a dict, or None; ``samples``: with ``samples_ms``."""
+        found = list(self.iter_results(result_id=result_id, samples=samples))
         return found[0] if found else None
 
     def query_results(
@@ -513,14 +525,42 @@ class ResultsStore:
         device: str | None = None,
         ok: bool | None = None,
         limit: int | None = None,
+        samples: bool = False,
     ) -> list[dict[str, Any]]:
-        """Result rows matching every given filter, newest first.
+        """:meth:`iter_results` as a list."""
+        return list(
+            self.iter_results(
+                campaign_id=campaign_id, model=model, backend=backend, device=device, ok=ok,
+                limit=limit, samples=samples,
+            )
+        )  # fmt: skip
 
-        ``device`` matches ``device_id`` or ``device_name``. ``campaign_id`` matches the
-        campaign that measured the row (rows reused by later campaigns are not repeated
-        here: see :meth:`results_for_campaign`).
+    def iter_results(
+        self,
+        *,
+        result_id: int | None = None,
+        campaign_id: str | None = None,
+        model: str | None = None,
+        backend: str | None = None,
+        device: str | None = None,
+        ok: bool | None = None,
+        limit: int | None = None,
+        samples: bool = False,
+        batch: int = RESULT_BATCH,
+    ) -> Iterator[dict[str, Any]]:
+        """Result rows matching every given filter, newest first, read ``batch`` rows
+        per query (keyset paging on the result id, each query its own short read), so
+        memory stays flat in the number of rows and no transaction spans the walk.
+
+        Filters run in SQL on indexed columns. ``device`` matches ``device_id`` or
+        ``device_name``. ``campaign_id`` matches the campaign that measured the row (rows
+        reused by later campaigns are not repeated here: see
+        :meth:`results_for_campaign`). Rows carry ``samples_ms`` (every raw sample, in
+        trial order) only with ``samples``: see :meth:`result_samples`.
         """
         where: list[sa.ColumnElement[bool]] = []
+        if result_id is not None:
+            where.append(results.c.result_id == result_id)
         if campaign_id is not None:
             where.append(results.c.campaign_id == campaign_id)
         if model is not None:
@@ -531,23 +571,66 @@ class ResultsStore:
             where.append(sa.or_(results.c.device_id == device, results.c.device_name == device))
         if ok is not None:
             where.append(results.c.ok == ok)
-        return self._select_results(sa.and_(sa.true(), *where), newest_first=True, limit=limit)
+        left = limit
+        after: int | None = None
+        while left is None or left > 0:
+            size = batch if left is None else min(batch, left)
+            page = [*where] if after is None else [*where, results.c.result_id < after]
+            stmt = (
+                sa.select(*_ROW_COLUMNS)
+                .where(sa.and_(sa.true(), *page))
+                .order_by(results.c.result_id.desc())
+                .limit(size)
+            )
+            with self._tx() as conn:
+                found = [rows.decode_result_row(r) for r in conn.execute(stmt).mappings()]
+            if samples:
+                self._attach_samples(found)
+            yield from found
+            if len(found) < size:
+                return
+            after = found[-1]["result_id"]
+            if left is not None:
+                left -= len(found)
 
-    def _select_results(
-        self,
-        where: sa.ColumnElement[bool],
-        newest_first: bool = False,
-        limit: int | None = None,
-    ) -> list[dict[str, Any]]:
-        order = results.c.result_id.desc() if newest_first else results.c.result_id
-        stmt = sa.select(results).where(where).order_by(order)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        with self._tx() as conn:
-            return [rows.decode_result_row(r) for r in conn.execute(stmt).mappings()]
+    def result_samples(self, result_ids: Iterable[int]) -> dict[int, list[float]]:
+        """Every raw sample of each result (milliseconds, in trial order); a result with
+        none maps to ``[]``. StoreError names a result whose stored samples are damaged."""
+        ids = sorted(set(result_ids))
+        out: dict[int, list[float]] = {i: [] for i in ids}
+        for start in range(0, len(ids), RESULT_BATCH):
+            chunk = ids[start : start + RESULT_BATCH]
+            stmt = (
+                sa.select(result_samples)
+                .where(result_samples.c.result_id.in_(chunk))
+                .order_by(result_samples.c.result_id, result_samples.c.trial)
+            )
+            with self._tx() as conn:
+                for r in conn.execute(stmt).mappings():
+                    try:
+                        values = samples_codec.decode(r["encoding"], r["data"], r["count"])
+                    except ValueError as e:
+                        raise StoreError(
+                            f"result {r['result_id']} trial {r['trial']}: stored samples "
+                            f"are damaged: {e}"
+                        ) from e
+                    out[r["result_id"]].extend(values)
+        return out
 
-    def results_for_campaign(self, campaign_id: str) -> list[dict[str, Any]]:
-        """The row answering each task of the campaign, in task creation order.
+    def _attach_samples(self, found: list[dict[str, Any]]) -> None:
+        by_id = self.result_samples(r["result_id"] for r in found)
+        for row in found:
+            row["samples_ms"] = by_id[row["result_id"]]
+
+    def results_for_campaign(self, campaign_id: str, samples: bool = False) -> list[dict[str, Any]]:
+        """:meth:`iter_campaign_results` as a list."""
+        return list(self.iter_campaign_results(campaign_id, samples=samples))
+
+    def iter_campaign_results(
+        self, campaign_id: str, samples: bool = False, batch: int = RESULT_BATCH
+    ) -> Iterator[dict[str, Any]]:
+        """The row answering each task of the campaign, in task creation order, read
+        ``batch`` rows per query like :meth:`iter_results`.
 
         Each dict is the stored result row, unchanged (so ``task_id`` / ``campaign_id``
         name the task and campaign that *measured* it), plus two keys:
@@ -558,19 +641,35 @@ class ResultsStore:
 
         Tasks without a result yet are left out.
         """
-        stmt = (
-            sa.select(results, tasks.c.task_id.label("answers_task_id"))
-            .join_from(tasks, results, tasks.c.result_id == results.c.result_id)
-            .where(tasks.c.campaign_id == campaign_id)
-            .order_by(tasks.c.created_at, tasks.c.seq)
-        )
-        out: list[dict[str, Any]] = []
-        with self._tx() as conn:
-            for r in conn.execute(stmt).mappings():
-                row = rows.decode_result_row(r)
+        after: int | None = None  # the last task's seq (tasks of a campaign: seq order)
+        while True:
+            where = [tasks.c.campaign_id == campaign_id]
+            if after is not None:
+                where.append(tasks.c.seq > after)
+            stmt = (
+                sa.select(
+                    *_ROW_COLUMNS,
+                    tasks.c.task_id.label("answers_task_id"),
+                    tasks.c.seq.label("_seq"),
+                )
+                .join_from(tasks, results, tasks.c.result_id == results.c.result_id)
+                .where(*where)
+                .order_by(tasks.c.seq)
+                .limit(batch)
+            )
+            with self._tx() as conn:
+                found = [rows.decode_result_row(r) for r in conn.execute(stmt).mappings()]
+            if not found:
+                return
+            after = found[-1].pop("_seq")
+            for row in found:
+                row.pop("_seq", None)
                 row["reused"] = row["task_id"] != row["answers_task_id"]
-                out.append(row)
-        return out
+            if samples:
+                self._attach_samples(found)
+            yield from found
+            if len(found) < batch:
+                return
 
     # ----------------------------------------------------------------------- attempts
 

@@ -148,9 +148,10 @@ def _night_report(store: ResultsStore, run: NightlyRun) -> Report:
     from results.regression.collect import pool_blocks
     from results.report import build_report
 
-    rows: list[dict[str, Any]] = (
-        pool_blocks(store.results_for_campaign(run.campaign_id)) if run.campaign_id else []
-    )
+    rows: list[dict[str, Any]] = []
+    if run.campaign_id:
+        found = store.results_for_campaign(run.campaign_id)
+        rows = pool_blocks(found, samples_of=store.result_samples)
     verdicts = [verdict_from_dict(v) for v in run.summary.get("verdicts", [])]
     notes = list(run.summary.get("notes", []))
     baseline = f", baseline {run.baseline_run_id}" if run.baseline_run_id else ""

@@ -63,11 +63,13 @@ def _load_rows(store_url: str | None, home: str | None, campaign: str | None) ->
 
     with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
         if campaign is None:
-            return pool_blocks(store.query_results())
+            return pool_blocks(store.query_results(), samples_of=store.result_samples)
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
-        return pool_blocks(store.results_for_campaign(record.campaign_id))
+        return pool_blocks(
+            store.results_for_campaign(record.campaign_id), samples_of=store.result_samples
+        )
 
 
 def _print(rec: Recommendation, name: str) -> None:

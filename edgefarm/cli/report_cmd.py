@@ -93,7 +93,9 @@ def campaign(
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
-        rows = pool_blocks(store.results_for_campaign(record.campaign_id))
+        rows = pool_blocks(
+            store.results_for_campaign(record.campaign_id), samples_of=store.result_samples
+        )
     if not rows:
         raise UsageError(f"campaign {record.campaign_id} has no results yet")
     reused = sum(1 for r in rows if r.get("reused"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,30 +15,42 @@ from edgefarm.cli.options import home_option, store_option
 from edgefarm.errors import UsageError
 from edgefarm.home import default_store_url, edgefarm_home
 
+if TYPE_CHECKING:
+    from results.store import ResultsStore
+
 
 def _rows(
-    store_url: str | None,
-    home: str | None,
+    store: ResultsStore,
     campaign: str | None,
     model: str | None,
     backend: str | None,
     device: str | None,
     limit: int | None,
-) -> list[dict[str, Any]]:
+    samples: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """The matching rows, streamed: a campaign's in task order, else newest first."""
+    if not campaign:
+        yield from store.iter_results(
+            model=model, backend=backend, device=device, limit=limit, samples=samples
+        )
+        return
+    record = store.get_campaign(campaign)
+    if record is None:
+        raise UsageError(f"no campaign '{campaign}' in {store.url}")
+    wanted = (
+        r
+        for r in store.iter_campaign_results(record.campaign_id, samples=samples)
+        if (not model or r["model"] == model)
+        and (not backend or r["backend"] == backend)
+        and (not device or device in (r["device_id"], r["device_name"]))
+    )
+    yield from itertools.islice(wanted, limit)
+
+
+def _open(store_url: str | None, home: str | None) -> ResultsStore:
     from results.store import ResultsStore
 
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
-        if campaign:
-            record = store.get_campaign(campaign)
-            if record is None:
-                raise UsageError(f"no campaign '{campaign}' in {store.url}")
-            rows = store.results_for_campaign(record.campaign_id)
-            return [
-                r
-                for r in rows
-                if (not model or r["model"] == model) and (not backend or r["backend"] == backend)
-            ][:limit]
-        return store.query_results(model=model, backend=backend, device=device, limit=limit)
+    return ResultsStore.open(store_url or default_store_url(edgefarm_home(home)))
 
 
 def _filters(f):  # type: ignore[no-untyped-def]
@@ -70,12 +85,20 @@ def list_results(
     home: str | None,
     as_json: bool,
 ) -> None:
-    """One line per stored result, newest first."""
-    rows = _rows(store_url, home, campaign, model, backend, device, limit)
-    if as_json:
-        slim = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
-        click.echo(json.dumps(slim, indent=2))
-        return
+    """One line per stored result, newest first (a campaign's: in task order)."""
+    with _open(store_url, home) as store:
+        found = _rows(store, campaign, model, backend, device, limit)
+        if as_json:  # streamed: one row at a time, whatever the count
+            out = sys.stdout
+            count = 0
+            out.write("[")
+            for row in found:
+                out.write(",\n" if count else "\n")
+                out.write(json.dumps(row, indent=2))
+                count += 1
+            out.write("\n]\n" if count else "]\n")
+            return
+        rows = list(found)
     from edgefarm.cli.tables import print_tables, results_tables
 
     print_tables(results_tables(rows))
@@ -88,14 +111,10 @@ def list_results(
 @home_option
 def show(result_id: int, samples: bool, store_url: str | None, home: str | None) -> None:
     """Every stored field of one result, as JSON."""
-    from results.store import ResultsStore
-
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
-        row = store.get_result(result_id)
+    with _open(store_url, home) as store:
+        row = store.get_result(result_id, samples=samples)
     if row is None:
         raise UsageError(f"no result with id {result_id}")
-    if not samples:
-        row = {k: v for k, v in row.items() if k != "samples_ms"}
     click.echo(json.dumps(row, indent=2))
 
 
@@ -115,6 +134,7 @@ def show(result_id: int, samples: bool, store_url: str | None, home: str | None)
     default=None,
     help="File to write (required for parquet; default stdout).",
 )
+@click.option("--samples", is_flag=True, help="Include raw per-iteration samples (JSON text).")
 def export(
     campaign: str | None,
     model: str | None,
@@ -125,13 +145,18 @@ def export(
     home: str | None,
     fmt: str,
     output: str | None,
+    samples: bool,
 ) -> None:
-    """Export results with pandas as CSV, JSON or Parquet."""
+    """Export results as CSV, JSON or Parquet, streamed in pieces (memory stays flat in
+    the number of rows); raw samples only with --samples."""
     from results.export import export as write
 
-    rows = _rows(store_url, home, campaign, model, backend, device, limit)
-    out = write(rows, fmt, Path(output) if output else None)
-    if output is None and isinstance(out, str):
-        click.echo(out, nl=False)
-    elif output is not None:
-        click.echo(f"wrote {len(rows)} rows to {output}", err=True)
+    with _open(store_url, home) as store:
+        count = write(
+            lambda: _rows(store, campaign, model, backend, device, limit, samples),
+            fmt,
+            Path(output) if output else None,
+            stream=None if output else sys.stdout,
+        )
+    if output is not None:
+        click.echo(f"wrote {count} rows to {output}", err=True)

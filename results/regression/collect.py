@@ -8,7 +8,7 @@ Pure: rows in, samples out.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgefarm.domain import LatencySummary
@@ -72,10 +72,17 @@ def row_series(row: Row) -> str:
     return series_id(row["model"], row["backend"], row["scheme"], row["device_id"])
 
 
-def pool_blocks(rows: Iterable[Row], role: str = "candidate") -> list[Row]:
+def pool_blocks(
+    rows: Iterable[Row],
+    role: str = "candidate",
+    samples_of: Callable[[Iterable[int]], dict[int, list[float]]] | None = None,
+) -> list[Row]:
     """One row per campaign and series for ``role``: its blocks' samples pooled, latency
     summary and throughput recomputed, accuracy from the evaluating block. Rows of plain
-    campaigns (one block) pass through; nightly replay rows are left out by default."""
+    campaigns (one block) pass through; nightly replay rows are left out by default.
+
+    Rows read without their samples get them from ``samples_of`` (result ids to
+    samples, e.g. :meth:`ResultsStore.result_samples`), asked only for pooled blocks."""
     groups: dict[tuple[str, str, str, str, str], list[Row]] = {}
     for row in rows:
         if row.get("role", "candidate") == role:
@@ -95,7 +102,13 @@ def pool_blocks(rows: Iterable[Row], role: str = "candidate") -> list[Row]:
             pooled.append(members[0])
             continue
         first = dict(ok[0])
-        samples = [s for r in ok for s in r.get("samples_ms") or []]
+        missing = [r["result_id"] for r in ok if "samples_ms" not in r]
+        loaded = samples_of(missing) if missing and samples_of is not None else {}
+        samples = [
+            s
+            for r in ok
+            for s in (r["samples_ms"] if "samples_ms" in r else loaded.get(r["result_id"], []))
+        ]
         lat = LatencySummary.from_samples(samples)
         batch = int(first.get("batch_size") or 1)
         first.update(

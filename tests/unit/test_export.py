@@ -60,7 +60,7 @@ def rows(tmp_path: Path) -> list[dict[str, Any]]:
         )
         store.ingest_result(good, ok, "pi5-lab")
         store.record_failure(bad, "timeout", "killed after 300 s")
-        return store.results_for_campaign("camp-1")
+        return store.results_for_campaign("camp-1", samples=True)
 
 
 def _check(df: pd.DataFrame) -> None:
@@ -90,26 +90,76 @@ def test_to_dataframe_flattens(rows: list[dict[str, Any]]) -> None:
 
 def test_csv_round_trip(rows: list[dict[str, Any]], tmp_path: Path) -> None:
     out = tmp_path / "out" / "results.csv"
-    text = export(rows, "CSV", out)
-    assert isinstance(text, str) and out.read_text() == text
+    assert export(rows, "CSV", out) == 2
     _check(pd.read_csv(out))
-    assert export(rows, "csv") == text  # without a path: only returned
+    stream = io.StringIO()
+    assert export(rows, "csv", stream=stream) == 2
+    assert stream.getvalue() == out.read_text()
 
 
 def test_json_round_trip(rows: list[dict[str, Any]], tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    text = export(rows, "json", out)
-    assert isinstance(text, str)
+    assert export(rows, "json", out) == 2
     records = json.loads(out.read_text())
     assert records[1]["lat_mean_ms"] is None and records[0]["result_id"] == rows[0]["result_id"]
-    _check(pd.read_json(io.StringIO(text), orient="records"))
+    _check(pd.read_json(io.StringIO(out.read_text()), orient="records"))
 
 
 def test_parquet_round_trip(rows: list[dict[str, Any]], tmp_path: Path) -> None:
     out = tmp_path / "results.parquet"
-    data = export(rows, "parquet", out)
-    assert isinstance(data, bytes) and out.read_bytes() == data
+    assert export(rows, "parquet", out) == 2
     _check(pd.read_parquet(out))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
+def test_export_streams_in_pieces_with_one_schema(
+    fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows written a piece at a time keep one column set and type: a column that is
+    an integer in one piece and missing or a float in another, a key only late rows have."""
+    import results.export as export_module
+
+    monkeypatch.setattr(export_module, "BATCH_ROWS", 2)
+    source = [
+        {"result_id": 1, "ok": True, "lat_p50_ms": 3, "settings": {"threads": 4}},
+        {"result_id": 2, "ok": False, "lat_p50_ms": None, "settings": {"threads": 4}},
+        {"result_id": 3, "ok": True, "lat_p50_ms": 2.5, "accuracy": {"top1": 0.5}},
+        {"result_id": 4, "ok": True, "lat_p50_ms": float("nan"), "settings": {}},
+        {"result_id": 5, "ok": True, "lat_p50_ms": 1.25, "environment": {"os": "Linux"}},
+    ]
+    calls = []
+
+    def rows() -> list[dict[str, Any]]:
+        calls.append(1)
+        return source
+
+    out = tmp_path / f"results.{fmt}"
+    assert export(rows, fmt, out) == 5
+    assert len(calls) == 2  # the columns, then the rows
+    df = {
+        "csv": lambda: pd.read_csv(out),
+        "json": lambda: pd.read_json(out, orient="records"),
+        "parquet": lambda: pd.read_parquet(out),
+    }[fmt]()
+    assert list(df["result_id"]) == [1, 2, 3, 4, 5]
+    assert list(df["lat_p50_ms"].fillna(-1)) == [3.0, -1, 2.5, -1, 1.25]
+    assert df.loc[2, "accuracy.top1"] == 0.5 and pd.isna(df.loc[0, "accuracy.top1"])
+    assert df.loc[4, "env.os"] == "Linux"
+
+
+def test_export_without_rows_writes_an_empty_table(tmp_path: Path) -> None:
+    assert export([], "json", tmp_path / "e.json") == 0
+    assert json.loads((tmp_path / "e.json").read_text()) == []
+    assert export([], "parquet", tmp_path / "e.parquet") == 0
+    assert pd.read_parquet(tmp_path / "e.parquet").empty
+
+
+def test_export_to_an_unwritable_place_is_a_usage_error(
+    rows: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="cannot write"):
+        export(rows, "csv", tmp_path / "file" / "out.csv")
 
 
 def test_parquet_needs_a_path_and_formats_are_checked(rows: list[dict[str, Any]]) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +62,12 @@ def test_check_result_checks_the_times() -> None:
     assert check_result(pb) is None  # unknown times, the current clock
 
 
+def _export(rows: list[dict[str, Any]], fmt: str) -> str:
+    stream = io.StringIO()
+    export(rows, fmt, stream=stream)
+    return stream.getvalue()
+
+
 def test_times_are_stored_returned_and_exported(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/results.sqlite"
     with ResultsStore.open(url) as store:
@@ -75,10 +83,10 @@ def test_times_are_stored_returned_and_exported(tmp_path: Path) -> None:
             NOW,
         )
         assert rows["t2"]["measure_started_at"] is None and rows["t2"]["measure_ended_at"] is None
-    exported = json.loads(str(export(list(by_task.values()), "json")))
+    exported = json.loads(_export(list(by_task.values()), "json"))
     assert [(r["measure_started_at"], r["measure_ended_at"]) for r in exported] == [
         (NOW - 2.5, NOW),
         (None, None),
     ]
-    csv_header = str(export(list(by_task.values()), "csv")).splitlines()[0].split(",")
+    csv_header = _export(list(by_task.values()), "csv").splitlines()[0].split(",")
     assert {"measure_started_at", "measure_ended_at"} <= set(csv_header)

@@ -199,7 +199,8 @@ def test_sqlite_file_is_created_with_wal_and_current_schema(tmp_path: Path) -> N
         "agent_credentials",
         "attempts",
     } <= tables
-    assert version == str(schema.SCHEMA_VERSION) == "7"
+    assert "result_samples" in tables
+    assert version == str(schema.SCHEMA_VERSION) == str(len(schema.MIGRATIONS))
     assert {"ix_tasks_campaign_id", "ix_tasks_status", "ix_tasks_measure_key"} <= indexes
 
 
@@ -369,7 +370,8 @@ def test_ingest_is_idempotent_and_finishes_the_task(store: ResultsStore) -> None
     assert stored_task is not None
     assert stored_task.status is TaskStatus.DONE and stored_task.result_id == first[0]
 
-    row = store.get_result(first[0])
+    assert "samples_ms" not in (store.get_result(first[0]) or {})  # only when asked
+    row = store.get_result(first[0], samples=True)
     assert row is not None
     expected = LatencySummary.from_samples([2.0, 4.0, 3.0, 5.0, 1.0, 3.0])
     assert row["ok"] is True and row["valid"] is True and row["invalid_reason"] == ""
@@ -419,7 +421,7 @@ def test_failed_result_and_recorded_failure(store: ResultsStore) -> None:
     failed = make_result(t1, ok=False, error_kind="backend_crash", error_message="SIGSEGV")
     rid, inserted = store.ingest_result(t1, failed, "pi5-lab")
     assert inserted
-    row = store.get_result(rid)
+    row = store.get_result(rid, samples=True)
     assert row is not None
     assert row["ok"] is False and row["valid"] is False
     assert (row["error_kind"], row["error_message"]) == ("backend_crash", "SIGSEGV")
@@ -494,7 +496,7 @@ def test_results_for_campaign_includes_reused_rows(store: ResultsStore) -> None:
     store.update_task("b1", status=TaskStatus.REUSED, result_id=reusable)
     rid_b2, _ = store.ingest_result(b2, make_result(b2), "pi5")
 
-    rows = store.results_for_campaign("camp-b")
+    rows = store.results_for_campaign("camp-b", samples=True)
     assert [(r["answers_task_id"], r["task_id"], r["reused"]) for r in rows] == [
         ("b1", "a1", True),
         ("b2", "b2", False),
