@@ -13,7 +13,9 @@ back into trials), ``median_ms``, ``warmup_iterations``, ``duration_s``, ``load_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +41,7 @@ from results.records import (
     NightlyRun,
     TaskRecord,
 )
+from results.regression.types import Sample, SeriesKey
 
 TASK_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(TaskRecord))
 CAMPAIGN_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(CampaignRecord))
@@ -415,3 +418,62 @@ def _record_from_row(cls: type[R], row: RowLike, *json_fields: str) -> R:
     for name in json_fields:
         values[name] = dict(values[name] or {})
     return cls(**values)
+
+
+# ------------------------------------------------------------------------ series nights
+
+
+def series_fingerprint(key: SeriesKey) -> int:
+    """A stable signed 64-bit fingerprint of a series key (``series_nights.series``):
+    the history query reads numbers, never the key's strings."""
+    text = "\x1f".join((key.model, key.backend, key.scheme, key.device_id, key.metric))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def series_night_rows(suite: str, samples: Mapping[SeriesKey, Sample]) -> list[dict[str, Any]]:
+    """``series_nights`` rows for one night's samples (one per series key)."""
+    out = []
+    for key, s in samples.items():
+        out.append(
+            {
+                "run_id": s.run_id,
+                "model": key.model,
+                "backend": key.backend,
+                "scheme": key.scheme,
+                "device_id": key.device_id,
+                "metric": key.metric,
+                "suite": suite,
+                "series": series_fingerprint(key),
+                "at": s.at,
+                "value": s.value,
+                "trials": struct.pack(f"<{len(s.trials)}d", *s.trials),
+                "outcomes": "".join("1" if o else "0" for o in s.outcomes),
+                "method": s.method,
+            }
+        )
+    return out
+
+
+def series_night_from_row(row: RowLike) -> tuple[SeriesKey, Sample]:
+    """The series key and Sample of a ``series_nights`` row; ValueError (one line) for a
+    row that cannot be one (non-finite value, trials that are not float64s, outcomes
+    that are not 0/1)."""
+    key = SeriesKey(row["model"], row["backend"], row["scheme"], row["device_id"], row["metric"])
+    value, at, raw = row["value"], row["at"], row["trials"]
+    outcomes = row["outcomes"] or ""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"series_nights {row['run_id']} {key.label()}: value {value!r}")
+    if not isinstance(at, int | float) or not isinstance(raw, bytes) or len(raw) % 8:
+        raise ValueError(f"series_nights {row['run_id']} {key.label()}: bad time or trials")
+    if not isinstance(outcomes, str) or outcomes.strip("01"):
+        raise ValueError(f"series_nights {row['run_id']} {key.label()}: bad outcomes")
+    sample = Sample(
+        run_id=str(row["run_id"]),
+        at=float(at),
+        value=float(value),
+        trials=struct.unpack(f"<{len(raw) // 8}d", raw),
+        outcomes=tuple(int(c) for c in outcomes),
+        method=str(row["method"] or ""),
+    )
+    return key, sample

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from coordinator.client import ControlClient
 from coordinator.interleave import BASELINE, CANDIDATE, RunShape
 from coordinator.nightly.sequential import (
@@ -48,7 +49,9 @@ from results.regression.codec import change_point_to_dict, verdict_to_dict
 from results.regression.collect import row_series, series_label, series_samples
 from results.regression.detect import (
     CONFIRM_RUNS,
+    NightSamples,
     confirm,
+    histories as batch_histories,
     history,
     judge_night,
     regressions,
@@ -62,7 +65,8 @@ from results.regression.types import (
     Status,
     Verdict,
 )
-from results.store import ResultsStore
+from results.rows import series_fingerprint
+from results.store import ResultsStore, SeriesValues
 
 # "One block per trial": more blocks than any suite has trials.
 PER_TRIAL_BLOCKS = 10_000
@@ -212,6 +216,7 @@ class NightlyRunner:
                 notes.append(f"not measured tonight (measured by the baseline night): {missing}")
             if dropped:
                 notes.append(f"no longer in the suite's campaign: {dropped}")
+        self.store.put_series_night(run.run_id, suite.name, candidate)
         histories = stored_histories(self.store, run, candidate)
         outcome = NightOutcome(run, baseline, rows, verdicts, histories, notes, failed)
         notes += _drift_notes(histories)
@@ -451,24 +456,111 @@ def stored_histories(
     """The nightly history of every series ``run`` measured, with change points.
 
     Nights: the suite's finished nights up to ``run`` (the last :data:`HISTORY_NIGHTS`)
-    and ``run`` itself (``tonight``'s samples when given, else its stored rows).
+    and ``run`` itself (``tonight``'s samples when given, else its stored summaries or
+    rows). Stored nights are read from their per-series summaries (``series_nights``,
+    numbers only, one index scan per night); a night without summaries (stored before
+    they existed, or never judged) is computed from its result rows.
     """
-    nights = [
+    nights = _history_nights(store, run)
+    if tonight is None:
+        tonight = store.series_night(run.run_id) or _samples_from_rows(store, run)
+    keys = sorted(tonight, key=SeriesKey.label)
+    if not keys:
+        return []
+    prints = np.array([series_fingerprint(k) for k in keys], dtype=np.int64)
+    order = np.argsort(prints, kind="stable")
+    stored = store.series_night_values(n.run_id for n in nights if n.run_id != run.run_id)
+    base_id = run.baseline_run_id or run.run_id
+    columns, full = [], {}
+    for night in nights:
+        if night.run_id == run.run_id:
+            found: SeriesValues | None = _as_values({k: tonight[k] for k in keys})
+            full_night: Samples = tonight
+        else:
+            found = stored.get(night.run_id)
+            full_night = {}
+            if found is None:
+                full_night = _samples_from_rows(store, night)
+                found = _as_values(full_night)
+            elif night.run_id == base_id:
+                full_night = store.series_night(night.run_id)
+        columns.append(_column(found, prints, order))
+        if night.run_id in (run.run_id, base_id):
+            full[len(columns) - 1] = full_night
+    ats = [n.created_at for n in nights]
+    by_time = sorted(range(len(nights)), key=ats.__getitem__)  # stable, as history sorts
+    present = np.stack([columns[i][0] for i in by_time], axis=1)
+    values = np.stack([columns[i][1] for i in by_time], axis=1)
+    ids = [(nights[i].run_id, nights[i].created_at) for i in by_time]
+    series = []
+    for row, key in enumerate(keys):
+        where = np.flatnonzero(present[row])
+        samples = {
+            int(pos): full[by_time[col]][key]
+            for pos, col in enumerate(where)
+            if by_time[col] in full and key in full[by_time[col]]
+        }
+        series.append(
+            (key, NightSamples([ids[c] for c in where], values[row, where], samples))
+        )
+    return batch_histories(series, base_id)
+
+
+def _history_nights(store: ResultsStore, run: NightlyRun) -> list[NightlyRun]:
+    """The nights of ``run``'s history: the suite's finished nights up to it, and it."""
+    return [
         r
         for r in store.nightly_runs(run.suite)
         if r.campaign_id
         and r.created_at <= run.created_at
         and (r.finished_at or r.run_id == run.run_id)
     ][-(HISTORY_NIGHTS + 1) :]
+
+
+def _samples_from_rows(store: ResultsStore, night: NightlyRun) -> Samples:
+    """A night's samples computed from its stored result rows."""
+    if not night.campaign_id:
+        return {}
+    rows = store.results_for_campaign(night.campaign_id)
+    return series_samples(rows, night.run_id, night.created_at)
+
+
+def _as_values(samples: Samples) -> SeriesValues:
+    """Fingerprints (ascending) and values of a night's samples."""
+    prints = np.array([series_fingerprint(k) for k in samples], dtype=np.int64)
+    values = np.array([s.value for s in samples.values()], dtype=float)
+    order = np.argsort(prints, kind="stable")
+    return SeriesValues(prints[order], values[order])
+
+
+def _column(
+    found: SeriesValues, prints: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which of the series ``prints`` a night measured, and their values there."""
+    present = np.zeros(len(prints), dtype=bool)
+    values = np.full(len(prints), np.nan)
+    if len(found.series):
+        wanted = prints[order]
+        at = np.searchsorted(found.series, wanted)
+        at_ok = np.minimum(at, len(found.series) - 1)
+        hit = (at < len(found.series)) & (found.series[at_ok] == wanted)
+        present[order[hit]] = True
+        values[order[hit]] = found.values[at_ok[hit]]
+    return present, values
+
+
+def stored_histories_from_rows(
+    store: ResultsStore, run: NightlyRun, tonight: Samples | None = None
+) -> list[SeriesHistory]:
+    """:func:`stored_histories` recomputed from every night's result rows, one series
+    at a time (how it was done before ``series_nights``; kept as the reference)."""
     series: dict[SeriesKey, list[Sample]] = {}
     measured: set[SeriesKey] = set()
-    for night in nights:
+    for night in _history_nights(store, run):
         if night.run_id == run.run_id and tonight is not None:
             found = tonight
         else:
-            assert night.campaign_id is not None
-            rows = store.results_for_campaign(night.campaign_id)
-            found = series_samples(rows, night.run_id, night.created_at)
+            found = _samples_from_rows(store, night)
         for key, sample in found.items():
             series.setdefault(key, []).append(sample)
         if night.run_id == run.run_id:

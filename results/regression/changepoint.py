@@ -30,8 +30,10 @@ segment, a few milliseconds for 60 nights.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +47,13 @@ PERMUTATIONS = 199
 _BATCH = 50  # permutations per batch (early stop between batches)
 
 
+@functools.lru_cache(maxsize=64)
+def _upper_mask(n: int) -> np.ndarray:
+    mask = np.triu(np.ones((n, n)), k=1)
+    mask.setflags(write=False)
+    return mask
+
+
 def split_statistics(values: np.ndarray, min_segment: int) -> np.ndarray:
     """Energy divergence ``Q(tau)`` for every split of each row of ``values``.
 
@@ -53,8 +62,9 @@ def split_statistics(values: np.ndarray, min_segment: int) -> np.ndarray:
     split whose second segment starts at index ``tau``.
     """
     batch, n = values.shape
-    dist = np.abs(values[:, :, None] - values[:, None, :])
-    upper = np.triu(dist, k=1)
+    upper = np.subtract(values[:, :, None], values[:, None, :])
+    np.abs(upper, out=upper)
+    upper *= _upper_mask(n)  # the upper triangle (k=1), zeros below: np.triu's figures
     col = upper.sum(axis=1)  # col[j] = sum_{i<j} d(i, j)
     row = upper.sum(axis=2)  # row[i] = sum_{j>i} d(i, j)
     zeros = np.zeros((batch, 1))
@@ -100,12 +110,28 @@ def _best_split(
     while done < permutations:
         size = min(_BATCH, permutations - done)
         shuffled = rng.permuted(np.broadcast_to(values, (size, len(values))), axis=1)
-        perm_max = split_statistics(shuffled, min_segment).max(axis=1)
-        exceed += int(np.count_nonzero(perm_max >= observed * (1.0 - 1e-12)))
-        done += size
+        # The batch is drawn whole (the generator's stream stays the same), its rows
+        # scored a few first: most segments are stopped after a handful of them.
+        start = 0
+        for stop in _stages(size):
+            perm_max = split_statistics(shuffled[start:stop], min_segment).max(axis=1)
+            exceed += int(np.count_nonzero(perm_max >= observed * (1.0 - 1e-12)))
+            start = stop
+            if exceed >= allowed:
+                break
+        done += start
         if exceed >= allowed:
             break
     return tau, (1.0 + exceed) / (1.0 + done)
+
+
+def _stages(size: int) -> list[int]:
+    """Row ends of the scoring steps of a drawn batch: 1, 2, 4, 8, ... then ``size``."""
+    ends, end = [], 1
+    while end < size:
+        ends.append(end)
+        end *= 2
+    return [*ends, size]
 
 
 def _segment(
@@ -189,3 +215,127 @@ def detect_change_points(
             )
         )
     return points
+
+
+# ----------------------------------------------------------------- many series at once
+
+_ROUNDS = (1, 2, 4, 8, 16, 32, 64, 128)  # permutation counts after which a test may stop
+_CHUNK_ROWS = 128  # rows per split_statistics call (temporaries stay in cache)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A change point as :func:`detect_many` reports it (``index`` into the series)."""
+
+    index: int
+    p_value: float
+    before: float  # mean of the segment before
+    after: float  # mean of the segment after
+
+
+def _statistics(values: np.ndarray, min_segment: int) -> np.ndarray:
+    """:func:`split_statistics` of many rows, a chunk at a time (each row's figures are
+    the same whatever the rows beside it)."""
+    if len(values) <= _CHUNK_ROWS:
+        return split_statistics(values, min_segment)
+    return np.concatenate(
+        [
+            split_statistics(values[i : i + _CHUNK_ROWS], min_segment)
+            for i in range(0, len(values), _CHUNK_ROWS)
+        ]
+    )
+
+
+def cannot_change(values: np.ndarray, min_segment: int, min_magnitude: float) -> bool:
+    """Whether no change point of ``values`` can pass the magnitude filter, whatever the
+    tests find: all values equal (no split has a positive statistic), or positive values
+    whose segment means (every segment is at least ``min_segment`` long, so its mean lies
+    between the least and greatest mean of windows ``min_segment`` to ``2 min_segment - 1``
+    long) cannot differ by ``min_magnitude`` relative."""
+    if values.min() == values.max():
+        return True
+    if min_magnitude <= 0.0 or values.min() <= 0.0:
+        return False
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    lo, hi = math.inf, -math.inf
+    for width in range(min_segment, min(2 * min_segment, len(values) + 1)):
+        means = (csum[width:] - csum[:-width]) / width
+        lo, hi = min(lo, float(means.min())), max(hi, float(means.max()))
+    return lo > 0.0 and (hi - lo) / lo < min_magnitude * (1.0 - 1e-9)
+
+
+def detect_many(
+    series: Sequence[np.ndarray],
+    seeds: Sequence[int],
+    min_magnitudes: Sequence[float],
+    *,
+    min_segment: int = MIN_SEGMENT,
+    alpha: float = ALPHA,
+    permutations: int = PERMUTATIONS,
+) -> list[list[Found]]:
+    """:func:`detect_change_points` of many series (night values in time order), each
+    with its own seed and magnitude: the same change points and p-values.
+
+    The whole-series test runs for all series of one length together, each drawing its
+    permutations from its own generator in the same order; a series stops as soon as it
+    cannot be significant. Only the few significant series are searched further, one by
+    one. Series where :func:`cannot_change` holds are not tested.
+    """
+    ms = max(min_segment, 1)
+    found: list[list[_Split]] = [[] for _ in series]
+    rngs: dict[int, np.random.Generator] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, v in enumerate(series):
+        if len(v) < 2 * ms or not np.all(np.isfinite(v)) or cannot_change(v, ms, min_magnitudes[i]):
+            continue
+        by_length.setdefault(len(v), []).append(i)
+    allowed = alpha * (permutations + 1) - 1.0
+    for n, members in by_length.items():
+        values = np.stack([np.asarray(series[i], dtype=float) for i in members])
+        q = _statistics(values, ms)
+        taus = np.argmax(q, axis=1)
+        observed = q[np.arange(len(members)), taus]
+        live = [j for j in range(len(members)) if math.isfinite(observed[j]) and observed[j] > 0]
+        exceed = dict.fromkeys(live, 0)
+        gens = {j: np.random.default_rng(seeds[members[j]]) for j in live}
+        done = 0
+        for end in [*(r for r in _ROUNDS if r < permutations), permutations]:
+            if not live:
+                break
+            size = end - done
+            drawn = np.concatenate(
+                [gens[j].permuted(np.broadcast_to(values[j], (size, n)), axis=1) for j in live]
+            )
+            perm_max = _statistics(drawn, ms).max(axis=1).reshape(len(live), size)
+            still = []
+            for row, j in enumerate(live):
+                threshold = observed[j] * (1.0 - 1e-12)
+                exceed[j] += int(np.count_nonzero(perm_max[row] >= threshold))
+                if exceed[j] < allowed:
+                    still.append(j)
+            live, done = still, end
+        for j in live:  # never stopped: significant, with the p-value of all permutations
+            p_value = (1.0 + exceed[j]) / (1.0 + permutations)
+            if p_value >= alpha:
+                continue
+            i, tau = members[j], int(taus[j])
+            found[i].append(_Split(tau, p_value))
+            rngs[i] = gens[j]
+    out: list[list[Found]] = [[] for _ in series]
+    for i, rng in rngs.items():
+        v = np.asarray(series[i], dtype=float)
+        tau = found[i][0].index
+        _segment(v, 0, tau, ms, alpha, permutations, rng, found[i])
+        _segment(v, tau, len(v), ms, alpha, permutations, rng, found[i])
+        kept = _merge_small(v, found[i], min_magnitudes[i])
+        bounds = [0, *(s.index for s in kept), len(v)]
+        out[i] = [
+            Found(
+                s.index,
+                s.p_value,
+                float(v[bounds[k] : bounds[k + 1]].mean()),
+                float(v[bounds[k + 1] : bounds[k + 2]].mean()),
+            )
+            for k, s in enumerate(kept)
+        ]
+    return out

@@ -28,14 +28,16 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 from scipy.stats import t as student  # type: ignore[import-untyped]
 
-from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points
+from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points, detect_many
 from results.regression.metrics import METRICS
 from results.regression.stats import TIMING_ALPHA, compare, compare_timing
 from results.regression.types import (
+    ChangePoint,
     MetricKind,
     Sample,
     SeriesHistory,
@@ -416,3 +418,100 @@ def history(
         change_points=points,
         baseline_band=band,
     )
+
+
+class NightSamples(Sequence[Sample]):
+    """A series' night values as Samples, made when read: ``run_id`` and ``at`` of each
+    night, its value, and the full Sample (trials, outcomes) where one is given. Holds
+    numbers, not objects, so tens of thousands of 60-night histories stay small."""
+
+    def __init__(
+        self,
+        nights: Sequence[tuple[str, float]],
+        values: np.ndarray,
+        full: Mapping[int, Sample] | None = None,
+    ) -> None:
+        """``nights[i]`` is ``(run_id, at)`` of ``values[i]``; ``full[i]`` replaces it."""
+        self._nights = nights
+        self._values = values
+        self._full = dict(full or {})
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]
+        if i in self._full:
+            return self._full[i]
+        run_id, at = self._nights[i]
+        return Sample(run_id=run_id, at=at, value=float(self._values[i]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def values(self) -> np.ndarray:
+        """The night values (read-only view)."""
+        view = self._values.view()
+        view.setflags(write=False)
+        return view
+
+
+def history_magnitude(key: SeriesKey, values: np.ndarray) -> float:
+    """The magnitude filter :func:`history` uses by default for ``key``'s metric."""
+    metric = METRICS[key.metric]
+    if metric.kind is MetricKind.TIMING:
+        return MIN_MAGNITUDE
+    if metric.kind is MetricKind.ACCURACY and len(values):
+        level = abs(float(np.median(values)))
+        return metric.min_effect / level if level else 0.0
+    return 0.0
+
+
+def histories(
+    series: Sequence[tuple[SeriesKey, NightSamples]], baseline_run_id: str | None = None
+) -> list[SeriesHistory]:
+    """:func:`history` of many series at once (nights already in time order): the same
+    change points and baseline bands, the change-point tests batched
+    (:func:`results.regression.changepoint.detect_many`)."""
+    values = [samples.values for _, samples in series]
+    found = detect_many(
+        values,
+        [series_seed(key) for key, _ in series],
+        [history_magnitude(key, v) for (key, _), v in zip(series, values, strict=True)],
+    )
+    out = []
+    for (key, samples), points in zip(series, found, strict=True):
+        metric = METRICS[key.metric]
+        band: tuple[float, float] | None = None
+        for sample in samples._full.values():
+            if sample.run_id == baseline_run_id:
+                trials = sample.trials or (sample.value,)
+                band = (min(trials), max(trials))
+        if band is None and baseline_run_id is not None:
+            at = [i for i, (run_id, _) in enumerate(samples._nights) if run_id == baseline_run_id]
+            if at:
+                value = float(samples._values[at[-1]])
+                band = (value, value)
+        out.append(
+            SeriesHistory(
+                key=key,
+                unit=metric.unit,
+                direction=metric.direction,
+                samples=samples,
+                change_points=[
+                    ChangePoint(key, f.index, samples[f.index].run_id, f.before, f.after, f.p_value)
+                    for f in points
+                ],
+                baseline_band=band,
+            )
+        )
+    return out

@@ -6,6 +6,7 @@ build them from result rows. Nothing here imports scipy, the store or the coordi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -143,6 +144,6 @@ class SeriesHistory:
     key: SeriesKey
     unit: str
     direction: Direction
-    samples: list[Sample] = field(default_factory=list)
+    samples: Sequence[Sample] = field(default_factory=list)
     change_points: list[ChangePoint] = field(default_factory=list)
     baseline_band: tuple[float, float] | None = None  # (low, high) of the baseline night
