@@ -32,6 +32,7 @@ from edgefarm.errors import ArtifactError, ServingFailed, SpecError, TaskError
 from protos.convert import result_from_pb, result_to_pb
 from results.report import build_report, render
 from results.rows import serving_levels
+from results.schema import SCHEMA_VERSION
 from results.store import ResultsStore
 
 WORDS = ["", "Hello", " world", ",", " the", " river", " runs", "."]  # id 0: special
@@ -576,4 +577,4 @@ def test_a_v6_store_gains_the_serving_column(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(results)")}
         version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-    assert "serving" in columns and version == "7"
+    assert "serving" in columns and version == str(SCHEMA_VERSION)
