@@ -295,6 +295,13 @@ def _logs(values: Sequence[float]) -> list[float]:
     return [math.log(v) for v in values if v is not None and math.isfinite(v) and v > 0]
 
 
+def _stdev(values: Sequence[float]) -> float:
+    """Sample standard deviation in plain floats (``statistics.stdev`` is exact but
+    slow: this runs for every result row read)."""
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
 def trial_interval(
     values: Sequence[float], run_noise: float = RUN_NOISE_SD
 ) -> TrialInterval | None:
@@ -304,7 +311,7 @@ def trial_interval(
     n = len(logs)
     if n < 2:
         return None
-    sd = statistics.stdev(logs)
+    sd = _stdev(logs)
     t = t_quantile_975(n - 1)
     within = t * sd * math.sqrt(2.0 / n)
     between = Z_975 * math.sqrt(2.0) * run_noise
