@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         small = Path(tmp) / "small.sqlite"
         t0 = time.perf_counter()
         build(small, args.old_series, args.nights, all_rows=True)
-        print(f"built {args.old_series} rows x {args.nights + 1} nights in {time.perf_counter() - t0:.0f} s")
+        took = time.perf_counter() - t0
+        print(f"built {args.old_series} rows x {args.nights + 1} nights in {took:.0f} s")
         old = _in_child(f"sqlite:///{small}", args.nights, new=False)
         out.append(("old (rows, per series)", args.old_series, old))
         _backfill(small, args.nights)
@@ -294,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         big = Path(tmp) / "big.sqlite"
         t0 = time.perf_counter()
         build(big, args.series, args.nights, all_rows=False)
-        print(f"built {args.series} rows x {args.nights + 1} nights in {time.perf_counter() - t0:.0f} s")
+        took = time.perf_counter() - t0
+        print(f"built {args.series} rows x {args.nights + 1} nights in {took:.0f} s")
         new_big = _in_child(f"sqlite:///{big}", args.nights, new=True)
         out.append(("new (series_nights)", args.series, new_big))
     print()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from coordinator.client import ControlClient
 from coordinator.interleave import BASELINE, CANDIDATE, RunShape
 from coordinator.nightly.sequential import (
@@ -51,9 +52,9 @@ from results.regression.detect import (
     CONFIRM_RUNS,
     NightSamples,
     confirm,
-    histories as batch_histories,
     history,
     judge_night,
+    many_histories,
     regressions,
     to_confirm,
 )
@@ -492,18 +493,23 @@ def stored_histories(
     present = np.stack([columns[i][0] for i in by_time], axis=1)
     values = np.stack([columns[i][1] for i in by_time], axis=1)
     ids = [(nights[i].run_id, nights[i].created_at) for i in by_time]
+    full_cols = [(col, full[i]) for col, i in enumerate(by_time) if i in full]
+    every = present.all(axis=1)
     series = []
     for row, key in enumerate(keys):
-        where = np.flatnonzero(present[row])
-        samples = {
-            int(pos): full[by_time[col]][key]
-            for pos, col in enumerate(where)
-            if by_time[col] in full and key in full[by_time[col]]
+        if every[row]:  # measured every night (the usual case): shared night ids
+            given = {col: night[key] for col, night in full_cols if key in night}
+            series.append((key, NightSamples(ids, values[row], given)))
+            continue
+        where = np.flatnonzero(present[row]).tolist()
+        position = {col: pos for pos, col in enumerate(where)}
+        given = {
+            position[col]: night[key]
+            for col, night in full_cols
+            if col in position and key in night
         }
-        series.append(
-            (key, NightSamples([ids[c] for c in where], values[row, where], samples))
-        )
-    return batch_histories(series, base_id)
+        series.append((key, NightSamples([ids[c] for c in where], values[row, where], given)))
+    return many_histories(series, base_id)
 
 
 def _history_nights(store: ResultsStore, run: NightlyRun) -> list[NightlyRun]:

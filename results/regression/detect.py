@@ -476,7 +476,7 @@ def history_magnitude(key: SeriesKey, values: np.ndarray) -> float:
     return 0.0
 
 
-def histories(
+def many_histories(
     series: Sequence[tuple[SeriesKey, NightSamples]], baseline_run_id: str | None = None
 ) -> list[SeriesHistory]:
     """:func:`history` of many series at once (nights already in time order): the same
