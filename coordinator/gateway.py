@@ -51,6 +51,9 @@ MAX_ABANDON_REASON_BYTES = 1024  # TaskAbandoned.reason (agent.proto)
 REGISTER_BURST = 60  # registrations one peer address may make at once...
 REGISTER_PER_S = 5.0  # ...and per second after that
 _PEERS_TRACKED = 10_000
+INLINE_RESULT_BYTES = 16 * 1024  # results up to this size are checked on the loop
+# Put in a stream's outbox when the agent's side of the stream has ended.
+_STREAM_ENDED = CloseMessage("OK", "the agent's stream ended")
 
 PROTOCOL_LIMITS = agent_pb2.ProtocolLimits(
     max_message_bytes=wire_limits.MAX_MESSAGE_BYTES,
@@ -205,21 +208,18 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         assert session is not None
         outbox = self.scheduler.connect(session)
         reader = asyncio.create_task(self._read(session, messages))
-        getter: asyncio.Task[OutboundMessage] | None = None
+        # The agent's side ended: say so through this stream's own queue (one wait per
+        # message, no task per message).
+        reader.add_done_callback(lambda _: outbox.put_nowait(_STREAM_ENDED))
         try:
             while True:
-                getter = asyncio.create_task(outbox.get())
-                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
+                message = await outbox.get()
+                if message is _STREAM_ENDED:
                     break
-                message = getter.result()
                 if isinstance(message, CloseMessage):
                     await context.abort(grpc.StatusCode[message.code], message.reason)
                 yield to_pb(message)
         finally:
-            if getter is not None:
-                getter.cancel()  # still pending when the call itself was cancelled
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
@@ -276,7 +276,9 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
             result = result_from_pb(pb, session.agent_id, session.device_id)
             return check_samples(result) or result
 
-        checked = await asyncio.to_thread(check_and_convert)
+        # A large result is checked off the loop; a small one costs less than the hop.
+        small = pb.ByteSize() <= INLINE_RESULT_BYTES
+        checked = check_and_convert() if small else await asyncio.to_thread(check_and_convert)
         if isinstance(checked, str):
             log.warning("refused result for %.64s from %s: %s", pb.task_id, session.name, checked)
             self.scheduler.events.result_refused(f"invalid result: {checked}")

@@ -521,6 +521,12 @@ class Scheduler:
             return AckMessage(result.task_id, result.attempt, False, reason)
         lease.storing = storing = asyncio.Event()
         arrived = time.monotonic()
+        # The device is done with this task: its next one goes out now, while the result
+        # is written (the agent takes new work with acknowledgements outstanding). The
+        # lease itself stays until the result is stored: should the write fail, the
+        # agent's re-send (it keeps a result until acknowledged) is accepted under it.
+        self._free_device(lease)
+        self.dispatch([lease.device_id])
         try:
             await self.writer.ingest(self.store, task, result, session.device_name)
         finally:
@@ -537,7 +543,6 @@ class Scheduler:
         log.info("result for %s from %s stored: %s", task.task_id, session.name, outcome)
         self._notify(task, f"{_label(task)} on {session.name}: {outcome}")
         self._check_campaign(task.campaign_id)
-        self.dispatch([lease.device_id])
         return AckMessage(result.task_id, result.attempt, True)
 
     def _lapsed_lease_of(self, session: AgentSession, result: MeasurementResult) -> Lease | None:
@@ -672,6 +677,10 @@ class Scheduler:
     def _release(self, lease: Lease) -> None:
         self.leases.pop(lease.task_id, None)
         self.progress.pop(lease.task_id, None)
+        self._free_device(lease)
+
+    def _free_device(self, lease: Lease) -> None:
+        """The lease no longer keeps its device and agent busy (it may still be held)."""
         if self.busy_devices.get(lease.device_id) == lease.task_id:
             del self.busy_devices[lease.device_id]
         holder = self.sessions.get(lease.agent_id)

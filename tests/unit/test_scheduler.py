@@ -23,6 +23,7 @@ from edgefarm.domain import (
     MeasurementResult,
     TaskStatus,
 )
+from edgefarm.errors import StoreError
 from edgefarm.wire_limits import SILENT_AFTER_HEARTBEATS
 from results.records import CampaignRecord, TaskRecord
 from results.store import ResultsStore
@@ -430,3 +431,56 @@ def test_an_agent_heard_from_again_gets_the_work_that_waited(setup) -> None:  # 
     sched.heartbeat(a, "", "")  # back, on the same stream: no other event needed
     (msg,) = drain(qa)
     assert msg.assignment.task_id == "t1"
+
+
+class HeldWriter(StoreWriter):
+    """A foreground writer whose result writes wait for ``release`` (and fail while
+    ``fail`` is set): a slow or broken store seen from the scheduler."""
+
+    def __init__(self) -> None:
+        super().__init__(background=False)
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def ingest(self, store, task, result, device_name):  # type: ignore[no-untyped-def]
+        await self.release.wait()
+        if self.fail:
+            raise StoreError("disk full")
+        return await super().ingest(store, task, result, device_name)
+
+
+def test_the_next_task_goes_out_while_the_result_is_written(tmp_path: Path) -> None:
+    """A result frees its device at once: the next assignment reaches the agent before
+    the write ends. A write that fails keeps the old lease, and the agent's re-send of
+    that result is accepted under it and stored."""
+    store = ResultsStore.open(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    writer = HeldWriter()
+    sched = Scheduler(store, lease_duration_s=10, writer=writer)
+
+    async def scenario() -> None:
+        a = sched.register("a", "dev-a", {}, caps("dev-a"))
+        qa = sched.connect(a)
+        start(sched, store, [task(1), task(2), task(3)])
+        (first,) = drain(qa)
+        writing = asyncio.ensure_future(sched.accept_result(a, result_for(first, a.agent_id)))
+        await asyncio.sleep(0)
+        (second,) = drain(qa)  # out before the first result is stored
+        assert second.assignment.task_id == "t2" and not writing.done()
+        assert store.get_task("t1").status == TaskStatus.ASSIGNED
+        writer.release.set()
+        assert (await writing).accepted
+        assert store.get_task("t1").status == TaskStatus.DONE
+
+        writer.fail = True  # the second result's write fails: not acknowledged
+        with pytest.raises(StoreError):
+            await sched.accept_result(a, result_for(second, a.agent_id))
+        (third,) = drain(qa)
+        assert third.assignment.task_id == "t3"
+        writer.fail = False
+        again = await sched.accept_result(a, result_for(second, a.agent_id))
+        assert again.accepted and not again.duplicate
+        assert store.get_task("t2").status == TaskStatus.DONE
+        assert (await sched.accept_result(a, result_for(third, a.agent_id))).accepted
+
+    asyncio.run(scenario())
+    assert store.get_campaign("c1").status == CampaignStatus.DONE
