@@ -7,7 +7,10 @@ tables are in :mod:`results.schema`, record <-> row conversion in :mod:`results.
 Result rows (:meth:`ResultsStore.get_result`, :meth:`ResultsStore.query_results`) are
 plain dicts keyed by the columns of :data:`results.schema.results`, JSON columns decoded,
 ``ok`` / ``valid`` as bools and NaN measurements as ``None`` (as are
-``measure_started_at`` / ``measure_ended_at`` when the agent did not report them).
+``measure_started_at`` / ``measure_ended_at`` when the agent did not report them). The
+raw samples live in ``result_samples``: a row carries ``samples_ms`` only when read
+with ``samples=True``. Reads of many rows are streamed in keyset pages
+(:meth:`ResultsStore.iter_results`, :meth:`ResultsStore.iter_campaign_results`).
 
 Errors: every database failure leaves the store as :class:`~edgefarm.errors.StoreError`
 with a one-line message; a store written by a newer edgefarm raises
@@ -24,14 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -47,6 +52,7 @@ from results.records import (
     NightlyRun,
     TaskRecord,
 )
+from results.regression.types import Sample, SeriesKey
 from results.schema import (
     agent_credentials,
     artifacts,
@@ -57,6 +63,7 @@ from results.schema import (
     nightly_runs,
     result_samples,
     results,
+    series_nights,
     tasks,
 )
 
@@ -79,6 +86,34 @@ _TASK_RESULT = (
         updated_at=sa.bindparam("updated_at"),
     )
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesValues:
+    """One stored night's series values: fingerprints ascending, values alike."""
+
+    series: np.ndarray  # int64 (results.rows.series_fingerprint)
+    values: np.ndarray  # float64
+
+
+def _series_values(run_id: str, found: Sequence[Any]) -> SeriesValues:
+    """Numpy arrays of a night's (fingerprint, value) pairs; a pair that is not an
+    integer and a finite number (a damaged row) is left out with a warning."""
+    try:
+        pairs = np.array(found, dtype=[("series", "<i8"), ("value", "<f8")])
+        if np.all(np.isfinite(pairs["value"])):
+            return SeriesValues(pairs["series"], pairs["value"])
+    except (TypeError, ValueError, OverflowError):
+        pass
+    kept = [
+        (p, float(v))
+        for p, v in found
+        if isinstance(p, int) and isinstance(v, int | float) and math.isfinite(v)
+    ]
+    logger.warning("skipping %d damaged series_nights row(s) of %s", len(found) - len(kept), run_id)
+    return SeriesValues(
+        np.array([p for p, _ in kept], dtype=np.int64), np.array([v for _, v in kept], dtype=float)
+    )
 
 
 class _Conflict(StoreError):
@@ -937,3 +972,52 @@ class ResultsStore:
         with self._tx() as conn:
             found = [rows.row_to_nightly(r) for r in conn.execute(stmt).mappings()]
         return found[::-1]
+
+    # ------------------------------------------------------------------ series nights
+
+    def put_series_night(self, run_id: str, suite: str, samples: Mapping[SeriesKey, Sample]) -> int:
+        """Store a night's per-series summaries (``series_nights``), replacing any stored
+        for ``run_id`` (idempotent when a night is judged again). Returns the row count."""
+        values = rows.series_night_rows(suite, samples)
+        if any(v["run_id"] != run_id for v in values):
+            raise ValueError(f"samples of another run given for nightly run {run_id}")
+        with self._tx(write=True) as conn:
+            conn.execute(series_nights.delete().where(series_nights.c.run_id == run_id))
+            if values:
+                conn.execute(series_nights.insert(), values)
+        return len(values)
+
+    def series_night_values(self, run_ids: Iterable[str]) -> dict[str, SeriesValues]:
+        """Per stored run: its series fingerprints (ascending) and night values, as numpy
+        arrays (:func:`results.rows.series_fingerprint`). Runs with no summaries stored
+        are left out. Reads the history index only, a night at a time."""
+        out: dict[str, SeriesValues] = {}
+        stmt = (
+            sa.select(series_nights.c.series, series_nights.c.value)
+            .where(series_nights.c.run_id == sa.bindparam("run_id"))
+            .order_by(series_nights.c.series)
+        )
+        with self._tx() as conn:
+            for run_id in dict.fromkeys(run_ids):
+                result = conn.execute(stmt, {"run_id": run_id})
+                # Plain numbers: the driver's tuples, without a Row object each.
+                found = result.cursor.fetchall() if result.cursor is not None else []
+                result.close()
+                if found:
+                    out[run_id] = _series_values(run_id, found)
+        return out
+
+    def series_night(self, run_id: str) -> dict[SeriesKey, Sample]:
+        """A stored night's full per-series samples (trials, outcomes, method) from
+        ``series_nights``; a row that is not a valid summary is skipped with a warning."""
+        stmt = sa.select(series_nights).where(series_nights.c.run_id == run_id)
+        out: dict[SeriesKey, Sample] = {}
+        with self._tx() as conn:
+            for r in conn.execute(stmt).mappings():
+                try:
+                    key, sample = rows.series_night_from_row(r)
+                except (ValueError, KeyError, TypeError) as e:
+                    logger.warning("skipping a series_nights row: %s", e)
+                    continue
+                out[key] = sample
+        return out
