@@ -273,6 +273,32 @@ nightly_runs = sa.Table(
     sa.Column("summary", JSONText, nullable=False),
 )
 
+# One row per nightly run and series (model x backend x scheme x device x metric): the
+# night's Sample of the series (results.regression.types.Sample), appended when the night
+# is judged, so a suite's history is read from here instead of every night's result rows.
+# ``series`` is a 64-bit fingerprint of the series key (results.rows.series_fingerprint):
+# the history query reads numbers only. ``trials`` are float64 little-endian bytes,
+# ``outcomes`` a string of 0/1 (eval-set order).
+series_nights = sa.Table(
+    "series_nights",
+    metadata,
+    sa.Column("run_id", _id(), primary_key=True),
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("backend", sa.String(64), primary_key=True),
+    sa.Column("scheme", sa.String(64), primary_key=True),
+    sa.Column("device_id", sa.String(256), primary_key=True),
+    sa.Column("metric", sa.String(64), primary_key=True),
+    sa.Column("suite", sa.String(256), nullable=False),
+    sa.Column("series", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("trials", sa.LargeBinary, nullable=False),
+    sa.Column("outcomes", sa.Text, nullable=False),
+    sa.Column("method", sa.String(256), nullable=False),
+    # A suite's history (its last nights, by run id) from the index alone: numbers only.
+    sa.Index("ix_series_nights_history", "run_id", "series", "value"),
+)
+
 devices_seen = sa.Table(
     "devices_seen",
     metadata,
@@ -431,6 +457,43 @@ def sample_rows(
     return out
 
 
+def _v9_series_nights(conn: Connection) -> None:
+    """v8 -> v9: per-night series summaries (``series_nights``), backfilled from the
+    finished nightly runs' result rows one night at a time (memory stays at one night)."""
+    # Lazy imports: the regression code sits above the schema.
+    from results.regression.collect import series_samples
+    from results.rows import decode_result_row, series_night_rows
+
+    series_nights.create(conn, checkfirst=True)
+    nights = conn.execute(
+        sa.select(
+            nightly_runs.c.run_id,
+            nightly_runs.c.suite,
+            nightly_runs.c.campaign_id,
+            nightly_runs.c.created_at,
+        )
+        .where(nightly_runs.c.campaign_id.is_not(None), nightly_runs.c.finished_at.is_not(None))
+        .order_by(nightly_runs.c.created_at, nightly_runs.c.run_id)
+    ).all()
+    for run_id, suite, campaign_id, created_at in nights:
+        done = conn.execute(
+            sa.select(series_nights.c.run_id).where(series_nights.c.run_id == run_id).limit(1)
+        ).first()
+        if done is not None:
+            continue
+        stmt = (
+            sa.select(results)
+            .join_from(tasks, results, tasks.c.result_id == results.c.result_id)
+            .where(tasks.c.campaign_id == campaign_id)
+            .order_by(tasks.c.created_at, tasks.c.seq)
+        )
+        rows = [decode_result_row(r) for r in conn.execute(stmt).mappings()]
+        found = series_samples(rows, run_id, created_at)
+        del rows
+        if found:
+            conn.execute(series_nights.insert(), series_night_rows(suite, found))
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
@@ -440,6 +503,7 @@ MIGRATIONS: list[Migration] = [
     _v6_attempts,
     _v7_serving,
     _v8_result_samples,
+    _v9_series_nights,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
