@@ -142,8 +142,9 @@ class ControlClient:
         backend: str = "",
         device: str = "",
         limit: int = 0,
+        samples: bool = False,
     ) -> list[dict[str, Any]]:
-        """Stored result rows."""
+        """Stored result rows; ``samples``: with their raw samples (``samples_ms``)."""
         try:
             reply = self.stub.QueryResults(
                 control_pb2.QueryResultsRequest(
@@ -153,6 +154,7 @@ class ControlClient:
                     backend=backend,
                     device=device,
                     limit=limit,
+                    include_samples=samples,
                 ),
                 timeout=self.timeout_s,
             )

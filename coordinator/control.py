@@ -399,17 +399,17 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 )
 
         def rows_json() -> list[str]:
+            samples = request.include_samples
             if request.campaign_id:
-                rows = self.store.results_for_campaign(request.campaign_id)
+                rows = self.store.iter_campaign_results(request.campaign_id, samples=samples)
             else:
-                rows = self.store.query_results(
+                rows = self.store.iter_results(
                     model=request.model or None,
                     backend=request.backend or None,
                     device=request.device or None,
                     limit=request.limit or None,
+                    samples=samples,
                 )
-            if not request.include_samples:
-                rows = [{k: v for k, v in r.items() if k != "samples_ms"} for r in rows]
             return [json.dumps(r) for r in rows]
 
         return control_pb2.QueryResultsResponse(rows_json=await asyncio.to_thread(rows_json))

@@ -153,7 +153,7 @@ def test_minimal_agent_completes_a_campaign(tmp_path: Path) -> None:
         assert impostor.returncode == 6, impostor.stderr
 
         with open_store(farm) as store:
-            (row,) = store.results_for_campaign(reply.campaign_id)
+            (row,) = store.results_for_campaign(reply.campaign_id, samples=True)
         assert row["agent_id"] == report["agent_id"]
         assert row["ok"] and row["valid"], row
         assert row["trials"] == TRIALS

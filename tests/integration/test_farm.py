@@ -29,7 +29,7 @@ def test_campaign_runs_on_two_agents_and_is_reused(make_farm: MakeFarm, tmp_path
     spec = write_spec(tmp_path / "e2e.yaml", "e2e", ["fp32", "int8-dynamic", "int8-static"])
     campaign_id = run_campaign(farm.address, farm.token, spec)
     with open_store(farm) as store:
-        rows = store.results_for_campaign(campaign_id)
+        rows = store.results_for_campaign(campaign_id, samples=True)
         assert {r["scheme"] for r in rows} == {"fp32", "int8-dynamic", "int8-static"}
         for row in rows:
             assert row["ok"] and row["valid"], row
@@ -45,6 +45,14 @@ def test_campaign_runs_on_two_agents_and_is_reused(make_farm: MakeFarm, tmp_path
     listed = cli("results", "list", "--json", "--campaign", campaign_id, "--store", farm.store_url)
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 3
+    # ...and so does the coordinator: samples only when asked.
+    with farm.client() as client:
+        slim = {r["result_id"]: r for r in client.results(campaign_id=campaign_id)}
+        full = {r["result_id"]: r for r in client.results(campaign_id=campaign_id, samples=True)}
+    assert all("samples_ms" not in r for r in slim.values())
+    assert {i: r["samples_ms"] for i, r in full.items()} == {
+        r["result_id"]: r["samples_ms"] for r in rows
+    }
     # A second run redoes neither conversion nor measurement.
     again = run_campaign(farm.address, farm.token, spec)
     with open_store(farm) as store:
