@@ -485,6 +485,7 @@ def stored_histories(
                 found = _as_values(full_night)
             elif night.run_id == base_id:
                 full_night = store.series_night(night.run_id)
+        assert found is not None
         columns.append(_column(found, prints, order))
         if night.run_id in (run.run_id, base_id):
             full[len(columns) - 1] = full_night
@@ -494,7 +495,7 @@ def stored_histories(
     values = np.stack([columns[i][1] for i in by_time], axis=1)
     ids = [(nights[i].run_id, nights[i].created_at) for i in by_time]
     full_cols = [(col, full[i]) for col, i in enumerate(by_time) if i in full]
-    every = present.all(axis=1)
+    every = [bool(x) for x in present.all(axis=1)]
     series = []
     for row, key in enumerate(keys):
         if every[row]:  # measured every night (the usual case): shared night ids
