@@ -495,7 +495,7 @@ def stored_histories(
     values = np.stack([columns[i][1] for i in by_time], axis=1)
     ids = [(nights[i].run_id, nights[i].created_at) for i in by_time]
     full_cols = [(col, full[i]) for col, i in enumerate(by_time) if i in full]
-    every = [bool(x) for x in present.all(axis=1)]
+    every = [bool(x) for x in np.all(present, axis=1).tolist()]
     series = []
     for row, key in enumerate(keys):
         if every[row]:  # measured every night (the usual case): shared night ids
