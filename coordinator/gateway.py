@@ -52,6 +52,7 @@ REGISTER_BURST = 60  # registrations one peer address may make at once...
 REGISTER_PER_S = 5.0  # ...and per second after that
 _PEERS_TRACKED = 10_000
 INLINE_RESULT_BYTES = 16 * 1024  # results up to this size are checked on the loop
+RESULTS_IN_FLIGHT = 4  # results of one stream being stored at once (then backpressure)
 # Put in a stream's outbox when the agent's side of the stream has ended.
 _STREAM_ENDED = CloseMessage("OK", "the agent's stream ended")
 
@@ -133,6 +134,7 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         self.artifacts = artifacts
         self.token = token
         self.register_limiter = register_limiter or RateLimiter(REGISTER_BURST, REGISTER_PER_S)
+        self._deliveries: set[asyncio.Task[None]] = set()  # results being stored
 
     async def Register(
         self, request: agent_pb2.RegisterRequest, context: grpc.aio.ServicerContext
@@ -229,12 +231,31 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
         self, session: AgentSession, messages: AsyncIterator[agent_pb2.AgentMessage]
     ) -> None:
         """Handle what the agent sends; a bad message is answered and logged, and the
-        stream goes on."""
+        stream goes on. Results are stored concurrently (up to
+        :data:`RESULTS_IN_FLIGHT` per stream), so that one result's write never holds up
+        the agent's next result or heartbeat; each runs to its end even if the stream
+        ends meanwhile."""
+        in_flight: set[asyncio.Task[None]] = set()
         async for message in messages:
             try:
-                await self._handle(session, message)
+                if message.WhichOneof("body") != "result":
+                    await self._handle(session, message)
+                    continue
+                while len(in_flight) >= RESULTS_IN_FLIGHT:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                delivery = asyncio.create_task(self._deliver(session, message.result))
+                for held in (in_flight, self._deliveries):
+                    held.add(delivery)
+                    delivery.add_done_callback(held.discard)
             except Exception:  # a bug must not end the agent's stream
                 log.exception("handling a message from %s failed", session.name)
+
+    async def _deliver(self, session: AgentSession, pb: common_pb2.TaskResult) -> None:
+        """Store one result and answer it on the session's stream."""
+        try:
+            session.outbox.put_nowait(await self._result(session, pb))
+        except Exception:
+            log.exception("storing a result from %s failed", session.name)
 
     async def _handle(self, session: AgentSession, message: agent_pb2.AgentMessage) -> None:
         kind = message.WhichOneof("body")
@@ -250,8 +271,6 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
                 log.warning("ignored progress from %s: %s", session.name, problem)
                 return
             self.scheduler.report_progress(session, p.task_id, p.trial, p.trials)
-        elif kind == "result":
-            session.outbox.put_nowait(await self._result(session, message.result))
         elif kind == "abandoned":
             gave_up = message.abandoned
             problem = check_ids(gave_up.task_id, gave_up.lease_id)
