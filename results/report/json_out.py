@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
@@ -22,8 +23,8 @@ def plain(value: Any) -> Any:
         return value.value
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [plain(v) for v in value]  # lists, tuples, lazy ones (a history's nights)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
