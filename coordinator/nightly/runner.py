@@ -309,14 +309,26 @@ class NightlyRunner:
         and software identities), tonight's and the baseline's identities."""
         options = self._task_options([*base_rows, *rows])
         tonight_rows = [r for r in rows if r.get("role", CANDIDATE) == CANDIDATE]
+        replayed = frozenset(row_series(r) for r in rows if r.get("role") == BASELINE)
+        # Stored nights serve only the series without a replay tonight, and their
+        # controls (same device): read just those devices' rows, of the nights kept.
+        devices = {k.device_id for k in candidate if series_label(k) not in replayed}
+        kept = [
+            night
+            for night in self.store.nightly_runs(run.suite)
+            if night.run_id != run.run_id
+            and night.campaign_id
+            and night.finished_at
+            and night.created_at <= run.created_at
+        ][-HISTORY_NIGHTS:]
         nights = []
-        for night in self.store.nightly_runs(run.suite):
-            if night.run_id == run.run_id or not night.campaign_id or not night.finished_at:
-                continue
-            if night.created_at > run.created_at:
-                continue
-            stored = self.store.results_for_campaign(night.campaign_id)
-            stored = [r for r in stored if r.get("role", CANDIDATE) == CANDIDATE]
+        for night in kept if devices else []:
+            assert night.campaign_id is not None
+            stored = [
+                r
+                for r in self.store.iter_campaign_results(night.campaign_id)
+                if r.get("role", CANDIDATE) == CANDIDATE and r["device_id"] in devices
+            ]
             nights.append(
                 NightSeries(
                     night.run_id,
@@ -325,12 +337,12 @@ class NightlyRunner:
                 )
             )
         return SequentialContext(
-            nights=nights[-HISTORY_NIGHTS:],
+            nights=nights,
             candidate=candidate,
             base_samples=base_samples,
             tonight_ids=software_identities(tonight_rows, options),
             builds=software_identities(base_rows, options),
-            replayed=frozenset(row_series(r) for r in rows if r.get("role") == BASELINE),
+            replayed=replayed,
         )
 
     def _confirm(
