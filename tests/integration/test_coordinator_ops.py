@@ -228,6 +228,7 @@ def test_health_metrics_and_a_clean_sigterm_with_an_agent_and_watchers(
     assert samples["edgefarm_lease_expiries_total"] == 0
     assert "edgefarm_result_ingestion_seconds_count" in samples
     wait_until(lambda: bool(watcher.snapshots), 10, "the campaign watcher's first snapshot")
+    wait_until(lambda: bool(health_watch.statuses), 10, "the health watch's first status")
     assert health_watch.statuses[:1] == [serving]
 
     coordinator = farm.coordinator_proc
