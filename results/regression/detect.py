@@ -397,13 +397,7 @@ def history(
     metric = METRICS[key.metric]
     ordered = sorted(samples, key=lambda s: s.at)
     if min_magnitude is None:
-        if metric.kind is MetricKind.TIMING:
-            min_magnitude = MIN_MAGNITUDE
-        elif metric.kind is MetricKind.ACCURACY and ordered:
-            level = abs(float(np.median([s.value for s in ordered])))
-            min_magnitude = metric.min_effect / level if level else 0.0
-        else:
-            min_magnitude = 0.0
+        min_magnitude = history_magnitude(key, np.array([s.value for s in ordered]))
     band: tuple[float, float] | None = None
     for sample in ordered:
         if sample.run_id == baseline_run_id:
@@ -464,6 +458,21 @@ class NightSamples(Sequence[Sample]):
         view.setflags(write=False)
         return view
 
+    def band(self, run_id: str | None) -> tuple[float, float] | None:
+        """The range of night ``run_id``'s trial values (its value when only that is
+        held; the last such night when it repeats); None when it is not in the series."""
+        if run_id is None:
+            return None
+        for sample in self._full.values():
+            if sample.run_id == run_id:
+                trials = sample.trials or (sample.value,)
+                return (min(trials), max(trials))
+        at = [i for i, (night, _) in enumerate(self._nights) if night == run_id]
+        if not at:
+            return None
+        value = float(self._values[at[-1]])
+        return (value, value)
+
 
 def history_magnitude(key: SeriesKey, values: np.ndarray) -> float:
     """The magnitude filter :func:`history` uses by default for ``key``'s metric."""
@@ -491,16 +500,7 @@ def many_histories(
     out = []
     for (key, samples), points in zip(series, found, strict=True):
         metric = METRICS[key.metric]
-        band: tuple[float, float] | None = None
-        for sample in samples._full.values():
-            if sample.run_id == baseline_run_id:
-                trials = sample.trials or (sample.value,)
-                band = (min(trials), max(trials))
-        if band is None and baseline_run_id is not None:
-            at = [i for i, (run_id, _) in enumerate(samples._nights) if run_id == baseline_run_id]
-            if at:
-                value = float(samples._values[at[-1]])
-                band = (value, value)
+        band = samples.band(baseline_run_id)
         out.append(
             SeriesHistory(
                 key=key,
