@@ -131,20 +131,22 @@ def _kind(value: Any) -> str:
     return "str"
 
 
-def _batches(source: RowSource, columns: _Columns | None) -> Iterator[list[dict[str, Any]]]:
+def _flat_rows(source: RowSource) -> Iterator[dict[str, Any]]:
     rows = source() if callable(source) else source
-    batch: list[dict[str, Any]] = []
     for row in rows:
-        flat = _flat_row(row, ENV_KEYS)
-        if columns is None:
-            batch.append(flat)
-        else:
-            columns.add(flat)
-        if len(batch) >= BATCH_ROWS:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        yield _flat_row(row, ENV_KEYS)
+
+
+def _pieces(source: RowSource) -> Iterator[list[dict[str, Any]]]:
+    """The flat rows of ``source``, :data:`BATCH_ROWS` at a time."""
+    piece: list[dict[str, Any]] = []
+    for flat in _flat_rows(source):
+        piece.append(flat)
+        if len(piece) >= BATCH_ROWS:
+            yield piece
+            piece = []
+    if piece:
+        yield piece
 
 
 def export(
@@ -167,8 +169,8 @@ def export(
     if out is None and stream is None:
         raise UsageError("export needs an output file or stream")
     columns = _Columns()
-    for _ in _batches(source, columns):
-        pass
+    for flat in _flat_rows(source):
+        columns.add(flat)
     try:
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +193,7 @@ def _write_parquet(source: RowSource, columns: _Columns, out: Path) -> int:
     schema = columns.arrow_schema()
     written = 0
     with pq.ParquetWriter(out, schema) as writer:
-        for batch in _batches(source, None):
+        for batch in _pieces(source):
             records = [columns.cast(flat) for flat in batch]
             writer.write_table(pa.Table.from_pylist(records, schema=schema))
             written += len(records)
@@ -208,7 +210,7 @@ def _write_text(source: RowSource, columns: _Columns, fmt: str, f: TextIO) -> in
     written = 0
     if fmt == "json":
         f.write("[")
-    for batch in _batches(source, None):
+    for batch in _pieces(source):
         records = [columns.cast(flat) for flat in batch]
         if fmt == "csv":
             df = pd.DataFrame.from_records(records, columns=names)
