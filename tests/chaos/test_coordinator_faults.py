@@ -17,6 +17,7 @@ import pytest
 
 from edgefarm.domain import CampaignStatus, TaskStatus
 from edgefarm.errors import EdgefarmError
+from results.records import TaskRecord
 from tests.chaos.harness import (
     ChaosFarm,
     StoreProbe,
@@ -38,20 +39,30 @@ def names_by_id(probe: StoreProbe) -> dict[str, str]:
 
 
 def kill_while_measuring(
-    farm: ChaosFarm, probe: StoreProbe, campaign_id: str, done_before: int
+    farm: ChaosFarm,
+    probe: StoreProbe,
+    campaign_id: str,
+    done_before: int,
+    not_these: frozenset[str] = frozenset(),
 ) -> tuple[str, str]:
-    """Wait until ``done_before`` tasks are done and another is being measured, then
-    SIGKILL the coordinator; returns ``(task id, agent name)`` of the task in flight."""
-    wait_until(
-        lambda: (
-            probe.store.campaign_counts(campaign_id).get(TaskStatus.DONE, 0) >= done_before
-            and probe.assigned(campaign_id) is not None
-        ),
-        90,
-        f"{done_before} task(s) done and one more in flight",
-    )
-    task = probe.assigned(campaign_id)
-    assert task is not None and task.agent_id is not None
+    """Wait until ``done_before`` tasks are done and another (not one of ``not_these``)
+    is being measured, then SIGKILL the coordinator; returns ``(task id, agent name)``
+    of the task in flight."""
+    found: list[TaskRecord] = []
+
+    def in_flight() -> bool:
+        if probe.store.campaign_counts(campaign_id).get(TaskStatus.DONE, 0) < done_before:
+            return False
+        found[:] = [
+            t
+            for t in probe.tasks(campaign_id)
+            if t.status == TaskStatus.ASSIGNED and t.task_id not in not_these
+        ]
+        return bool(found)
+
+    wait_until(in_flight, 90, f"{done_before} task(s) done and one more in flight")
+    task = found[0]
+    assert task.agent_id is not None
     holder = names_by_id(probe)[task.agent_id]
     probe.wait_measuring(holder, task)
     farm.kill_coordinator()
@@ -82,14 +93,17 @@ def test_coordinator_killed_while_measuring_resumes(
 
 @pytest.mark.timeout(300)
 def test_coordinator_crash_loop(farm: ChaosFarm, probe: StoreProbe, tmp_path: Path) -> None:
-    # Enough tasks that one is still in flight at the third crash, however many the
-    # agents finish while the coordinator restarts and the slower one reconnects.
+    # Each restart is killed again as soon as its first new task is being measured,
+    # without waiting for the slower agent to reconnect (its backoff may reach 30 s,
+    # long enough for the other one to run the whole campaign meanwhile); a result
+    # held across several outages is delivered whenever its agent is back.
     spec = noop_spec(tmp_path, "crash-loop", tasks=8, task_s=2.0)
     campaign_id = farm.submit(spec)
     delivered: list[tuple[str, str]] = []
     for crash in range(3):
-        delivered.append(kill_while_measuring(farm, probe, campaign_id, done_before=crash))
-        farm.restart_coordinator()  # and every agent registered with it again
+        held = frozenset(task_id for task_id, _ in delivered)
+        delivered.append(kill_while_measuring(farm, probe, campaign_id, crash, held))
+        farm.start_coordinator()
     probe.wait_finished(campaign_id, 120)
     outcome = check_invariants(farm, probe, campaign_id)
     for task_id, holder in delivered:  # finished during an outage, delivered after it
