@@ -19,6 +19,8 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from edgefarm.domain import (
     SERVING_LATENCIES,
     CampaignStatus,
@@ -453,6 +455,57 @@ def series_night_rows(suite: str, samples: Mapping[SeriesKey, Sample]) -> list[d
             }
         )
     return out
+
+
+def series_value_arrays(pairs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fingerprint and value arrays of ``series_nights`` (series, value) pairs, and how
+    many pairs were left out for not being an integer and a finite number."""
+    try:
+        found = np.array(pairs, dtype=[("series", "<i8"), ("value", "<f8")])
+        if found.shape == (len(pairs),) and np.all(np.isfinite(found["value"])):
+            return found["series"], found["value"], 0
+    except (TypeError, ValueError, OverflowError):
+        pass
+    kept = [
+        (p, float(v))
+        for p, v in pairs
+        if isinstance(p, int) and isinstance(v, int | float) and math.isfinite(v)
+    ]
+    series = np.array([p for p, _ in kept], dtype=np.int64)
+    values = np.array([v for _, v in kept], dtype=np.float64)
+    return series, values, len(pairs) - len(kept)
+
+
+def series_night_pack(run_id: str, series: np.ndarray, values: np.ndarray) -> dict[str, Any]:
+    """The ``series_night_packs`` row of a night: its fingerprints (ascending) and
+    values as little-endian int64 / float64 bytes."""
+    order = np.argsort(series, kind="stable")
+    return {
+        "run_id": run_id,
+        "series_count": len(series),
+        "series": series[order].astype("<i8").tobytes(),
+        "night_values": values[order].astype("<f8").tobytes(),
+    }
+
+
+def series_night_unpack(row: RowLike) -> tuple[np.ndarray, np.ndarray]:
+    """Fingerprints and values of a ``series_night_packs`` row; ValueError (one line)
+    for a pack whose sizes disagree, whose fingerprints are not ascending or whose
+    values are not all finite."""
+    count, series, values = row["series_count"], row["series"], row["night_values"]
+    if (
+        not isinstance(count, int)
+        or not isinstance(series, bytes)
+        or not isinstance(values, bytes)
+        or len(series) != 8 * count
+        or len(values) != 8 * count
+    ):
+        raise ValueError(f"series_night_packs {row['run_id']}: sizes do not match its count")
+    prints = np.frombuffer(series, dtype="<i8").astype(np.int64)
+    numbers = np.frombuffer(values, dtype="<f8").astype(np.float64)
+    if np.any(prints[1:] < prints[:-1]) or not np.all(np.isfinite(numbers)):
+        raise ValueError(f"series_night_packs {row['run_id']}: unordered or non-finite")
+    return prints, numbers
 
 
 def series_night_from_row(row: RowLike) -> tuple[SeriesKey, Sample]:

@@ -299,6 +299,18 @@ series_nights = sa.Table(
     sa.Index("ix_series_nights_history", "run_id", "series", "value"),
 )
 
+# One row per night in ``series_nights``: the same fingerprints (ascending) and values
+# packed as little-endian int64 / float64 bytes, so a 60-night history of tens of
+# thousands of series is 60 reads, not millions of rows.
+series_night_packs = sa.Table(
+    "series_night_packs",
+    metadata,
+    sa.Column("run_id", _id(), primary_key=True),
+    sa.Column("series_count", sa.Integer, nullable=False),
+    sa.Column("series", sa.LargeBinary, nullable=False),
+    sa.Column("night_values", sa.LargeBinary, nullable=False),
+)
+
 devices_seen = sa.Table(
     "devices_seen",
     metadata,
@@ -494,6 +506,25 @@ def _v9_series_nights(conn: Connection) -> None:
             conn.execute(series_nights.insert(), series_night_rows(suite, found))
 
 
+def _v10_series_night_packs(conn: Connection) -> None:
+    """v9 -> v10: ``series_night_packs``, packed from ``series_nights`` a night at a
+    time (damaged summary rows are left out, as reading them does)."""
+    from results.rows import series_night_pack, series_value_arrays
+
+    series_night_packs.create(conn, checkfirst=True)
+    packed = set(conn.execute(sa.select(series_night_packs.c.run_id)).scalars())
+    for run_id in conn.execute(sa.select(series_nights.c.run_id).distinct()).scalars().all():
+        if run_id in packed:
+            continue
+        found = conn.execute(
+            sa.select(series_nights.c.series, series_nights.c.value)
+            .where(series_nights.c.run_id == run_id)
+            .order_by(series_nights.c.series)
+        ).all()
+        series, values, _ = series_value_arrays([tuple(r) for r in found])
+        conn.execute(series_night_packs.insert(), series_night_pack(run_id, series, values))
+
+
 MIGRATIONS: list[Migration] = [
     _v1_create_tables,
     _v2_add_metrics,
@@ -504,6 +535,7 @@ MIGRATIONS: list[Migration] = [
     _v7_serving,
     _v8_result_samples,
     _v9_series_nights,
+    _v10_series_night_packs,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

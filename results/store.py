@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -63,6 +62,7 @@ from results.schema import (
     nightly_runs,
     result_samples,
     results,
+    series_night_packs,
     series_nights,
     tasks,
 )
@@ -97,23 +97,12 @@ class SeriesValues:
 
 
 def _series_values(run_id: str, found: Sequence[Any]) -> SeriesValues:
-    """Numpy arrays of a night's (fingerprint, value) pairs; a pair that is not an
-    integer and a finite number (a damaged row) is left out with a warning."""
-    try:
-        pairs = np.array(found, dtype=[("series", "<i8"), ("value", "<f8")])
-        if np.all(np.isfinite(pairs["value"])):
-            return SeriesValues(pairs["series"], pairs["value"])
-    except (TypeError, ValueError, OverflowError):
-        pass
-    kept = [
-        (p, float(v))
-        for p, v in found
-        if isinstance(p, int) and isinstance(v, int | float) and math.isfinite(v)
-    ]
-    logger.warning("skipping %d damaged series_nights row(s) of %s", len(found) - len(kept), run_id)
-    return SeriesValues(
-        np.array([p for p, _ in kept], dtype=np.int64), np.array([v for _, v in kept], dtype=float)
-    )
+    """A night's (fingerprint, value) pairs as arrays; a pair that is not an integer and
+    a finite number (a damaged row) is left out with a warning."""
+    series, values, skipped = rows.series_value_arrays(found)
+    if skipped:
+        logger.warning("skipping %d damaged series_nights row(s) of %s", skipped, run_id)
+    return SeriesValues(series, values)
 
 
 class _Conflict(StoreError):
@@ -976,36 +965,58 @@ class ResultsStore:
     # ------------------------------------------------------------------ series nights
 
     def put_series_night(self, run_id: str, suite: str, samples: Mapping[SeriesKey, Sample]) -> int:
-        """Store a night's per-series summaries (``series_nights``), replacing any stored
-        for ``run_id`` (idempotent when a night is judged again). Returns the row count."""
+        """Store a night's per-series summaries (``series_nights``, and their numbers
+        packed in ``series_night_packs``), replacing any stored for ``run_id``
+        (idempotent when a night is judged again). Returns the row count."""
         values = rows.series_night_rows(suite, samples)
         if any(v["run_id"] != run_id for v in values):
             raise ValueError(f"samples of another run given for nightly run {run_id}")
+        pack = rows.series_night_pack(
+            run_id,
+            np.array([v["series"] for v in values], dtype=np.int64),
+            np.array([v["value"] for v in values], dtype=np.float64),
+        )
         with self._tx(write=True) as conn:
             conn.execute(series_nights.delete().where(series_nights.c.run_id == run_id))
+            conn.execute(series_night_packs.delete().where(series_night_packs.c.run_id == run_id))
             if values:
                 conn.execute(series_nights.insert(), values)
+                conn.execute(series_night_packs.insert(), pack)
         return len(values)
 
     def series_night_values(self, run_ids: Iterable[str]) -> dict[str, SeriesValues]:
         """Per stored run: its series fingerprints (ascending) and night values, as numpy
         arrays (:func:`results.rows.series_fingerprint`). Runs with no summaries stored
-        are left out. Reads the history index only, a night at a time."""
+        are left out. Reads one packed row a night; a night whose pack is missing or
+        damaged (with a warning) is read from its summary rows instead."""
+        wanted = list(dict.fromkeys(run_ids))
         out: dict[str, SeriesValues] = {}
-        stmt = (
+        packs = sa.select(series_night_packs).where(
+            series_night_packs.c.run_id.in_(sa.bindparam("ids", expanding=True))
+        )
+        by_rows = (
             sa.select(series_nights.c.series, series_nights.c.value)
             .where(series_nights.c.run_id == sa.bindparam("run_id"))
             .order_by(series_nights.c.series)
         )
         with self._tx() as conn:
-            for run_id in dict.fromkeys(run_ids):
-                result = conn.execute(stmt, {"run_id": run_id})
+            for start in range(0, len(wanted), 100):
+                ids = wanted[start : start + 100]
+                for r in conn.execute(packs, {"ids": ids}).mappings():
+                    try:
+                        out[r["run_id"]] = SeriesValues(*rows.series_night_unpack(r))
+                    except ValueError as e:
+                        logger.warning("reading its summary rows instead: %s", e)
+            for run_id in wanted:
+                if run_id in out:
+                    continue
+                result = conn.execute(by_rows, {"run_id": run_id})
                 # Plain numbers: the driver's tuples, without a Row object each.
                 found = result.cursor.fetchall() if result.cursor is not None else []
                 result.close()
                 if found:
                     out[run_id] = _series_values(run_id, found)
-        return out
+        return {run_id: out[run_id] for run_id in wanted if run_id in out}
 
     def series_night(self, run_id: str) -> dict[SeriesKey, Sample]:
         """A stored night's full per-series samples (trials, outcomes, method) from

@@ -252,16 +252,28 @@ def cannot_change(values: np.ndarray, min_segment: int, min_magnitude: float) ->
     whose segment means (every segment is at least ``min_segment`` long, so its mean lies
     between the least and greatest mean of windows ``min_segment`` to ``2 min_segment - 1``
     long) cannot differ by ``min_magnitude`` relative."""
-    if values.min() == values.max():
-        return True
-    if min_magnitude <= 0.0 or values.min() <= 0.0:
-        return False
-    csum = np.concatenate([[0.0], np.cumsum(values)])
-    lo, hi = math.inf, -math.inf
-    for width in range(min_segment, min(2 * min_segment, len(values) + 1)):
-        means = (csum[width:] - csum[:-width]) / width
-        lo, hi = min(lo, float(means.min())), max(hi, float(means.max()))
-    return lo > 0.0 and (hi - lo) / lo < min_magnitude * (1.0 - 1e-9)
+    return bool(cannot_change_many(values[None, :], min_segment, np.array([min_magnitude]))[0])
+
+
+def cannot_change_many(
+    values: np.ndarray, min_segment: int, min_magnitudes: np.ndarray
+) -> np.ndarray:
+    """:func:`cannot_change` of each row of ``values`` (series of one length), with the
+    row's own magnitude: the same answers, computed for all rows at once."""
+    least, most = values.min(axis=1), values.max(axis=1)
+    out = least == most
+    check = ~out & (min_magnitudes > 0.0) & (least > 0.0)
+    if not np.any(check):
+        return out
+    rows = values[check]
+    csum = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(rows, axis=1)], axis=1)
+    lo, hi = np.full(len(rows), math.inf), np.full(len(rows), -math.inf)
+    for width in range(min_segment, min(2 * min_segment, values.shape[1] + 1)):
+        means = (csum[:, width:] - csum[:, :-width]) / width
+        lo, hi = np.minimum(lo, means.min(axis=1)), np.maximum(hi, means.max(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[check] = (lo > 0.0) & ((hi - lo) / lo < min_magnitudes[check] * (1.0 - 1e-9))
+    return out
 
 
 def detect_many(
@@ -286,12 +298,18 @@ def detect_many(
     rngs: dict[int, np.random.Generator] = {}
     by_length: dict[int, list[int]] = {}
     for i, v in enumerate(series):
-        if len(v) < 2 * ms or not np.all(np.isfinite(v)) or cannot_change(v, ms, min_magnitudes[i]):
-            continue
-        by_length.setdefault(len(v), []).append(i)
+        if len(v) >= 2 * ms:
+            by_length.setdefault(len(v), []).append(i)
     allowed = alpha * (permutations + 1) - 1.0
-    for n, members in by_length.items():
-        values = np.stack([np.asarray(series[i], dtype=float) for i in members])
+    for n, candidates in by_length.items():
+        stacked = np.stack([np.asarray(series[i], dtype=float) for i in candidates])
+        keep = np.all(np.isfinite(stacked), axis=1)
+        magnitudes = np.array([min_magnitudes[i] for i in candidates], dtype=float)
+        keep[keep] = ~cannot_change_many(stacked[keep], ms, magnitudes[keep])
+        members = [i for i, kept in zip(candidates, keep.tolist(), strict=True) if kept]
+        if not members:
+            continue
+        values = stacked[keep]
         q = _statistics(values, ms)
         taus = np.argmax(q, axis=1)
         observed = q[np.arange(len(members)), taus]

@@ -7,6 +7,7 @@ import itertools
 import math
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -203,6 +204,58 @@ def test_migration_v9_backfills_finished_nights(tmp_path: Path) -> None:
         for run in runs:
             assert store.series_night(run.run_id) == want[run.run_id]
         assert store.series_night(running.run_id) == {}  # not finished: not backfilled
+
+
+def _equal_values(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k].series, b[k].series) and np.array_equal(a[k].values, b[k].values)
+        for k in a
+    )
+
+
+def test_migration_v10_packs_the_stored_nights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.sqlite"
+    with ResultsStore.open(f"sqlite:///{path}") as store:
+        runs = [_add_night(store, n, 1.0) for n in range(3)]
+        for run in runs:
+            store.put_series_night(run.run_id, "suite", _summaries(store, run))
+        want = store.series_night_values(r.run_id for r in runs)
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE series_night_packs")
+    db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with ResultsStore.open(f"sqlite:///{path}") as store:  # migrates 9 -> 10
+        got = store.series_night_values(r.run_id for r in runs)
+    assert len(want) == 3 and _equal_values(got, want)
+    assert "series_night_packs" not in caplog.text  # read from the packs, not the rows
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM series_night_packs").fetchone() == (3,)
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "bad"),
+    [("series_count", 7), ("night_values", b"\x00" * 8), ("series", b"\xff" * 16)],
+)
+def test_a_damaged_pack_is_read_from_its_rows(
+    tmp_path: Path, column: str, bad: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.sqlite"
+    with ResultsStore.open(f"sqlite:///{path}") as store:
+        run = _add_night(store, 0, 1.0)
+        store.put_series_night(run.run_id, "suite", _summaries(store, run))
+        want = store.series_night_values([run.run_id])
+    db = sqlite3.connect(path)
+    db.execute(f"UPDATE series_night_packs SET {column} = ?", (bad,))
+    db.commit()
+    db.close()
+    with ResultsStore.open(f"sqlite:///{path}") as store:
+        got = store.series_night_values([run.run_id])
+    assert _equal_values(got, want)
+    assert f"series_night_packs {run.run_id}" in caplog.text
 
 
 def test_runner_history_from_series_nights_equals_the_row_path(tmp_path: Path) -> None:
