@@ -34,6 +34,7 @@ from edgefarm.domain import (
     throughput_per_s,
     trial_interval,
 )
+from edgefarm.errors import StoreError
 from results.records import (
     ATTEMPT_OUTCOMES,
     ArtifactRecord,
@@ -89,13 +90,25 @@ def campaign_fields_to_values(fields: Mapping[str, object]) -> dict[str, Any]:
     return values
 
 
+_S = TypeVar("_S", CampaignStatus, TaskStatus)
+
+
+def _status(cls: type[_S], row: RowLike, table: str, row_id: str) -> _S:
+    """The row's status as ``cls``; StoreError (one line) for one this version does not
+    know (a damaged store, or one written by a newer edgefarm)."""
+    try:
+        return cls(row["status"])
+    except ValueError:
+        raise StoreError(f"{table} {row_id}: unknown status {row['status']!r}") from None
+
+
 def row_to_campaign(row: RowLike) -> CampaignRecord:
     """A campaign record from its row."""
     return CampaignRecord(
         campaign_id=row["campaign_id"],
         name=row["name"],
         spec_yaml=row["spec_yaml"],
-        status=CampaignStatus(row["status"]),
+        status=_status(CampaignStatus, row, "campaigns", row["campaign_id"]),
         created_at=row["created_at"],
         finished_at=row["finished_at"],
         conversions_run=row["conversions_run"],
@@ -159,7 +172,7 @@ def row_to_task(row: RowLike) -> TaskRecord:
         measure_key=row["measure_key"],
         role=row["role"],
         block=row["block"],
-        status=TaskStatus(row["status"]),
+        status=_status(TaskStatus, row, "tasks", row["task_id"]),
         attempt=row["attempt"],
         lease_id=row["lease_id"],
         agent_id=row["agent_id"],

@@ -275,6 +275,17 @@ def test_duplicate_campaign_is_a_store_error(store: ResultsStore) -> None:
     assert store.campaign_counts("c0ffee00-aaaa")["total"] == 1
 
 
+def test_an_unknown_status_in_the_store_is_a_store_error(store: ResultsStore) -> None:
+    seed(store, "c0ffee00-aaaa")
+    with store._tx(write=True) as conn:  # a damaged store, or a newer edgefarm's
+        conn.execute(sa.text("UPDATE campaigns SET status = 'paused'"))
+        conn.execute(sa.text("UPDATE tasks SET status = 'parked'"))
+    with pytest.raises(StoreError, match="campaigns c0ffee00-aaaa: unknown status 'paused'"):
+        store.get_campaign("c0ffee00-aaaa")
+    with pytest.raises(StoreError, match="unknown status 'parked'"):
+        store.get_task("t1")
+
+
 def test_list_campaigns_and_status(store: ResultsStore) -> None:
     for i, cid in enumerate(["c-old-0001", "c-mid-0002", "c-new-0003"]):
         store.create_campaign(make_campaign(cid, created_at=100.0 + i), [])
