@@ -184,6 +184,18 @@ def _add_night(store: ResultsStore, n: int, level: float, finished: bool = True)
     return run
 
 
+_AT_VERSION = "UPDATE meta SET value='{}' WHERE key='schema_version'"
+
+
+def _edit(path: Path, *statements: str, params: tuple[object, ...] = ()) -> None:
+    """Change the SQLite store at ``path`` behind the store's back."""
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement, params)
+    db.commit()
+    db.close()
+
+
 def _summaries(store: ResultsStore, run: NightlyRun) -> dict[SeriesKey, Sample]:
     assert run.campaign_id
     return series_samples(store.results_for_campaign(run.campaign_id), run.run_id, run.created_at)
@@ -195,11 +207,7 @@ def test_migration_v9_backfills_finished_nights(tmp_path: Path) -> None:
         runs = [_add_night(store, n, 1.0) for n in range(3)]
         running = _add_night(store, 3, 1.0, finished=False)
         want = {r.run_id: _summaries(store, r) for r in runs}
-    db = sqlite3.connect(tmp_path / "s.sqlite")
-    db.execute("DROP TABLE series_nights")
-    db.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    _edit(tmp_path / "s.sqlite", "DROP TABLE series_nights", _AT_VERSION.format(8))
     with ResultsStore.open(url) as store:  # migrates 8 -> 9
         for run in runs:
             assert store.series_night(run.run_id) == want[run.run_id]
@@ -222,11 +230,7 @@ def test_migration_v10_packs_the_stored_nights(
         for run in runs:
             store.put_series_night(run.run_id, "suite", _summaries(store, run))
         want = store.series_night_values(r.run_id for r in runs)
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE series_night_packs")
-    db.execute("UPDATE meta SET value='9' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    _edit(path, "DROP TABLE series_night_packs", _AT_VERSION.format(9))
     with ResultsStore.open(f"sqlite:///{path}") as store:  # migrates 9 -> 10
         got = store.series_night_values(r.run_id for r in runs)
     assert len(want) == 3 and _equal_values(got, want)
@@ -248,10 +252,7 @@ def test_a_damaged_pack_is_read_from_its_rows(
         run = _add_night(store, 0, 1.0)
         store.put_series_night(run.run_id, "suite", _summaries(store, run))
         want = store.series_night_values([run.run_id])
-    db = sqlite3.connect(path)
-    db.execute(f"UPDATE series_night_packs SET {column} = ?", (bad,))
-    db.commit()
-    db.close()
+    _edit(path, f"UPDATE series_night_packs SET {column} = ?", params=(bad,))
     with ResultsStore.open(f"sqlite:///{path}") as store:
         got = store.series_night_values([run.run_id])
     assert _equal_values(got, want)
@@ -295,13 +296,8 @@ def test_a_hostile_series_nights_row_is_skipped(
         run = _add_night(store, 0, 1.0)
         samples = _summaries(store, run)
         store.put_series_night(run.run_id, "suite", samples)
-    db = sqlite3.connect(path)
-    db.execute(
-        f"UPDATE series_nights SET {column} = ? WHERE model = 'a' AND metric = 'latency_p50'",
-        (bad,),
-    )
-    db.commit()
-    db.close()
+    where = "model = 'a' AND metric = 'latency_p50'"
+    _edit(path, f"UPDATE series_nights SET {column} = ? WHERE {where}", params=(bad,))
     with ResultsStore.open(f"sqlite:///{path}") as store:
         found = store.series_night(run.run_id)
         values = store.series_night_values([run.run_id])[run.run_id]
