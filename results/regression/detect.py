@@ -35,7 +35,7 @@ from scipy.stats import t as student  # type: ignore[import-untyped]
 
 from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points, detect_many
 from results.regression.metrics import METRICS
-from results.regression.stats import TIMING_ALPHA, compare, compare_timing
+from results.regression.stats import TIMING_ALPHA, compare, compare_timing, compare_timing_many
 from results.regression.types import (
     ChangePoint,
     MetricKind,
@@ -67,14 +67,22 @@ def judge_night(
     """
     keys = [k for k in candidate if k in baseline and k.metric in METRICS]
     keys.sort(key=SeriesKey.label)
-    out = []
-    for k in keys:
-        base = baseline[k]
+    out: list[Verdict | None] = [None] * len(keys)
+    timing: list[int] = []
+    pairs = []
+    for i, k in enumerate(keys):
+        base, metric = baseline[k], METRICS[k.metric]
         level = (levels or {}).get((k.device_id, k.metric), 1.0)
-        if level != 1.0 and METRICS[k.metric].kind is MetricKind.TIMING:
+        if level != 1.0 and metric.kind is MetricKind.TIMING:
             base = scaled(base, level)
-        out.append(compare(k, METRICS[k.metric], base, candidate[k]))
-    return fold_mirrors(out)
+        if metric.kind is MetricKind.TIMING and base.method == candidate[k].method:
+            timing.append(i)  # compared below, all together
+            pairs.append((k, metric, base, candidate[k]))
+        else:
+            out[i] = compare(k, metric, base, candidate[k])
+    for i, verdict in zip(timing, compare_timing_many(pairs), strict=True):
+        out[i] = verdict
+    return fold_mirrors([v for v in out if v is not None])
 
 
 # Throughput series derived from the same trial medians as a latency series: the same

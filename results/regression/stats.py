@@ -56,7 +56,7 @@ Exact counters (:attr:`MetricKind.EXACT`)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -199,7 +199,11 @@ def rank_test(baseline: Values, candidate: Values, greater: bool) -> float:
         alternative = "greater" if greater else "less"
         return float(mannwhitneyu(c, b, alternative=alternative).pvalue)
     # U counts the pairs where the candidate is above; "less" uses the pairs below.
-    u = int(np.count_nonzero(diffs > 0 if greater else diffs < 0))
+    return _exact_p(int(np.count_nonzero(diffs > 0 if greater else diffs < 0)), cdf)
+
+
+def _exact_p(u: int, cdf: Sequence[float]) -> float:
+    """``P(U >= u)`` under the null from the exact cdf of U (no ties)."""
     return 1.0 if u == 0 else 1.0 - cdf[u - 1]
 
 
@@ -228,31 +232,126 @@ def compare_timing(
     trial values on either side.
     """
     base, cand = _finite(baseline.trials), _finite(candidate.trials)
-    value_ratio = _value_ratio(baseline.value, candidate.value)
-    short = ""
-    if len(base) < min_trials or len(cand) < min_trials:
-        short = f"{len(base)} vs {len(cand)} trials, need {min_trials} per side"
-    elif min(base) <= 0 or min(cand) <= 0:
-        short = "non-positive trial values, no ratio"
+    short = _too_few(base, cand, min_trials)
     if short:
+        value_ratio = _value_ratio(baseline.value, candidate.value)
         return _verdict(
             key, Status.INSUFFICIENT, baseline, candidate, value_ratio, f"{metric.name}: {short}"
         )
-    ratio, ci_low, ci_high = hodges_lehmann_ratio(base, cand, confidence)
+    hl = hodges_lehmann_ratio(base, cand, confidence)
+    return _timing_verdict(
+        key,
+        metric,
+        (baseline, candidate),
+        (len(base), len(cand)),
+        hl,
+        lambda greater: rank_test(base, cand, greater),
+        alpha,
+        confidence,
+    )
+
+
+def compare_timing_many(
+    items: Sequence[tuple[SeriesKey, Metric, Sample, Sample]],
+    alpha: float = TIMING_ALPHA,
+    confidence: float = CONFIDENCE,
+    min_trials: int = MIN_TRIALS,
+) -> list[Verdict]:
+    """:func:`compare_timing` of many series: the same verdicts, with the Hodges-Lehmann
+    intervals and exact rank tests of all series with the same trial counts computed
+    together. A series with tied trial values (or too many trials for the exact table)
+    is compared on its own."""
+    out: list[Verdict | None] = [None] * len(items)
+    groups: dict[tuple[int, int], list[tuple[int, list[float], list[float]]]] = {}
+    for i, (key, metric, baseline, candidate) in enumerate(items):
+        base, cand = _finite(baseline.trials), _finite(candidate.trials)
+        if _too_few(base, cand, min_trials) or _u_null_cdf(len(cand), len(base)) is None:
+            out[i] = compare_timing(key, metric, baseline, candidate, alpha, confidence, min_trials)
+        else:
+            groups.setdefault((len(base), len(cand)), []).append((i, base, cand))
+    for (m, n), members in groups.items():
+        b = np.array([base for _, base, _ in members], dtype=float)
+        c = np.array([cand for _, _, cand in members], dtype=float)
+        hl = _hodges_lehmann_rows(b, c, confidence)
+        cdf = _u_null_cdf(n, m)
+        assert cdf is not None
+        above, below, tied = _pair_counts(b, c)
+        for row, (i, _, _) in enumerate(members):
+            key, metric, baseline, candidate = items[i]
+            if tied[row]:
+                out[i] = compare_timing(
+                    key, metric, baseline, candidate, alpha, confidence, min_trials
+                )
+                continue
+            p_above, p_below = (_exact_p(int(u[row]), cdf) for u in (above, below))
+            p_values = {True: p_above, False: p_below}
+            ratio, low, high = (float(np.exp(logs[row])) for logs in hl)
+            out[i] = _timing_verdict(
+                key, metric, (baseline, candidate), (m, n), (ratio, low, high),
+                p_values.__getitem__,
+                alpha, confidence,
+            )  # fmt: skip
+    return [v for v in out if v is not None]
+
+
+def _too_few(base: Sequence[float], cand: Sequence[float], min_trials: int) -> str:
+    """Why these trial values cannot be compared, or ''."""
+    if len(base) < min_trials or len(cand) < min_trials:
+        return f"{len(base)} vs {len(cand)} trials, need {min_trials} per side"
+    if min(base) <= 0 or min(cand) <= 0:
+        return "non-positive trial values, no ratio"
+    return ""
+
+
+def _hodges_lehmann_rows(
+    b: np.ndarray, c: np.ndarray, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of baseline ``b`` and candidate ``c`` trial values: the log of the
+    Hodges-Lehmann ratio and of its interval's ends (as :func:`hodges_lehmann_ratio`)."""
+    logs_b, logs_c = np.log(b), np.log(c)
+    diffs = np.sort((logs_c[:, :, None] - logs_b[:, None, :]).reshape(len(b), -1), axis=1)
+    rank = _ci_rank(b.shape[1], c.shape[1], confidence)
+    return np.median(diffs, axis=1), diffs[:, rank - 1], diffs[:, diffs.shape[1] - rank]
+
+
+def _pair_counts(b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: pairs with the candidate above, pairs below, and whether any values tie
+    (across the sides or within one)."""
+    diffs = c[:, :, None] - b[:, None, :]
+    tied = np.any(diffs == 0, axis=(1, 2))
+    for side in (b, c):
+        tied |= np.any(np.diff(np.sort(side, axis=1), axis=1) == 0, axis=1)
+    return np.count_nonzero(diffs > 0, axis=(1, 2)), np.count_nonzero(diffs < 0, axis=(1, 2)), tied
+
+
+def _timing_verdict(
+    key: SeriesKey,
+    metric: Metric,
+    samples: tuple[Sample, Sample],
+    trials: tuple[int, int],
+    hl: tuple[float, float, float],
+    p_of: Callable[[bool], float],
+    alpha: float,
+    confidence: float,
+) -> Verdict:
+    """A timing verdict from the HL ratio and interval and the one-sided rank test's
+    p-value (``p_of(greater)``: candidate above the baseline, or below)."""
+    ratio, ci_low, ci_high = hl
     sign = _bad_sign(metric.direction)
     bad_shift = sign * math.log(ratio)
     worse = bad_shift >= 0
     # Test the direction the estimate points to: "greater" = candidate above baseline.
-    p = rank_test(base, cand, greater=(sign > 0) == worse)
+    p = p_of((sign > 0) == worse)
     gate = math.log1p(metric.min_effect)
     status = Status.UNCHANGED
     if p < alpha and abs(bad_shift) >= gate and bad_shift != 0:
         status = Status.REGRESSION if worse else Status.IMPROVEMENT
     message = (
         f"{metric.name} {_pct(ratio)} (HL, {confidence:.0%} CI {_pct(ci_low)}..{_pct(ci_high)}),"
-        f" p={p:.3g} one-sided, {len(base)} vs {len(cand)} trials,"
+        f" p={p:.3g} one-sided, {trials[0]} vs {trials[1]} trials,"
         f" gate {metric.min_effect:.0%}"
     )
+    baseline, candidate = samples
     return _verdict(key, status, baseline, candidate, ratio, message, (ci_low, ci_high), p)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from results.regression import detect
+from results.regression import detect, stats
 from results.regression.metrics import METRICS, samples_from_row
 from results.regression.types import Direction, MetricKind, Sample, SeriesKey, Status
 
@@ -198,6 +198,40 @@ def test_judge_night_compares_the_common_known_series() -> None:
     assert detect.regressions(verdicts) == [by_metric["latency_p50"]]
     assert detect.changes(verdicts) == [by_metric["model_size"]]
     assert detect.to_confirm(verdicts) == [by_metric["latency_p50"]]
+
+
+def test_judge_night_gives_the_verdicts_of_one_series_at_a_time() -> None:
+    """Timing series are compared together; the verdicts (levels, other methods,
+    mirrors folded) are those of comparing each series on its own."""
+    rng = np.random.default_rng(5)
+    baseline: dict[SeriesKey, Sample] = {}
+    candidate: dict[SeriesKey, Sample] = {}
+    for m in range(300):
+        model, shift = f"m{m:03d}", float(rng.choice([1.0, 1.0, 1.06, 0.94]))
+        base = list(10.0 * np.exp(rng.normal(0, 0.01, 5)))
+        cand = [v * shift * float(np.exp(rng.normal(0, 0.01))) for v in base]
+        for name, b, c in (
+            ("latency_p50", base, cand),
+            ("throughput", [1000 / v for v in base], [1000 / v for v in cand]),
+            ("load_time", base, cand),
+        ):
+            baseline[key(name, model)] = timing(b, "b", 0.0)
+            candidate[key(name, model)] = timing(c, "c", 1.0)
+        baseline[key("model_size", model)] = Sample("b", 0.0, 100.0)
+        candidate[key("model_size", model)] = Sample("c", 1.0, 100.0 + m % 3)
+    odd = key("load_time", "m007")  # measured another way tonight
+    candidate[odd] = dataclasses.replace(candidate[odd], method="other")
+    levels = {("pi5", "latency_p50"): 1.02}
+    want = []
+    for k in sorted((k for k in candidate if k in baseline), key=SeriesKey.label):
+        base_sample = baseline[k]
+        if k.metric == "latency_p50":
+            base_sample = detect.scaled(base_sample, 1.02)
+        want.append(stats.compare(k, METRICS[k.metric], base_sample, candidate[k]))
+    want = detect.fold_mirrors(want)
+    got = detect.judge_night(baseline, candidate, levels)
+    assert [repr(v) for v in got] == [repr(v) for v in want]
+    assert {v.status for v in got} >= {Status.REGRESSION, Status.IMPROVEMENT, Status.INSUFFICIENT}
 
 
 def test_confirmation_decides_what_fails_the_night() -> None:

@@ -14,6 +14,7 @@ from results.regression.stats import (
     compare_accuracy,
     compare_exact,
     compare_timing,
+    compare_timing_many,
     hodges_lehmann_ratio,
     mcnemar_exact,
     rank_test,
@@ -41,6 +42,40 @@ BASE5 = [10.0, 10.1, 9.9, 10.05, 9.95]
 
 
 # ------------------------------------------------------------------------------ timing
+
+
+def _random_timing_pairs(rng: np.random.Generator, count: int) -> list[tuple[Sample, Sample]]:
+    """Trial values as nights give them: 3-25 per side (sometimes unequal, sometimes
+    more than the exact table holds), shifts of 0-15% either way, and now and then
+    ties, too few trials, a non-positive or a non-finite value."""
+    pairs = []
+    for _ in range(count):
+        m = int(rng.choice([2, 3, 5, 5, 5, 7, 25, 40]))
+        n = m if rng.random() < 0.8 else int(rng.choice([3, 5, 9, 40]))
+        base = lognormal(rng, m, 10.0, 0.02)
+        cand = lognormal(rng, n, 10.0 * float(rng.uniform(0.85, 1.15)), 0.02)
+        odd = rng.random()
+        if odd < 0.05:
+            base, cand = np.round(base, 1), np.round(cand, 1)  # ties
+        elif odd < 0.07:
+            cand[0] = 0.0
+        elif odd < 0.09:
+            base[-1] = math.nan
+        pairs.append((sample(base, "b"), sample(cand, "c")))
+    return pairs
+
+
+def test_timing_verdicts_of_many_series_at_once_equal_one_at_a_time() -> None:
+    rng = np.random.default_rng(11)
+    metrics = [LATENCY, THROUGHPUT]
+    items = [
+        (key(f"{metrics[i % 2].name}-{i}"), metrics[i % 2], base, cand)
+        for i, (base, cand) in enumerate(_random_timing_pairs(rng, 1500))
+    ]
+    one_by_one = [compare_timing(k, metric, b, c) for k, metric, b, c in items]
+    at_once = compare_timing_many(items)
+    assert [repr(v) for v in at_once] == [repr(v) for v in one_by_one]  # NaN-safe, exact
+    assert {v.status for v in at_once} == set(Status) - {Status.CHANGED}
 
 
 def test_clear_ten_percent_shift_with_five_trials_is_a_regression() -> None:
