@@ -173,12 +173,10 @@ def hodges_lehmann_ratio(
     the Mann-Whitney order-statistic interval of those pairwise log differences. All
     values must be positive. Returns ``(ratio, ci_low, ci_high)``.
     """
-    b = np.log(np.asarray(baseline, dtype=float))
-    c = np.log(np.asarray(candidate, dtype=float))
-    diffs = np.sort((c[:, None] - b[None, :]).ravel())
-    rank = _ci_rank(len(b), len(c), confidence)
-    low, high = diffs[rank - 1], diffs[len(diffs) - rank]
-    return float(np.exp(np.median(diffs))), float(np.exp(low)), float(np.exp(high))
+    b = np.asarray(baseline, dtype=float)[None, :]
+    c = np.asarray(candidate, dtype=float)[None, :]
+    ratio, low, high = (float(np.exp(logs[0])) for logs in _hodges_lehmann_rows(b, c, confidence))
+    return ratio, low, high
 
 
 def rank_test(baseline: Values, candidate: Values, greater: bool) -> float:
