@@ -50,16 +50,21 @@ class _Job:
     outcome: tuple[bool, Any] = (True, None)  # (ok, value or exception)
 
 
+class _RollBack(Exception):
+    """Raised out of a batch to roll it back (a call in it failed)."""
+
+
 class StoreWriter:
     """Runs store calls in submission order; in the background, many at a time.
 
     Background writes are group-committed: the writer thread takes every write queued
-    so far and runs the calls in one transaction of ``store`` (:meth:`ResultsStore.batch`,
-    each call in a savepoint), then stores the queued results in one transaction of the
-    ingestion worker. A result's dependants (its attempt's end, the campaign's check) are
-    queued only once its ingestion is answered, and what it depends on (its lease's
-    records) was queued before it, so running the calls of a group before its results
-    keeps every dependency in order. Outcomes are given out after the commit."""
+    so far and runs the calls in one transaction of ``store`` (:meth:`ResultsStore.batch`;
+    each call in a savepoint only when the group runs again because a call failed), then
+    stores the queued results in one transaction of the ingestion worker. A result's
+    dependants (its attempt's end, the campaign's check) are queued only once its
+    ingestion is answered, and what it depends on (its lease's records) was queued before
+    it, so running the calls of a group before its results keeps every dependency in
+    order. Outcomes are given out after the commit."""
 
     def __init__(
         self,
@@ -149,21 +154,41 @@ class StoreWriter:
             self.call_on_loop(callback)
 
     def _commit_calls(self, calls: list[_Job]) -> None:
-        """Run the calls in one transaction; a failed commit fails them all."""
+        """Run the calls in one transaction; a failed commit fails them all.
+
+        First without a savepoint per call (each costs two more statements); when any
+        call or the commit fails, that transaction is rolled back and the calls run
+        again, each in its own savepoint, so that only the failing ones fail. (The calls
+        are store writes: running one again after a rollback is safe.)"""
         if not calls:
             return
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                with self.store.batch(savepoints=False):
+                    if not self._run_calls(calls):
+                        raise _RollBack
+                return
+            after_commit = getattr(self._group, "after_commit", None)
+            if after_commit is not None:
+                after_commit.clear()  # the rolled-back run's callbacks
         batch = self.store.batch() if self.store is not None else contextlib.nullcontext()
         try:
             with batch:
-                for job in calls:
-                    assert job.fn is not None
-                    try:
-                        job.outcome = (True, job.fn())
-                    except Exception as error:
-                        job.outcome = (False, error)
+                self._run_calls(calls)
         except Exception as error:  # the commit itself
             for job in calls:
                 job.outcome = (False, error)
+
+    @staticmethod
+    def _run_calls(calls: list[_Job]) -> bool:
+        """Run the calls, keeping each one's outcome; whether all of them succeeded."""
+        for job in calls:
+            assert job.fn is not None
+            try:
+                job.outcome = (True, job.fn())
+            except Exception as error:
+                job.outcome = (False, error)
+        return all(ok for ok, _ in (job.outcome for job in calls))
 
     def _ingest_group(self, jobs: list[_Job]) -> None:
         """Store the queued results: in the worker process when there is one."""

@@ -178,7 +178,7 @@ class ResultsStore:
         self._url = url
         self._safe_url = engine.url.render_as_string(hide_password=True)
         self._closed = False
-        self._batch = threading.local()  # .conn: this thread's batch transaction, if any
+        self._batch = threading.local()  # .conn, .savepoints: this thread's batch, if any
 
     # ---------------------------------------------------------------------- lifecycle
 
@@ -234,9 +234,12 @@ class ResultsStore:
             raise StoreError("the results store is closed")
         outer: Connection | None = getattr(self._batch, "conn", None)
         try:
-            if outer is not None:  # inside batch(): a savepoint of its transaction
+            if outer is not None and self._batch.savepoints:  # a savepoint of the batch
                 with outer.begin_nested():
                     yield outer
+                return
+            if outer is not None:  # batch(savepoints=False): straight in its transaction
+                yield outer
                 return
             engine = self._write_engine if write else self._engine
             with engine.begin() as conn:
@@ -247,15 +250,23 @@ class ResultsStore:
             raise StoreError(f"results store {self._safe_url}: {_one_line(e)}") from e
 
     @contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self, savepoints: bool = True) -> Iterator[None]:
         """Every store call made inside, on this thread, in one write transaction (one
         commit), each in a savepoint of its own: a call that fails rolls back alone. A
-        failed commit raises StoreError and keeps none of them. Nested: one batch."""
+        failed commit raises StoreError and keeps none of them. Nested: one batch.
+
+        ``savepoints=False`` runs the calls straight in the transaction on SQLite
+        (cheaper, but a failed call may leave part of its writes): for a caller that
+        rolls the whole batch back when any call fails (by raising out of it) and runs
+        the calls again with savepoints. Elsewhere it keeps them: on PostgreSQL a failed
+        statement aborts the transaction and COMMIT then rolls back without an error, so
+        a call that handles a database error itself would lose the batch unnoticed."""
         if getattr(self._batch, "conn", None) is not None:
             yield
             return
         with self._tx(write=True) as conn:
             self._batch.conn = conn
+            self._batch.savepoints = savepoints or conn.dialect.name != "sqlite"
             try:
                 yield
             finally:

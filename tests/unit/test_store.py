@@ -286,6 +286,22 @@ def test_an_unknown_status_in_the_store_is_a_store_error(store: ResultsStore) ->
         store.get_task("t1")
 
 
+def test_a_batch_drops_savepoints_only_where_a_failed_statement_is_harmless(
+    store: ResultsStore, store_url: str
+) -> None:
+    """SQLite undoes just a failed statement; PostgreSQL aborts the transaction, and a
+    later COMMIT rolls back without an error: there calls keep their savepoints."""
+    seed(store)
+    statements: list[str] = []
+    sa.event.listen(
+        store._engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0])
+    )
+    with store.batch(savepoints=False):
+        store.update_task("t1", status=TaskStatus.FAILED)
+    assert ("SAVEPOINT" in statements) == store_url.startswith("postgresql")
+    assert store.get_task("t1").status is TaskStatus.FAILED  # type: ignore[union-attr]
+
+
 def test_list_campaigns_and_status(store: ResultsStore) -> None:
     for i, cid in enumerate(["c-old-0001", "c-mid-0002", "c-new-0003"]):
         store.create_campaign(make_campaign(cid, created_at=100.0 + i), [])

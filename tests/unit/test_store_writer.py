@@ -1,14 +1,17 @@
 """The background store writer's group commits: every write queued meanwhile in one
-transaction, each call in a savepoint (a failing call rolls back alone), results in
+transaction (each call in a savepoint, so that a failing call rolls back alone, only
+when the group runs again because one failed), results in
 one transaction after the calls, outcomes only after the commit."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from coordinator.store_writer import StoreWriter
 from edgefarm.domain import CampaignStatus, TaskStatus
@@ -49,6 +52,50 @@ def test_queued_writes_commit_together_and_a_failing_one_alone(store: ResultsSto
     assert seen.status is TaskStatus.FAILED  # type: ignore[attr-defined]  # sees earlier writes
     assert all(store.get_task(f"t{i}").status is TaskStatus.FAILED for i in range(10))  # type: ignore[union-attr]
     assert writer.groups - groups_before == 2  # the blocker, then all twelve in one group
+
+
+def test_a_group_runs_without_savepoints_until_a_call_fails(store: ResultsStore) -> None:
+    """Savepoints cost statements: a group that succeeds has none; a group with a
+    failing call is rolled back and run again with them, its callbacks given once."""
+    writer = StoreWriter(background=True, store=store)
+    statements: list[str] = []
+    sa.event.listen(
+        store._engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0])
+    )
+    published: list[str] = []
+
+    def failing() -> None:
+        writer.call_on_loop(lambda: published.append("failing"))
+        raise RuntimeError("halfway")
+
+    def passing() -> None:
+        store.update_task("t1", status=TaskStatus.FAILED)
+        writer.call_on_loop(lambda: published.append("passing"))
+
+    async def group(*fns: Callable[[], None]) -> list[object]:
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(writer.run(gate.wait, 10))
+        await asyncio.sleep(0.05)
+        calls = [asyncio.ensure_future(writer.run(fn)) for fn in fns]
+        gate.set()
+        await blocked
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.sleep(0.05)  # the callbacks, on this loop
+        return outcomes
+
+    async def scenario() -> list[object]:  # one loop: the writer keeps the first it saw
+        assert await group(passing, passing) == [None, None]
+        assert "SAVEPOINT" not in statements and published == ["passing"] * 2
+        published.clear()
+        return await group(failing, passing)
+
+    outcomes = asyncio.run(scenario())
+    writer.close()
+    assert isinstance(outcomes[0], RuntimeError) and outcomes[1] is None
+    # The group's passing write ran twice: without a savepoint (rolled back), then in one.
+    assert statements[-5:] == ["UPDATE", "BEGIN", "SAVEPOINT", "UPDATE", "RELEASE"]
+    assert sorted(published) == ["failing", "passing"]  # not those of the rolled-back run
+    assert store.get_task("t1").status is TaskStatus.FAILED  # type: ignore[union-attr]
 
 
 def test_a_failed_commit_fails_every_write_of_its_group(store: ResultsStore) -> None:
