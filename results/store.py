@@ -105,6 +105,20 @@ def _series_values(run_id: str, found: Sequence[Any]) -> SeriesValues:
     return SeriesValues(series, values)
 
 
+# An attempt inserted only if its task is stored and it is not (one statement, the
+# usual case of start_attempt; any other case is decided by reading first).
+_NEW_ATTEMPT = attempts.insert().from_select(
+    [c.name for c in attempts.columns],
+    sa.select(*(sa.bindparam(c.name, type_=c.type) for c in attempts.columns)).where(
+        sa.exists().where(tasks.c.task_id == sa.bindparam("task_id")),
+        ~sa.exists().where(
+            attempts.c.task_id == sa.bindparam("task_id"),
+            attempts.c.attempt == sa.bindparam("attempt"),
+        ),
+    ),
+)
+
+
 class _Conflict(StoreError):
     """A write broke a unique / foreign key constraint (handled inside the store)."""
 
@@ -721,6 +735,8 @@ class ResultsStore:
         for _ in range(2):  # a second round only after losing an insert race
             try:
                 with self._tx(write=True) as conn:
+                    if conn.execute(_NEW_ATTEMPT, values).rowcount == 1:
+                        return  # the usual case: a new attempt of a stored task
                     found = conn.execute(sa.select(attempts).where(key)).mappings().first()
                     if found is None:
                         self._require_task(conn, a.task_id)
