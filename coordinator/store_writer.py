@@ -188,7 +188,7 @@ class StoreWriter:
                 job.outcome = (True, job.fn())
             except Exception as error:
                 job.outcome = (False, error)
-        return all(ok for ok, _ in (job.outcome for job in calls))
+        return all(job.outcome[0] for job in calls)
 
     def _ingest_group(self, jobs: list[_Job]) -> None:
         """Store the queued results: in the worker process when there is one."""
