@@ -201,6 +201,15 @@ def _summaries(store: ResultsStore, run: NightlyRun) -> dict[SeriesKey, Sample]:
     return series_samples(store.results_for_campaign(run.campaign_id), run.run_id, run.created_at)
 
 
+def _one_judged_night(path: Path) -> tuple[NightlyRun, dict[SeriesKey, Sample]]:
+    """A store at ``path`` with one night and its summaries stored."""
+    with ResultsStore.open(f"sqlite:///{path}") as store:
+        run = _add_night(store, 0, 1.0)
+        samples = _summaries(store, run)
+        store.put_series_night(run.run_id, "suite", samples)
+    return run, samples
+
+
 def test_migration_v9_backfills_finished_nights(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.sqlite'}"
     with ResultsStore.open(url) as store:
@@ -248,9 +257,8 @@ def test_a_damaged_pack_is_read_from_its_rows(
     tmp_path: Path, column: str, bad: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "s.sqlite"
+    run, _ = _one_judged_night(path)
     with ResultsStore.open(f"sqlite:///{path}") as store:
-        run = _add_night(store, 0, 1.0)
-        store.put_series_night(run.run_id, "suite", _summaries(store, run))
         want = store.series_night_values([run.run_id])
     _edit(path, f"UPDATE series_night_packs SET {column} = ?", params=(bad,))
     with ResultsStore.open(f"sqlite:///{path}") as store:
@@ -292,10 +300,7 @@ def test_a_hostile_series_nights_row_is_skipped(
     tmp_path: Path, column: str, bad: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "s.sqlite"
-    with ResultsStore.open(f"sqlite:///{path}") as store:
-        run = _add_night(store, 0, 1.0)
-        samples = _summaries(store, run)
-        store.put_series_night(run.run_id, "suite", samples)
+    run, samples = _one_judged_night(path)
     where = "model = 'a' AND metric = 'latency_p50'"
     _edit(path, f"UPDATE series_nights SET {column} = ? WHERE {where}", params=(bad,))
     with ResultsStore.open(f"sqlite:///{path}") as store:
