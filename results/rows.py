@@ -446,28 +446,46 @@ def series_fingerprint(key: SeriesKey) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def series_night_rows(suite: str, samples: Mapping[SeriesKey, Sample]) -> list[dict[str, Any]]:
-    """``series_nights`` rows for one night's samples (one per series key)."""
-    out = []
-    for key, s in samples.items():
-        out.append(
-            {
-                "run_id": s.run_id,
-                "model": key.model,
-                "backend": key.backend,
-                "scheme": key.scheme,
-                "device_id": key.device_id,
-                "metric": key.metric,
-                "suite": suite,
-                "series": series_fingerprint(key),
-                "at": s.at,
-                "value": s.value,
-                "trials": struct.pack(f"<{len(s.trials)}d", *s.trials),
-                "outcomes": "".join("1" if o else "0" for o in s.outcomes),
-                "method": s.method,
-            }
+SERIES_NIGHT_COLUMNS = (
+    "run_id",
+    "model",
+    "backend",
+    "scheme",
+    "device_id",
+    "metric",
+    "suite",
+    "series",
+    "at",
+    "value",
+    "trials",
+    "outcomes",
+    "method",
+)
+_OUTCOME_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+_OUTCOME_BITS = bytes.maketrans(b"01", b"\x00\x01")
+
+
+def series_night_rows(suite: str, samples: Mapping[SeriesKey, Sample]) -> list[tuple[Any, ...]]:
+    """``series_nights`` rows (tuples in :data:`SERIES_NIGHT_COLUMNS` order) for one
+    night's samples, one per series key."""
+    return [
+        (
+            s.run_id,
+            key.model,
+            key.backend,
+            key.scheme,
+            key.device_id,
+            key.metric,
+            suite,
+            series_fingerprint(key),
+            float(s.at),
+            float(s.value),
+            struct.pack(f"<{len(s.trials)}d", *s.trials),
+            bytes(map(bool, s.outcomes)).translate(_OUTCOME_DIGITS).decode("ascii"),
+            s.method,
         )
-    return out
+        for key, s in samples.items()
+    ]
 
 
 def series_value_arrays(pairs: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -539,7 +557,7 @@ def series_night_from_row(row: RowLike) -> tuple[SeriesKey, Sample]:
         at=float(at),
         value=float(value),
         trials=struct.unpack(f"<{len(raw) // 8}d", raw),
-        outcomes=tuple(int(c) for c in outcomes),
+        outcomes=tuple(outcomes.encode("ascii").translate(_OUTCOME_BITS)),
         method=str(row["method"] or ""),
     )
     return key, sample

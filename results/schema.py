@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -474,7 +474,7 @@ def _v9_series_nights(conn: Connection) -> None:
     finished nightly runs' result rows one night at a time (memory stays at one night)."""
     # Lazy imports: the regression code sits above the schema.
     from results.regression.collect import series_samples
-    from results.rows import decode_result_row, series_night_rows
+    from results.rows import SERIES_NIGHT_COLUMNS, decode_result_row, series_night_rows
 
     series_nights.create(conn, checkfirst=True)
     nights = conn.execute(
@@ -502,8 +502,7 @@ def _v9_series_nights(conn: Connection) -> None:
         rows = [decode_result_row(r) for r in conn.execute(stmt).mappings()]
         found = series_samples(rows, run_id, created_at)
         del rows
-        if found:
-            conn.execute(series_nights.insert(), series_night_rows(suite, found))
+        insert_tuples(conn, series_nights, SERIES_NIGHT_COLUMNS, series_night_rows(suite, found))
 
 
 def _v10_series_night_packs(conn: Connection) -> None:
@@ -538,6 +537,20 @@ MIGRATIONS: list[Migration] = [
     _v10_series_night_packs,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def insert_tuples(
+    conn: Connection, table: sa.Table, columns: Sequence[str], values: Sequence[tuple[Any, ...]]
+) -> None:
+    """Insert many rows given as tuples in ``columns`` order with one driver executemany,
+    without per-row parameter processing: only for plain values (numbers, str, bytes)."""
+    if not values:
+        return
+    mark = {"qmark": "?", "format": "%s", "pyformat": "%s"}[conn.dialect.paramstyle]
+    quote = conn.dialect.identifier_preparer.quote
+    names = ", ".join(quote(c) for c in columns)
+    marks = ", ".join([mark] * len(columns))
+    conn.exec_driver_sql(f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})", values)
 
 
 def has_column(conn: Connection, table: str, column: str) -> bool:

@@ -41,6 +41,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import SchemaVersionError, StoreError, UsageError
+from edgefarm.gc_pause import gc_paused
 from results import rows, samples_codec, schema
 from results.records import (
     AgentIdentity,
@@ -58,6 +59,7 @@ from results.schema import (
     attempts,
     campaigns,
     devices_seen,
+    insert_tuples,
     migrate,
     nightly_runs,
     result_samples,
@@ -671,6 +673,7 @@ class ResultsStore:
         for row in found:
             row["samples_ms"] = by_id[row["result_id"]]
 
+    @gc_paused()
     def results_for_campaign(self, campaign_id: str, samples: bool = False) -> list[dict[str, Any]]:
         """:meth:`iter_campaign_results` as a list."""
         return list(self.iter_campaign_results(campaign_id, samples=samples))
@@ -991,23 +994,24 @@ class ResultsStore:
 
     # ------------------------------------------------------------------ series nights
 
+    @gc_paused()
     def put_series_night(self, run_id: str, suite: str, samples: Mapping[SeriesKey, Sample]) -> int:
         """Store a night's per-series summaries (``series_nights``, and their numbers
         packed in ``series_night_packs``), replacing any stored for ``run_id``
         (idempotent when a night is judged again). Returns the row count."""
         values = rows.series_night_rows(suite, samples)
-        if any(v["run_id"] != run_id for v in values):
+        if any(v[0] != run_id for v in values):
             raise ValueError(f"samples of another run given for nightly run {run_id}")
         pack = rows.series_night_pack(
             run_id,
-            np.array([v["series"] for v in values], dtype=np.int64),
-            np.array([v["value"] for v in values], dtype=np.float64),
+            np.fromiter((v[7] for v in values), dtype=np.int64, count=len(values)),
+            np.fromiter((v[9] for v in values), dtype=np.float64, count=len(values)),
         )
         with self._tx(write=True) as conn:
             conn.execute(series_nights.delete().where(series_nights.c.run_id == run_id))
             conn.execute(series_night_packs.delete().where(series_night_packs.c.run_id == run_id))
             if values:
-                conn.execute(series_nights.insert(), values)
+                insert_tuples(conn, series_nights, rows.SERIES_NIGHT_COLUMNS, values)
                 conn.execute(series_night_packs.insert(), pack)
         return len(values)
 
@@ -1045,6 +1049,7 @@ class ResultsStore:
                     out[run_id] = _series_values(run_id, found)
         return {run_id: out[run_id] for run_id in wanted if run_id in out}
 
+    @gc_paused()
     def series_night(self, run_id: str) -> dict[SeriesKey, Sample]:
         """A stored night's full per-series samples (trials, outcomes, method) from
         ``series_nights``; a row that is not a valid summary is skipped with a warning."""

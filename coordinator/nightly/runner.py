@@ -45,6 +45,7 @@ from coordinator.nightly.suite import Suite, load_suite
 from coordinator.runner import submit_and_follow
 from coordinator.spec import CampaignSpec
 from edgefarm.errors import UsageError
+from edgefarm.gc_pause import gc_paused
 from results.records import NightlyRun
 from results.regression.codec import change_point_to_dict, verdict_to_dict
 from results.regression.collect import row_series, series_label, series_samples
@@ -463,6 +464,7 @@ class SequentialContext:
     run_level: set[SeriesKey] = field(default_factory=set)  # judged with the night as unit
 
 
+@gc_paused()
 def stored_histories(
     store: ResultsStore, run: NightlyRun, tonight: Samples | None = None
 ) -> list[SeriesHistory]:
@@ -568,6 +570,7 @@ def _column(
     return present, values
 
 
+@gc_paused()
 def stored_histories_from_rows(
     store: ResultsStore, run: NightlyRun, tonight: Samples | None = None
 ) -> list[SeriesHistory]:

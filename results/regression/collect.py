@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from edgefarm.domain import LatencySummary
+from edgefarm.gc_pause import gc_paused
 from results.regression.metrics import METRICS, samples_from_row
 from results.regression.types import MetricKind, Sample, SeriesKey
 
 Row = dict[str, Any]
 
 
+@gc_paused()
 def series_samples(
     rows: Iterable[Row], run_id: str, at: float, role: str = "candidate"
 ) -> dict[SeriesKey, Sample]:

@@ -33,6 +33,7 @@ from typing import overload
 import numpy as np
 from scipy.stats import t as student  # type: ignore[import-untyped]
 
+from edgefarm.gc_pause import gc_paused
 from results.regression.changepoint import MIN_MAGNITUDE, detect_change_points, detect_many
 from results.regression.metrics import METRICS
 from results.regression.stats import TIMING_ALPHA, compare, compare_timing, compare_timing_many
@@ -54,6 +55,7 @@ SEQUENTIAL_NIGHTS = 3
 DEPENDENT_CONFIRM_ALPHA = TIMING_ALPHA / 10
 
 
+@gc_paused()
 def judge_night(
     baseline: Mapping[SeriesKey, Sample],
     candidate: Mapping[SeriesKey, Sample],
@@ -493,6 +495,7 @@ def history_magnitude(key: SeriesKey, values: np.ndarray) -> float:
     return 0.0
 
 
+@gc_paused()
 def many_histories(
     series: Sequence[tuple[SeriesKey, NightSamples]], baseline_run_id: str | None = None
 ) -> list[SeriesHistory]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from results.regression import changepoint
 from results.regression.changepoint import detect_change_points, split_statistics
 from results.regression.types import Sample, SeriesKey
 
@@ -75,3 +76,13 @@ def test_split_statistics_peak_at_the_split() -> None:
     assert q.shape == (1, 13)
     assert np.isneginf(q[0, :3]).all() and np.isneginf(q[0, 10:]).all()
     assert int(np.argmax(q[0])) == 6
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_chunked_statistics_equal_one_call_whatever_the_threads(
+    workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(changepoint, "_WORKERS", workers)
+    values = np.random.default_rng(5).normal(100.0, 3.0, size=(1_000, 61))
+    got = changepoint._statistics(values, 3)
+    assert np.array_equal(got, split_statistics(values, 3))
