@@ -34,8 +34,8 @@ import functools
 import itertools
 import math
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,7 +223,7 @@ def detect_change_points(
 
 _ROUNDS = (1, 2, 4, 8, 16, 32, 64, 128)  # permutation counts after which a test may stop
 _CHUNK_ROWS = 128  # rows per split_statistics call (temporaries stay in cache)
-_WORKERS = min(4, os.cpu_count() or 1)  # threads computing chunks side by side
+_WORKERS = min(4, os.cpu_count() or 1)  # threads scoring chunks while one draws more
 
 
 @dataclass(frozen=True)
@@ -236,27 +236,55 @@ class Found:
     after: float  # mean of the segment after
 
 
-def _statistics(values: np.ndarray, min_segment: int) -> np.ndarray:
-    """:func:`split_statistics` of many rows, a chunk at a time (each row's figures are
-    the same whatever the rows beside it), chunks spread over :data:`_WORKERS` threads:
-    numpy releases the GIL in the array arithmetic that takes nearly all the time."""
-    if len(values) <= _CHUNK_ROWS:
-        return split_statistics(values, min_segment)
-    out = np.empty((len(values), values.shape[1] + 1))
+def _statistics(values: np.ndarray, min_segment: int, pool: Executor) -> np.ndarray:
+    """:func:`split_statistics` of many rows, computed a chunk at a time in ``pool``
+    (each row's figures are the same whatever the rows beside it)."""
+    parts = [
+        pool.submit(split_statistics, values[i : i + _CHUNK_ROWS], min_segment)
+        for i in range(0, len(values), _CHUNK_ROWS)
+    ]
+    return np.concatenate([p.result() for p in parts])
 
-    def chunk(start: int) -> None:
-        out[start : start + _CHUNK_ROWS] = split_statistics(
-            values[start : start + _CHUNK_ROWS], min_segment
-        )
 
-    starts = range(0, len(values), _CHUNK_ROWS)
-    if _WORKERS == 1 or len(starts) < 2 * _WORKERS:
-        for start in starts:
-            chunk(start)
-    else:
-        with ThreadPoolExecutor(_WORKERS, thread_name_prefix="changepoint") as pool:
-            list(pool.map(chunk, starts))
-    return out
+def _permutation_maxima(
+    values: np.ndarray,
+    live: np.ndarray,
+    size: int,
+    gens: Mapping[int, np.random.Generator],
+    min_segment: int,
+    pool: Executor,
+) -> np.ndarray:
+    """The greatest split statistic of each of ``size`` more permutations of each
+    ``live`` row of ``values`` (shape ``(len(live), size)``), each row's drawn from its
+    own generator in turn. Drawing (Python, holding the GIL) goes on while ``pool``
+    scores the rows already drawn (numpy, releasing it)."""
+    group = max(1, _CHUNK_ROWS // size)  # rows of one series stay in one chunk
+    parts = []
+    for start in range(0, len(live), group):
+        rows = live[start : start + group]
+        drawn = np.repeat(values[rows], size, axis=0)
+        for k, j in enumerate(rows.tolist()):
+            block = drawn[k * size : (k + 1) * size]
+            gens[j].permuted(block, axis=1, out=block)
+        parts.append(pool.submit(_row_maxima, drawn, min_segment))
+    return np.concatenate([p.result() for p in parts]).reshape(len(live), size)
+
+
+def _row_maxima(values: np.ndarray, min_segment: int) -> np.ndarray:
+    return split_statistics(values, min_segment).max(axis=1)
+
+
+class _Generators(dict[int, np.random.Generator]):
+    """Row ``j``'s own seeded generator, made when first drawn from (so while the pool
+    computes)."""
+
+    def __init__(self, seeds: Sequence[int]) -> None:
+        super().__init__()
+        self._seeds = seeds
+
+    def __missing__(self, j: int) -> np.random.Generator:
+        made = self[j] = np.random.default_rng(self._seeds[j])
+        return made
 
 
 def cannot_change(values: np.ndarray, min_segment: int, min_magnitude: float) -> bool:
@@ -314,41 +342,38 @@ def detect_many(
         if len(v) >= 2 * ms:
             by_length.setdefault(len(v), []).append(i)
     allowed = alpha * (permutations + 1) - 1.0
-    for candidates in by_length.values():
-        stacked = np.stack([np.asarray(series[i], dtype=float) for i in candidates])
-        keep = np.all(np.isfinite(stacked), axis=1)
-        magnitudes = np.array([min_magnitudes[i] for i in candidates], dtype=float)
-        keep[keep] = ~cannot_change_many(stacked[keep], ms, magnitudes[keep])
-        members = [i for i, kept in zip(candidates, keep.tolist(), strict=True) if kept]
-        if not members:
-            continue
-        values = stacked[keep]
-        q = _statistics(values, ms)
-        taus = np.argmax(q, axis=1)
-        observed = q[np.arange(len(members)), taus]
-        live = np.flatnonzero(np.isfinite(observed) & (observed > 0))
-        thresholds = observed * (1.0 - 1e-12)
-        exceed = np.zeros(len(members), dtype=np.int64)
-        gens = {j: np.random.default_rng(seeds[members[j]]) for j in live.tolist()}
-        done = 0
-        for end in [*(r for r in _ROUNDS if r < permutations), permutations]:
-            if not len(live):
-                break
-            size = end - done
-            drawn = np.repeat(values[live], size, axis=0)
-            for row, j in enumerate(live.tolist()):  # each series from its own generator
-                block = drawn[row * size : (row + 1) * size]
-                gens[j].permuted(block, axis=1, out=block)
-            perm_max = _statistics(drawn, ms).max(axis=1).reshape(len(live), size)
-            exceed[live] += np.count_nonzero(perm_max >= thresholds[live, None], axis=1)
-            live, done = live[exceed[live] < allowed], end
-        for j in live.tolist():  # never stopped: significant, with the p-value of all of them
-            p_value = (1.0 + int(exceed[j])) / (1.0 + permutations)
-            if p_value >= alpha:
+    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="changepoint") as pool:
+        for candidates in by_length.values():
+            stacked = np.stack([np.asarray(series[i], dtype=float) for i in candidates])
+            keep = np.all(np.isfinite(stacked), axis=1)
+            magnitudes = np.array([min_magnitudes[i] for i in candidates], dtype=float)
+            keep[keep] = ~cannot_change_many(stacked[keep], ms, magnitudes[keep])
+            members = [i for i, kept in zip(candidates, keep.tolist(), strict=True) if kept]
+            if not members:
                 continue
-            i, tau = members[j], int(taus[j])
-            found[i].append(_Split(tau, p_value))
-            rngs[i] = gens[j]
+            values = stacked[keep]
+            q = _statistics(values, ms, pool)
+            taus = np.argmax(q, axis=1)
+            observed = q[np.arange(len(members)), taus]
+            live = np.flatnonzero(np.isfinite(observed) & (observed > 0))
+            thresholds = observed * (1.0 - 1e-12)
+            exceed = np.zeros(len(members), dtype=np.int64)
+            gens = _Generators([seeds[i] for i in members])
+            done = 0
+            for end in [*(r for r in _ROUNDS if r < permutations), permutations]:
+                if not len(live):
+                    break
+                size = end - done
+                perm_max = _permutation_maxima(values, live, size, gens, ms, pool)
+                exceed[live] += np.count_nonzero(perm_max >= thresholds[live, None], axis=1)
+                live, done = live[exceed[live] < allowed], end
+            for j in live.tolist():  # never stopped: significant, with the p-value of all of them
+                p_value = (1.0 + int(exceed[j])) / (1.0 + permutations)
+                if p_value >= alpha:
+                    continue
+                i, tau = members[j], int(taus[j])
+                found[i].append(_Split(tau, p_value))
+                rngs[i] = gens[j]
     out: list[list[Found]] = [[] for _ in series]
     for i, rng in rngs.items():
         v = np.asarray(series[i], dtype=float)

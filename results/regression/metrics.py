@@ -124,7 +124,7 @@ def samples_from_row(row: Row, run_id: str, at: float) -> dict[str, Sample]:
             continue
         outcomes: tuple[int, ...] = ()
         if name == "top1" and row.get("example_outcomes"):
-            outcomes = tuple(int(bool(o)) for o in row["example_outcomes"])
+            outcomes = tuple(map(int, map(bool, row["example_outcomes"])))
         method = kld_method(row) if name == "kld_mean" else ""
         out[name] = Sample(run_id=run_id, at=at, value=value, outcomes=outcomes, method=method)
     return out

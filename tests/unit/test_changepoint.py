@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -79,10 +81,8 @@ def test_split_statistics_peak_at_the_split() -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_chunked_statistics_equal_one_call_whatever_the_threads(
-    workers: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(changepoint, "_WORKERS", workers)
+def test_chunked_statistics_equal_one_call_whatever_the_threads(workers: int) -> None:
     values = np.random.default_rng(5).normal(100.0, 3.0, size=(1_000, 61))
-    got = changepoint._statistics(values, 3)
+    with ThreadPoolExecutor(workers) as pool:
+        got = changepoint._statistics(values, 3, pool)
     assert np.array_equal(got, split_statistics(values, 3))
