@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class Figures:
     gaps_ms: list[float] = field(default_factory=list)
     dispatch_cpu_pct: float = float("nan")  # the coordinator's, during dispatch
     simulator_cpu_pct: float = float("nan")  # this process's, during dispatch
+    gc_pauses: dict[str, tuple[int, float]] = field(default_factory=dict)  # gen: n, longest s
 
 
 class SimAgent:
@@ -260,7 +263,27 @@ async def simulate(farm: LocalFarm, args: argparse.Namespace) -> Figures:
     fig.gaps_ms = [g for a in agents for g in a.gaps_ms]
     print(f"dispatch: {done}/{fig.tasks} tasks, {fig.tasks_per_s:.0f} tasks/s", flush=True)
     await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+    fig.gc_pauses = await asyncio.to_thread(collection_pauses, farm.metrics_address)
     return fig
+
+
+def collection_pauses(address: str) -> dict[str, tuple[int, float]]:
+    """Per garbage-collector generation of the coordinator: collections, longest stop (s),
+    from its Prometheus metrics."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = re.match(
+            r'edgefarm_gc_(collections_total|longest_pause_seconds)\{generation="(\d)"\} (\S+)',
+            line,
+        )
+        if m:
+            found.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+    return {
+        g: (int(v.get("collections_total", 0)), v.get("longest_pause_seconds", 0.0))
+        for g, v in sorted(found.items())
+    }
 
 
 def table(fig: Figures) -> str:
@@ -290,6 +313,9 @@ def table(fig: Figures) -> str:
         ("result -> next assignment p50 / p99 (ms)",
          f"{p(fig.gaps_ms, 50):.1f} / {p(fig.gaps_ms, 99):.1f}",
          f"p99 < {TARGETS['gap_p99_ms']:.0f}"),
+        ("coordinator's garbage collections, young / full: count (longest stop, ms)",
+         " / ".join(f"{n} ({1000 * s:.0f})" for g, (n, s) in fig.gc_pauses.items() if g != "1"),
+         ""),
     ]  # fmt: skip
     out = ["| measure | value | target |", "| --- | --- | --- |"]
     out += [f"| {name} | {value} | {target} |" for name, value, target in rows]
@@ -329,6 +355,7 @@ def main() -> int:
             store_url=f"sqlite:///{home / 'results.sqlite'}",
             agents=0,
             heartbeat_s=args.heartbeat_s,
+            metrics_listen="127.0.0.1:0",
             # every simulated agent dials from this one address, as a fleet behind a NAT
             coordinator_args=["--register-rate", f"{args.agents}/{args.agents}"],
         )

@@ -19,6 +19,9 @@ Metrics (all prefixed ``edgefarm_``):
 - ``edgefarm_requeues_total{reason}``: tasks put back in the queue
 - ``edgefarm_results_refused_total{reason}``: results refused
 - ``edgefarm_result_ingestion_seconds``: from a result's arrival to the end of its write
+- ``edgefarm_gc_collections_total{generation}``, ``edgefarm_gc_pause_seconds_total{generation}``
+  and ``edgefarm_gc_longest_pause_seconds{generation}``: the garbage collector's stops of
+  the coordinator process (see :mod:`coordinator.gc_policy`)
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.gc_policy import CollectionPauses
 from coordinator.scheduler import AgentSession, Scheduler, SchedulerEvents
 from edgefarm.errors import UsageError
 from edgefarm.wire_limits import SILENT_AFTER_HEARTBEATS
@@ -147,6 +151,41 @@ class CoordinatorMetrics(SchedulerEvents):
         if self._scheduler is None:
             self.registry.register(_SchedulerCollector(scheduler))
         self._scheduler = scheduler
+
+    def watch_collections(self, pauses: CollectionPauses) -> None:
+        """Report the garbage collector's stops counted by ``pauses`` at each scrape."""
+        self.registry.register(_CollectionCollector(pauses))
+
+
+class _CollectionCollector(Collector):
+    """The garbage collector's stops of this process, per generation, at scrape time."""
+
+    def __init__(self, pauses: CollectionPauses) -> None:
+        self.pauses = pauses
+
+    def collect(self) -> Iterator[Metric]:
+        pauses = self.pauses
+        count = CounterMetricFamily(
+            "edgefarm_gc_collections",
+            "Garbage collections of the coordinator process, by generation.",
+            labels=["generation"],
+        )
+        seconds = CounterMetricFamily(
+            "edgefarm_gc_pause_seconds",
+            "Seconds the garbage collector stopped the coordinator process, by generation.",
+            labels=["generation"],
+        )
+        longest = GaugeMetricFamily(
+            "edgefarm_gc_longest_pause_seconds",
+            "The longest garbage-collector stop so far, by generation.",
+            labels=["generation"],
+        )
+        for generation in range(3):
+            label = [str(generation)]
+            count.add_metric(label, pauses.count[generation])
+            seconds.add_metric(label, pauses.seconds[generation])
+            longest.add_metric(label, pauses.longest[generation])
+        yield from (count, seconds, longest)
 
 
 class _SchedulerCollector(Collector):

@@ -25,6 +25,7 @@ from coordinator.campaigns import CampaignPlanner
 from coordinator.control import ControlService
 from coordinator.fleet_view import FORGET_AFTER_S
 from coordinator.gateway import REGISTER_BURST, REGISTER_PER_S, AgentGateway, RateLimiter
+from coordinator.gc_policy import CollectionPauses, keep_collections_short
 from coordinator.metrics import CoordinatorMetrics, MetricsServer, serve_metrics
 from coordinator.preparation import Preparer
 from coordinator.ray_cluster import init_ray
@@ -419,10 +420,19 @@ async def _serve(config: CoordinatorConfig, metrics: CoordinatorMetrics) -> None
     # Parsed by the local farm launcher: keep the format.
     print(f"edgefarm coordinator listening on {host}:{coordinator.port}", flush=True)
     log.info("store: %s", config.store_url)
-    watcher = asyncio.create_task(_watch_leases(coordinator.scheduler))
+    pauses = CollectionPauses()
+    pauses.install()
+    metrics.watch_collections(pauses)
+    watchers = [
+        asyncio.create_task(_watch_leases(coordinator.scheduler)),
+        asyncio.create_task(keep_collections_short()),
+    ]
     await stop.wait()
     log.info("shutting down")
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for watcher in watchers:
+        watcher.cancel()
+    for watcher in watchers:
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    pauses.uninstall()
     await coordinator.shutdown()
