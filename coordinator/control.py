@@ -21,7 +21,7 @@ from coordinator.identity import token_ok
 from coordinator.interleave import RunShape
 from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
-from edgefarm.domain import FINISHED_TASK_STATUSES, TaskStatus
+from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
 from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES
@@ -58,8 +58,38 @@ def _page_offset(token: str) -> int | None:
     return int(token) if token.isdigit() and len(token) <= 9 else None
 
 
-def _device_status(d: FleetDevice) -> control_pb2.DeviceStatus:
-    status = control_pb2.DeviceStatus(
+class CapabilitiesCache:
+    """Each agent's capabilities as protobuf, built once (a registration's capabilities
+    object does not change; building its message was a quarter of a 5,000-device
+    listing). Entries unused for two listings are dropped, so it holds at most two
+    fleets' worth."""
+
+    def __init__(self) -> None:
+        self._current: dict[int, tuple[DeviceCapabilities, common_pb2.DeviceCapabilities]] = {}
+        self._previous: dict[int, tuple[DeviceCapabilities, common_pb2.DeviceCapabilities]] = {}
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._previous)
+
+    def new_listing(self) -> None:
+        """A new listing starts: what the one before last used may go."""
+        self._previous, self._current = self._current, {}
+
+    def message(self, caps: DeviceCapabilities) -> common_pb2.DeviceCapabilities:
+        """The message of ``caps`` (keyed by identity, checked: ids are reused)."""
+        key = id(caps)
+        entry = self._current.get(key) or self._previous.get(key)
+        if entry is None or entry[0] is not caps:
+            entry = (caps, capabilities_to_pb(caps))
+        self._current[key] = entry
+        return entry[1]
+
+
+def _add_device_status(
+    page: control_pb2.ListDevicesResponse, d: FleetDevice, caps: CapabilitiesCache
+) -> None:
+    """Append ``d`` to the page (built in place: a message built apart is copied in)."""
+    status = page.devices.add(
         name=d.name,
         device_id=d.device_id or "",
         state=d.state,
@@ -70,8 +100,7 @@ def _device_status(d: FleetDevice) -> control_pb2.DeviceStatus:
         enrolment=d.enrolment,
     )
     if d.capabilities is not None:
-        status.capabilities.CopyFrom(capabilities_to_pb(d.capabilities))
-    return status
+        status.capabilities.CopyFrom(caps.message(d.capabilities))
 
 
 class InventoryCache:
@@ -142,6 +171,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self.inventory = InventoryCache(inventory_path)
         # the last device listing: (monotonic time, state, selector, devices)
         self._last_listing: tuple[float, str, str, list[FleetDevice]] | None = None
+        self._capabilities = CapabilitiesCache()
         self.missing_after_s = missing_after_s
 
     async def _check(self, token: str, context: grpc.aio.ServicerContext) -> None:
@@ -350,6 +380,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         if later_page and kept and kept[1:3] == (state, text) and now - kept[0] < LISTING_REUSE_S:
             return kept[3]
         await self.inventory.refresh()  # the declared-fleet file, re-read when it changed
+        self._capabilities.new_listing()
         chosen = select_fleet(self.fleet(), state, selector)
         self._last_listing = (now, state, text, chosen)
         return chosen
@@ -380,11 +411,12 @@ class ControlService(control_pb2_grpc.ControlServicer):
         size = request.page_size or DEVICES_PAGE
         page = chosen[offset : offset + size]
         more = offset + size < len(chosen)
-        return control_pb2.ListDevicesResponse(
-            devices=[_device_status(d) for d in page],
-            next_page_token=str(offset + size) if more else "",
-            total=len(chosen),
+        reply = control_pb2.ListDevicesResponse(
+            next_page_token=str(offset + size) if more else "", total=len(chosen)
         )
+        for device in page:
+            _add_device_status(reply, device, self._capabilities)
+        return reply
 
     async def QueryResults(
         self, request: control_pb2.QueryResultsRequest, context: grpc.aio.ServicerContext
