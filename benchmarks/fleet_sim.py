@@ -10,7 +10,8 @@ with a minimal valid result. Four phases, one after the other:
 1. **online**: all agents register and connect (``--connect-parallel`` at a time); the
    time until the coordinator's ``ListDevices`` reports every device online;
 2. **steady**: ``--steady-s`` seconds of heartbeats only: the coordinator process's CPU
-   (user + system, in % of one core);
+   (user + system, in % of one core), and its RSS at the start and the end (growth
+   would be garbage its collector misses);
 3. **devices list**: ``--list-calls`` full device lists (``ListDevices``, every page),
    one after the other during the steady heartbeats, from a process of their own:
    p50 / p99 / max latency;
@@ -67,6 +68,7 @@ class Figures:
     online_reached: int = 0
     register_failures: int = 0
     coordinator_cpu_pct: float = float("nan")
+    coordinator_rss_mb: tuple[float, float] = (float("nan"), float("nan"))  # steady: start, end
     list_ms: list[float] = field(default_factory=list)
     tasks: int = 0
     tasks_per_s: float = float("nan")
@@ -227,9 +229,10 @@ async def simulate(farm: LocalFarm, args: argparse.Namespace) -> Figures:
 
     # 2. steady heartbeats: the coordinator's CPU
     await asyncio.sleep(args.heartbeat_s * 2)
-    cpu0, t0 = cpu_seconds(coordinator), time.perf_counter()
+    cpu0, t0, rss0 = cpu_seconds(coordinator), time.perf_counter(), coordinator.memory_info().rss
     await asyncio.sleep(args.steady_s)
     fig.coordinator_cpu_pct = 100 * (cpu_seconds(coordinator) - cpu0) / (time.perf_counter() - t0)
+    fig.coordinator_rss_mb = (rss0 / 2**20, coordinator.memory_info().rss / 2**20)
     print(f"steady: coordinator {fig.coordinator_cpu_pct:.0f}% of a core", flush=True)
 
     # 3. devices list under the heartbeats, timed from a process of its own (this one's
@@ -301,6 +304,8 @@ def table(fig: Figures) -> str:
         ),
         ("coordinator CPU, steady heartbeats (% of a core)", f"{fig.coordinator_cpu_pct:.0f}",
          f"< {TARGETS['coordinator_cpu_pct']:.0f}"),
+        ("coordinator RSS at the start / end of the steady heartbeats (MB)",
+         "{:.0f} / {:.0f}".format(*fig.coordinator_rss_mb), ""),
         ("devices list p50 / p99 / max (ms)",
          f"{p(fig.list_ms, 50):.0f} / {p(fig.list_ms, 99):.0f} / "
          f"{max(fig.list_ms, default=float('nan')):.0f}",
