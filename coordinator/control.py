@@ -23,6 +23,7 @@ from coordinator.spec import CampaignSpec
 from coordinator.uploads import resolve_spec_files
 from edgefarm.domain import FINISHED_TASK_STATUSES, DeviceCapabilities, TaskStatus
 from edgefarm.errors import ArtifactError, EdgefarmError, SpecError, UsageError
+from edgefarm.gc_pause import gc_paused
 from edgefarm.selectors import parse_selector
 from edgefarm.wire_limits import MAX_NAME_BYTES, MAX_STRING_BYTES
 from inventory.fleet import FLEET_STATES, FleetDevice, load_inventory, merge_fleet, select_fleet
@@ -381,7 +382,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             return kept[3]
         await self.inventory.refresh()  # the declared-fleet file, re-read when it changed
         self._capabilities.new_listing()
-        chosen = select_fleet(self.fleet(), state, selector)
+        with gc_paused():  # tens of thousands of short-lived objects: no collection midway
+            chosen = select_fleet(self.fleet(), state, selector)
         self._last_listing = (now, state, text, chosen)
         return chosen
 
@@ -414,8 +416,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
         reply = control_pb2.ListDevicesResponse(
             next_page_token=str(offset + size) if more else "", total=len(chosen)
         )
-        for device in page:
-            _add_device_status(reply, device, self._capabilities)
+        with gc_paused():
+            for device in page:
+                _add_device_status(reply, device, self._capabilities)
         return reply
 
     async def QueryResults(
