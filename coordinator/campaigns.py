@@ -410,7 +410,6 @@ class CampaignPlanner:
         now = time.time()
         tasks: list[TaskRecord] = []
         failures: list[tuple[TaskRecord, Exception]] = []
-        reused = 0
         for variant, artifact, eval_data in zip(wanted, artifacts, evals, strict=True):
             for device in devices:
                 if variant.backend not in device.backends:
@@ -425,12 +424,21 @@ class CampaignPlanner:
                 )
                 if isinstance(artifact, Exception):
                     failures.append((task, artifact))
-                elif not plan.fresh and (found := store.find_reusable_result(task.measure_key)):
-                    task.status, task.result_id = TaskStatus.REUSED, found
-                    reused += 1
                 tasks.append(task)
+        reused = 0
+        if not plan.fresh:  # earlier identical measurements, looked up off the event loop
+            failed = {id(task) for task, _ in failures}
+            found = await asyncio.to_thread(
+                store.find_reusable_results,
+                [t.measure_key for t in tasks if id(t) not in failed],
+            )
+            for task in tasks:
+                if id(task) not in failed and task.measure_key in found:
+                    task.status, task.result_id = TaskStatus.REUSED, found[task.measure_key]
+                    reused += 1
         if shape.active:
-            tasks = self._shape(tasks, shape, now)
+            baseline = await asyncio.to_thread(self._baseline_tasks, shape)
+            tasks = self._shape(tasks, baseline, shape, now)
             kept = {t.task_id for t in tasks}
             failures = [(t, f) for t, f in failures if t.task_id in kept]
         if not tasks:
@@ -455,14 +463,20 @@ class CampaignPlanner:
             campaign_id, len(tasks), reused, stats.run, stats.cached, warnings, replays
         )
 
-    def _shape(self, tasks: list[TaskRecord], shape: RunShape, now: float) -> list[TaskRecord]:
+    def _baseline_tasks(self, shape: RunShape) -> list[TaskRecord]:
+        """The tasks of a nightly run's baseline campaign (none without one)."""
+        if not shape.baseline_campaign_id:
+            return []
+        store = self.scheduler.store
+        if store.get_campaign(shape.baseline_campaign_id) is None:
+            raise UsageError(f"no baseline campaign '{shape.baseline_campaign_id}'")
+        return store.tasks_for_campaign(shape.baseline_campaign_id)
+
+    def _shape(
+        self, tasks: list[TaskRecord], baseline: list[TaskRecord], shape: RunShape, now: float
+    ) -> list[TaskRecord]:
         """Apply a nightly run's shape; tasks get creation times in measuring order."""
-        store, artifacts = self.scheduler.store, self.preparer.artifacts
-        baseline: list[TaskRecord] = []
-        if shape.baseline_campaign_id:
-            if store.get_campaign(shape.baseline_campaign_id) is None:
-                raise UsageError(f"no baseline campaign '{shape.baseline_campaign_id}'")
-            baseline = store.tasks_for_campaign(shape.baseline_campaign_id)
+        artifacts = self.preparer.artifacts
 
         def runnable(t: TaskRecord) -> bool:
             return artifacts.has(t.artifact_sha256) and (

@@ -551,17 +551,29 @@ class ResultsStore:
 
     def find_reusable_result(self, measure_key: str) -> int | None:
         """The newest ok and valid result with this measure key (None for an empty key)."""
-        if not measure_key:
-            return None
+        return self.find_reusable_results([measure_key]).get(measure_key)
+
+    def find_reusable_results(self, measure_keys: Iterable[str]) -> dict[str, int]:
+        """:meth:`find_reusable_result` of many keys: key -> result id for each key that
+        has one, a few hundred keys per query."""
+        wanted = sorted({k for k in measure_keys if k})
         stmt = (
-            sa.select(results.c.result_id)
-            .where(results.c.measure_key == measure_key, results.c.ok, results.c.valid)
-            .order_by(results.c.created_at.desc(), results.c.result_id.desc())
-            .limit(1)
+            sa.select(results.c.measure_key, results.c.result_id)
+            .where(
+                results.c.measure_key.in_(sa.bindparam("keys", expanding=True)),
+                results.c.ok,
+                results.c.valid,
+            )
+            .order_by(
+                results.c.measure_key, results.c.created_at.desc(), results.c.result_id.desc()
+            )
         )
+        found: dict[str, int] = {}
         with self._tx() as conn:
-            value = conn.execute(stmt).scalar_one_or_none()
-        return None if value is None else int(value)
+            for start in range(0, len(wanted), 500):
+                for key, result_id in conn.execute(stmt, {"keys": wanted[start : start + 500]}):
+                    found.setdefault(key, int(result_id))
+        return found
 
     def get_result(self, result_id: int, samples: bool = False) -> dict[str, Any] | None:
         """One result row as a dict, or None; ``samples``: with ``samples_ms``."""

@@ -503,6 +503,16 @@ def test_find_reusable_result_wants_the_newest_ok_and_valid(store: ResultsStore)
     assert store.find_reusable_result("mk") == newer
     assert store.find_reusable_result("other") is None
     assert store.find_reusable_result("") is None
+    assert store.find_reusable_results(["mk", "other", "", "mk"]) == {"mk": newer}
+
+
+def test_find_reusable_results_over_many_keys(store: ResultsStore) -> None:
+    tasks = seed(
+        store, "c0ffee00-aaaa", *(make_task(f"t{i}", measure_key=f"k{i}") for i in range(7))
+    )
+    ids = {t.measure_key: store.ingest_result(t, make_result(t), "pi5")[0] for t in tasks[:5]}
+    keys = [f"k{i}" for i in range(7)] + [f"absent-{i}" for i in range(1200)]  # several queries
+    assert store.find_reusable_results(keys) == ids
 
 
 def test_results_for_campaign_includes_reused_rows(store: ResultsStore) -> None:
