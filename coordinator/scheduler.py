@@ -448,17 +448,15 @@ class Scheduler:
         self.leases[task.task_id] = lease
         self.busy_devices[session.device_id] = task.task_id
         session.lease_id = lease.lease_id
-        self._hold(task, lease)
-        self.writer.post(
-            self.store.start_attempt,
-            AttemptRecord(
-                task_id=task.task_id,
-                attempt=attempt,
-                lease_id=lease.lease_id,
-                agent_id=session.agent_id,
-                started_at=now,
-            ),
+        self._mark_held(task, lease)
+        started = AttemptRecord(
+            task_id=task.task_id,
+            attempt=attempt,
+            lease_id=lease.lease_id,
+            agent_id=session.agent_id,
+            started_at=now,
         )
+        self.writer.post_many(self.store.lease_tasks, (started, lease.expires_at))
         assignment = Assignment(
             task_id=task.task_id,
             attempt=attempt,
@@ -576,11 +574,16 @@ class Scheduler:
         self._hold(task, late)
         return True
 
-    def _hold(self, task: TaskRecord, lease: Lease) -> None:
-        """Record (in memory and in the store) that ``task`` is held under ``lease``."""
+    @staticmethod
+    def _mark_held(task: TaskRecord, lease: Lease) -> None:
+        """Record in memory that ``task`` is held under ``lease``."""
         task.status, task.attempt = TaskStatus.ASSIGNED, lease.attempt
         task.lease_id, task.agent_id = lease.lease_id, lease.agent_id
         task.lease_expires_at = lease.expires_at
+
+    def _hold(self, task: TaskRecord, lease: Lease) -> None:
+        """Record (in memory and in the store) that ``task`` is held under ``lease``."""
+        self._mark_held(task, lease)
         self.writer.post(
             self.store.update_task,
             task.task_id,
@@ -592,9 +595,8 @@ class Scheduler:
         )
 
     def _end_attempt(self, lease: Lease, outcome: str, reason: str = "") -> None:
-        self.writer.post(
-            self.store.end_attempt, lease.task_id, lease.attempt, self.clock(), outcome, reason
-        )
+        end = (lease.task_id, lease.attempt, self.clock(), outcome, reason)
+        self.writer.post_many(self.store.end_attempts, end)
 
     def _forget(self, task_id: str) -> None:
         """A task is finished: drop what the scheduler kept about it."""

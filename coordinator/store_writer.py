@@ -46,6 +46,7 @@ class _Job:
 
     fn: Callable[[], Any] | None  # None: an ingestion of ``ingest``
     ingest: tuple[TaskRecord, MeasurementResult, str] | None = None
+    many: tuple[Callable[[list[Any]], Any], Any] | None = None  # post_many's (fn, item)
     future: Future[Any] | None = None  # for run() and ingest(); post() logs failures
     outcome: tuple[bool, Any] = (True, None)  # (ok, value or exception)
 
@@ -100,6 +101,15 @@ class StoreWriter:
                 log.exception("store write %s failed", getattr(fn, "__name__", fn))
             return
         self._enqueue(_Job(functools.partial(fn, *args, **kwargs)))
+
+    def post_many(self, fn: Callable[[list[T]], Any], item: T) -> None:
+        """:meth:`post` of ``fn([item])``; in the background, the items of consecutive
+        ``post_many`` calls of the same ``fn`` in one group go to one call of ``fn``
+        (one executemany), and each alone when the group runs again after a failure."""
+        if self._executor is None:
+            self.post(fn, [item])
+            return
+        self._enqueue(_Job(functools.partial(fn, [item]), many=(fn, item)))
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` after every earlier write and return its result (or raise)."""
@@ -165,7 +175,7 @@ class StoreWriter:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 with self.store.batch(savepoints=False):
-                    if not self._run_calls(calls):
+                    if not self._run_calls(calls, merge=True):
                         raise _RollBack
                 return
             after_commit = getattr(self._group, "after_commit", None)
@@ -180,14 +190,29 @@ class StoreWriter:
                 job.outcome = (False, error)
 
     @staticmethod
-    def _run_calls(calls: list[_Job]) -> bool:
-        """Run the calls, keeping each one's outcome; whether all of them succeeded."""
-        for job in calls:
-            assert job.fn is not None
+    def _run_calls(calls: list[_Job], merge: bool = False) -> bool:
+        """Run the calls, keeping each one's outcome; whether all of them succeeded.
+        ``merge``: consecutive :meth:`post_many` jobs of one function as one call."""
+        start = 0
+        while start < len(calls):
+            job = calls[start]
+            stop = start + 1
+            fn = job.many[0] if merge and job.many is not None else None
+            while fn is not None and stop < len(calls) and _many_fn(calls[stop]) == fn:
+                stop += 1
+            run = calls[start:stop]
             try:
-                job.outcome = (True, job.fn())
+                if len(run) == 1:
+                    assert job.fn is not None
+                    outcome: tuple[bool, Any] = (True, job.fn())
+                else:
+                    assert fn is not None
+                    outcome = (True, fn([j.many[1] for j in run if j.many is not None]))
             except Exception as error:
-                job.outcome = (False, error)
+                outcome = (False, error)
+            for done in run:
+                done.outcome = outcome
+            start = stop
         return all(job.outcome[0] for job in calls)
 
     def _ingest_group(self, jobs: list[_Job]) -> None:
@@ -246,6 +271,11 @@ class StoreWriter:
         if self._loop is None:
             with contextlib.suppress(RuntimeError):
                 self._loop = asyncio.get_running_loop()
+
+
+def _many_fn(job: _Job) -> Callable[[list[Any]], Any] | None:
+    """The function of a :meth:`StoreWriter.post_many` job (None for another job)."""
+    return job.many[0] if job.many is not None else None
 
 
 def _settle(job: _Job) -> None:

@@ -121,6 +121,15 @@ _NEW_ATTEMPT = attempts.insert().from_select(
 )
 
 
+# A task held under a lease (the batched half of update_task that lease_tasks runs).
+_HOLD = tasks.update().where(tasks.c.task_id == sa.bindparam("b_task_id"))
+# An attempt's end, when its row exists (the usual case of end_attempt).
+_END_ATTEMPT = attempts.update().where(
+    attempts.c.task_id == sa.bindparam("b_task_id"),
+    attempts.c.attempt == sa.bindparam("b_attempt"),
+)
+
+
 class _Conflict(StoreError):
     """A write broke a unique / foreign key constraint (handled inside the store)."""
 
@@ -769,6 +778,61 @@ class ResultsStore:
             except _Conflict as e:
                 error = e
         raise StoreError(f"cannot record attempt {a.attempt} of task {a.task_id}: {error}")
+
+    def lease_tasks(self, grants: Sequence[tuple[AttemptRecord, float]]) -> None:
+        """For each ``(attempt, lease_expires_at)``: its task held under the attempt's
+        lease (:meth:`update_task`) and the attempt recorded as started
+        (:meth:`start_attempt`), as one executemany each in the usual case. KeyError for
+        an unknown task when one is given (StoreError for one of several)."""
+        if not grants:
+            return
+        now = time.time()
+        holds = [
+            {
+                **rows.task_fields_to_values(
+                    {
+                        "status": TaskStatus.ASSIGNED,
+                        "attempt": a.attempt,
+                        "lease_id": a.lease_id,
+                        "agent_id": a.agent_id,
+                        "lease_expires_at": expires_at,
+                    }
+                ),
+                "updated_at": now,
+                "b_task_id": a.task_id,
+            }
+            for a, expires_at in grants
+        ]
+        with self._tx(write=True) as conn:
+            if conn.execute(_HOLD, holds).rowcount != len(holds):
+                if len(grants) == 1:
+                    raise KeyError(grants[0][0].task_id)
+                raise StoreError(f"one of {len(grants)} tasks to lease is not in the store")
+            started = conn.execute(_NEW_ATTEMPT, [rows.attempt_to_row(a) for a, _ in grants])
+        if started.rowcount != len(grants):  # some were recorded before: one at a time
+            for a, _ in grants:
+                self.start_attempt(a)
+
+    def end_attempts(self, ends: Sequence[tuple[str, int, float, str, str]]) -> None:
+        """:meth:`end_attempt` of each ``(task_id, attempt, ended_at, outcome, reason)``,
+        as one executemany in the usual case (every attempt's row exists)."""
+        if not ends:
+            return
+        values = [
+            {
+                "ended_at": rows.finite_or_none(ended_at),
+                "outcome": rows.check_outcome(outcome),
+                "reason": reason,
+                "b_task_id": task_id,
+                "b_attempt": attempt,
+            }
+            for task_id, attempt, ended_at, outcome, reason in ends
+        ]
+        with self._tx(write=True) as conn:
+            done = conn.execute(_END_ATTEMPT, values).rowcount
+        if done != len(values):  # some attempts have no row yet: one at a time
+            for end in ends:
+                self.end_attempt(*end)
 
     def end_attempt(
         self, task_id: str, attempt: int, ended_at: float, outcome: str, reason: str = ""

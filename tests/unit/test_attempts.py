@@ -112,6 +112,42 @@ def test_end_of_an_attempt_never_started_inserts_it(store: ResultsStore) -> None
     )
 
 
+def test_batched_leases_and_ends_equal_one_at_a_time(store: ResultsStore) -> None:
+    """lease_tasks and end_attempts (the store writer's executemany forms) leave what
+    update_task + start_attempt and end_attempt do, the unusual cases included: an
+    attempt recorded before (a restart) and an end with no start row."""
+    store.start_attempt(attempt("t2", 1, lease_id="kept"))  # recorded before
+    store.lease_tasks([(attempt("t1", 1), 500.0), (attempt("t2", 1), 600.0)])
+    t1, t2 = store.get_task("t1"), store.get_task("t2")
+    assert t1 is not None and t2 is not None
+    assert (t1.status.value, t1.attempt, t1.lease_id, t1.agent_id, t1.lease_expires_at) == (
+        "assigned",
+        1,
+        "lease-t1-1",
+        "agent-1",
+        500.0,
+    )
+    assert t2.lease_expires_at == 600.0
+    assert store.attempts_for_task("t1") == [attempt("t1", 1)]
+    assert store.attempts_for_task("t2") == [attempt("t2", 1, lease_id="kept")]
+    store.end_attempts([("t1", 1, 130.0, "result", ""), ("u1", 4, 140.0, "lost", "gone")])
+    assert store.attempts_for_task("t1") == [attempt("t1", 1, ended_at=130.0, outcome="result")]
+    assert store.attempts_for_task("u1") == [
+        AttemptRecord("u1", 4, "", "", 0.0, 140.0, "lost", "gone")  # never started here
+    ]
+    store.lease_tasks([])
+    store.end_attempts([])
+
+
+def test_batched_leases_refuse_an_unknown_task(store: ResultsStore) -> None:
+    with pytest.raises(KeyError):
+        store.lease_tasks([(attempt("missing", 1), 1.0)])
+    with pytest.raises(StoreError, match="one of 2 tasks"):
+        store.lease_tasks([(attempt("t1", 1), 1.0), (attempt("missing", 1), 1.0)])
+    with pytest.raises(ValueError, match="unknown attempt outcome"):
+        store.end_attempts([("t1", 1, 1.0, "exploded", "")])
+
+
 def test_attempts_for_campaign_in_task_order(store: ResultsStore) -> None:
     store.start_attempt(attempt("t1", 2))
     store.start_attempt(attempt("u1", 1))

@@ -109,3 +109,46 @@ def test_a_failed_commit_fails_every_write_of_its_group(store: ResultsStore) -> 
     outcomes = asyncio.run(scenario())
     writer.close()
     assert all(isinstance(o, StoreError) for o in outcomes)
+
+
+def test_consecutive_post_many_run_as_one_call_and_alone_after_a_failure(
+    store: ResultsStore,
+) -> None:
+    """Consecutive post_many items of one function go to it together; when that call
+    fails, the group runs again with each item alone, so only the bad one fails."""
+    writer = StoreWriter(background=True, store=store)
+    batches: list[list[str]] = []
+
+    def fail_fast(ids: list[str]) -> None:
+        batches.append(list(ids))
+        for task_id in ids:
+            store.update_task(task_id, status=TaskStatus.FAILED)
+
+    async def group(ids: list[str]) -> None:
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(writer.run(gate.wait, 10))
+        await asyncio.sleep(0.05)
+        for task_id in ids[:3]:
+            writer.post_many(fail_fast, task_id)
+        writer.post(store.update_task, "t9", attempt=7)  # another call ends the run
+        for task_id in ids[3:]:
+            writer.post_many(fail_fast, task_id)
+        last = asyncio.ensure_future(writer.run(store.get_task, "t9"))
+        gate.set()
+        await blocked
+        await last
+
+    asyncio.run(group(["t1", "t2", "t3", "t4", "t5"]))
+    assert batches == [["t1", "t2", "t3"], ["t4", "t5"]]
+    batches.clear()
+    asyncio.run(group(["t6", "no-such-task", "t7", "t8"]))
+    writer.close()
+    # merged (one failing on the unknown task), then, rolled back, each alone
+    first, again = (
+        [["t6", "no-such-task", "t7"], ["t8"]],
+        [["t6"], ["no-such-task"], ["t7"], ["t8"]],
+    )
+    assert batches == first + again
+    done = {f"t{i}": store.get_task(f"t{i}").status for i in range(1, 9)}  # type: ignore[union-attr]
+    assert set(done.values()) == {TaskStatus.FAILED}  # every known task, the bad one alone
+    assert store.get_task("t9").attempt == 7  # type: ignore[union-attr]
