@@ -6,6 +6,8 @@ one transaction after the calls, outcomes only after the commit."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from coordinator.store_writer import StoreWriter
-from edgefarm.domain import CampaignStatus, TaskStatus
+from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus, TrialOutcome
 from edgefarm.errors import StoreError
-from results.records import CampaignRecord
+from results.records import CampaignRecord, TaskRecord
 from results.store import ResultsStore
 from tests.unit.scheduler_doubles import task
 
@@ -152,3 +154,56 @@ def test_consecutive_post_many_run_as_one_call_and_alone_after_a_failure(
     done = {f"t{i}": store.get_task(f"t{i}").status for i in range(1, 9)}  # type: ignore[union-attr]
     assert set(done.values()) == {TaskStatus.FAILED}  # every known task, the bad one alone
     assert store.get_task("t9").attempt == 7  # type: ignore[union-attr]
+
+
+def _result(t: TaskRecord) -> MeasurementResult:
+    trial = TrialOutcome(
+        samples_ms=[1.0, 1.1],
+        warmup_iterations=1,
+        duration_s=0.1,
+        load_time_s=0.01,
+        peak_rss_bytes=10,
+        load_rss_delta_bytes=1,
+        valid=True,
+    )
+    return MeasurementResult(
+        task_id=t.task_id,
+        attempt=1,
+        lease_id="lease",
+        agent_id="a1",
+        device_id=t.device_id,
+        ok=True,
+        trials=[trial],
+    )
+
+
+def test_results_go_through_the_ingestion_process_which_comes_back_after_a_kill(
+    tmp_path: Path,
+) -> None:
+    """With ingest_url, results are stored by a process of its own; killed, the results
+    it held fail with a one-line StoreError and the next ones start a new process."""
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    store = ResultsStore.open(url)
+    tasks = [task(i, f"dev-{i}") for i in range(3)]
+    store.create_campaign(CampaignRecord("c1", "c", "", CampaignStatus.RUNNING, 0.0), tasks)
+    writer = StoreWriter(background=True, ingest_url=url, store=store)
+
+    async def scenario() -> list[object]:
+        first = await writer.ingest(store, tasks[0], _result(tasks[0]), "box")
+        ingester = writer._ingester
+        assert ingester is not None and ingester._process.pid != os.getpid()
+        os.kill(ingester._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        ingester._process.join(10)
+        lost = await asyncio.gather(
+            writer.ingest(store, tasks[1], _result(tasks[1]), "box"), return_exceptions=True
+        )
+        again = await writer.ingest(store, tasks[1], _result(tasks[1]), "box")
+        return [first, *lost, again]
+
+    first, lost, again = asyncio.run(scenario())
+    writer.close()
+    assert first[1] is True and again[1] is True  # type: ignore[index]
+    assert isinstance(lost, StoreError) and "ingestion process died" in str(lost)
+    done = [store.get_task(t.task_id) for t in tasks[:2]]
+    assert all(t is not None and t.status is TaskStatus.DONE for t in done)
+    assert writer._ingester is None  # closed with the writer
