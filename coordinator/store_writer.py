@@ -22,9 +22,9 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from edgefarm.errors import StoreError
@@ -81,7 +81,7 @@ class StoreWriter:
         self.store = store  # the store the calls write to (batched when set)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ingest_url = ingest_url if background else None
-        self._ingester: _IngestProcess | None = None
+        self._ingester: ProcessPoolExecutor | None = None
         self._queue: list[_Job] = []
         self._lock = threading.Lock()
         self._group = threading.local()  # .after_commit: callbacks of the running group
@@ -235,10 +235,15 @@ class StoreWriter:
         """On the writer thread: hand the results to the worker and wait (GIL released)."""
         if self._ingester is None:
             assert self._ingest_url is not None
-            self._ingester = _IngestProcess(self._ingest_url)
+            self._ingester = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),  # no fork under gRPC threads
+                initializer=_open_worker_store,
+                initargs=(self._ingest_url,),  # type: ignore[arg-type]
+            )
         try:
-            return self._ingester.ingest(items)
-        except _WorkerDied:
+            return self._ingester.submit(_ingest_in_worker, items).result()
+        except BrokenProcessPool:
             self._ingester = None  # started afresh for the next result
             raise StoreError(
                 "the result ingestion process died; the result was not stored"
@@ -260,8 +265,7 @@ class StoreWriter:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         if self._ingester is not None:
-            self._ingester.close()
-            self._ingester = None
+            self._ingester.shutdown(wait=True)
 
     def _remember_loop(self) -> None:
         if self._loop is None:
@@ -301,67 +305,23 @@ def _ingest_many(
     return outcomes
 
 
-class _WorkerDied(Exception):
-    """The ingestion process ended (killed, crashed) before it answered."""
+_WORKER_STORE: ResultsStore | None = None
 
 
-class _IngestProcess:
-    """The process that stores results: its own interpreter (its own GIL) and its own
-    store connection, spoken to over a pipe by the writer thread alone. The writer
-    pickles a group's results straight into the pipe and blocks on the answer with the
-    GIL released: no feeder or manager thread of a process pool competing with the
-    event loop for it at each hop."""
-
-    def __init__(self, url: str) -> None:
-        context = multiprocessing.get_context("spawn")  # no fork under gRPC threads
-        self._conn, child = context.Pipe()
-        # Daemonic: it ends with the coordinator; killed, the coordinator's side of the
-        # pipe closes and the worker's next read ends it too.
-        self._process = context.Process(
-            target=_serve_ingestion, args=(child, url), name="edgefarm-ingest", daemon=True
-        )
-        self._process.start()
-        child.close()
-
-    def ingest(
-        self, items: list[tuple[TaskRecord, MeasurementResult, str]]
-    ) -> list[tuple[bool, Any]]:
-        """Each result's outcome; _WorkerDied when the process is gone."""
-        try:
-            self._conn.send(items)
-            outcomes: list[tuple[bool, Any]] = self._conn.recv()
-        except (EOFError, OSError):
-            self.close()
-            raise _WorkerDied from None
-        return outcomes
-
-    def close(self) -> None:
-        """Let the process finish and end (terminated if it does not within 10 s)."""
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        self._conn.close()
-
-
-def _serve_ingestion(conn: Connection, url: str) -> None:
-    """The ingestion process: store each group of results it is sent, answer outcomes."""
+def _open_worker_store(url: str) -> None:
+    """In the ingestion worker: open its own connection to the store."""
+    global _WORKER_STORE
     from results.store import ResultsStore
 
     with contextlib.suppress(OSError, AttributeError):  # background work: yield the CPU
         os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
-    store = ResultsStore.open(url)
-    try:
-        while True:
-            try:
-                items = conn.recv()
-            except EOFError:  # the coordinator is gone
-                return
-            if items is None:
-                return
-            conn.send(_ingest_many(store, items))
-    finally:
-        store.close()
+
+    _WORKER_STORE = ResultsStore.open(url)
+
+
+def _ingest_in_worker(
+    items: list[tuple[TaskRecord, MeasurementResult, str]],
+) -> list[tuple[bool, Any]]:
+    assert _WORKER_STORE is not None
+    return _ingest_many(_WORKER_STORE, items)

@@ -190,10 +190,11 @@ def test_results_go_through_the_ingestion_process_which_comes_back_after_a_kill(
 
     async def scenario() -> list[object]:
         first = await writer.ingest(store, tasks[0], _result(tasks[0]), "box")
-        ingester = writer._ingester
-        assert ingester is not None and ingester._process.pid != os.getpid()
-        os.kill(ingester._process.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        ingester._process.join(10)
+        assert writer._ingester is not None
+        (worker,) = writer._ingester._processes.values()  # the pool's one process
+        assert worker.pid is not None and worker.pid != os.getpid()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
         lost = await asyncio.gather(
             writer.ingest(store, tasks[1], _result(tasks[1]), "box"), return_exceptions=True
         )
@@ -206,4 +207,3 @@ def test_results_go_through_the_ingestion_process_which_comes_back_after_a_kill(
     assert isinstance(lost, StoreError) and "ingestion process died" in str(lost)
     done = [store.get_task(t.task_id) for t in tasks[:2]]
     assert all(t is not None and t.status is TaskStatus.DONE for t in done)
-    assert writer._ingester is None  # closed with the writer
