@@ -139,6 +139,24 @@ def test_batched_leases_and_ends_equal_one_at_a_time(store: ResultsStore) -> Non
     store.end_attempts([])
 
 
+def test_batched_leases_and_ends_over_hundreds_of_tasks(store: ResultsStore) -> None:
+    """Several statements' worth (SQLite takes a hundred rows a statement), and a key
+    given twice: applied in order, the later one last, as one at a time would."""
+    many = [make_task(f"m{i:03d}", "c3", created_at=float(i)) for i in range(250)]
+    store.create_campaign(make_campaign("c3"), many)
+    store.lease_tasks([(attempt(t.task_id, 1), 900.0) for t in many])
+    found = store.attempts_for_campaign("c3")
+    assert sorted((a.task_id, a.lease_id) for a in found) == [
+        (t.task_id, f"lease-{t.task_id}-1") for t in many
+    ]
+    assert {t.lease_expires_at for t in store.tasks_for_campaign("c3")} == {900.0}
+    ends = [(t.task_id, 1, 950.0, "result", "") for t in many]
+    store.end_attempts([*ends, ("m007", 1, 960.0, "lost", "twice")])
+    found = store.attempts_for_campaign("c3")
+    assert {(a.outcome, a.ended_at) for a in found if a.task_id != "m007"} == {("result", 950.0)}
+    assert [(a.outcome, a.reason) for a in found if a.task_id == "m007"] == [("lost", "twice")]
+
+
 def test_batched_leases_refuse_an_unknown_task(store: ResultsStore) -> None:
     with pytest.raises(KeyError):
         store.lease_tasks([(attempt("missing", 1), 1.0)])
