@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -129,52 +128,6 @@ _END_ATTEMPT = attempts.update().where(
     attempts.c.task_id == sa.bindparam("b_task_id"),
     attempts.c.attempt == sa.bindparam("b_attempt"),
 )
-
-
-# SQLite: many rows in one statement through a VALUES list (UPDATE ... FROM needs 3.33).
-# One statement is one step of the database, so the driver lets go of Python's lock and
-# takes it back once per hundred rows, not once per row, which beside a busy event loop
-# is most of an executemany's time.
-_VALUES_ROWS = 100
-_VALUES_LISTS = sqlite3.sqlite_version_info >= (3, 33)
-_HOLD_COLUMNS = ("status", "attempt", "lease_id", "agent_id", "lease_expires_at", "updated_at")
-_HOLD_FROM_VALUES = (
-    "UPDATE tasks SET "
-    + ", ".join(f"{c} = v.column{i + 2}" for i, c in enumerate(_HOLD_COLUMNS))
-    + " FROM (VALUES {values}) AS v WHERE tasks.task_id = v.column1"
-)
-_ATTEMPT_COLUMNS = tuple(c.name for c in attempts.columns)  # task_id, attempt first
-_NEW_ATTEMPTS_FROM_VALUES = (
-    f"INSERT INTO attempts ({', '.join(_ATTEMPT_COLUMNS)}) SELECT "
-    + ", ".join(f"v.column{i + 1}" for i in range(len(_ATTEMPT_COLUMNS)))
-    + " FROM (VALUES {values}) AS v"
-    " WHERE EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = v.column1)"
-    " AND NOT EXISTS (SELECT 1 FROM attempts AS a"
-    " WHERE a.task_id = v.column1 AND a.attempt = v.column2)"
-)
-_END_FROM_VALUES = (
-    "UPDATE attempts SET ended_at = v.column3, outcome = v.column4, reason = v.column5"
-    " FROM (VALUES {values}) AS v"
-    " WHERE attempts.task_id = v.column1 AND attempts.attempt = v.column2"
-)
-
-
-def _values_lists(conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
-    """Run ``sql`` (with ``{values}`` for a VALUES list) over ``rows``, a hundred rows a
-    statement; the rows it changed."""
-    changed = 0
-    for start in range(0, len(rows), _VALUES_ROWS):
-        chunk = rows[start : start + _VALUES_ROWS]
-        marks = ", ".join(["(" + ", ".join("?" * len(chunk[0])) + ")"] * len(chunk))
-        params = tuple(value for row in chunk for value in row)
-        changed += conn.exec_driver_sql(sql.format(values=marks), params).rowcount
-    return changed
-
-
-def _as_values_lists(conn: Connection, keys: Sequence[tuple[Any, ...]]) -> bool:
-    """Whether rows keyed by ``keys`` may go through VALUES lists: SQLite 3.33 or later
-    and no key twice (a VALUES list would apply one of two rows for a key, unordered)."""
-    return conn.dialect.name == "sqlite" and _VALUES_LISTS and len(set(keys)) == len(keys)
 
 
 class _Conflict(StoreError):
@@ -850,29 +803,13 @@ class ResultsStore:
             }
             for a, expires_at in grants
         ]
-        starts = [rows.attempt_to_row(a) for a, _ in grants]
         with self._tx(write=True) as conn:
-            if _as_values_lists(conn, [(a.task_id,) for a, _ in grants]):
-                held = _values_lists(
-                    conn,
-                    _HOLD_FROM_VALUES,
-                    [(h["b_task_id"], *(h[c] for c in _HOLD_COLUMNS)) for h in holds],
-                )
-            else:
-                held = conn.execute(_HOLD, holds).rowcount
-            if held != len(holds):
+            if conn.execute(_HOLD, holds).rowcount != len(holds):
                 if len(grants) == 1:
                     raise KeyError(grants[0][0].task_id)
                 raise StoreError(f"one of {len(grants)} tasks to lease is not in the store")
-            if _as_values_lists(conn, [(a.task_id, a.attempt) for a, _ in grants]):
-                started = _values_lists(
-                    conn,
-                    _NEW_ATTEMPTS_FROM_VALUES,
-                    [tuple(row[c] for c in _ATTEMPT_COLUMNS) for row in starts],
-                )
-            else:
-                started = conn.execute(_NEW_ATTEMPT, starts).rowcount
-        if started != len(grants):  # some were recorded before: one at a time
+            started = conn.execute(_NEW_ATTEMPT, [rows.attempt_to_row(a) for a, _ in grants])
+        if started.rowcount != len(grants):  # some were recorded before: one at a time
             for a, _ in grants:
                 self.start_attempt(a)
 
@@ -892,17 +829,7 @@ class ResultsStore:
             for task_id, attempt, ended_at, outcome, reason in ends
         ]
         with self._tx(write=True) as conn:
-            if _as_values_lists(conn, [(v["b_task_id"], v["b_attempt"]) for v in values]):
-                done = _values_lists(
-                    conn,
-                    _END_FROM_VALUES,
-                    [
-                        (v["b_task_id"], v["b_attempt"], v["ended_at"], v["outcome"], v["reason"])
-                        for v in values
-                    ],
-                )
-            else:
-                done = conn.execute(_END_ATTEMPT, values).rowcount
+            done = conn.execute(_END_ATTEMPT, values).rowcount
         if done != len(values):  # some attempts have no row yet: one at a time
             for end in ends:
                 self.end_attempt(*end)
