@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from coordinator.store_writer import StoreWriter
+from coordinator.store_writer import StoreWriter, _ingest_many
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus, TrialOutcome
 from edgefarm.errors import StoreError
 from results.records import CampaignRecord, TaskRecord
@@ -207,3 +207,24 @@ def test_results_go_through_the_ingestion_process_which_comes_back_after_a_kill(
     assert isinstance(lost, StoreError) and "ingestion process died" in str(lost)
     done = [store.get_task(t.task_id) for t in tasks[:2]]
     assert all(t is not None and t.status is TaskStatus.DONE for t in done)
+
+
+def test_ingestion_without_savepoints_until_a_result_fails(store: ResultsStore) -> None:
+    """A group of results is stored without a savepoint each; when one fails, the
+    group is stored again with them, so only that one fails."""
+    statements: list[str] = []
+    sa.event.listen(
+        store._engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0])
+    )
+    tasks = [store.get_task(f"t{i}") for i in range(3)]
+    assert all(t is not None for t in tasks)
+    good = [(t, _result(t), "box") for t in tasks[:2] if t is not None]
+    outcomes = _ingest_many(store, good)
+    assert [ok for ok, _ in outcomes] == [True, True] and "SAVEPOINT" not in statements
+    t2 = tasks[2]
+    assert t2 is not None
+    wrong = (t2, _result(tasks[0]), "box")  # a result of another task: refused
+    outcomes = _ingest_many(store, [(t2, _result(t2), "box"), wrong])
+    assert [ok for ok, _ in outcomes] == [True, False]
+    assert isinstance(outcomes[1][1], ValueError) and "SAVEPOINT" in statements
+    assert all(store.get_task(f"t{i}").status is TaskStatus.DONE for i in range(3))  # type: ignore[union-attr]
