@@ -58,12 +58,9 @@ def task(
     )
 
 
-def result_for(
-    message: AssignMessage, agent_id: str, device_id: str = "dev-a", ok: bool = True
-) -> MeasurementResult:
-    """The result an agent sends for an assignment (one valid trial, or a failure)."""
-    x = message.assignment
-    trial = TrialOutcome(
+def valid_trial() -> TrialOutcome:
+    """One valid trial of two samples."""
+    return TrialOutcome(
         samples_ms=[1.0, 1.1],
         warmup_iterations=1,
         duration_s=0.1,
@@ -72,6 +69,14 @@ def result_for(
         load_rss_delta_bytes=1,
         valid=True,
     )
+
+
+def result_for(
+    message: AssignMessage, agent_id: str, device_id: str = "dev-a", ok: bool = True
+) -> MeasurementResult:
+    """The result an agent sends for an assignment (one valid trial, or a failure)."""
+    x = message.assignment
+    trial = valid_trial()
     return MeasurementResult(
         task_id=x.task_id,
         attempt=x.attempt,

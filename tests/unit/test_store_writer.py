@@ -16,11 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 from coordinator.store_writer import StoreWriter, _ingest_many
-from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus, TrialOutcome
+from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import StoreError
 from results.records import CampaignRecord, TaskRecord
 from results.store import ResultsStore
-from tests.unit.scheduler_doubles import task
+from tests.unit.scheduler_doubles import task, valid_trial
 
 
 @pytest.fixture
@@ -157,15 +157,7 @@ def test_consecutive_post_many_run_as_one_call_and_alone_after_a_failure(
 
 
 def _result(t: TaskRecord) -> MeasurementResult:
-    trial = TrialOutcome(
-        samples_ms=[1.0, 1.1],
-        warmup_iterations=1,
-        duration_s=0.1,
-        load_time_s=0.01,
-        peak_rss_bytes=10,
-        load_rss_delta_bytes=1,
-        valid=True,
-    )
+    trial = valid_trial()
     return MeasurementResult(
         task_id=t.task_id,
         attempt=1,
