@@ -281,6 +281,7 @@ async def start_coordinator(
         writer=StoreWriter(background=True, ingest_url=config.store_url, store=store),
         events=metrics,
     )
+    scheduler.writer.start_ingestion()
     metrics.watch(scheduler)
     scheduler.restore(store.unfinished_tasks())
     scheduler.fleet.forget_after_s = config.forget_after_s

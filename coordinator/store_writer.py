@@ -229,10 +229,13 @@ class StoreWriter:
         for job, outcome in zip(jobs, outcomes, strict=True):
             job.outcome = outcome
 
-    def _ingest_in_worker(
-        self, items: list[tuple[TaskRecord, MeasurementResult, str]]
-    ) -> list[tuple[bool, Any]]:
-        """On the writer thread: hand the results to the worker and wait (GIL released)."""
+    def start_ingestion(self) -> None:
+        """Start the ingestion worker now rather than at the first result (a new
+        interpreter takes a good part of a second to start and import the store)."""
+        if self._ingest_url is not None:
+            self._ingestion_pool().submit(_worker_ready)
+
+    def _ingestion_pool(self) -> ProcessPoolExecutor:
         if self._ingester is None:
             assert self._ingest_url is not None
             self._ingester = ProcessPoolExecutor(
@@ -241,8 +244,14 @@ class StoreWriter:
                 initializer=_open_worker_store,
                 initargs=(self._ingest_url,),  # type: ignore[arg-type]
             )
+        return self._ingester
+
+    def _ingest_in_worker(
+        self, items: list[tuple[TaskRecord, MeasurementResult, str]]
+    ) -> list[tuple[bool, Any]]:
+        """On the writer thread: hand the results to the worker and wait (GIL released)."""
         try:
-            return self._ingester.submit(_ingest_in_worker, items).result()
+            return self._ingestion_pool().submit(_ingest_in_worker, items).result()
         except BrokenProcessPool:
             self._ingester = None  # started afresh for the next result
             raise StoreError(
@@ -294,27 +303,20 @@ def _settle(job: _Job) -> None:
 def _ingest_many(
     store: ResultsStore, items: list[tuple[TaskRecord, MeasurementResult, str]]
 ) -> list[tuple[bool, Any]]:
-    """Store results in one transaction; each one's outcome. First without a savepoint
-    per result (as the writer's calls: two statements fewer each); when one fails, or
-    the commit, it is all rolled back and stored again each in a savepoint."""
-
-    def each() -> list[tuple[bool, Any]]:
-        outcomes: list[tuple[bool, Any]] = []
+    """Store results in one transaction; each one's outcome. First all together
+    (:meth:`ResultsStore.ingest_results`: one statement per table); when that fails, or
+    the commit, nothing of it is kept and each is stored again in its own savepoint, so
+    that only the failing ones fail."""
+    with contextlib.suppress(Exception), store.batch(savepoints=False):
+        return [(True, outcome) for outcome in store.ingest_results(items)]
+    outcomes: list[tuple[bool, Any]] = []
+    with store.batch():
         for task, result, device_name in items:
             try:
                 outcomes.append((True, store.ingest_result(task, result, device_name)))
             except Exception as error:
                 outcomes.append((False, error))
-        return outcomes
-
-    with contextlib.suppress(Exception):
-        with store.batch(savepoints=False):
-            outcomes = each()
-            if not all(ok for ok, _ in outcomes):
-                raise _RollBack
-        return outcomes
-    with store.batch():
-        return each()
+    return outcomes
 
 
 _WORKER_STORE: ResultsStore | None = None
@@ -330,6 +332,10 @@ def _open_worker_store(url: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
 
     _WORKER_STORE = ResultsStore.open(url)
+
+
+def _worker_ready() -> None:
+    """In the ingestion worker: nothing (submitted to start the worker)."""
 
 
 def _ingest_in_worker(

@@ -79,6 +79,12 @@ _WRITE_OPTION = "edgefarm_write"
 
 
 # A task's outcome: its status and result row (parameters bound at execution).
+_INSERT_RESULTS = results.insert().returning(
+    results.c.result_id, results.c.task_id, results.c.attempt
+)
+_RESULTS_OF_TASKS = sa.select(results.c.task_id, results.c.attempt, results.c.result_id).where(
+    results.c.task_id.in_(sa.bindparam("task_ids", expanding=True))
+)
 _TASK_RESULT = (
     schema.tasks.update()
     .where(schema.tasks.c.task_id == sa.bindparam("b_task_id"))
@@ -499,6 +505,64 @@ class ResultsStore:
         status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
         return self._insert_result(row, status, now)
 
+    def ingest_results(
+        self, items: Sequence[tuple[TaskRecord, MeasurementResult, str]]
+    ) -> list[tuple[int, bool]]:
+        """:meth:`ingest_result` of many results, in one transaction and one statement per
+        table for them all; ``(result_id, inserted)`` of each, in order. All or nothing:
+        any failure raises (StoreError or ValueError) and stores none of them (for the
+        cause, store them one by one)."""
+        now = time.time()
+        new: dict[tuple[str, int], tuple[dict[str, Any], TaskStatus]] = {}
+        for task, result, device_name in items:
+            if result.task_id != task.task_id:
+                raise ValueError(f"result of task {result.task_id} given for task {task.task_id}")
+            row = rows.result_to_row(task, result, device_name, now)
+            status = TaskStatus.DONE if result.ok else TaskStatus.FAILED
+            new.setdefault((row["task_id"], row["attempt"]), (row, status))
+        try:
+            with self._tx(write=True) as conn:
+                stored = self._result_ids_for(conn, list(new))
+                for key in stored:
+                    del new[key]
+                if new:
+                    # Rows come back in no set order (SQLite then takes them all in one
+                    # statement): matched to their results by key.
+                    returned = conn.execute(
+                        _INSERT_RESULTS, [{**row, "samples_ms": []} for row, _ in new.values()]
+                    )
+                    ids = {(task_id, attempt): int(rid) for rid, task_id, attempt in returned}
+                    if len(ids) != len(new):  # pragma: no cover - every dialect reports them
+                        raise StoreError("the database did not report the new result ids")
+                    samples = [
+                        sample
+                        for key, (row, _) in new.items()
+                        for sample in schema.sample_rows(
+                            ids[key], row["samples_ms"], row["trials_detail"]
+                        )
+                    ]
+                    if samples:
+                        conn.execute(result_samples.insert(), samples)
+                    conn.execute(
+                        _TASK_RESULT,
+                        [
+                            {"b_task_id": key[0], "status": status.value,
+                             "result_id": ids[key], "updated_at": now}
+                            for key, (_, status) in new.items()
+                        ],
+                    )  # fmt: skip
+                    stored.update((key, (result_id, True)) for key, result_id in ids.items())
+        except _Conflict as e:
+            raise StoreError(f"cannot store {len(items)} results: {e}") from e
+        outcomes: list[tuple[int, bool]] = []
+        first: set[tuple[str, int]] = set()
+        for _, result, _ in items:
+            key = (result.task_id, result.attempt)
+            result_id, inserted = stored[key]
+            outcomes.append((result_id, inserted and key not in first))
+            first.add(key)
+        return outcomes
+
     def record_failure(self, task: TaskRecord, kind: str, message: str) -> int:
         """Store a failed row for a task that produced no result (e.g. lost leases).
 
@@ -548,6 +612,22 @@ class ResultsStore:
                     f"cannot store the result of task {task_id} attempt {attempt}: {e}"
                 ) from e
             return existing, False
+
+    @staticmethod
+    def _result_ids_for(
+        conn: Connection, keys: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[int, bool]]:
+        """The stored results among ``(task_id, attempt)`` keys: key -> (id, False)."""
+        found: dict[tuple[str, int], tuple[int, bool]] = {}
+        wanted = set(keys)
+        task_ids = sorted({task_id for task_id, _ in keys})
+        for start in range(0, len(task_ids), 500):
+            for task_id, attempt, result_id in conn.execute(
+                _RESULTS_OF_TASKS, {"task_ids": task_ids[start : start + 500]}
+            ):
+                if (task_id, attempt) in wanted:
+                    found[(task_id, attempt)] = (int(result_id), False)
+        return found
 
     @staticmethod
     def _result_id_for(conn: Connection, task_id: str, attempt: int) -> int | None:

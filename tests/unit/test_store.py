@@ -425,6 +425,44 @@ def test_ingest_is_idempotent_and_finishes_the_task(store: ResultsStore) -> None
     assert "samples_ms" not in row["trials_detail"][0]
 
 
+def test_results_ingested_together_as_one_by_one(store: ResultsStore) -> None:
+    """ingest_results: the rows, samples and task states ingest_result would store, and
+    the same idempotence (a stored attempt, or one given twice, is not stored again)."""
+    t1, t2, t3, t4 = seed(store, "c0ffee00-aaaa", *(make_task(f"t{i}") for i in range(1, 5)))
+    first, _ = store.ingest_result(t1, make_result(t1), "pi5-lab")
+    failed = make_result(t3, ok=False, error_kind="backend_crash", error_message="SIGSEGV")
+    items = [(t1, make_result(t1), "pi5-lab"), (t2, make_result(t2), "pi5-lab"),
+             (t3, failed, "pi5-lab"), (t2, make_result(t2), "pi5-lab")]  # fmt: skip
+    outcomes = store.ingest_results(items)
+    assert outcomes[0] == (first, False) and outcomes[3] == (outcomes[1][0], False)
+    assert outcomes[1][1] is True and outcomes[2][1] is True
+    assert len({rid for rid, _ in outcomes}) == 3 and len(store.query_results()) == 3
+
+    alone = store.get_result(first, samples=True)
+    together = store.get_result(outcomes[1][0], samples=True)
+    assert alone is not None and together is not None
+    different = {k for k in alone if alone[k] != together[k]}
+    assert different == {"result_id", "task_id", "created_at"}  # the same row otherwise
+    assert together["samples_ms"] == [2.0, 4.0, 3.0, 5.0, 1.0, 3.0]
+    samples = store.result_samples([first, outcomes[1][0]])
+    assert samples[first] == samples[outcomes[1][0]]
+    states = {t.task_id: (t.status, t.result_id) for t in store.tasks_for_campaign("c0ffee00-aaaa")}
+    assert states == {
+        "t1": (TaskStatus.DONE, first),
+        "t2": (TaskStatus.DONE, outcomes[1][0]),
+        "t3": (TaskStatus.FAILED, outcomes[2][0]),
+        "t4": (TaskStatus.PENDING, None),
+    }
+    assert store.ingest_results([]) == []
+
+    ghost = make_task("ghost")  # all or nothing: t4 is not stored beside an unknown task
+    with pytest.raises(StoreError, match="cannot store 2 results"):
+        store.ingest_results([(t4, make_result(t4), "pi5"), (ghost, make_result(ghost), "pi5")])
+    with pytest.raises(ValueError, match="given for task t4"):
+        store.ingest_results([(t4, make_result(t1), "pi5")])
+    assert len(store.query_results()) == 3 and store.get_task("t4").status is TaskStatus.PENDING  # type: ignore[union-attr]
+
+
 def test_concurrent_ingestion_of_one_attempt_stores_one_row(store: ResultsStore) -> None:
     (task,) = seed(store)
     result = make_result(task)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from coordinator.store_writer import StoreWriter, _ingest_many
+from coordinator.store_writer import StoreWriter, _ingest_many, _worker_ready
 from edgefarm.domain import CampaignStatus, MeasurementResult, TaskStatus
 from edgefarm.errors import StoreError
 from results.records import CampaignRecord, TaskRecord
@@ -201,9 +201,30 @@ def test_results_go_through_the_ingestion_process_which_comes_back_after_a_kill(
     assert all(t is not None and t.status is TaskStatus.DONE for t in done)
 
 
+def test_the_ingestion_process_starts_before_the_first_result(tmp_path: Path) -> None:
+    """start_ingestion spawns the worker and opens its store at once, so the first
+    results do not wait for a new interpreter; without ingest_url it does nothing."""
+    url = f"sqlite:///{tmp_path / 'r.sqlite'}"
+    store = ResultsStore.open(url)
+    writer = StoreWriter(background=True, ingest_url=url, store=store)
+    writer.start_ingestion()
+    try:
+        assert writer._ingester is not None
+        writer._ingester.submit(_worker_ready).result(timeout=60)  # it is up and answers
+        (worker,) = writer._ingester._processes.values()
+        assert worker.is_alive() and worker.pid != os.getpid()
+    finally:
+        writer.close()
+    inline = StoreWriter(background=True, store=store)
+    inline.start_ingestion()
+    assert inline._ingester is None
+    inline.close()
+
+
 def test_ingestion_without_savepoints_until_a_result_fails(store: ResultsStore) -> None:
-    """A group of results is stored without a savepoint each; when one fails, the
-    group is stored again with them, so only that one fails."""
+    """A group of results is stored together (one INSERT per table for them all) and
+    without savepoints; when one fails, the group is stored again, each result in a
+    savepoint, so only that one fails."""
     statements: list[str] = []
     sa.event.listen(
         store._engine, "before_cursor_execute", lambda *a: statements.append(a[2].split()[0])
@@ -213,6 +234,7 @@ def test_ingestion_without_savepoints_until_a_result_fails(store: ResultsStore) 
     good = [(t, _result(t), "box") for t in tasks[:2] if t is not None]
     outcomes = _ingest_many(store, good)
     assert [ok for ok, _ in outcomes] == [True, True] and "SAVEPOINT" not in statements
+    assert statements.count("INSERT") == 2  # results and result_samples, both rows each
     t2 = tasks[2]
     assert t2 is not None
     wrong = (t2, _result(tasks[0]), "box")  # a result of another task: refused
