@@ -52,7 +52,13 @@ REGISTER_BURST = 60  # registrations one peer address may make at once...
 REGISTER_PER_S = 5.0  # ...and per second after that
 _PEERS_TRACKED = 10_000
 INLINE_RESULT_BYTES = 16 * 1024  # results up to this size are checked on the loop
-RESULTS_IN_FLIGHT = 4  # results of one stream being stored at once (then backpressure)
+# Results of one stream being stored at once, by count and by wire size (then the stream
+# is not read until one is stored: backpressure). A result is stored in the next group
+# commit, a fraction of a second or more under load, so an agent that finishes tasks
+# quickly needs many in flight; the byte bound keeps the memory they hold per stream
+# that of one largest message (a result above it is stored alone).
+RESULTS_IN_FLIGHT = 32
+RESULT_BYTES_IN_FLIGHT = wire_limits.MAX_MESSAGE_BYTES
 # Put in a stream's outbox when the agent's side of the stream has ended.
 _STREAM_ENDED = CloseMessage("OK", "the agent's stream ended")
 
@@ -232,21 +238,26 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
     ) -> None:
         """Handle what the agent sends; a bad message is answered and logged, and the
         stream goes on. Results are stored concurrently (up to
-        :data:`RESULTS_IN_FLIGHT` per stream), so that one result's write never holds up
-        the agent's next result or heartbeat; each runs to its end even if the stream
-        ends meanwhile."""
-        in_flight: set[asyncio.Task[None]] = set()
+        :data:`RESULTS_IN_FLIGHT` and :data:`RESULT_BYTES_IN_FLIGHT` per stream), so
+        that one result's write never holds up the agent's next result or heartbeat; each
+        runs to its end even if the stream ends meanwhile."""
+        in_flight: dict[asyncio.Task[None], int] = {}  # delivery -> its result's wire size
         async for message in messages:
             try:
                 if message.WhichOneof("body") != "result":
                     await self._handle(session, message)
                     continue
-                while len(in_flight) >= RESULTS_IN_FLIGHT:
+                size = message.result.ByteSize()
+                while in_flight and (
+                    len(in_flight) >= RESULTS_IN_FLIGHT
+                    or sum(in_flight.values()) + size > RESULT_BYTES_IN_FLIGHT
+                ):
                     await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 delivery = asyncio.create_task(self._deliver(session, message.result))
-                for held in (in_flight, self._deliveries):
-                    held.add(delivery)
-                    delivery.add_done_callback(held.discard)
+                in_flight[delivery] = size
+                delivery.add_done_callback(lambda done: in_flight.pop(done, None))
+                self._deliveries.add(delivery)
+                delivery.add_done_callback(self._deliveries.discard)
             except Exception:  # a bug must not end the agent's stream
                 log.exception("handling a message from %s failed", session.name)
 
