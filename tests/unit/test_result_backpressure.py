@@ -40,7 +40,7 @@ def _peaks(sizes: list[int]) -> tuple[int, int, int]:
         del storing[pb.task_id]
         return pb.task_id
 
-    gw._result = store  # type: ignore[method-assign]
+    gw._result = store  # type: ignore[method-assign,assignment]
     session = SimpleNamespace(outbox=asyncio.Queue(), name="sim")
 
     async def run() -> int:
