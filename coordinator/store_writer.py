@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -47,7 +47,7 @@ class _Job:
     fn: Callable[[], Any] | None  # None: an ingestion of ``ingest``
     ingest: tuple[TaskRecord, MeasurementResult, str] | None = None
     many: tuple[Callable[[list[Any]], Any], Any] | None = None  # post_many's (fn, item)
-    future: Future[Any] | None = None  # for run() and ingest(); post() logs failures
+    future: asyncio.Future[Any] | None = None  # run() and ingest(); post() logs failures
     outcome: tuple[bool, Any] = (True, None)  # (ok, value or exception)
 
 
@@ -115,9 +115,9 @@ class StoreWriter:
         """Run ``fn`` after every earlier write and return its result (or raise)."""
         if self._executor is None:
             return fn(*args, **kwargs)
-        future: Future[T] = Future()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._enqueue(_Job(functools.partial(fn, *args, **kwargs), future=future))
-        return await asyncio.wrap_future(future)
+        return await future
 
     async def ingest(
         self, store: ResultsStore, task: TaskRecord, result: MeasurementResult, device_name: str
@@ -128,9 +128,9 @@ class StoreWriter:
             return store.ingest_result(task, result, device_name)
         if self.store is None:
             self.store = store
-        future: Future[tuple[int, bool]] = Future()
+        future: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
         self._enqueue(_Job(None, ingest=(task, result, device_name), future=future))
-        return await asyncio.wrap_future(future)
+        return await future
 
     def _enqueue(self, job: _Job) -> None:
         self._remember_loop()
@@ -159,9 +159,25 @@ class StoreWriter:
         if results:
             self._ingest_group(results)
         for job in jobs:
-            _settle(job)
-        for callback in callbacks:
-            self.call_on_loop(callback)
+            if job.future is None:
+                _log_failure(job)
+        self._hand_over([job for job in jobs if job.future is not None], callbacks)
+
+    def _hand_over(self, waiting: list[_Job], callbacks: list[Callable[[], None]]) -> None:
+        """Give the waiting callers their outcomes, then run the group's callbacks, on
+        their event loop: one hop there for the whole group (a thread-safe call wakes
+        the loop through a pipe, a write each)."""
+        loops = {job.future.get_loop() for job in waiting if job.future is not None}
+        if callbacks and self._loop is not None:
+            loops.add(self._loop)
+        for loop in loops:
+            mine = [j for j in waiting if j.future is not None and j.future.get_loop() is loop]
+            then = callbacks if loop is self._loop else []
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there
+                loop.call_soon_threadsafe(_settle_all, mine, then)
+        if callbacks and self._loop is None:
+            for callback in callbacks:
+                callback()
 
     def _commit_calls(self, calls: list[_Job]) -> None:
         """Run the calls in one transaction; a failed commit fails them all.
@@ -287,15 +303,29 @@ def _many_fn(job: _Job) -> Callable[[list[Any]], Any] | None:
     return job.many[0] if job.many is not None else None
 
 
-def _settle(job: _Job) -> None:
-    """Give a job's outcome to its caller, or log a failed post()."""
-    ok, value = job.outcome
-    if job.future is not None:
+def _settle_all(jobs: list[_Job], callbacks: list[Callable[[], None]]) -> None:
+    """On the event loop: each job's outcome to its caller (one that gave up waiting
+    has a cancelled future), then the callbacks, each on its own."""
+    for job in jobs:
+        future = job.future
+        if future is None or future.done():
+            continue
+        ok, value = job.outcome
         if ok:
-            job.future.set_result(value)
+            future.set_result(value)
         else:
-            job.future.set_exception(value)
-    elif not ok:
+            future.set_exception(value)
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("a callback after a store write failed")
+
+
+def _log_failure(job: _Job) -> None:
+    """Log a failed post() (nobody waits for its outcome)."""
+    ok, value = job.outcome
+    if not ok:
         name = getattr(getattr(job.fn, "func", job.fn), "__name__", job.fn)
         log.error("store write %s failed: %s", name, value, exc_info=value)
 

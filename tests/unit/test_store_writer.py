@@ -11,6 +11,7 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -98,6 +99,56 @@ def test_a_group_runs_without_savepoints_until_a_call_fails(store: ResultsStore)
     assert statements[-5:] == ["UPDATE", "BEGIN", "SAVEPOINT", "UPDATE", "RELEASE"]
     assert sorted(published) == ["failing", "passing"]  # not those of the rolled-back run
     assert store.get_task("t1").status is TaskStatus.FAILED  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(60)  # before, a caller that gave up left the rest of its group waiting
+def test_a_group_answers_in_one_hop_to_the_loop_whoever_gave_up(store: ResultsStore) -> None:
+    """A group's outcomes and callbacks reach the event loop together, once the group
+    is committed: a caller that stopped waiting, or a callback that raises, takes
+    nothing from the others."""
+    writer = StoreWriter(background=True, store=store)
+    seen: list[str] = []
+
+    def noted(name: str) -> str:
+        writer.call_on_loop(lambda: seen.append(f"callback {name}"))
+        return name
+
+    def broken() -> None:
+        raise RuntimeError("a bug in a callback")
+
+    hops: list[object] = []
+
+    async def scenario() -> list[object]:
+        loop = asyncio.get_running_loop()
+        hop = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> asyncio.Handle:
+            hops.append(args[0])
+            return hop(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        gate = threading.Event()
+        blocked = asyncio.ensure_future(writer.run(gate.wait, 10))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(writer.run(noted, "gone"))
+        first = asyncio.ensure_future(writer.run(noted, "first"))
+        first.add_done_callback(lambda _: seen.append("outcome first"))
+        writer.post(writer.call_on_loop, broken)
+        last = asyncio.ensure_future(writer.run(noted, "last"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        await blocked
+        outcomes = await asyncio.gather(first, last, gone, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        return outcomes
+
+    first, last, gone = asyncio.run(scenario())
+    writer.close()
+    assert (first, last) == ("first", "last") and isinstance(gone, asyncio.CancelledError)
+    # The cancelled caller's write still ran (its callback too); the broken one is logged.
+    assert sorted(seen) == ["callback first", "callback gone", "callback last", "outcome first"]
+    assert len(hops) == 2  # one per group: the blocker's, then the four writes
 
 
 def test_a_failed_commit_fails_every_write_of_its_group(store: ResultsStore) -> None:
