@@ -78,13 +78,14 @@ _ROW_COLUMNS = tuple(c for c in results.c if c.name != "samples_ms")
 _WRITE_OPTION = "edgefarm_write"
 
 
-# A task's outcome: its status and result row (parameters bound at execution).
+# Many results at once: their rows (ids returned with their keys), and those stored.
 _INSERT_RESULTS = results.insert().returning(
     results.c.result_id, results.c.task_id, results.c.attempt
 )
 _RESULTS_OF_TASKS = sa.select(results.c.task_id, results.c.attempt, results.c.result_id).where(
     results.c.task_id.in_(sa.bindparam("task_ids", expanding=True))
 )
+# A task's outcome: its status and result row (parameters bound at execution).
 _TASK_RESULT = (
     schema.tasks.update()
     .where(schema.tasks.c.task_id == sa.bindparam("b_task_id"))
