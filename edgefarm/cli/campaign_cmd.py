@@ -12,6 +12,7 @@ from edgefarm.cli.options import (
     client_tls,
     client_tls_options,
     home_option,
+    open_store,
     store_option,
     token_option,
     verbose_option,
@@ -140,12 +141,6 @@ def watch(
         )
 
 
-def _store(store_url: str | None, home: str | None):  # type: ignore[no-untyped-def]
-    from results.store import ResultsStore
-
-    return ResultsStore.open(store_url or default_store_url(edgefarm_home(home)))
-
-
 @campaign.command()
 @click.argument("campaign_id")
 @store_option
@@ -158,7 +153,7 @@ def status(campaign_id: str, store_url: str | None, home: str | None) -> None:
     from edgefarm.errors import UsageError
     from results.progress import describe_eta, estimate_eta
 
-    with _store(store_url, home) as store:
+    with open_store(store_url, home) as store:
         record = store.get_campaign(campaign_id)
         if record is None:
             raise UsageError(f"no campaign '{campaign_id}' in {store.url}")
@@ -225,7 +220,7 @@ def _attempts_table(
 @home_option
 def list_campaigns(limit: int, store_url: str | None, home: str | None) -> None:
     """Campaigns, newest first (read from the store)."""
-    with _store(store_url, home) as store:
+    with open_store(store_url, home) as store:
         records = store.list_campaigns(limit=limit)
         for record in records:
             counts = store.campaign_counts(record.campaign_id)

@@ -12,11 +12,11 @@ from edgefarm.cli.options import (
     client_tls,
     client_tls_options,
     home_option,
+    open_store,
     store_option,
     token_option,
 )
 from edgefarm.errors import UsageError
-from edgefarm.home import default_store_url, edgefarm_home
 
 
 @click.group()
@@ -97,9 +97,8 @@ def list_devices(
         from coordinator.control import live_agents_from_store
         from edgefarm.selectors import parse_selector
         from inventory.fleet import load_inventory, merge_fleet, select_fleet
-        from results.store import ResultsStore
 
-        with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+        with open_store(store_url, home) as store:
             agents = live_agents_from_store(store)
         declared = load_inventory(Path(inventory) if inventory else None).devices
         try:

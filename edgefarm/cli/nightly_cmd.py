@@ -12,6 +12,7 @@ from edgefarm.cli.options import (
     client_tls,
     client_tls_options,
     home_option,
+    open_store,
     store_option,
     token_option,
     verbose_option,
@@ -165,9 +166,7 @@ def _night_report(store: ResultsStore, run: NightlyRun) -> Report:
 @home_option
 def list_runs(suite_name: str, store_url: str | None, home: str | None) -> None:
     """The nights of a suite, oldest first."""
-    from results.store import ResultsStore
-
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+    with open_store(store_url, home) as store:
         runs = store.nightly_runs(suite_name)
     if not runs:
         click.echo(f"no nights of suite '{suite_name}' yet")
@@ -196,9 +195,7 @@ def report(
     run_id: str, fmt: str, output: str | None, store_url: str | None, home: str | None
 ) -> None:
     """Render the report of a stored night (id or unique prefix)."""
-    from results.store import ResultsStore
-
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+    with open_store(store_url, home) as store:
         run = store.get_nightly_run(run_id)
         if run is None:
             raise UsageError(f"no nightly run '{run_id}' in {store.url}")

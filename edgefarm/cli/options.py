@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from edgefarm.home import default_store_url, edgefarm_home
+
 if TYPE_CHECKING:
     from edgefarm.transport import ClientTls, ServerTls
+    from results.store import ResultsStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +47,13 @@ def store_option(f: F) -> F:
         default=None,
         help="SQLAlchemy URL of the results store (default: SQLite file in the home directory).",
     )(f)
+
+
+def open_store(store_url: str | None, home: str | None) -> ResultsStore:
+    """The results store of ``--store``, else the SQLite file in the home directory."""
+    from results.store import ResultsStore  # late: SQLAlchemy, for the commands using it
+
+    return ResultsStore.open(store_url or default_store_url(edgefarm_home(home)))
 
 
 def verbose_option(f: F) -> F:

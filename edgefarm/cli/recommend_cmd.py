@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgefarm.cli.options import home_option, store_option
+from edgefarm.cli.options import home_option, open_store, store_option
 from edgefarm.errors import UsageError
-from edgefarm.home import default_store_url, edgefarm_home
 
 if TYPE_CHECKING:
     from results.recommend import Recommendation
@@ -59,9 +58,8 @@ def resolve_device(rows: list[dict[str, Any]], text: str) -> tuple[str, str]:
 
 def _load_rows(store_url: str | None, home: str | None, campaign: str | None) -> list[Any]:
     from results.regression.collect import pool_blocks
-    from results.store import ResultsStore
 
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+    with open_store(store_url, home) as store:
         if campaign is None:
             return pool_blocks(store.query_results(), samples_of=store.result_samples)
         record = store.get_campaign(campaign)

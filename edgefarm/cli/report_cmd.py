@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from edgefarm.cli.options import home_option, store_option
+from edgefarm.cli.options import home_option, open_store, store_option
 from edgefarm.errors import UsageError
-from edgefarm.home import default_store_url, edgefarm_home
 
 
 @click.group()
@@ -26,9 +25,8 @@ def compare(campaign: str, fmt: str, store_url: str | None, home: str | None) ->
     memory, speed, speed-up, memory and size reduction, fidelity — from measured rows."""
     from results.compare import COLUMNS, cells, groups, to_markdown
     from results.compare import compare as build
-    from results.store import ResultsStore
 
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+    with open_store(store_url, home) as store:
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")
@@ -87,9 +85,8 @@ def campaign(
 
     from results.regression.collect import pool_blocks
     from results.report import build_report, render
-    from results.store import ResultsStore
 
-    with ResultsStore.open(store_url or default_store_url(edgefarm_home(home))) as store:
+    with open_store(store_url, home) as store:
         record = store.get_campaign(campaign)
         if record is None:
             raise UsageError(f"no campaign '{campaign}' in {store.url}")

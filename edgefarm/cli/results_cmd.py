@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from edgefarm.cli.options import home_option, store_option
+from edgefarm.cli.options import home_option, open_store, store_option
 from edgefarm.errors import UsageError
-from edgefarm.home import default_store_url, edgefarm_home
 
 if TYPE_CHECKING:
     from results.store import ResultsStore
@@ -45,12 +44,6 @@ def _rows(
         and (not device or device in (r["device_id"], r["device_name"]))
     )
     yield from itertools.islice(wanted, limit)
-
-
-def _open(store_url: str | None, home: str | None) -> ResultsStore:
-    from results.store import ResultsStore
-
-    return ResultsStore.open(store_url or default_store_url(edgefarm_home(home)))
 
 
 def _filters(f):  # type: ignore[no-untyped-def]
@@ -86,7 +79,7 @@ def list_results(
     as_json: bool,
 ) -> None:
     """One line per stored result, newest first (a campaign's: in task order)."""
-    with _open(store_url, home) as store:
+    with open_store(store_url, home) as store:
         found = _rows(store, campaign, model, backend, device, limit)
         if as_json:  # streamed: one row at a time, whatever the count
             out = sys.stdout
@@ -111,7 +104,7 @@ def list_results(
 @home_option
 def show(result_id: int, samples: bool, store_url: str | None, home: str | None) -> None:
     """Every stored field of one result, as JSON."""
-    with _open(store_url, home) as store:
+    with open_store(store_url, home) as store:
         row = store.get_result(result_id, samples=samples)
     if row is None:
         raise UsageError(f"no result with id {result_id}")
@@ -151,7 +144,7 @@ def export(
     the number of rows); raw samples only with --samples."""
     from results.export import export as write
 
-    with _open(store_url, home) as store:
+    with open_store(store_url, home) as store:
         count = write(
             lambda: _rows(store, campaign, model, backend, device, limit, samples),
             fmt,
