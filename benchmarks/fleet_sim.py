@@ -393,8 +393,6 @@ def dispatch_rows(
 
 
 def table(fig: Figures, task_s: float) -> str:
-    p = _p
-
     rows = [
         ("agents", f"{fig.agents}", ""),
         ("registrations that failed", f"{fig.register_failures}", "0"),
@@ -409,7 +407,7 @@ def table(fig: Figures, task_s: float) -> str:
         ("coordinator RSS at the start / end of the steady heartbeats (MB)",
          "{:.0f} / {:.0f}".format(*fig.coordinator_rss_mb), ""),
         ("devices list p50 / p99 / max (ms)",
-         f"{p(fig.list_ms, 50):.0f} / {p(fig.list_ms, 99):.0f} / "
+         f"{_p(fig.list_ms, 50):.0f} / {_p(fig.list_ms, 99):.0f} / "
          f"{max(fig.list_ms, default=float('nan')):.0f}",
          f"p99 < {TARGETS['list_p99_ms']:.0f}"),
         *dispatch_rows("instant agents", fig.dispatch, tasks_target=True),

@@ -523,7 +523,9 @@ class ResultsStore:
             new.setdefault((row["task_id"], row["attempt"]), (row, status))
         try:
             with self._tx(write=True) as conn:
-                stored = self._result_ids_for(conn, list(new))
+                stored = {
+                    k: (rid, False) for k, rid in self._result_ids_for(conn, list(new)).items()
+                }
                 for key in stored:
                     del new[key]
                 if new:
@@ -617,9 +619,9 @@ class ResultsStore:
     @staticmethod
     def _result_ids_for(
         conn: Connection, keys: list[tuple[str, int]]
-    ) -> dict[tuple[str, int], tuple[int, bool]]:
-        """The stored results among ``(task_id, attempt)`` keys: key -> (id, False)."""
-        found: dict[tuple[str, int], tuple[int, bool]] = {}
+    ) -> dict[tuple[str, int], int]:
+        """The stored results among ``(task_id, attempt)`` keys: key -> result id."""
+        found: dict[tuple[str, int], int] = {}
         wanted = set(keys)
         task_ids = sorted({task_id for task_id, _ in keys})
         for start in range(0, len(task_ids), 500):
@@ -627,17 +629,12 @@ class ResultsStore:
                 _RESULTS_OF_TASKS, {"task_ids": task_ids[start : start + 500]}
             ):
                 if (task_id, attempt) in wanted:
-                    found[(task_id, attempt)] = (int(result_id), False)
+                    found[(task_id, attempt)] = int(result_id)
         return found
 
-    @staticmethod
-    def _result_id_for(conn: Connection, task_id: str, attempt: int) -> int | None:
-        value = conn.execute(
-            sa.select(results.c.result_id).where(
-                results.c.task_id == task_id, results.c.attempt == attempt
-            )
-        ).scalar_one_or_none()
-        return None if value is None else int(value)
+    @classmethod
+    def _result_id_for(cls, conn: Connection, task_id: str, attempt: int) -> int | None:
+        return cls._result_ids_for(conn, [(task_id, attempt)]).get((task_id, attempt))
 
     def find_reusable_result(self, measure_key: str) -> int | None:
         """The newest ok and valid result with this measure key (None for an empty key)."""
